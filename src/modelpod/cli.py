@@ -1,0 +1,295 @@
+"""The ``modelpod`` command: parse arguments, call the library, print (``--json`` everywhere)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from modelpod import __version__
+from modelpod.errors import ModelpodError, UsageError
+from modelpod.settings import Settings
+from modelpod.store import Ref, Store
+
+Handler = Callable[[argparse.Namespace, Settings], Any]
+COMMANDS: dict[str, Handler] = {}
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _kv(items: Sequence[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{what} {item!r}: use KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=None, sort_keys=True, default=str))
+    else:
+        human()
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+# -- pods and the store ------------------------------------------------------------------------
+@command("pack")
+def _pack(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.pack import pack
+
+    store = Store(settings.home)
+    options: dict[str, Any] = _kv(args.option, "--option")
+    rec = pack(
+        args.path, args.name, store,
+        framework=args.framework, sample=args.sample, requirements=args.requirements,
+        labels=_kv(args.label, "--label"), parent=args.parent, allow_pickle=args.allow_pickle,
+        entrypoint=args.entrypoint, options=options,
+    )
+    data = {"name": rec.name, "version": rec.version, "digest": rec.digest, "framework": rec.manifest.framework}
+    _emit(args, data, lambda: print(f"packed {rec.name}:{rec.version}  {rec.digest}  ({rec.manifest.framework})"))
+
+
+@command("list")
+def _list(args: argparse.Namespace, settings: Settings) -> Any:
+    recs = Store(settings.home).list(args.name)
+    data = [r.to_dict() for r in recs]
+
+    def human() -> None:
+        from rich.table import Table
+
+        table = Table("NAME", "VERSION", "ALIASES", "FRAMEWORK", "SIZE", "DIGEST", box=None)
+        for r in recs:
+            d = r.to_dict()
+            table.add_row(r.name, str(r.version), ",".join(r.aliases), r.manifest.framework,
+                          _size(d["size"]), r.digest[:19])
+        _console().print(table)
+
+    _emit(args, data, human)
+
+
+@command("show")
+def _show(args: argparse.Namespace, settings: Settings) -> Any:
+    rec = Store(settings.home).get(args.ref)
+    data = {**rec.to_dict(), "manifest": rec.manifest.to_dict()}
+
+    def human() -> None:
+        print(f"{rec.name}:{rec.version}  {rec.digest}")
+        if rec.aliases:
+            print(f"aliases: {', '.join(rec.aliases)}")
+        print(rec.manifest.to_yaml(), end="")
+
+    _emit(args, data, human)
+
+
+@command("tag")
+def _tag(args: argparse.Namespace, settings: Settings) -> Any:
+    ref = Ref.parse(args.ref)
+    store = Store(settings.home)
+    version = ref.version if ref.version is not None else store.get(ref).version
+    rec = store.tag(ref.name, version, args.alias)
+    _emit(args, rec.to_dict(), lambda: print(f"{rec.name}@{args.alias} -> {rec.name}:{rec.version}"))
+
+
+@command("rm")
+def _rm(args: argparse.Namespace, settings: Settings) -> Any:
+    store = Store(settings.home)
+    ref = Ref.parse(args.ref)
+    if ref.alias and args.alias_only:
+        store.untag(ref.name, ref.alias)
+        _emit(args, {"untagged": args.ref}, lambda: print(f"untagged {args.ref}"))
+        return
+    gone = store.remove(args.ref, all_versions=args.all)
+    _emit(args, {"removed": [r.ref for r in gone]}, lambda: print("removed " + ", ".join(r.ref for r in gone)))
+
+
+@command("verify")
+def _verify(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.api import open_pod
+
+    pod = open_pod(args.ref, settings=settings, verify=False)
+    problems = list(pod.problems())
+    data = {"ref": args.ref, "digest": pod.digest, "ok": not problems, "files": len(pod.manifest.files),
+            "problems": [{"path": p, "message": m} for p, m in problems]}
+    if problems:
+        _emit(args, data, lambda: [print(f"FAIL {m}", file=sys.stderr) for _, m in problems])
+        return 3
+    _emit(args, data, lambda: print(f"ok {args.ref}  {pod.digest}  ({len(pod.manifest.files)} files verified)"))
+
+
+@command("export")
+def _export(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.archive import export
+
+    pod = Store(settings.home).open(args.ref)
+    out = export(pod, Path(args.output))
+    _emit(args, {"path": str(out), "digest": pod.digest}, lambda: print(f"exported {args.ref} to {out}"))
+
+
+@command("import")
+def _import(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.archive import import_archive
+
+    rec = import_archive(Path(args.file), Store(settings.home), name=args.name)
+    data = {"name": rec.name, "version": rec.version, "digest": rec.digest}
+    _emit(args, data, lambda: print(f"imported {rec.name}:{rec.version}  {rec.digest}"))
+
+
+@command("predict")
+def _predict(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.api import load
+    from modelpod.pack import read_sample
+    from modelpod.protocols.codec import InferRequest, decode_request, encode_response
+
+    model = load(args.ref, settings=settings)
+    path = Path(args.input)
+    request: InferRequest
+    if path.suffix == ".json":
+        try:
+            request = decode_request(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: not valid JSON: {exc}") from None
+    else:
+        request = InferRequest(read_sample(path, [t.name for t in model.signature.inputs]))
+    outputs = model(request.inputs)
+    body, _ = encode_response(model.name, None, outputs, request)
+    print(json.dumps(body) if args.json else json.dumps(body, indent=2))
+
+
+# -- serving and images (their modules own the work) ---------------------------------------------
+@command("serve")
+def _serve(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.serving.server import serve
+
+    return serve(args, settings)
+
+
+@command("build")
+def _build(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.image.cli import build_command
+
+    return build_command(args, settings)
+
+
+@command("push")
+def _push(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.image.cli import push_command
+
+    return push_command(args, settings)
+
+
+@command("pull")
+def _pull(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.image.cli import pull_command
+
+    return pull_command(args, settings)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n:.1f} TB"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelpod", description="Model containers: pack, version, build, serve.")
+    p.add_argument("--version", action="version", version=f"modelpod {__version__}")
+    p.add_argument("--home", help="store directory (default $MODELPOD_HOME or ~/.modelpod)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--json", action="store_true", help="print JSON")
+        return c
+
+    c = cmd("pack", "pack a model file or directory into a new pod version")
+    c.add_argument("path")
+    c.add_argument("--name", required=True)
+    c.add_argument("--framework")
+    c.add_argument("--sample", help=".npy/.npz/OIP JSON sample input; gives the signature")
+    c.add_argument("--requirements", help="requirements file to resolve and lock")
+    c.add_argument("--label", action="append", metavar="K=V")
+    c.add_argument("--option", action="append", metavar="K=V", help="framework option, e.g. method=predict_proba")
+    c.add_argument("--parent", metavar="NAME:VERSION")
+    c.add_argument("--entrypoint", metavar="MODULE:CLASS", help="custom Model class (python framework)")
+    c.add_argument("--allow-pickle", action="store_true", help="accept pickle-based formats (still scanned)")
+
+    c = cmd("list", "list pods in the store")
+    c.add_argument("name", nargs="?")
+    c = cmd("show", "show a pod's manifest")
+    c.add_argument("ref")
+    c = cmd("tag", "point an alias at a version")
+    c.add_argument("ref", metavar="NAME:VERSION")
+    c.add_argument("alias")
+    c = cmd("rm", "remove a version (or --all), or an alias with --alias")
+    c.add_argument("ref")
+    c.add_argument("--all", action="store_true")
+    c.add_argument("--alias", dest="alias_only", action="store_true", help="remove only the alias NAME@ALIAS")
+    c = cmd("verify", "re-hash every file of a pod against its manifest")
+    c.add_argument("ref")
+    c = cmd("export", "write a pod as a tar archive")
+    c.add_argument("ref")
+    c.add_argument("-o", "--output", required=True)
+    c = cmd("import", "import a pod archive")
+    c.add_argument("file")
+    c.add_argument("--name", help="store under another name")
+    c = cmd("predict", "run one OIP v2 request (or .npy) through a pod in-process")
+    c.add_argument("ref")
+    c.add_argument("--input", required=True)
+
+    c = cmd("serve", "serve pods over OIP v2 REST and gRPC")
+    c.add_argument("refs", nargs="+", metavar="REF")
+    c.add_argument("--host")
+    c.add_argument("--port", type=int)
+    c.add_argument("--grpc-port", type=int)
+    c.add_argument("--config")
+    c.add_argument("--max-batch-rows", type=int)
+    c.add_argument("--max-batch-wait-ms", type=float)
+    c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN)")
+
+    c = cmd("build", "build a runnable OCI image of a pod, without a daemon")
+    c.add_argument("ref")
+    c.add_argument("--base")
+    c.add_argument("--output", help="oci:DIR or docker-archive:FILE")
+    c.add_argument("--push", metavar="REGISTRY/REPO[:TAG]")
+    c = cmd("push", "push a pod to an OCI registry as an artifact")
+    c.add_argument("ref")
+    c.add_argument("target", metavar="REGISTRY/REPO[:TAG]")
+    c = cmd("pull", "pull a pod from an OCI registry into the store")
+    c.add_argument("source", metavar="REGISTRY/REPO[:TAG|@DIGEST]")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(home=Path(args.home).expanduser() if args.home else None)
+        result = COMMANDS[args.command](args, settings)
+        return result if isinstance(result, int) else 0
+    except ModelpodError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

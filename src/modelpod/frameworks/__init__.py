@@ -1,0 +1,77 @@
+"""Framework adapters: one small module per framework, all with the same four functions.
+
+Each module ``modelpod.frameworks.<name>`` defines:
+
+- ``NAME``, ``EXTRA`` (the pip extra), ``IMPORTS`` (modules the extra provides, to check
+  it is installed) and ``DISTRIBUTIONS`` (the pip distributions to lock into the manifest);
+- ``detect(path) -> bool``: cheap, never imports the framework;
+- ``pack(src, dest, request) -> Packed``: copy the model's files into the staging directory
+  ``dest`` (under ``model/``), refuse unsafe formats, read the signature where the format carries it;
+- ``load(pod) -> Model``: a ``Model`` (not yet loaded) for a verified pod.
+
+This file holds the registry and the records that cross between ``pack`` and the adapters.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from modelpod.errors import FrameworkError, MissingExtraError
+
+# Order matters for detection: the most specific formats first.
+FRAMEWORKS = ("python", "transformers", "tensorflow", "onnx", "torch", "xgboost", "lightgbm", "sklearn")
+
+
+@dataclass(frozen=True)
+class PackRequest:
+    """What the user asked ``pack`` for, as far as an adapter needs to know."""
+
+    name: str
+    allow_pickle: bool = False
+    entrypoint: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """What an adapter hands back to ``pack``."""
+
+    signature: Any = None  # a modelpod.pod.Signature when the format carries one, else None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    entrypoint: str | None = None
+    roles: Mapping[str, str] = field(default_factory=dict)  # path prefix -> file role
+    distributions: tuple[str, ...] = ()  # extra distributions to lock (beyond the adapter's own)
+    serving: Mapping[str, Any] = field(default_factory=dict)
+
+
+def module(name: str) -> ModuleType:
+    if name not in FRAMEWORKS:
+        raise FrameworkError(f"unknown framework {name!r}; known: {', '.join(FRAMEWORKS)}")
+    return importlib.import_module(f"modelpod.frameworks.{name}")
+
+
+def require(name: str) -> ModuleType:
+    """The adapter module, after checking its extra is installed (one-line hint if not)."""
+    mod = module(name)
+    for imp in getattr(mod, "IMPORTS", ()):
+        if importlib.util.find_spec(imp) is None:
+            raise MissingExtraError(mod.EXTRA, imp, f"{name} models")
+    return mod
+
+
+def detect(path: Path) -> str:
+    """The framework of a model file or directory, or a FrameworkError saying how to choose."""
+    for name in FRAMEWORKS:
+        if importlib.util.find_spec(f"modelpod.frameworks.{name}") is None:
+            continue
+        if module(name).detect(path):
+            return name
+    raise FrameworkError(
+        f"cannot tell the framework of {path}; pass --framework ({', '.join(FRAMEWORKS)})"
+    )

@@ -1,0 +1,104 @@
+"""scikit-learn: skops files (safe by default) and, with --allow-pickle, pickle/joblib files."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelpod.errors import FrameworkError, UnsafeModelError
+from modelpod.frameworks import PackRequest, Packed
+from modelpod.model import Batch, Model
+from modelpod.pod import Pod
+from modelpod.safety import check_load_allowed, refuse_pickle, scan_pickle
+
+NAME = "sklearn"
+EXTRA = "sklearn"
+IMPORTS = ("sklearn", "skops")
+DISTRIBUTIONS = ("scikit-learn", "skops")
+PICKLES = (".pkl", ".pickle", ".joblib")
+METHODS = ("predict", "predict_proba", "decision_function", "transform")
+
+
+def detect(path: Path) -> bool:
+    return path.is_file() and path.suffix in (".skops", *PICKLES)
+
+
+def _model_file(src: Path) -> Path:
+    if src.is_file():
+        return src
+    found = [p for p in src.iterdir() if detect(p)]
+    if len(found) != 1:
+        raise FrameworkError(f"{src}: expected one .skops (or pickle) file, found {len(found)}")
+    return found[0]
+
+
+def pack(src: Path, dest: Path, request: PackRequest) -> Packed:
+    file = _model_file(src)
+    options: dict[str, Any] = {"file": f"model/{file.name}"}
+    if file.suffix in PICKLES:
+        if not request.allow_pickle:
+            raise refuse_pickle(file, "a pickled scikit-learn model")
+        scan_pickle(file)
+    else:
+        import skops.io as sio
+
+        untrusted = sio.get_untrusted_types(file=file)
+        if untrusted and not request.allow_pickle:
+            raise UnsafeModelError(
+                f"{file.name}: the skops file holds types skops does not trust by default "
+                f"({', '.join(untrusted)}); pass --allow-pickle to trust them"
+            )
+        options["trusted_types"] = list(untrusted)
+    method = str(request.options.get("method", "predict"))
+    if method not in METHODS:
+        raise FrameworkError(f"sklearn method {method!r} not supported; use one of {', '.join(METHODS)}")
+    options["method"] = method
+    (dest / "model").mkdir()
+    shutil.copyfile(file, dest / "model" / file.name)
+    return Packed(options=options)
+
+
+class SklearnModel(Model):
+    def load(self) -> None:
+        assert self.pod is not None
+        opts: Mapping[str, Any] = self.pod.manifest.options
+        path = self.pod.file(str(opts["file"]))
+        if path.suffix in PICKLES:
+            check_load_allowed(path, self.pod.manifest.allow_pickle, "a pickled scikit-learn model")
+            import joblib
+
+            self.estimator = joblib.load(path)
+        else:
+            import skops.io as sio
+
+            # Only the types recorded at pack time are trusted; anything new is refused by skops.
+            trusted = list(opts.get("trusted_types") or [])
+            try:
+                self.estimator = sio.load(path, trusted=trusted or None)
+            except Exception as exc:  # skops raises UntrustedTypesFoundException and others
+                raise UnsafeModelError(f"{path.name}: skops refused to load it: {exc}") from exc
+        self.method = getattr(self.estimator, str(opts.get("method", "predict")))
+        super().load()
+
+    def predict(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Batch:
+        (x,) = inputs.values() if len(inputs) == 1 else (self._frame(inputs),)
+        return {"output-0": np.asarray(self.method(x))}
+
+    def _frame(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Any:
+        # Several named inputs: a column-per-input table (needs pandas, as sklearn does then).
+        import pandas as pd
+
+        return pd.DataFrame({k: v.reshape(len(v), -1)[:, 0] for k, v in inputs.items()})
+
+    def unload(self) -> None:
+        self.__dict__.pop("estimator", None)
+        self.__dict__.pop("method", None)
+        super().unload()
+
+
+def load(pod: Pod) -> Model:
+    return SklearnModel(pod)

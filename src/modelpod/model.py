@@ -1,0 +1,98 @@
+"""Model: a loaded model, the one thing the engine, the CLI and batch jobs call.
+
+Framework adapters (``modelpod.frameworks.*``) subclass it. A batch is a mapping from tensor name to
+a numpy array whose first dimension is rows; BYTES tensors are numpy object arrays of ``bytes``.
+Users subclass it for custom code and may write ``predict`` with typed parameters instead
+(see ``modelpod.frameworks.python``): their type hints are then the schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from modelpod.errors import SignatureError
+from modelpod.pod import Pod, Signature, numpy_dtype
+
+Batch = dict[str, np.ndarray[Any, Any]]
+
+
+class Model:
+    """Base class: ``load()``, ``predict(batch) -> batch``, ``unload()``."""
+
+    signature: Signature = Signature()
+
+    def __init__(self, pod: Pod | None = None) -> None:
+        self.pod = pod
+        if pod is not None and not pod.manifest.signature.empty:
+            self.signature = pod.manifest.signature
+        self.loaded = False
+
+    @property
+    def name(self) -> str:
+        return self.pod.name if self.pod is not None else type(self).__name__.lower()
+
+    def load(self) -> None:
+        """Read weights into memory. Called once before the first predict."""
+        self.loaded = True
+
+    def predict(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Batch:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def unload(self) -> None:
+        """Release memory. The model may be loaded again later."""
+        self.loaded = False
+
+    # -- helpers for callers ----------------------------------------------------------------
+    def __call__(self, inputs: Mapping[str, Any] | np.ndarray[Any, Any] | Any) -> Batch:
+        """Predict from a mapping of arrays, or a single array for a single-input model."""
+        if not self.loaded:
+            self.load()
+        return self.predict(self.coerce(inputs))
+
+    def coerce(self, inputs: Mapping[str, Any] | np.ndarray[Any, Any] | Any) -> Batch:
+        """Turn user input into a batch that fits the signature (names, datatypes, shapes)."""
+        sig = self.signature
+        if not isinstance(inputs, Mapping):
+            if len(sig.inputs) != 1:
+                raise SignatureError(
+                    f"model {self.name!r} takes {len(sig.inputs)} inputs "
+                    f"({', '.join(t.name for t in sig.inputs) or 'unknown'}); pass a mapping of name to array"
+                )
+            inputs = {sig.inputs[0].name: inputs}
+        batch: Batch = {}
+        for name, value in inputs.items():
+            spec = sig.input(name) if not sig.empty else None
+            if spec is None and not sig.empty:
+                raise SignatureError(
+                    f"model {self.name!r} has no input {name!r}; inputs: {', '.join(t.name for t in sig.inputs)}"
+                )
+            arr = np.asarray(value) if spec is None or spec.datatype != "BYTES" else _as_bytes(value)
+            if spec is not None:
+                if spec.datatype != "BYTES":
+                    want = numpy_dtype(spec.datatype)
+                    if arr.dtype != want:
+                        if not np.can_cast(arr.dtype, want, casting="same_kind") and arr.dtype.kind not in "iu":
+                            raise SignatureError(
+                                f"input {name!r}: {arr.dtype} cannot be converted to {spec.datatype}"
+                            )
+                        arr = arr.astype(want)
+                if not spec.accepts_shape(arr.shape):
+                    raise SignatureError(
+                        f"input {name!r}: shape {list(arr.shape)} does not match the signature's {list(spec.shape)}"
+                    )
+            batch[name] = arr
+        missing = [t.name for t in sig.inputs if t.name not in batch]
+        if missing:
+            raise SignatureError(f"model {self.name!r}: missing input(s) {', '.join(missing)}")
+        return batch
+
+
+def _as_bytes(value: Any) -> np.ndarray[Any, Any]:
+    arr = np.asarray(value, dtype=object)
+    flat = [v.encode() if isinstance(v, str) else bytes(v) for v in arr.reshape(-1)]
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out.reshape(arr.shape)

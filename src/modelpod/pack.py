@@ -1,0 +1,200 @@
+"""pack: model file(s) -> Pod in the store (detect framework, infer signature, lock requirements)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelpod import __version__
+from modelpod.errors import ModelpodError, PodError, SignatureError, UsageError
+from modelpod.frameworks import PackRequest, detect, require
+from modelpod.pod import Manifest, Pod, Serving, Signature, TensorSpec, scan_files, write_manifest
+from modelpod.store import PodRecord, Store
+
+CORE_DISTRIBUTIONS = ("numpy",)
+
+
+def pack(
+    path: str | Path,
+    name: str,
+    store: Store,
+    *,
+    framework: str | None = None,
+    sample: str | Path | Mapping[str, Any] | np.ndarray[Any, Any] | None = None,
+    requirements: str | Path | None = None,
+    labels: Mapping[str, str] | None = None,
+    parent: str | None = None,
+    allow_pickle: bool = False,
+    entrypoint: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    serving: Mapping[str, Any] | None = None,
+    source: str | None = None,
+    metrics: Mapping[str, float] | None = None,
+) -> PodRecord:
+    """Pack a model file or directory into a new pod version in ``store``."""
+    src = Path(path)
+    if not src.exists():
+        raise UsageError(f"{src}: no such file or directory")
+    fw = framework or detect(src)
+    adapter = require(fw)
+    Manifest(name=name, framework=fw, files=())  # validates the name before any work
+    parent_digest = store.get(parent).digest if parent else None
+    staging = store.staging()
+    try:
+        request = PackRequest(name=name, allow_pickle=allow_pickle, entrypoint=entrypoint, options=dict(options or {}))
+        packed = adapter.pack(src, staging, request)
+        files = scan_files(staging, packed.roles)
+        if not files:
+            raise PodError(f"{src}: nothing to pack")
+        manifest = Manifest(
+            name=name,
+            framework=fw,
+            files=tuple(files),
+            signature=packed.signature or Signature(),
+            python=f"{sys.version_info.major}.{sys.version_info.minor}",
+            requirements=tuple(
+                lock_requirements(requirements)
+                if requirements
+                else lock_installed((*CORE_DISTRIBUTIONS, *adapter.DISTRIBUTIONS, *packed.distributions))
+            ),
+            entrypoint=packed.entrypoint,
+            serving=Serving.from_dict({**_default_serving(), **dict(packed.serving), **dict(serving or {})}),
+            labels=dict(labels or {}),
+            lineage={k: v for k, v in {"parent": parent_digest, "source": source or str(src.resolve()),
+                                      "metrics": dict(metrics or {})}.items() if v},
+            allow_pickle=allow_pickle,
+            options={**dict(packed.options), **dict(options or {})},
+            modelpod_version=__version__,
+        )
+        write_manifest(staging, manifest)
+        manifest = _complete_signature(adapter, staging, manifest, sample)
+        write_manifest(staging, manifest)
+        return store.add(staging, manifest)
+    except ModelpodError:
+        raise
+    except (ValueError, TypeError, OSError, RuntimeError, KeyError) as exc:
+        raise PodError(f"{src}: cannot pack as {fw}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _default_serving() -> dict[str, Any]:
+    return {"max_batch_rows": 32, "max_batch_wait_ms": 2.0}
+
+
+def _complete_signature(adapter: Any, staging: Path, manifest: Manifest, sample: Any) -> Manifest:
+    """Fill in the signature from ``sample`` and check that the model accepts it."""
+    sig = manifest.signature
+    if sample is None:
+        if not sig.inputs:
+            raise SignatureError(
+                f"cannot infer the signature of this {manifest.framework} model; pass --sample FILE "
+                "(.npy for one input, .npz or an OIP JSON request for several)"
+            )
+        return manifest
+    arrays = read_sample(sample, [t.name for t in sig.inputs])
+    if sig.inputs:
+        for n, a in arrays.items():
+            spec = sig.input(n)
+            if spec is None:
+                raise SignatureError(f"sample has input {n!r}; the model's inputs are {[t.name for t in sig.inputs]}")
+            if not spec.accepts_shape(a.shape):
+                raise SignatureError(f"sample input {n!r} has shape {list(a.shape)}; the model wants {list(spec.shape)}")
+    pod = Pod(staging, replace(manifest, signature=Signature(sig.inputs or Signature.infer(arrays).inputs, sig.outputs)))
+    model = adapter.load(pod)
+    try:
+        model.load()
+        out = model.predict(model.coerce(arrays))
+    except ModelpodError:
+        raise
+    except Exception as exc:  # the user's model or sample: report it as a signature problem
+        raise SignatureError(f"the sample does not fit the model: {type(exc).__name__}: {exc}") from exc
+    finally:
+        model.unload()
+    outputs = sig.outputs or tuple(TensorSpec.of(n, np.asarray(a)) for n, a in out.items())
+    return replace(manifest, signature=Signature(pod.manifest.signature.inputs, outputs))
+
+
+def read_sample(sample: Any, input_names: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+    """A sample as named arrays: .npy (one input), .npz, an OIP v2 JSON request, or arrays."""
+    default = input_names[0] if len(input_names) == 1 else "input-0"
+    if isinstance(sample, Mapping):
+        return {str(k): np.asarray(v) for k, v in sample.items()}
+    if isinstance(sample, np.ndarray):
+        return {default: sample}
+    p = Path(sample)
+    if not p.is_file():
+        raise UsageError(f"sample {p}: no such file")
+    try:
+        if p.suffix == ".npy":
+            return {default: np.load(p, allow_pickle=False)}
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        if p.suffix == ".json":
+            from modelpod.protocols.codec import decode_request
+
+            return decode_request(json.loads(p.read_text())).inputs
+    except (ValueError, OSError) as exc:
+        raise SignatureError(f"sample {p}: cannot read: {exc}") from None
+    raise UsageError(f"sample {p}: use .npy, .npz or an OIP v2 .json request")
+
+
+# -- requirements ------------------------------------------------------------------------------
+def lock_installed(distributions: Iterable[str]) -> list[str]:
+    """Exact versions of ``distributions`` and everything they need, from this environment."""
+    from packaging.requirements import Requirement
+
+    seen: dict[str, str] = {}
+    todo = [(d, ()) for d in distributions]
+    while todo:
+        name, extras = todo.pop()
+        key = _norm(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if key in seen and not extras:
+            continue
+        seen[key] = f"{dist.metadata['Name']}=={dist.version}"
+        for text in dist.requires or ():
+            req = Requirement(text)
+            env_extras = [{"extra": e} for e in extras] or [{"extra": ""}]
+            if req.marker is not None and not any(req.marker.evaluate(e) for e in env_extras):
+                continue
+            if _norm(req.name) not in seen:
+                todo.append((req.name, tuple(req.extras)))
+    return sorted(seen.values(), key=str.lower)
+
+
+def lock_requirements(path: str | Path) -> list[str]:
+    """Resolve a requirements file to exact versions with pip's resolver (no install)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"requirements file {p}: no such file")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+             "--report", str(report), "-r", str(p)],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise UsageError(f"cannot resolve {p}: {tail}")
+        data = json.loads(report.read_text())
+    return sorted((f"{i['metadata']['name']}=={i['metadata']['version']}" for i in data.get("install", [])), key=str.lower)
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")

@@ -1,0 +1,77 @@
+"""Settings: one frozen object per process, built at the edge (CLI flags or ``MODELPOD_*``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+def _default_home() -> Path:
+    return Path.home() / ".modelpod"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable. Library code receives this; it never reads the environment."""
+
+    home: Path = field(default_factory=_default_home)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    grpc_port: int | None = None
+    # Auth: a bearer token; when set every data-plane call needs it. Management calls need it
+    # always when the server listens beyond loopback.
+    token: str | None = None
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_json_depth: int = 64
+    request_timeout_s: float = 30.0
+    drain_timeout_s: float = 30.0
+    # Batching overrides for every model (None: the manifest's default).
+    max_batch_rows: int | None = None
+    max_batch_wait_ms: float | None = None
+    max_queue: int | None = None
+    memory_budget_bytes: int | None = None
+    lazy_load: bool = False
+    log_level: str = "info"
+    log_json: bool = True
+    inference_threads: int | None = None
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``MODELPOD_<FIELD>`` variables, then apply non-None overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"MODELPOD_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, str(f.type), raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(name: str, type_text: str, raw: str) -> Any:
+    if "Path" in type_text:
+        return Path(raw).expanduser()
+    if "bool" in type_text:
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if "int" in type_text and "float" not in type_text:
+        try:
+            return int(raw)
+        except ValueError:
+            from modelpod.errors import UsageError
+
+            raise UsageError(f"MODELPOD_{name.upper()} must be an integer, got {raw!r}") from None
+    if "float" in type_text:
+        try:
+            return float(raw)
+        except ValueError:
+            from modelpod.errors import UsageError
+
+            raise UsageError(f"MODELPOD_{name.upper()} must be a number, got {raw!r}") from None
+    return raw
