@@ -20,8 +20,8 @@ def _store(store: Store | None, settings: Settings | None) -> Store:
 
 def pack(path: str | Path, name: str, *, store: Store | None = None, settings: Settings | None = None,
          **kwargs: Any) -> PodRecord:
-    """Pack a model into the store; see ``modelpod.pack.pack`` for the options."""
-    from modelpod.pack import pack as _pack
+    """Pack a model into the store; see ``modelpod.packing.pack`` for the options."""
+    from modelpod.packing import pack as _pack
 
     return _pack(path, name, _store(store, settings), **kwargs)
 

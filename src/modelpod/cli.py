@@ -52,7 +52,7 @@ def _console() -> Any:
 # -- pods and the store ------------------------------------------------------------------------
 @command("pack")
 def _pack(args: argparse.Namespace, settings: Settings) -> Any:
-    from modelpod.pack import pack
+    from modelpod.packing import pack
 
     store = Store(settings.home)
     options: dict[str, Any] = _kv(args.option, "--option")
@@ -154,7 +154,7 @@ def _import(args: argparse.Namespace, settings: Settings) -> Any:
 @command("predict")
 def _predict(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.api import load
-    from modelpod.pack import read_sample
+    from modelpod.packing import read_sample
     from modelpod.protocols.codec import InferRequest, decode_request, encode_response
 
     model = load(args.ref, settings=settings)

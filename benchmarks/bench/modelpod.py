@@ -1,0 +1,93 @@
+"""modelpod itself, run from the repository's own venv: pack each workload, then `modelpod serve`.
+
+Everything here is guarded: while `modelpod` (or one of its commands) is missing, the harness
+reports "modelpod: not available (reason)" and benchmarks the peers alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from typing import Any
+
+from .config import MAX_BATCH_ROWS, MAX_BATCH_WAIT_MS, REPO_DIR, WORK_DIR
+from .peers import LaunchSpec, base_env
+from .workloads import Workload
+
+VENV = REPO_DIR / ".venv"
+HOME = WORK_DIR / "modelpod_home"
+
+
+class ModelpodUnavailable(RuntimeError):
+    """modelpod cannot be used (yet); the message is the reason printed in the report."""
+
+
+def base_command() -> list[str]:
+    script = VENV / "bin" / "modelpod"
+    if script.exists():
+        return [str(script)]
+    return [str(VENV / "bin" / "python"), "-m", "modelpod"]
+
+
+def _env() -> dict[str, str]:
+    return base_env(VENV, {"MODELPOD_HOME": str(HOME)})
+
+
+def check_available() -> str:
+    """The modelpod version string, or raise ModelpodUnavailable with the reason."""
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        raise ModelpodUnavailable(f"no repository venv at {VENV}")
+    code = "import modelpod.cli, importlib.metadata as m; print(m.version('modelpod'))"
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["import failed"])[-1]
+        raise ModelpodUnavailable(f"modelpod.cli not importable: {last}")
+    return proc.stdout.strip()
+
+
+def reset_home() -> None:
+    """A fresh store per harness run, so versions and digests start from 1 every time."""
+    if HOME.exists():
+        shutil.rmtree(HOME)
+    HOME.mkdir(parents=True)
+
+
+def _last_json_object(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            return dict(json.loads(line))
+    return dict(json.loads(text))
+
+
+def pack(workload: Workload) -> dict[str, Any]:
+    """`modelpod pack MODEL --name NAME --sample SAMPLE.npy --json` -> {"name", "version", "digest"}."""
+    cmd = [*base_command(), "pack", str(workload.modelpod_file), "--name", workload.model_name,
+           "--sample", str(workload.sample_path), "--json"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise ModelpodUnavailable("`modelpod pack` did not finish within 600s") from exc
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-3:]
+        raise ModelpodUnavailable(f"`modelpod pack` exit {proc.returncode}: {' | '.join(detail)}")
+    try:
+        return _last_json_object(proc.stdout)
+    except ValueError as exc:
+        raise ModelpodUnavailable(f"`modelpod pack --json` printed no JSON: {proc.stdout[-300:]!r}") from exc
+
+
+def serve_launch(workload: Workload, port: int) -> LaunchSpec:
+    cmd = [*base_command(), "serve", workload.model_name, "--host", "127.0.0.1", "--port", str(port),
+           "--max-batch-rows", str(MAX_BATCH_ROWS), "--max-batch-wait-ms", f"{MAX_BATCH_WAIT_MS:g}"]
+    return LaunchSpec(cmd=cmd, env=_env(), cwd=REPO_DIR)
+
+
+def version_info() -> dict[str, str]:
+    try:
+        return {"modelpod": check_available()}
+    except ModelpodUnavailable:
+        return {}
+

@@ -1,0 +1,100 @@
+"""Triton's perf_analyzer (from the tritonclient wheel) against an OIP v2 server, when it can run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .config import LOADGEN_CPU, PERF_ENV, VENVS_DIR
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class PerfUnavailable(RuntimeError):
+    """perf_analyzer is missing or cannot run here; the message says why."""
+
+
+def binary() -> Path:
+    return PERF_ENV.path / "bin" / "perf_analyzer"
+
+
+def _cudart_dirs() -> list[str]:
+    site = VENVS_DIR / PERF_ENV.name / "lib"
+    return [str(p) for p in site.glob("python3*/site-packages/nvidia/cuda_runtime/lib")]
+
+
+def _env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.lower().endswith("_proxy")}
+    env["LD_LIBRARY_PATH"] = ":".join([*_cudart_dirs(), env.get("LD_LIBRARY_PATH", "")]).strip(":")
+    return env
+
+
+def check_runs() -> None:
+    if not binary().exists():
+        raise PerfUnavailable(f"no perf_analyzer at {binary()}")
+    try:
+        proc = subprocess.run([str(binary()), "--version"], capture_output=True, text=True, env=_env(),
+                              timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PerfUnavailable(f"perf_analyzer does not start: {exc}") from exc
+    text = proc.stdout + proc.stderr
+    if "error while loading shared libraries" in text:
+        raise PerfUnavailable(text.strip().splitlines()[-1])
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    with _OPENER.open(url, timeout=10) as response:
+        return dict(json.loads(response.read()))
+
+
+def _input_shape_arg(port: int, model: str, features: int) -> list[str]:
+    """`--shape NAME:1,F` for the first input (used by perf_analyzer only where dims are -1)."""
+    try:
+        meta = _get_json(f"http://127.0.0.1:{port}/v2/models/{model}")
+        name = str(meta["inputs"][0]["name"])
+    except (OSError, ValueError, KeyError, IndexError):
+        name = "input-0"
+    return ["--shape", f"{name}:1,{features}"]
+
+
+def _parse_csv(text: str) -> dict[str, Any]:
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if not rows:
+        raise PerfUnavailable("perf_analyzer wrote an empty CSV")
+    row = rows[-1]
+    return {
+        "concurrency": int(row["Concurrency"]),
+        "infer_per_s": float(row["Inferences/Second"]),
+        "p50_ms": float(row["p50 latency"]) / 1000,
+        "p99_ms": float(row["p99 latency"]) / 1000,
+    }
+
+
+def run_point(port: int, model: str, features: int, concurrency: int, interval_s: int,
+              out_dir: Path, log_path: Path) -> dict[str, Any]:
+    """One perf_analyzer measurement at fixed concurrency, JSON tensors both ways."""
+    csv_path = out_dir / f"perf_{model}_c{concurrency}.csv"
+    cmd = [
+        "taskset", "-c", LOADGEN_CPU, str(binary()), "-m", model, "-u", f"127.0.0.1:{port}", "-i", "http",
+        "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval",
+        str(interval_s * 1000), "--max-trials", "3", "--stability-percentage", "50",
+        "--input-tensor-format", "json", "--output-tensor-format", "json",
+        *_input_shape_arg(port, model, features), "-f", str(csv_path),
+    ]
+    deadline = 4 * interval_s + 120
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=deadline, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise PerfUnavailable(f"perf_analyzer did not finish within {deadline}s") from exc
+    with log_path.open("a") as log:
+        log.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
+    if proc.returncode != 0 or not csv_path.exists():
+        last = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        raise PerfUnavailable(f"perf_analyzer exit {proc.returncode}: {' | '.join(last)}")
+    return _parse_csv(csv_path.read_text())
