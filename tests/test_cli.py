@@ -91,7 +91,8 @@ def test_pack_failure_exit_2_nothing_left(tmp_path: Path, capsys: pytest.Capture
                                           sklearn_model: tuple[Path, np.ndarray, object]) -> None:
     home = tmp_path / "home"
     np.save(tmp_path / "bad.npy", np.zeros((2, 3), np.float32))
-    code, _, err = run(capsys, home, "pack", str(sklearn_model[0]), "--name", "lr", "--sample", str(tmp_path / "bad.npy"))
+    code, _, err = run(capsys, home, "pack", str(sklearn_model[0]), "--name", "lr",
+                       "--sample", str(tmp_path / "bad.npy"))
     assert code == 2 and "sample does not fit" in err and err.count("\n") == 1
     assert run(capsys, home, "list", "--json")[1].strip() == "[]"
     assert list((home / "tmp").iterdir()) == []

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from modelpod.errors import IntegrityError, PodError, SignatureError
-from modelpod.pod import MANIFEST_NAME, Manifest, Pod, Signature, TensorSpec, datatype_of, scan_files, write_manifest
+from modelpod.pod import (
+    MANIFEST_NAME,
+    Manifest,
+    Pod,
+    Signature,
+    TensorSpec,
+    datatype_of,
+    scan_files,
+    write_manifest,
+)
 
 
 def _pod(tmp_path: Path) -> Pod:

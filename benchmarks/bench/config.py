@@ -49,9 +49,13 @@ class EnvSpec:
 WORKLOADS_ENV = EnvSpec("workloads", True, (SKLEARN_SPEC, "skops==0.16.0", "joblib", "numpy"))
 
 PEER_ENVS: dict[str, EnvSpec] = {
-    "fastapi": EnvSpec("fastapi", True, (SKLEARN_SPEC, "joblib", "fastapi==0.165.0", "uvicorn[standard]==0.54.0")),
+    "fastapi": EnvSpec(
+        "fastapi", True, (SKLEARN_SPEC, "joblib", "fastapi==0.165.0", "uvicorn[standard]==0.54.0")
+    ),
     "litserve": EnvSpec("litserve", True, (SKLEARN_SPEC, "joblib", "litserve==0.2.19")),
-    "mlserver": EnvSpec("mlserver", True, (SKLEARN_SPEC, "joblib", "mlserver==1.7.1", "mlserver-sklearn==1.7.1")),
+    "mlserver": EnvSpec(
+        "mlserver", True, (SKLEARN_SPEC, "joblib", "mlserver==1.7.1", "mlserver-sklearn==1.7.1")
+    ),
     "bentoml": EnvSpec("bentoml", True, (SKLEARN_SPEC, "joblib", "bentoml==1.4.39")),
     "ray": EnvSpec("ray", True, (SKLEARN_SPEC, "joblib", "ray[serve]==2.60.0")),
 }

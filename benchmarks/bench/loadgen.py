@@ -43,8 +43,19 @@ class LoadResult:
 
 def wrk_command(url: str, concurrency: int, duration_s: int) -> list[str]:
     return [
-        "taskset", "-c", LOADGEN_CPU, WRK, "-t1", f"-c{concurrency}", f"-d{duration_s}s", "--latency",
-        "--timeout", "10s", "-s", str(LUA_SCRIPT), url,
+        "taskset",
+        "-c",
+        LOADGEN_CPU,
+        WRK,
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{duration_s}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA_SCRIPT),
+        url,
     ]
 
 
@@ -77,7 +88,9 @@ def run_wrk(url: str, body_path: Path, concurrency: int, duration_s: int, log_pa
     env = {**os.environ, "BENCH_BODY_FILE": str(body_path)}
     cmd = wrk_command(url, concurrency, duration_s)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=duration_s + 60, check=False)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=duration_s + 60, check=False
+        )
     except subprocess.TimeoutExpired as exc:
         raise LoadError(f"wrk did not finish within {duration_s + 60}s") from exc
     with log_path.open("a") as log:

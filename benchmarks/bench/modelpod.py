@@ -64,8 +64,16 @@ def _last_json_object(text: str) -> dict[str, Any]:
 
 def pack(workload: Workload) -> dict[str, Any]:
     """`modelpod pack MODEL --name NAME --sample SAMPLE.npy --json` -> {"name", "version", "digest"}."""
-    cmd = [*base_command(), "pack", str(workload.modelpod_file), "--name", workload.model_name,
-           "--sample", str(workload.sample_path), "--json"]
+    cmd = [
+        *base_command(),
+        "pack",
+        str(workload.modelpod_file),
+        "--name",
+        workload.model_name,
+        "--sample",
+        str(workload.sample_path),
+        "--json",
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, check=False)
     except subprocess.TimeoutExpired as exc:
@@ -80,8 +88,19 @@ def pack(workload: Workload) -> dict[str, Any]:
 
 
 def serve_launch(workload: Workload, port: int) -> LaunchSpec:
-    cmd = [*base_command(), "serve", workload.model_name, "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch-rows", str(MAX_BATCH_ROWS), "--max-batch-wait-ms", f"{MAX_BATCH_WAIT_MS:g}"]
+    cmd = [
+        *base_command(),
+        "serve",
+        workload.model_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-batch-rows",
+        str(MAX_BATCH_ROWS),
+        "--max-batch-wait-ms",
+        f"{MAX_BATCH_WAIT_MS:g}",
+    ]
     return LaunchSpec(cmd=cmd, env=_env(), cwd=REPO_DIR)
 
 
@@ -90,4 +109,3 @@ def version_info() -> dict[str, str]:
         return {"modelpod": check_available()}
     except ModelpodUnavailable:
         return {}
-

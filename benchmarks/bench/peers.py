@@ -41,10 +41,15 @@ class LaunchSpec:
 def base_env(venv: Path | None, extra: dict[str, str]) -> dict[str, str]:
     """The environment every server gets: one math thread, unbuffered output, its venv first."""
     env = {key: value for key, value in os.environ.items() if not key.lower().endswith("_proxy")}
-    env.update({
-        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1", "NO_PROXY": "*",
-    })
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "NO_PROXY": "*",
+        }
+    )
     if venv is not None:
         env["VIRTUAL_ENV"] = str(venv)
         env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
@@ -103,8 +108,19 @@ def peer_launch(peer: str, workload: Workload, port: int) -> LaunchSpec:
     py = str(venv / "bin" / "python")
     extra = workload_env(workload, port)
     if peer == "fastapi":
-        cmd = [py, "-m", "uvicorn", "fastapi_app:app", "--host", "127.0.0.1", "--port", str(port),
-               "--no-access-log", "--log-level", "warning"]
+        cmd = [
+            py,
+            "-m",
+            "uvicorn",
+            "fastapi_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
     elif peer == "litserve":
         cmd = [py, str(PEERS_DIR / "litserve_app.py")]
     elif peer == "mlserver":

@@ -39,8 +39,9 @@ def check_runs() -> None:
     if not binary().exists():
         raise PerfUnavailable(f"no perf_analyzer at {binary()}")
     try:
-        proc = subprocess.run([str(binary()), "--version"], capture_output=True, text=True, env=_env(),
-                              timeout=60, check=False)
+        proc = subprocess.run(
+            [str(binary()), "--version"], capture_output=True, text=True, env=_env(), timeout=60, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise PerfUnavailable(f"perf_analyzer does not start: {exc}") from exc
     text = proc.stdout + proc.stderr
@@ -76,16 +77,37 @@ def _parse_csv(text: str) -> dict[str, Any]:
     }
 
 
-def run_point(port: int, model: str, features: int, concurrency: int, interval_s: int,
-              out_dir: Path, log_path: Path) -> dict[str, Any]:
+def run_point(
+    port: int, model: str, features: int, concurrency: int, interval_s: int, out_dir: Path, log_path: Path
+) -> dict[str, Any]:
     """One perf_analyzer measurement at fixed concurrency, JSON tensors both ways."""
     csv_path = out_dir / f"perf_{model}_c{concurrency}.csv"
     cmd = [
-        "taskset", "-c", LOADGEN_CPU, str(binary()), "-m", model, "-u", f"127.0.0.1:{port}", "-i", "http",
-        "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval",
-        str(interval_s * 1000), "--max-trials", "3", "--stability-percentage", "50",
-        "--input-tensor-format", "json", "--output-tensor-format", "json",
-        *_input_shape_arg(port, model, features), "-f", str(csv_path),
+        "taskset",
+        "-c",
+        LOADGEN_CPU,
+        str(binary()),
+        "-m",
+        model,
+        "-u",
+        f"127.0.0.1:{port}",
+        "-i",
+        "http",
+        "--concurrency-range",
+        f"{concurrency}:{concurrency}",
+        "--measurement-interval",
+        str(interval_s * 1000),
+        "--max-trials",
+        "3",
+        "--stability-percentage",
+        "50",
+        "--input-tensor-format",
+        "json",
+        "--output-tensor-format",
+        "json",
+        *_input_shape_arg(port, model, features),
+        "-f",
+        str(csv_path),
     ]
     deadline = 4 * interval_s + 120
     try:

@@ -3,6 +3,7 @@ the memory of their process tree, and stop exactly the processes we started."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -52,8 +53,13 @@ def launch(label: str, cmd: list[str], env: dict[str, str], cwd: Path, log_path:
     with log_path.open("wb") as log:
         started = time.perf_counter()
         proc = subprocess.Popen(
-            ["taskset", "-c", cpu, *cmd], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            ["taskset", "-c", cpu, *cmd],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     info = _stat(proc.pid)
     return Server(label, proc, log_path, started, leader_start=info[1] if info else "")
@@ -84,11 +90,11 @@ def wait_first_prediction(server: Server, url: str, body: bytes, deadline_s: flo
             last_error = f"HTTP {status}: {payload[:300]!r}"
         except (OSError, ValueError) as exc:
             last_error = f"{type(exc).__name__}: {exc}"
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             server.proc.wait(timeout=0.05)
-        except subprocess.TimeoutExpired:
-            pass
-    raise ServerError(f"no successful prediction within {deadline_s:.0f}s ({last_error}):\n{server.log_tail()}")
+    raise ServerError(
+        f"no successful prediction within {deadline_s:.0f}s ({last_error}):\n{server.log_tail()}"
+    )
 
 
 def _stat(pid: int) -> tuple[int, str] | None:
@@ -151,10 +157,8 @@ def _wait_gone(pids: dict[int, str], deadline_s: float, server: Server) -> dict[
     deadline = time.perf_counter() + deadline_s
     left = {pid: start for pid, start in pids.items() if _alive(pid, start)}
     while left and time.perf_counter() < deadline:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             server.proc.wait(timeout=0.05)  # also reaps our direct child
-        except subprocess.TimeoutExpired:
-            pass
         left = {pid: start for pid, start in left.items() if _alive(pid, start)}
     return left
 
@@ -178,10 +182,8 @@ def session_members(sid: int) -> dict[int, str]:
 def _signal_all(pids: dict[int, str], signum: int) -> None:
     for pid, start in pids.items():
         if _alive(pid, start):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
 
 def stop(server: Server, grace_s: float = 15.0) -> None:
@@ -201,7 +203,5 @@ def stop(server: Server, grace_s: float = 15.0) -> None:
     leader = _stat(server.proc.pid)
     if leader is None or leader[1] == server.leader_start:  # the session id is still ours
         _signal_all(session_members(server.proc.pid), signal.SIGKILL)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         server.proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass

@@ -47,14 +47,19 @@ def _run_logged(cmd: list[str], log: Path, deadline_s: float) -> None:
 
 
 def _pip(spec: EnvSpec, args: list[str], log: Path, deadline_s: float) -> None:
-    _run_logged([str(spec.python), "-m", "pip", "install", "--disable-pip-version-check", *args], log, deadline_s)
+    _run_logged(
+        [str(spec.python), "-m", "pip", "install", "--disable-pip-version-check", *args], log, deadline_s
+    )
 
 
 def pip_freeze(spec: EnvSpec) -> dict[str, str]:
     """Installed distribution versions, for the results file."""
     proc = subprocess.run(
         [str(spec.python), "-m", "pip", "list", "--format=json", "--disable-pip-version-check"],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     if proc.returncode != 0:
         return {}

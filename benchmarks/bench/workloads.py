@@ -117,5 +117,5 @@ def check_prediction(workload: Workload, response: Any) -> str:
     want = workload.expected
     if len(got) != len(want):
         return f"mismatch: expected {len(want)} values, got {len(got)}"
-    worst = max((abs(g - w) - 1e-4 * abs(w) for g, w in zip(got, want)), default=0.0)
+    worst = max((abs(g - w) - 1e-4 * abs(w) for g, w in zip(got, want, strict=True)), default=0.0)
     return "ok" if worst <= 1e-4 else f"mismatch: largest difference {worst:.3g}"

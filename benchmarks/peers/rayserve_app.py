@@ -43,8 +43,12 @@ def main() -> None:
     ray.init(num_cpus=1, include_dashboard=False, object_store_memory=128 * 1024 * 1024)
     serve.start(http_options={"host": WORKLOAD.host, "port": WORKLOAD.port})
     app = OipDeployment.bind(WORKLOAD.kind, str(WORKLOAD.model_dir), WORKLOAD.model_name, WORKLOAD.batching)
-    serve.run(app, name=WORKLOAD.model_name, route_prefix=WORKLOAD.route,
-              logging_config={"enable_access_log": False})
+    serve.run(
+        app,
+        name=WORKLOAD.model_name,
+        route_prefix=WORKLOAD.route,
+        logging_config={"enable_access_log": False},
+    )
     # Handlers only now: Ray's own processes, started above, keep the default signal behaviour.
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -47,7 +47,7 @@ def make_a(out: Path, rng: np.random.Generator) -> dict[str, Any]:
 def make_b(out: Path, rng: np.random.Generator) -> dict[str, Any]:
     torch.manual_seed(SEED)
     layers: list[torch.nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(B_SIZES, B_SIZES[1:])):
+    for i, (n_in, n_out) in enumerate(zip(B_SIZES, B_SIZES[1:], strict=False)):
         layers.append(torch.nn.Linear(n_in, n_out))
         if i < len(B_SIZES) - 2:
             layers.append(torch.nn.ReLU())

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from modelpod.api import load, open_pod, pack  # noqa: E402
-from modelpod.errors import ModelpodError  # noqa: E402
-from modelpod.model import Model  # noqa: E402
-from modelpod.pod import Manifest, Pod, Signature, TensorSpec  # noqa: E402
-from modelpod.settings import Settings  # noqa: E402
-from modelpod.store import PodRecord, Store  # noqa: E402
+from modelpod.api import load, open_pod, pack
+from modelpod.errors import ModelpodError
+from modelpod.model import Model
+from modelpod.pod import Manifest, Pod, Signature, TensorSpec
+from modelpod.settings import Settings
+from modelpod.store import PodRecord, Store
 
 __all__ = [
     "Manifest",

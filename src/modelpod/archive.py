@@ -8,11 +8,12 @@ fresh staging directory and nothing reaches the store until the whole pod verifi
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from modelpod.errors import PodError, UnsafeArchiveError
 from modelpod.pod import MANIFEST_NAME, Pod
@@ -66,7 +67,7 @@ def extract(archive: Path, dest: Path, max_members: int = MAX_MEMBERS, max_bytes
     root = dest.resolve()
     total = 0
     try:
-        tar = tarfile.open(archive, "r:*")
+        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed by the with below
     except (tarfile.TarError, OSError) as exc:
         raise PodError(f"{archive}: not a readable tar archive: {exc}") from None
     with tar:
@@ -97,7 +98,7 @@ def extract(archive: Path, dest: Path, max_members: int = MAX_MEMBERS, max_bytes
                 _copy_capped(src, out, member.size, member.name)
 
 
-def _members(tar: tarfile.TarFile):  # type: ignore[no-untyped-def]
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     try:
         while (member := tar.next()) is not None:
             yield member
@@ -105,9 +106,9 @@ def _members(tar: tarfile.TarFile):  # type: ignore[no-untyped-def]
         raise PodError(f"corrupt tar archive: {exc}") from None
 
 
-def _copy_capped(src: io.BufferedReader | object, out: io.BufferedWriter, size: int, name: str) -> None:
+def _copy_capped(src: IO[bytes], out: IO[bytes], size: int, name: str) -> None:
     left = size
-    read = src.read  # type: ignore[attr-defined]
+    read = src.read
     while left > 0:
         block = read(min(left, 1 << 20))
         if not block:

@@ -128,7 +128,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> Any:
     data = {"ref": args.ref, "digest": pod.digest, "ok": not problems, "files": len(pod.manifest.files),
             "problems": [{"path": p, "message": m} for p, m in problems]}
     if problems:
-        _emit(args, data, lambda: [print(f"FAIL {m}", file=sys.stderr) for _, m in problems])
+        _emit(args, data, lambda: print("\n".join(f"FAIL {m}" for _, m in problems), file=sys.stderr))
         return 3
     _emit(args, data, lambda: print(f"ok {args.ref}  {pod.digest}  ({len(pod.manifest.files)} files verified)"))
 

@@ -51,7 +51,9 @@ def pack(
     parent_digest = store.get(parent).digest if parent else None
     staging = store.staging()
     try:
-        request = PackRequest(name=name, allow_pickle=allow_pickle, entrypoint=entrypoint, options=dict(options or {}))
+        request = PackRequest(
+            name=name, allow_pickle=allow_pickle, entrypoint=entrypoint, options=dict(options or {})
+        )
         packed = adapter.pack(src, staging, request)
         files = scan_files(staging, packed.roles)
         if not files:
@@ -70,8 +72,7 @@ def pack(
             entrypoint=packed.entrypoint,
             serving=Serving.from_dict({**_default_serving(), **dict(packed.serving), **dict(serving or {})}),
             labels=dict(labels or {}),
-            lineage={k: v for k, v in {"parent": parent_digest, "source": source or str(src.resolve()),
-                                      "metrics": dict(metrics or {})}.items() if v},
+            lineage=_lineage(parent_digest, source or str(src.resolve()), metrics),
             allow_pickle=allow_pickle,
             options={**dict(packed.options), **dict(options or {})},
             modelpod_version=__version__,
@@ -86,6 +87,11 @@ def pack(
         raise PodError(f"{src}: cannot pack as {fw}: {type(exc).__name__}: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _lineage(parent: str | None, source: str, metrics: Mapping[str, float] | None) -> dict[str, Any]:
+    lineage = {"parent": parent, "source": source, "metrics": dict(metrics or {})}
+    return {k: v for k, v in lineage.items() if v}
 
 
 def _default_serving() -> dict[str, Any]:
@@ -109,8 +115,11 @@ def _complete_signature(adapter: Any, staging: Path, manifest: Manifest, sample:
             if spec is None:
                 raise SignatureError(f"sample has input {n!r}; the model's inputs are {[t.name for t in sig.inputs]}")
             if not spec.accepts_shape(a.shape):
-                raise SignatureError(f"sample input {n!r} has shape {list(a.shape)}; the model wants {list(spec.shape)}")
-    pod = Pod(staging, replace(manifest, signature=Signature(sig.inputs or Signature.infer(arrays).inputs, sig.outputs)))
+                raise SignatureError(
+                    f"sample input {n!r} has shape {list(a.shape)}; the model wants {list(spec.shape)}"
+                )
+    inputs = sig.inputs or Signature.infer(arrays).inputs
+    pod = Pod(staging, replace(manifest, signature=Signature(inputs, sig.outputs)))
     model = adapter.load(pod)
     try:
         model.load()
@@ -156,7 +165,7 @@ def lock_installed(distributions: Iterable[str]) -> list[str]:
     from packaging.requirements import Requirement
 
     seen: dict[str, str] = {}
-    todo = [(d, ()) for d in distributions]
+    todo: list[tuple[str, tuple[str, ...]]] = [(d, ()) for d in distributions]
     while todo:
         name, extras = todo.pop()
         key = _norm(name)
@@ -169,7 +178,7 @@ def lock_installed(distributions: Iterable[str]) -> list[str]:
         seen[key] = f"{dist.metadata['Name']}=={dist.version}"
         for text in dist.requires or ():
             req = Requirement(text)
-            env_extras = [{"extra": e} for e in extras] or [{"extra": ""}]
+            env_extras: list[dict[str, str]] = [{"extra": e} for e in extras] or [{"extra": ""}]
             if req.marker is not None and not any(req.marker.evaluate(e) for e in env_extras):
                 continue
             if _norm(req.name) not in seen:
@@ -193,7 +202,8 @@ def lock_requirements(path: str | Path) -> list[str]:
             tail = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
             raise UsageError(f"cannot resolve {p}: {tail}")
         data = json.loads(report.read_text())
-    return sorted((f"{i['metadata']['name']}=={i['metadata']['version']}" for i in data.get("install", [])), key=str.lower)
+    pins = (f"{i['metadata']['name']}=={i['metadata']['version']}" for i in data.get("install", []))
+    return sorted(pins, key=str.lower)
 
 
 def _norm(name: str) -> str:

@@ -79,7 +79,7 @@ class TensorSpec:
     def accepts_shape(self, shape: Sequence[int]) -> bool:
         if len(shape) != len(self.shape):
             return False
-        return all(want == -1 or want == got for want, got in zip(self.shape, shape))
+        return all(want == -1 or want == got for want, got in zip(self.shape, shape, strict=True))
 
     def check(self, datatype: str, shape: Sequence[int]) -> None:
         """Raise SignatureError if a tensor of this datatype and shape does not fit."""
@@ -162,7 +162,9 @@ class FileEntry:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FileEntry:
         try:
-            entry = cls(str(data["path"]), str(data["sha256"]), int(data["size"]), str(data.get("role", "weights")))
+            entry = cls(
+                str(data["path"]), str(data["sha256"]), int(data["size"]), str(data.get("role", "weights"))
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise PodError(f"bad file entry {dict(data)!r}: {exc}") from None
         check_relative_path(entry.path)
@@ -309,7 +311,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def scan_files(root: Path, roles: Mapping[str, str] | None = None, default_role: str = "weights") -> list[FileEntry]:
+def scan_files(
+    root: Path, roles: Mapping[str, str] | None = None, default_role: str = "weights"
+) -> list[FileEntry]:
     """FileEntry for every regular file under ``root`` (links refused), manifest excluded."""
     entries: list[FileEntry] = []
     roles = roles or {}
@@ -322,7 +326,10 @@ def scan_files(root: Path, roles: Mapping[str, str] | None = None, default_role:
         if not path.is_file():
             raise PodError(f"not a regular file: {rel}")
         check_relative_path(rel)
-        role = next((r for prefix, r in roles.items() if rel == prefix or rel.startswith(prefix.rstrip("/") + "/")), default_role)
+        role = next(
+            (r for prefix, r in roles.items() if rel == prefix or rel.startswith(prefix.rstrip("/") + "/")),
+            default_role,
+        )
         entries.append(FileEntry(rel, sha256_file(path), path.stat().st_size, role))
     return entries
 
@@ -376,7 +383,9 @@ class Pod:
                 continue
             got = sha256_file(file)
             if got != entry.sha256:
-                yield entry.path, f"{entry.path}: sha256 {got[:12]}… does not match the manifest's {entry.sha256[:12]}… (tampered?)"
+                yield entry.path, (
+                    f"{entry.path}: sha256 {got[:12]}… does not match the manifest's {entry.sha256[:12]}… (tampered?)"
+                )
 
     def file(self, rel: str) -> Path:
         return self.path / rel

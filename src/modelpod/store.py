@@ -220,7 +220,9 @@ class Store:
 
     def tag(self, name: str, version: int, alias: str) -> PodRecord:
         if not _ALIAS.match(alias) or alias == "latest":
-            raise UsageError(f"bad alias {alias!r}: a letter, then letters, digits, '.', '_', '-' ('latest' is reserved)")
+            raise UsageError(
+                f"bad alias {alias!r}: a letter, then letters, digits, '.', '_', '-' ('latest' is reserved)"
+            )
         with self._db(write=True) as db:
             if not db.execute("SELECT 1 FROM pods WHERE name=? AND version=?", (name, version)).fetchone():
                 raise NotFoundError(f"no pod {name}:{version}")
@@ -268,7 +270,9 @@ class Store:
             if r.digest and not r.name:
                 row = db.execute(f"{cols} WHERE digest=? ORDER BY created DESC LIMIT 1", (r.digest,)).fetchone()
             elif r.digest:
-                row = db.execute(f"{cols} WHERE name=? AND digest=? ORDER BY version DESC LIMIT 1", (r.name, r.digest)).fetchone()
+                row = db.execute(
+                    f"{cols} WHERE name=? AND digest=? ORDER BY version DESC LIMIT 1", (r.name, r.digest)
+                ).fetchone()
             elif r.version is not None:
                 row = db.execute(f"{cols} WHERE name=? AND version=?", (r.name, r.version)).fetchone()
             elif r.alias is not None and r.alias != "latest":
@@ -285,7 +289,10 @@ class Store:
     def list(self, name: str | None = None) -> list[PodRecord]:
         with self._db() as db:
             q = "SELECT name, version, digest, created, manifest FROM pods"
-            rows = db.execute(q + (" WHERE name=?" if name else "") + " ORDER BY name, version", (name,) if name else ()).fetchall()
+            if name:
+                rows = db.execute(q + " WHERE name=? ORDER BY version", (name,)).fetchall()
+            else:
+                rows = db.execute(q + " ORDER BY name, version").fetchall()
             return [self._record(db, row) for row in rows]
 
     def open(self, ref: Ref | str, verify: bool = True) -> Pod:

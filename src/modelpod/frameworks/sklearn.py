@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from modelpod.errors import FrameworkError, UnsafeModelError
-from modelpod.frameworks import PackRequest, Packed
+from modelpod.frameworks import Packed, PackRequest
 from modelpod.model import Batch, Model
 from modelpod.pod import Pod
 from modelpod.safety import check_load_allowed, refuse_pickle, scan_pickle

@@ -1,0 +1,191 @@
+"""The printed table, the ratios, and the results file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import CONCURRENCIES
+from .peers import DISPLAY
+
+WORKLOAD_TITLES = {
+    "A": "A: scikit-learn LogisticRegression, 20 features, 1 row/request",
+    "B": "B: PyTorch MLP 512-2048-2048-10, CPU, 1 thread, 1 row/request",
+}
+
+
+def _load_at(server: dict[str, Any], concurrency: int) -> dict[str, Any] | None:
+    for point in server.get("load", []):
+        if point["concurrency"] == concurrency:
+            return dict(point)
+    return None
+
+
+def ok_rps(server: dict[str, Any], concurrency: int) -> float | None:
+    point = _load_at(server, concurrency)
+    return None if point is None else float(point["ok_rps"])
+
+
+def _limit(workload: dict[str, Any]) -> float | None:
+    batch = workload.get("inprocess", {}).get("batch_32")
+    return None if batch is None else float(batch["rows_per_s"])
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _row(name: str, server: dict[str, Any], limit: float | None) -> list[str]:
+    cells = [DISPLAY.get(name, name)]
+    if server.get("status") != "ok":
+        return cells + [f"{server.get('status', '?')}: {server.get('error', '')}"[:90]]
+    errors = 0
+    for concurrency in CONCURRENCIES:
+        point = _load_at(server, concurrency)
+        if point is None:
+            cells += ["-", "-", "-"]
+            continue
+        errors += int(point["non2xx"]) + int(point["socket_errors"]) + int(point["timeouts"])
+        cells += [_fmt(point["ok_rps"]), _fmt(point["p50_ms"], 1), _fmt(point["p99_ms"], 1)]
+    c64 = ok_rps(server, CONCURRENCIES[-1])
+    share = None if c64 is None or not limit else 100 * c64 / limit
+    memory = server.get("memory", {})
+    cells += [str(errors), _fmt(server.get("cold_start_s"), 1), _fmt(memory.get("rss_mb")), _fmt(share, 1)]
+    return cells
+
+
+HEADER = (
+    ["server"]
+    + [f"{h} c={c}" for c in CONCURRENCIES for h in ("req/s", "p50 ms", "p99 ms")]
+    + [
+        "errors",
+        "cold s",
+        "RSS MB",
+        "c64 % of b32",
+    ]
+)
+
+
+def _table_lines(rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return lines
+    widths = [max(len(HEADER[i]), *(len(r[i]) for r in rows if i < len(r))) for i in range(len(HEADER))]
+    out = [
+        "  ".join(
+            h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(HEADER, widths, strict=True))
+        )
+    ]
+    for row in rows:
+        if len(row) < len(HEADER):  # a failed server: name then the reason
+            out.append(row[0].ljust(widths[0]) + "  " + row[1])
+        else:
+            out.append(
+                "  ".join(
+                    c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                )
+            )
+    return out
+
+
+def workload_block(key: str, workload: dict[str, Any], markdown: bool = False) -> list[str]:
+    inproc = workload.get("inprocess", {})
+    b1 = inproc.get("batch_1", {}).get("rows_per_s")
+    b32 = inproc.get("batch_32", {}).get("rows_per_s")
+    title = (
+        f"{WORKLOAD_TITLES.get(key, key)} -- in-process predict: batch 1 {_fmt(b1)} rows/s, "
+        f"batch 32 {_fmt(b32)} rows/s"
+    )
+    rows = [_row(name, server, _limit(workload)) for name, server in workload.get("servers", {}).items()]
+    return [("### " if markdown else "") + title, *_table_lines(rows, markdown)]
+
+
+def ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """modelpod vs the best peer and vs FastAPI (per point), and B c=64 vs in-process batch 32."""
+    out: dict[str, Any] = {}
+    for key, workload in results.get("workloads", {}).items():
+        servers = workload.get("servers", {})
+        mine = servers.get("modelpod", {})
+        if mine.get("status") != "ok":
+            out[key] = {"note": "modelpod not measured"}
+            continue
+        entry: dict[str, Any] = {}
+        for concurrency in CONCURRENCIES:
+            own = ok_rps(mine, concurrency)
+            peers = {
+                n: ok_rps(s, concurrency)
+                for n, s in servers.items()
+                if n != "modelpod" and s.get("status") == "ok"
+            }
+            peers = {n: v for n, v in peers.items() if v}
+            point: dict[str, Any] = {}
+            if own is not None and peers:
+                best = max(peers, key=lambda n: peers[n])
+                point["vs_best_peer"] = {"peer": best, "ratio": own / peers[best]}
+            if own is not None and peers.get("fastapi"):
+                point["vs_fastapi"] = own / peers["fastapi"]
+            entry[f"c{concurrency}"] = point
+        limit = _limit(workload)
+        own64 = ok_rps(mine, CONCURRENCIES[-1])
+        if key == "B" and limit and own64 is not None:
+            entry["c64_vs_inprocess_batch32"] = own64 / limit
+        out[key] = entry
+    return out
+
+
+def ratio_lines(table: dict[str, Any]) -> list[str]:
+    lines = ["Ratios (requests/s, modelpod / other):"]
+    for key, entry in table.items():
+        if "note" in entry:
+            lines.append(f"  {key}: {entry['note']}")
+            continue
+        for concurrency in CONCURRENCIES:
+            point = entry.get(f"c{concurrency}", {})
+            best = point.get("vs_best_peer")
+            best_text = f"{best['ratio']:.2f}x vs best peer ({DISPLAY[best['peer']]})" if best else "no peer"
+            fast = point.get("vs_fastapi")
+            fast_text = f"{fast:.2f}x vs FastAPI" if fast is not None else "FastAPI n/a"
+            lines.append(f"  {key} c={concurrency}: {best_text}; {fast_text}")
+        if "c64_vs_inprocess_batch32" in entry:
+            lines.append(
+                f"  {key} c=64 vs in-process batch-32 rows/s: {entry['c64_vs_inprocess_batch32']:.2f}x"
+            )
+    return lines
+
+
+def render(results: dict[str, Any], markdown: bool = False) -> str:
+    lines: list[str] = []
+    for note in results.get("notes", []):
+        lines.append(note)
+    for key, workload in results.get("workloads", {}).items():
+        lines += ["", *workload_block(key, workload, markdown)]
+    lines += ["", *ratio_lines(results.get("ratios", {}))]
+    perf = results.get("perf_analyzer")
+    if perf:
+        lines += ["", "perf_analyzer against modelpod:"]
+        lines += [f"  {line}" for line in _perf_lines(perf)]
+    return "\n".join(lines)
+
+
+def _perf_lines(perf: dict[str, Any]) -> list[str]:
+    if "skipped" in perf:
+        return [f"skipped: {perf['skipped']}"]
+    lines = []
+    for key, points in perf.get("workloads", {}).items():
+        if isinstance(points, str):
+            lines.append(f"{key}: {points}")
+            continue
+        for p in points:
+            lines.append(
+                f"{key} c={p['concurrency']}: {p['infer_per_s']:,.0f} infer/s, "
+                f"p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms"
+            )
+    return lines
+
+
+def write(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, sort_keys=False))
+    path.with_suffix(".md").write_text(render(results, markdown=True) + "\n")

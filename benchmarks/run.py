@@ -1,0 +1,311 @@
+"""modelpod side by side with its peers: LitServe, MLServer, BentoML, Ray Serve, bare FastAPI.
+
+Usage: .venv/bin/python benchmarks/run.py [--quick] [--peers litserve,mlserver,...] [--workloads A,B]
+                                          [--duration S] [--no-modelpod] [--no-perf]
+
+One venv per peer under benchmarks/.work/venvs (installed once, then reused), both models made
+from synthetic data, every server pinned to core 0 and wrk to core 1, concurrency 1/8/64.
+Prints one table per workload plus ratios; writes benchmarks/.work/results.json (and .md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import loadgen, modelpod, perf, procs, report, venvs
+from bench.config import (
+    ALL_PEERS,
+    ALL_WORKLOADS,
+    CONCURRENCIES,
+    LOGS_DIR,
+    PEER_ENVS,
+    PERF_ENV,
+    RESULTS_PATH,
+    RUNTIME_DIR,
+    SERVER_CPU,
+    WORKLOADS_ENV,
+    Durations,
+)
+from bench.peers import COMMON_VERSION_KEYS, VERSION_KEYS, LaunchSpec, peer_launch
+from bench.workloads import Workload, check_prediction, make_models, measure_inprocess
+
+
+@dataclass(frozen=True)
+class Options:
+    peers: tuple[str, ...]
+    workloads: tuple[str, ...]
+    durations: Durations
+    with_modelpod: bool
+    with_perf: bool
+    quick: bool
+
+
+def _csv(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [v for v in items if v not in allowed]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what}: {', '.join(unknown)} (choose from {', '.join(allowed)})"
+        )
+    return items
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 s per point, short warm-up")
+    parser.add_argument("--peers", default=",".join(ALL_PEERS), help="comma list of peers (default: all)")
+    parser.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list: A,B")
+    parser.add_argument(
+        "--duration", type=int, default=None, help="seconds per wrk point (default 10; 3 quick)"
+    )
+    parser.add_argument("--no-modelpod", action="store_true", help="benchmark the peers only")
+    parser.add_argument("--no-perf", action="store_true", help="skip perf_analyzer")
+    args = parser.parse_args(argv)
+    try:
+        peers = _csv(args.peers, ALL_PEERS, "peer")
+        workloads = _csv(args.workloads.upper(), ALL_WORKLOADS, "workload")
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    load_s = args.duration or (3 if args.quick else 10)
+    durations = Durations(
+        load_s=load_s, warmup_s=1 if args.quick else 3, inprocess_s=1.0 if args.quick else 3.0
+    )
+    return Options(peers, workloads, durations, not args.no_modelpod, not args.no_perf, args.quick)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", flush=True)
+
+
+def bench_server(
+    label: str,
+    make_spec: Callable[[int], LaunchSpec],
+    workload: Workload,
+    opts: Options,
+    after_load: Callable[[int], Any] | None = None,
+) -> dict[str, Any]:
+    """Launch one server, time its cold start, check its answer, drive it at each concurrency."""
+    port = procs.free_port()
+    spec = make_spec(port)
+    log_path = LOGS_DIR / f"server-{label}-{workload.key}.log"
+    wrk_log = LOGS_DIR / f"wrk-{label}-{workload.key}.log"
+    wrk_log.write_text("")
+    url = f"http://127.0.0.1:{port}{workload.route}"
+    body = workload.body_path.read_bytes()
+    server = procs.launch(label, spec.cmd, spec.env, spec.cwd, log_path, SERVER_CPU)
+    result: dict[str, Any] = {"command": spec.cmd, "log": str(log_path)}
+    try:
+        cold, answer = procs.wait_first_prediction(server, url, body, opts.durations.cold_start_deadline_s)
+        result.update(cold_start_s=cold, check=check_prediction(workload, answer), sample_response=answer)
+        log(f"{label} {workload.key}: first prediction after {cold:.2f}s ({result['check']})")
+        loadgen.run_wrk(url, workload.body_path, 8, opts.durations.warmup_s, wrk_log)
+        points = []
+        for concurrency in CONCURRENCIES:
+            point = loadgen.run_wrk(url, workload.body_path, concurrency, opts.durations.load_s, wrk_log)
+            log(
+                f"{label} {workload.key} c={concurrency}: {point.ok_rps:,.0f} req/s, "
+                f"p50 {point.p50_ms:.1f} ms, p99 {point.p99_ms:.1f} ms, non-2xx {point.non2xx}"
+            )
+            points.append(point.to_json())
+        result["load"] = points
+        result["memory"] = procs.tree_memory(server)
+        if after_load is not None:
+            result["after_load"] = after_load(port)
+        result["status"] = "ok"
+    except (procs.ServerError, loadgen.LoadError, OSError) as exc:
+        result.update(status="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        result["error_detail"] = str(exc)
+        log(f"{label} {workload.key}: FAILED {exc}")
+    finally:
+        procs.stop(server)
+    return result
+
+
+def prepare_workloads(opts: Options) -> tuple[dict[str, Workload], dict[str, Any]]:
+    log("workloads venv + models")
+    python = venvs.ensure(WORKLOADS_ENV, opts.durations.install_deadline_s)
+    made = make_models(python)
+    chosen = {key: made[key] for key in opts.workloads}
+    inproc = {}
+    for key, workload in chosen.items():
+        inproc[key] = measure_inprocess(python, workload, opts.durations.inprocess_s)
+        log(
+            f"in-process {key}: batch 1 {inproc[key]['batch_1']['rows_per_s']:,.0f} rows/s, "
+            f"batch 32 {inproc[key]['batch_32']['rows_per_s']:,.0f} rows/s"
+        )
+    return chosen, inproc
+
+
+def install_peers(opts: Options) -> tuple[list[str], dict[str, str], dict[str, dict[str, str]]]:
+    ready, failed, versions = [], {}, {}
+    for peer in opts.peers:
+        log(f"venv {peer}")
+        try:
+            venvs.ensure(PEER_ENVS[peer], opts.durations.install_deadline_s)
+        except venvs.InstallError as exc:
+            failed[peer] = f"install failed: {exc}"
+            log(f"{peer}: {failed[peer]}")
+            continue
+        installed = venvs.pip_freeze(PEER_ENVS[peer])
+        versions[peer] = {k: installed.get(k, "?") for k in (*VERSION_KEYS[peer], *COMMON_VERSION_KEYS)}
+        ready.append(peer)
+    return ready, failed, versions
+
+
+def prepare_modelpod(opts: Options, workloads: dict[str, Workload]) -> tuple[dict[str, str], str | None]:
+    """Pack each workload; returns per-workload failure reasons and the modelpod version."""
+    if not opts.with_modelpod:
+        return {key: "skipped (--no-modelpod)" for key in workloads}, None
+    try:
+        version = modelpod.check_available()
+        modelpod.reset_home()
+    except modelpod.ModelpodUnavailable as exc:
+        return {key: str(exc) for key in workloads}, None
+    reasons: dict[str, str] = {}
+    for key, workload in workloads.items():
+        try:
+            packed = modelpod.pack(workload)
+            log(f"modelpod pack {key}: {packed}")
+        except modelpod.ModelpodUnavailable as exc:
+            reasons[key] = str(exc)
+    return reasons, version
+
+
+def prepare_perf(opts: Options) -> str | None:
+    """None when perf_analyzer can run, else why not."""
+    if not opts.with_perf:
+        return "skipped (--no-perf)"
+    try:
+        venvs.ensure(PERF_ENV, opts.durations.install_deadline_s)
+        perf.check_runs()
+    except (venvs.InstallError, perf.PerfUnavailable) as exc:
+        return str(exc)
+    return None
+
+
+def perf_hook(workload: Workload, opts: Options, sink: dict[str, Any]) -> Callable[[int], Any]:
+    def run(port: int) -> str:
+        points = []
+        try:
+            for concurrency in CONCURRENCIES:
+                points.append(
+                    perf.run_point(
+                        port,
+                        workload.model_name,
+                        workload.features,
+                        concurrency,
+                        max(2, opts.durations.load_s // 2),
+                        RUNTIME_DIR,
+                        LOGS_DIR / f"perf-{workload.key}.log",
+                    )
+                )
+        except perf.PerfUnavailable as exc:
+            sink[workload.key] = f"failed: {exc}"
+            log(f"perf_analyzer {workload.key}: {exc}")
+            return "perf_analyzer failed"
+        sink[workload.key] = points
+        return "perf_analyzer ok"
+
+    return run
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gb": round(mem_gb, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def preflight() -> None:
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            sys.exit(f"run.py needs `{tool}` on PATH")
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    preflight()
+    for folder in (LOGS_DIR, RUNTIME_DIR):
+        folder.mkdir(parents=True, exist_ok=True)
+    workloads, inproc = prepare_workloads(opts)
+    peers, failed, versions = install_peers(opts)
+    modelpod_reasons, modelpod_version = prepare_modelpod(opts, workloads)
+    perf_reason = prepare_perf(opts) if opts.with_modelpod else "skipped (no modelpod)"
+    perf_points: dict[str, Any] = {}
+    results: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine_info(),
+        "options": {
+            "quick": opts.quick,
+            "duration_s": opts.durations.load_s,
+            "concurrency": list(CONCURRENCIES),
+            "peers": list(opts.peers),
+            "workloads": list(opts.workloads),
+        },
+        "versions": {**versions, "modelpod": modelpod_version},
+        "notes": [],
+        "workloads": {},
+    }
+    for key, workload in workloads.items():
+        servers: dict[str, Any] = {}
+        for peer in opts.peers:
+            if peer in failed:
+                servers[peer] = {"status": "not installed", "error": failed[peer]}
+                continue
+            servers[peer] = bench_server(
+                peer, lambda port, p=peer, w=workload: peer_launch(p, w, port), workload, opts
+            )
+        if key in modelpod_reasons:
+            note = f"modelpod: not available ({modelpod_reasons[key]})"
+            log(note)
+            servers["modelpod"] = {"status": "not available", "error": modelpod_reasons[key]}
+            if note not in results["notes"]:
+                results["notes"].append(note)
+        else:
+            hook = None if perf_reason else perf_hook(workload, opts, perf_points)
+            servers["modelpod"] = bench_server(
+                "modelpod",
+                lambda port, w=workload: modelpod.serve_launch(w, port),
+                workload,
+                opts,
+                after_load=hook,
+            )
+        results["workloads"][key] = {"inprocess": inproc[key], "servers": servers}
+    results["perf_analyzer"] = {"skipped": perf_reason} if perf_reason else {"workloads": perf_points}
+    if perf_reason:
+        results["notes"].append(f"perf_analyzer: skipped ({perf_reason})")
+    results["ratios"] = report.ratios(results)
+    print()
+    print(report.render(results))
+    report.write(results, RESULTS_PATH)
+    print(f"\nresults: {RESULTS_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
