@@ -107,8 +107,10 @@ def bench_server(
     body = workload.body_path.read_bytes()
     server = procs.launch(label, spec.cmd, spec.env, spec.cwd, log_path, SERVER_CPU)
     result: dict[str, Any] = {"command": spec.cmd, "log": str(log_path)}
+    stage = "start"
     try:
         cold, answer = procs.wait_first_prediction(server, url, body, opts.durations.cold_start_deadline_s)
+        stage = "load"
         result.update(cold_start_s=cold, check=check_prediction(workload, answer), sample_response=answer)
         log(f"{label} {workload.key}: first prediction after {cold:.2f}s ({result['check']})")
         loadgen.run_wrk(url, workload.body_path, 8, opts.durations.warmup_s, wrk_log)
@@ -126,9 +128,10 @@ def bench_server(
             result["after_load"] = after_load(port)
         result["status"] = "ok"
     except (procs.ServerError, loadgen.LoadError, OSError) as exc:
-        result.update(status="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        summary = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        result.update(status="failed", stage=stage, error=summary)
         result["error_detail"] = str(exc)
-        log(f"{label} {workload.key}: FAILED {exc}")
+        log(f"{label} {workload.key}: FAILED {summary} (log: {log_path})")
     finally:
         procs.stop(server)
     return result
@@ -168,7 +171,7 @@ def install_peers(opts: Options) -> tuple[list[str], dict[str, str], dict[str, d
 def prepare_modelpod(opts: Options, workloads: dict[str, Workload]) -> tuple[dict[str, str], str | None]:
     """Pack each workload; returns per-workload failure reasons and the modelpod version."""
     if not opts.with_modelpod:
-        return {key: "skipped (--no-modelpod)" for key in workloads}, None
+        return {}, None
     try:
         version = modelpod.check_available()
         modelpod.reset_home()
@@ -187,7 +190,7 @@ def prepare_modelpod(opts: Options, workloads: dict[str, Workload]) -> tuple[dic
 def prepare_perf(opts: Options) -> str | None:
     """None when perf_analyzer can run, else why not."""
     if not opts.with_perf:
-        return "skipped (--no-perf)"
+        return "--no-perf"
     try:
         venvs.ensure(PERF_ENV, opts.durations.install_deadline_s)
         perf.check_runs()
@@ -247,16 +250,56 @@ def preflight() -> None:
             sys.exit(f"run.py needs `{tool}` on PATH")
 
 
+def bench_peers(workload: Workload, opts: Options, failed: dict[str, str]) -> dict[str, Any]:
+    servers: dict[str, Any] = {}
+    for peer in opts.peers:
+        if peer in failed:
+            servers[peer] = {"status": "not installed", "error": failed[peer]}
+            continue
+        servers[peer] = bench_server(
+            peer, lambda port, p=peer, w=workload: peer_launch(p, w, port), workload, opts
+        )
+    return servers
+
+
+def bench_modelpod(
+    workload: Workload, opts: Options, pack_error: str | None, hook: Callable[[int], Any] | None
+) -> tuple[dict[str, Any], str | None]:
+    """modelpod's entry and, when it could not be used, the note saying why."""
+    if pack_error is not None:
+        return {"status": "not available", "error": pack_error}, f"modelpod: not available ({pack_error})"
+    entry = bench_server(
+        "modelpod", lambda port: modelpod.serve_launch(workload, port), workload, opts, after_load=hook
+    )
+    if entry.get("stage") == "start":  # `modelpod serve` never answered
+        entry["status"] = "not available"
+        return entry, f"modelpod: not available ({entry['error']})"
+    return entry, None
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     preflight()
     for folder in (LOGS_DIR, RUNTIME_DIR):
         folder.mkdir(parents=True, exist_ok=True)
     workloads, inproc = prepare_workloads(opts)
-    peers, failed, versions = install_peers(opts)
+    _ready, failed, versions = install_peers(opts)
     modelpod_reasons, modelpod_version = prepare_modelpod(opts, workloads)
-    perf_reason = prepare_perf(opts) if opts.with_modelpod else "skipped (no modelpod)"
+    perf_reason = prepare_perf(opts) if opts.with_modelpod else "--no-modelpod"
     perf_points: dict[str, Any] = {}
+    notes: list[str] = []
+    measured: dict[str, Any] = {}
+    for key, workload in workloads.items():
+        servers = bench_peers(workload, opts, failed)
+        if opts.with_modelpod:
+            hook = None if perf_reason else perf_hook(workload, opts, perf_points)
+            servers["modelpod"], note = bench_modelpod(workload, opts, modelpod_reasons.get(key), hook)
+            if note is not None and note not in notes:
+                log(note)
+                notes.append(note)
+        measured[key] = {"inprocess": inproc[key], "servers": servers}
+    if perf_reason:
+        notes.append(f"perf_analyzer: not run ({perf_reason})")
     results: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
         "machine": machine_info(),
@@ -268,37 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             "workloads": list(opts.workloads),
         },
         "versions": {**versions, "modelpod": modelpod_version},
-        "notes": [],
-        "workloads": {},
+        "notes": notes,
+        "workloads": measured,
+        "perf_analyzer": {"skipped": perf_reason} if perf_reason else {"workloads": perf_points},
     }
-    for key, workload in workloads.items():
-        servers: dict[str, Any] = {}
-        for peer in opts.peers:
-            if peer in failed:
-                servers[peer] = {"status": "not installed", "error": failed[peer]}
-                continue
-            servers[peer] = bench_server(
-                peer, lambda port, p=peer, w=workload: peer_launch(p, w, port), workload, opts
-            )
-        if key in modelpod_reasons:
-            note = f"modelpod: not available ({modelpod_reasons[key]})"
-            log(note)
-            servers["modelpod"] = {"status": "not available", "error": modelpod_reasons[key]}
-            if note not in results["notes"]:
-                results["notes"].append(note)
-        else:
-            hook = None if perf_reason else perf_hook(workload, opts, perf_points)
-            servers["modelpod"] = bench_server(
-                "modelpod",
-                lambda port, w=workload: modelpod.serve_launch(w, port),
-                workload,
-                opts,
-                after_load=hook,
-            )
-        results["workloads"][key] = {"inprocess": inproc[key], "servers": servers}
-    results["perf_analyzer"] = {"skipped": perf_reason} if perf_reason else {"workloads": perf_points}
-    if perf_reason:
-        results["notes"].append(f"perf_analyzer: skipped ({perf_reason})")
     results["ratios"] = report.ratios(results)
     print()
     print(report.render(results))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from modelpod.store import Store
+from modelpod.store import PodRecord, Store
+
+# The serving, protocol and `serve` end-to-end tests share helpers in tests/serving/servutil.py.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "serving"))
 
 
 @pytest.fixture
@@ -29,3 +33,17 @@ def sklearn_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.nd
     path = d / "model.skops"
     sio.dump(est, path)
     return path, x[:5], est
+
+
+@pytest.fixture(scope="session")
+def served_home(tmp_path_factory: pytest.TempPathFactory, sklearn_model: tuple[Path, np.ndarray, object]
+                ) -> tuple[Path, PodRecord]:
+    """A store holding the LogisticRegression as pod ``lr`` (version 1, alias ``production``)."""
+    from modelpod.api import pack
+
+    path, sample, _ = sklearn_model
+    home = tmp_path_factory.mktemp("served")
+    store = Store(home)
+    rec = pack(path, "lr", store=store, sample=sample)
+    store.tag(rec.name, rec.version, "production")
+    return home, rec

@@ -53,8 +53,11 @@ PEER_ENVS: dict[str, EnvSpec] = {
         "fastapi", True, (SKLEARN_SPEC, "joblib", "fastapi==0.165.0", "uvicorn[standard]==0.54.0")
     ),
     "litserve": EnvSpec("litserve", True, (SKLEARN_SPEC, "joblib", "litserve==0.2.19")),
+    # uvloop>=0.22 breaks MLServer 1.7.1's inference workers (SeldonIO/MLServer#2286, fix unreleased).
     "mlserver": EnvSpec(
-        "mlserver", True, (SKLEARN_SPEC, "joblib", "mlserver==1.7.1", "mlserver-sklearn==1.7.1")
+        "mlserver",
+        True,
+        (SKLEARN_SPEC, "joblib", "mlserver==1.7.1", "mlserver-sklearn==1.7.1", "uvloop==0.21.0"),
     ),
     "bentoml": EnvSpec("bentoml", True, (SKLEARN_SPEC, "joblib", "bentoml==1.4.39")),
     "ray": EnvSpec("ray", True, (SKLEARN_SPEC, "joblib", "ray[serve]==2.60.0")),

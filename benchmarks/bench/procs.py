@@ -33,6 +33,10 @@ class Server:
     leader_start: str = ""
     tree: dict[int, str] = field(default_factory=dict)
 
+    def last_log_line(self) -> str:
+        lines = [line.strip() for line in self.log_tail(40).splitlines() if line.strip()]
+        return lines[-1][:200] if lines else "no output"
+
     def log_tail(self, lines: int = 15) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
@@ -82,7 +86,8 @@ def wait_first_prediction(server: Server, url: str, body: bytes, deadline_s: flo
     last_error = "no attempt"
     while time.perf_counter() < deadline:
         if server.proc.poll() is not None:
-            raise ServerError(f"exited with {server.proc.returncode} before answering:\n{server.log_tail()}")
+            reason = f"exited with {server.proc.returncode} before answering ({server.last_log_line()})"
+            raise ServerError(f"{reason}\n{server.log_tail()}")
         try:
             status, payload = post_json(url, body, timeout_s=5.0)
             if status == 200:
@@ -93,7 +98,7 @@ def wait_first_prediction(server: Server, url: str, body: bytes, deadline_s: flo
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.proc.wait(timeout=0.05)
     raise ServerError(
-        f"no successful prediction within {deadline_s:.0f}s ({last_error}):\n{server.log_tail()}"
+        f"no successful prediction within {deadline_s:.0f}s ({last_error})\n{server.log_tail()}"
     )
 
 

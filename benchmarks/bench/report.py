@@ -72,7 +72,9 @@ def _table_lines(rows: list[list[str]], markdown: bool) -> list[str]:
         lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         return lines
-    widths = [max(len(HEADER[i]), *(len(r[i]) for r in rows if i < len(r))) for i in range(len(HEADER))]
+    full = [r for r in rows if len(r) == len(HEADER)]
+    widths = [max(len(HEADER[i]), *(len(r[i]) for r in full)) for i in range(len(HEADER))]
+    widths[0] = max(widths[0], *(len(r[0]) for r in rows))
     out = [
         "  ".join(
             h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(HEADER, widths, strict=True))
@@ -171,7 +173,7 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
 
 def _perf_lines(perf: dict[str, Any]) -> list[str]:
     if "skipped" in perf:
-        return [f"skipped: {perf['skipped']}"]
+        return [f"not run: {perf['skipped']}"]
     lines = []
     for key, points in perf.get("workloads", {}).items():
         if isinstance(points, str):

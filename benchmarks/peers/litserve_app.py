@@ -3,23 +3,35 @@
 Run: python litserve_app.py  (with the BENCH_* environment set)
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: LitServe hands decode_request's annotation to FastAPI
+# as the body type, so it has to be a real class at runtime.
 from typing import Any
 
 import litserve as ls
 import numpy as np
-from oip_model import first_input, infer_response, load_predictor, workload_from_env
+from oip_model import infer_response, load_predictor, to_array, workload_from_env
+from pydantic import BaseModel
 
 WORKLOAD = workload_from_env()
+
+
+class Tensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[float]
+
+
+class InferRequest(BaseModel):
+    inputs: list[Tensor]
 
 
 class OipAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         self.model = load_predictor(WORKLOAD.kind, WORKLOAD.model_dir)
 
-    def decode_request(self, request: dict[str, Any]) -> np.ndarray:
-        return first_input(request)
+    def decode_request(self, request: InferRequest) -> np.ndarray:
+        return to_array(request.inputs[0].shape, request.inputs[0].data)
 
     def batch(self, inputs: list[np.ndarray]) -> np.ndarray:
         # Each request holds a (1, features) block: join them into one (n, features) batch.

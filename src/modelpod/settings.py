@@ -26,8 +26,12 @@ class Settings:
     token: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     max_json_depth: int = 64
-    request_timeout_s: float = 30.0
+    # Per-request deadline for every model (None: each pod's ``serving.timeout_s``).
+    request_timeout_s: float | None = None
     drain_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 75.0
+    # YAML file with batching overrides: global keys plus ``models: {name: {...}}``.
+    config: Path | None = None
     # Batching overrides for every model (None: the manifest's default).
     max_batch_rows: int | None = None
     max_batch_wait_ms: float | None = None

@@ -11,6 +11,7 @@ import numpy as np
 
 from modelpod.errors import FrameworkError, UnsafeModelError
 from modelpod.frameworks import Packed, PackRequest
+from modelpod.frameworks._util import one_line, pick_file, unreadable
 from modelpod.model import Batch, Model
 from modelpod.pod import Pod
 from modelpod.safety import check_load_allowed, refuse_pickle, scan_pickle
@@ -20,6 +21,7 @@ EXTRA = "sklearn"
 IMPORTS = ("sklearn", "skops")
 DISTRIBUTIONS = ("scikit-learn", "skops")
 PICKLES = (".pkl", ".pickle", ".joblib")
+EXPECTED = "a scikit-learn model (.skops, or with --allow-pickle .pkl/.joblib)"
 METHODS = ("predict", "predict_proba", "decision_function", "transform")
 
 
@@ -27,17 +29,8 @@ def detect(path: Path) -> bool:
     return path.is_file() and path.suffix in (".skops", *PICKLES)
 
 
-def _model_file(src: Path) -> Path:
-    if src.is_file():
-        return src
-    found = [p for p in src.iterdir() if detect(p)]
-    if len(found) != 1:
-        raise FrameworkError(f"{src}: expected one .skops (or pickle) file, found {len(found)}")
-    return found[0]
-
-
 def pack(src: Path, dest: Path, request: PackRequest) -> Packed:
-    file = _model_file(src)
+    file = pick_file(src, detect, NAME, EXPECTED)
     options: dict[str, Any] = {"file": f"model/{file.name}"}
     if file.suffix in PICKLES:
         if not request.allow_pickle:
@@ -46,7 +39,10 @@ def pack(src: Path, dest: Path, request: PackRequest) -> Packed:
     else:
         import skops.io as sio
 
-        untrusted = sio.get_untrusted_types(file=file)
+        try:
+            untrusted = sio.get_untrusted_types(file=file)
+        except Exception as exc:  # skops raises zipfile, json and its own errors for a damaged file
+            raise unreadable(file, "a skops file", exc) from None
         if untrusted and not request.allow_pickle:
             raise UnsafeModelError(
                 f"{file.name}: the skops file holds types skops does not trust by default "
@@ -71,7 +67,10 @@ class SklearnModel(Model):
             check_load_allowed(path, self.pod.manifest.allow_pickle, "a pickled scikit-learn model")
             import joblib
 
-            self.estimator = joblib.load(path)
+            try:
+                self.estimator = joblib.load(path)
+            except (OSError, EOFError, ValueError, AttributeError, ImportError) as exc:
+                raise unreadable(path, "a pickled scikit-learn model", exc) from None
         else:
             import skops.io as sio
 
@@ -80,7 +79,7 @@ class SklearnModel(Model):
             try:
                 self.estimator = sio.load(path, trusted=trusted or None)
             except Exception as exc:  # skops raises UntrustedTypesFoundException and others
-                raise UnsafeModelError(f"{path.name}: skops refused to load it: {exc}") from exc
+                raise UnsafeModelError(f"{path.name}: skops refused to load it: {one_line(exc)}") from exc
         self.method = getattr(self.estimator, str(opts.get("method", "predict")))
         super().load()
 

@@ -1,0 +1,244 @@
+"""ImageBuilder: a pod -> a runnable OCI image, with no daemon and no container run.
+
+Layers bottom to top: the base's (unchanged), the modelpod runtime, the pod's requirements, the
+weights, the manifest + code (see ``plan``). Config and manifest are JSON with sorted keys and
+fixed times, so the same pod and base give the same image digest on every build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from modelpod import __version__
+from modelpod.errors import ImageError
+from modelpod.image.base import DEFAULT_BASE, BaseImage, Interpreter, find_python, load_base
+from modelpod.image.oci import (
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_MANIFEST,
+    BlobStore,
+    Descriptor,
+    Image,
+    to_json,
+    write_docker_archive,
+    write_layout,
+)
+from modelpod.image.plan import (
+    POD_DIR,
+    PYTHONPATH,
+    WEIGHTS_LAYER_BYTES,
+    LayerSpec,
+    deps_layer,
+    pod_layers,
+    runtime_layer,
+)
+from modelpod.image.progress import Progress, Silent
+from modelpod.image.registry import Reference, Registry, Transfers
+from modelpod.image.tarball import GZIP_LEVEL, write_layer
+from modelpod.image.wheels import Target
+from modelpod.pod import Pod
+
+USER = "65532:65532"
+PORT = 8080
+ANNOTATION_DIGEST = "dev.modelpod.digest"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    base: str = DEFAULT_BASE
+    created: int = 0  # seconds since the epoch (SOURCE_DATE_EPOCH), for every timestamp
+    source: str | None = None  # org.opencontainers.image.source
+    revision: str | None = None  # org.opencontainers.image.revision (default: the pod digest)
+    weights_layer_bytes: int = WEIGHTS_LAYER_BYTES
+    gzip_level: int | None = GZIP_LEVEL
+    arch: str = "amd64"
+
+
+@dataclass(frozen=True)
+class BuiltLayer:
+    role: str  # base | runtime | deps | weights | pod
+    title: str
+    descriptor: Descriptor
+    diff_id: str
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "title": self.title, "digest": self.descriptor.digest, "diff_id": self.diff_id,
+                "size": self.descriptor.size, "media_type": self.descriptor.media_type, "cached": self.cached}
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    image: Image
+    layers: tuple[BuiltLayer, ...]
+    interpreter: Interpreter
+    base: BaseImage
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        return self.image.digest
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"digest": self.digest, "config": self.image.config.digest,
+                "size": sum(d.size for d in self.image.layers) + self.image.config.size + len(self.image.manifest),
+                "base": self.base.name, "python": self.interpreter.path,
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+
+class ImageBuilder:
+    """Builds images into a blob cache under ``cache`` (``$MODELPOD_HOME/cache``)."""
+
+    def __init__(self, cache: Path, registry: Callable[[str], Registry] | None = None,
+                 progress: Progress | None = None) -> None:
+        self.cache = Path(cache)
+        self.blobs = BlobStore(self.cache / "blobs")
+        self.registry = registry or (lambda host: Registry(host, progress=self.progress))
+        self.progress = progress or Silent()
+
+    # -- build ----------------------------------------------------------------------------------
+    def build(self, pod: Pod, version: int | None = None, options: BuildOptions | None = None) -> BuiltImage:
+        opts = options or BuildOptions()
+        base = load_base(opts.base, self.blobs, self.registry, arch=opts.arch, progress=self.progress)
+        want = pod.manifest.python or ""
+        if not want:
+            raise ImageError(f"pod {pod.name} does not say which Python it needs (manifest 'python' is empty)")
+        python = find_python(base, self.blobs, want, self.cache / "bases")
+        target = Target(want, python.machine, python.glibc or (2, 17))
+        runtime, pins = runtime_layer(target, self.cache / "wheels", self.progress)
+        deps = deps_layer(pod, target, pins, self.cache / "wheels", self.progress)
+        specs = [runtime, *([deps] if deps else []), *pod_layers(pod, opts.weights_layer_bytes)]
+        diff_ids = list((base.config.get("rootfs") or {}).get("diff_ids") or [])
+        built = [BuiltLayer("base", f"base layer {i + 1}", d, diff_ids[i]) for i, d in enumerate(base.layers)]
+        built += [self._layer(spec, opts) for spec in specs]
+        annotations = self._annotations(pod, version, base, opts)
+        config = self._config(base, python, built, annotations, opts)
+        config_desc = Descriptor(OCI_CONFIG, self.blobs.put_bytes(config), len(config))
+        manifest = {
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc.to_dict(),
+            "layers": [b.descriptor.to_dict() for b in built], "annotations": annotations,
+        }
+        image = Image(to_json(manifest), OCI_MANIFEST, config_desc, tuple(b.descriptor for b in built))
+        return BuiltImage(image, tuple(built), python, base, annotations)
+
+    def _layer(self, spec: LayerSpec, opts: BuildOptions) -> BuiltLayer:
+        key = hashlib.sha256(f"{spec.key}:{opts.created}:{opts.gzip_level}".encode()).hexdigest()
+        record = self.cache / "layers" / f"{key}.json"
+        if record.is_file():
+            data = json.loads(record.read_text())
+            if self.blobs.has(data["digest"]):
+                desc = Descriptor(data["media_type"], data["digest"], data["size"])
+                return BuiltLayer(spec.role, spec.title, desc, data["diff_id"], cached=True)
+        with spec.entries() as entries:
+            task = self.progress.task(f"layer {spec.title}", sum(e.size for e in entries))
+            with self.blobs.writer() as w:
+                got = write_layer(entries, w, mtime=opts.created, gzip_level=opts.gzip_level, on_bytes=task.advance)
+                w.finish(got.digest)
+            task.done()
+        media = OCI_LAYER_GZIP if got.compressed else OCI_LAYER
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(".part")
+        tmp.write_text(json.dumps({"digest": got.digest, "diff_id": got.diff_id, "size": got.size,
+                                   "media_type": media}))
+        tmp.replace(record)
+        return BuiltLayer(spec.role, spec.title, Descriptor(media, got.digest, got.size), got.diff_id)
+
+    def _annotations(self, pod: Pod, version: int | None, base: BaseImage, opts: BuildOptions) -> dict[str, str]:
+        labels = pod.manifest.labels
+        source = (opts.source or labels.get("org.opencontainers.image.source")
+                  or _url(pod.manifest.lineage.get("source")))
+        out = {
+            "org.opencontainers.image.created": iso(opts.created),
+            "org.opencontainers.image.title": pod.name,
+            "org.opencontainers.image.version": str(version) if version is not None else pod.digest[7:19],
+            "org.opencontainers.image.revision": opts.revision or labels.get("org.opencontainers.image.revision")
+            or pod.digest,
+            "org.opencontainers.image.source": source or "",
+            "dev.modelpod.name": pod.name,
+            ANNOTATION_DIGEST: pod.digest,
+            "dev.modelpod.runtime": __version__,
+        }
+        if base.reference is not None:
+            out["org.opencontainers.image.base.name"] = str(base.reference.with_tag(base.reference.tag or "latest"))
+        if base.digest:
+            out["org.opencontainers.image.base.digest"] = base.digest
+        return {k: v for k, v in out.items() if v}
+
+    def _config(self, base: BaseImage, python: Interpreter, layers: Sequence[BuiltLayer],
+                annotations: Mapping[str, str], opts: BuildOptions) -> bytes:
+        created = iso(opts.created)
+        inherited = dict(base.config.get("config") or {})
+        ours = {
+            "MODELPOD_HOST": "0.0.0.0", "MODELPOD_PORT": str(PORT), "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1", "PYTHONPATH": PYTHONPATH,
+            # Nothing is written at run time; a store, if something asks for one, lands in /tmp.
+            "MODELPOD_HOME": "/tmp/modelpod",
+        }
+        env = [e for e in inherited.get("Env") or [] if e.partition("=")[0] not in ours]
+        env += [f"{k}={v}" for k, v in sorted(ours.items())]
+        probe = ("import os,sys,urllib.request as u; "
+                 "u.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('MODELPOD_PORT', '8080'), "
+                 "timeout=4); sys.exit(0)")
+        config = {
+            "Env": env,
+            "User": USER,
+            "Entrypoint": [python.path, "-m", "modelpod", "serve", f"/{POD_DIR}"],
+            "WorkingDir": f"/{POD_DIR}",
+            "ExposedPorts": {f"{PORT}/tcp": {}},
+            "Labels": {**dict(inherited.get("Labels") or {}), **annotations},
+            "StopSignal": "SIGTERM",
+            # Docker's extension (OCI runtimes ignore it); durations in nanoseconds.
+            "Healthcheck": {"Test": ["CMD", python.path, "-c", probe], "Interval": 30 * 10**9,
+                            "Timeout": 5 * 10**9, "StartPeriod": 30 * 10**9, "Retries": 3},
+        }
+        history = list(base.config.get("history") or [])
+        if sum(1 for h in history if not h.get("empty_layer")) != len(base.layers):
+            history = [{"created": created, "created_by": f"base {base.name}"} for _ in base.layers]
+        history += [{"created": created, "created_by": f"modelpod build: {b.title}", "comment": b.role}
+                    for b in layers if b.role != "base"]
+        doc = {
+            "created": created, "architecture": base.architecture, "os": "linux", "config": config,
+            "rootfs": {"type": "layers", "diff_ids": [b.diff_id for b in layers]}, "history": history,
+        }
+        if base.config.get("variant"):
+            doc["variant"] = base.config["variant"]
+        return to_json(doc)
+
+    # -- outputs --------------------------------------------------------------------------------
+    def write_layout(self, built: BuiltImage, directory: Path, tag: str) -> Path:
+        return write_layout(directory, built.image, self.blobs, tag)
+
+    def write_docker_archive(self, built: BuiltImage, path: Path, repo_tags: Sequence[str]) -> Path:
+        return write_docker_archive(path, built.image, self.blobs, repo_tags)
+
+    def push(self, built: BuiltImage, ref: Reference) -> Transfers:
+        """Blobs the registry lacks (mounted from the base's repository when it is the same registry), then
+        the manifest, last, so a failed push never leaves a tag pointing at missing blobs."""
+        client = self.registry(ref.host)
+        base_ref = built.base.reference
+        mount = [base_ref.repository] if base_ref is not None and base_ref.host == ref.host else []
+        for layer in built.layers:
+            d = layer.descriptor
+            client.push_blob(ref.repository, d, self.blobs.path(d.digest),
+                             mount_from=mount if layer.role == "base" else (), label=f"push {layer.title}")
+        config = built.image.config
+        client.push_blob(ref.repository, config, self.blobs.path(config.digest), label="push config")
+        client.put_manifest(ref.repository, ref.tag or "latest", built.image.manifest, built.image.media_type)
+        return client.transfers
+
+
+def iso(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _url(value: object) -> str | None:
+    # A local path in the lineage would make the image differ per machine: only URLs are kept.
+    text = str(value or "")
+    return text if text.startswith(("https://", "http://", "git+")) else None

@@ -1,0 +1,179 @@
+"""``modelpod build`` / ``push`` / ``pull``: the edge where environment and credentials are read."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from modelpod.errors import UsageError
+from modelpod.image.artifact import pull_pod, push_pod
+from modelpod.image.base import DEFAULT_BASE
+from modelpod.image.builder import BuildOptions, BuiltImage, ImageBuilder
+from modelpod.image.oci import BlobStore
+from modelpod.image.progress import Progress, RichProgress, Silent
+from modelpod.image.registry import DOCKER_HUB, Credentials, Reference, Registry
+from modelpod.settings import Settings
+from modelpod.store import Store
+
+
+def credentials_for(host: str, env: Mapping[str, str] | None = None) -> Credentials | None:
+    """``MODELPOD_REGISTRY_USERNAME``/``_PASSWORD``, else the ``docker login`` entry for ``host``."""
+    env = os.environ if env is None else env
+    user = env.get("MODELPOD_REGISTRY_USERNAME")
+    if user:
+        return Credentials(user, env.get("MODELPOD_REGISTRY_PASSWORD", ""))
+    config_dir = Path(env.get("DOCKER_CONFIG") or Path.home() / ".docker")
+    try:
+        auths = json.loads((config_dir / "config.json").read_text()).get("auths") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    names = {host, f"https://{host}", f"http://{host}"}
+    if host in (DOCKER_HUB, "registry-1.docker.io"):
+        names |= {"https://index.docker.io/v1/", "index.docker.io", DOCKER_HUB}
+    for name, entry in auths.items():
+        if name.rstrip("/") in names or name in names:
+            try:
+                user, _, password = base64.b64decode(entry.get("auth", "")).decode().partition(":")
+            except (ValueError, AttributeError):
+                continue
+            if user:
+                return Credentials(user, password)
+    return None
+
+
+def _registries(progress: Progress, env: Mapping[str, str] | None = None) -> Callable[[str], Registry]:
+    made: dict[str, Registry] = {}
+
+    def factory(host: str) -> Registry:
+        if host not in made:
+            made[host] = Registry(host, credentials=credentials_for(host, env), progress=progress)
+        return made[host]
+
+    return factory
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace) -> Iterator[Progress]:
+    if getattr(args, "json", False):
+        yield Silent()
+        return
+    with RichProgress() as bars:
+        yield bars
+
+
+def _emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, sort_keys=True))
+    else:
+        human()
+
+
+def _source_date_epoch(env: Mapping[str, str] | None = None) -> int:
+    raw = (os.environ if env is None else env).get("SOURCE_DATE_EPOCH", "").strip()
+    if not raw:
+        return 0
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"SOURCE_DATE_EPOCH must be an integer, got {raw!r}") from None
+
+
+def _output(spec: str | None, name: str, version: int) -> tuple[str, Path, str | None]:
+    """(kind, path, tag) from ``oci:DIR[:TAG]`` or ``docker-archive:FILE``."""
+    if spec is None:
+        return "docker-archive", Path(f"{name}-{version}.tar"), None
+    if spec.startswith("oci:"):
+        value = spec[4:]
+        if ":" in value.rsplit("/", 1)[-1] and not Path(value).is_dir():
+            directory, _, tag = value.rpartition(":")
+            return "oci", Path(directory), tag
+        return "oci", Path(value), None
+    if spec.startswith("docker-archive:"):
+        return "docker-archive", Path(spec.removeprefix("docker-archive:")), None
+    raise UsageError(f"--output {spec!r}: use oci:DIR[:TAG] or docker-archive:FILE")
+
+
+def build_command(args: argparse.Namespace, settings: Settings) -> Any:
+    store = Store(settings.home)
+    rec = store.get(args.ref)
+    pod = store.open(rec.ref)
+    push = Reference.parse(args.push) if args.push else None
+    kind, out, out_tag = _output(args.output, rec.name, rec.version) if args.output or not push else ("", Path(), None)
+    options = BuildOptions(base=args.base or DEFAULT_BASE, created=_source_date_epoch(),
+                           source=getattr(args, "source", None), revision=getattr(args, "revision", None))
+    tag = getattr(args, "tag", None) or f"modelpod/{rec.name}:{rec.version}"
+    with _progress(args) as progress:
+        builder = ImageBuilder(settings.home / "cache", _registries(progress), progress)
+        built = builder.build(pod, rec.version, options)
+        outputs: dict[str, Any] = {}
+        if kind == "oci":
+            builder.write_layout(built, out, out_tag or str(rec.version))
+            outputs["oci"] = f"{out}:{out_tag or rec.version}"
+        elif kind == "docker-archive":
+            builder.write_docker_archive(built, out, [tag])
+            outputs["docker-archive"] = str(out)
+            outputs["tag"] = tag
+        if push is not None:
+            target = push if push.tag else push.with_tag(str(rec.version))
+            transfers = builder.push(built, target)
+            outputs["pushed"] = f"{target}@{built.digest}"
+            outputs["transfers"] = transfers.to_dict()
+    data = {**built.to_dict(), "pod": rec.ref, "pod_digest": pod.digest, "outputs": outputs}
+    _emit(args, data, lambda: _print_build(built, outputs))
+
+
+def _print_build(built: BuiltImage, outputs: Mapping[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("ROLE", "LAYER", "SIZE", "DIGEST", "", box=None)
+    for layer in built.layers:
+        table.add_row(layer.role, layer.title, _size(layer.descriptor.size), layer.descriptor.digest[:19],
+                      "cached" if layer.cached else "")
+    console = Console(highlight=False)
+    console.print(table)
+    console.print(f"image {built.digest}  (python {built.interpreter.path}, base {built.base.name})")
+    for key in ("oci", "docker-archive", "pushed"):
+        if key in outputs:
+            console.print(f"{key}: {outputs[key]}")
+    if "docker-archive" in outputs:
+        console.print(f"load it with: docker load -i {outputs['docker-archive']}")
+
+
+def push_command(args: argparse.Namespace, settings: Settings) -> Any:
+    store = Store(settings.home)
+    rec = store.get(args.ref)
+    pod = store.open(rec.ref)
+    target = Reference.parse(args.target)
+    with _progress(args) as progress:
+        client = _registries(progress)(target.host)
+        pushed = push_pod(pod, rec.version, target, client, BlobStore(settings.home / "cache" / "blobs"))
+    data = {**pushed.to_dict(), "pod": rec.ref, "pod_digest": pod.digest}
+    t = pushed.transfers
+    _emit(args, data, lambda: print(
+        f"pushed {rec.ref} to {pushed.reference}  {pushed.digest}  "
+        f"({t.uploaded} uploaded, {t.mounted} mounted, {t.existing} already there)"))
+
+
+def pull_command(args: argparse.Namespace, settings: Settings) -> Any:
+    source = Reference.parse(args.source)
+    with _progress(args) as progress:
+        client = _registries(progress)(source.host)
+        rec = pull_pod(source, client, Store(settings.home))
+    data = {"name": rec.name, "version": rec.version, "digest": rec.digest, "source": str(source),
+            "transfers": client.transfers.to_dict()}
+    _emit(args, data, lambda: print(f"pulled {source} as {rec.ref}  {rec.digest}"))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -1,0 +1,199 @@
+"""The layer plan of a pod's image, above the base: runtime, deps, weights, pod.
+
+Each layer carries a cache key: the sha256 of everything that decides its bytes (content hashes,
+paths, pins, target platform, tar settings). A key seen before means the layer's blob is already
+in the cache, so rebuilding reads nothing and downloads nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+import modelpod
+from modelpod import __version__
+from modelpod.errors import ImageError
+from modelpod.image.progress import Progress
+from modelpod.image.tarball import Entry, FileSource, file_entry, skipped
+from modelpod.image.wheels import Pin, Target, WheelSet, ensure_wheels
+from modelpod.pod import MANIFEST_NAME, FileEntry, Pod
+
+ROOT = "opt/modelpod"
+RUNTIME_DIR = f"{ROOT}/runtime"
+DEPS_DIR = f"{ROOT}/deps"
+POD_DIR = f"{ROOT}/pod"
+# Pod requirements come first so a pod's own pin of a shared library (numpy…) wins over the runtime's.
+PYTHONPATH = f"/{DEPS_DIR}:/{RUNTIME_DIR}"
+WEIGHTS_LAYER_BYTES = 16 * 1024 * 1024  # a weights/data file this big gets a layer of its own
+_FORMAT = "modelpod-layer-v1"  # bump when the layout of any layer changes
+
+EntryFactory = Callable[[], contextlib.AbstractContextManager[list[Entry]]]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer to build: what it is, its cache key, and how to get its entries when needed."""
+
+    role: str  # runtime | deps | weights | pod
+    title: str
+    key: str
+    entries: EntryFactory
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps([_FORMAT, *parts], sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -- runtime ------------------------------------------------------------------------------------
+def target_environment(target: Target) -> dict[str, str]:
+    """Marker values for the image's interpreter (not the machine building it)."""
+    env = {k: str(v) for k, v in default_environment().items()}
+    env.update(
+        python_version=target.python, python_full_version=f"{target.python}.0",
+        implementation_name="cpython", platform_python_implementation="CPython",
+        sys_platform="linux", platform_system="Linux", os_name="posix", platform_machine=target.machine,
+    )
+    return env
+
+
+def core_pins(target: Target, dist: str = "modelpod") -> list[Pin]:
+    """modelpod's core requirements and theirs, pinned to the versions installed here."""
+    env = target_environment(target)
+    pins: dict[str, Pin] = {}
+    todo: list[tuple[str, tuple[str, ...]]] = [
+        (req.name, tuple(req.extras)) for req in _requires(dist) if _applies(req, env, ())
+    ]
+    while todo:
+        name, extras = todo.pop()
+        key = canonicalize_name(name)
+        if key in pins and not extras:
+            continue
+        try:
+            found = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            raise ImageError(f"{dist} needs {name}, which is not installed here; reinstall {dist}") from None
+        pins[key] = Pin(key, found.version, f"{found.metadata['Name']}=={found.version}")
+        for req in _requires(name):
+            if _applies(req, env, extras) and canonicalize_name(req.name) not in pins:
+                todo.append((req.name, tuple(req.extras)))
+    return sorted(pins.values(), key=lambda p: p.name)
+
+
+def _requires(dist: str) -> list[Requirement]:
+    return [Requirement(r) for r in metadata.distribution(dist).requires or ()]
+
+
+def _applies(req: Requirement, env: dict[str, str], extras: Sequence[str]) -> bool:
+    if req.marker is None:
+        return True
+    return any(req.marker.evaluate({**env, "extra": e}) for e in (extras or ("",)))
+
+
+def _package_files() -> list[tuple[str, Path]]:
+    """modelpod's own source files (wherever it is installed, editable or not), bytecode left out."""
+    root = Path(modelpod.__file__).parent
+    out = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not path.is_symlink() and not skipped(rel):
+            out.append((f"modelpod/{rel}", path))
+    return out
+
+
+def _dist_info(pins: Sequence[Pin]) -> dict[str, bytes]:
+    """A minimal dist-info so ``importlib.metadata.version('modelpod')`` works in the image."""
+    meta = metadata.distribution("modelpod").metadata
+    lines = ["Metadata-Version: 2.1", f"Name: {meta['Name']}", f"Version: {__version__}",
+             f"Requires-Python: {meta['Requires-Python'] or ''}"]
+    lines += [f"Requires-Dist: {p.text}" for p in pins]
+    info = f"modelpod-{__version__}.dist-info"
+    return {f"{info}/METADATA": ("\n".join(lines) + "\n").encode(), f"{info}/INSTALLER": b"modelpod\n",
+            f"{info}/top_level.txt": b"modelpod\n"}
+
+
+def runtime_layer(target: Target, wheel_cache: Path, progress: Progress) -> tuple[LayerSpec, list[Pin]]:
+    """modelpod and its core dependencies, as site-packages under /opt/modelpod/runtime."""
+    pins = core_pins(target)
+    files = _package_files()
+    extra = _dist_info(pins)
+    digest = hashlib.sha256()
+    for rel, path in files:
+        digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    key = _key("runtime", target.pip_args(), [p.text for p in pins], digest.hexdigest(), sorted(extra.items()))
+
+    @contextlib.contextmanager
+    def entries() -> Iterator[list[Entry]]:
+        wheels = ensure_wheels(pins, target, wheel_cache, progress)
+        with WheelSet(wheels) as ws:
+            own = [Entry(f"{RUNTIME_DIR}/{rel}", "file", 0o644, path.stat().st_size, FileSource(path))
+                   for rel, path in files]
+            own += [file_entry(f"{RUNTIME_DIR}/{rel}", data) for rel, data in extra.items()]
+            yield [*ws.entries(RUNTIME_DIR), *own]
+
+    return LayerSpec("runtime", f"runtime (modelpod {__version__})", key, entries), pins
+
+
+def deps_layer(pod: Pod, target: Target, runtime: Sequence[Pin], wheel_cache: Path,
+               progress: Progress) -> LayerSpec | None:
+    """The pod's locked requirements the runtime does not already hold (same name and version)."""
+    have = {(p.name, p.version) for p in runtime}
+    pins = sorted({p for p in (Pin.parse(r) for r in pod.manifest.requirements) if (p.name, p.version) not in have},
+                  key=lambda p: p.name)
+    if not pins:
+        return None
+    key = _key("deps", target.pip_args(), [p.text for p in pins])
+
+    @contextlib.contextmanager
+    def entries() -> Iterator[list[Entry]]:
+        wheels = ensure_wheels(pins, target, wheel_cache, progress)
+        with WheelSet(wheels) as ws:
+            yield ws.entries(DEPS_DIR)
+
+    return LayerSpec("deps", f"deps ({len(pins)} packages)", key, entries)
+
+
+# -- the pod ------------------------------------------------------------------------------------
+def pod_layers(pod: Pod, threshold: int = WEIGHTS_LAYER_BYTES) -> list[LayerSpec]:
+    """Large weights/data files one layer each, the other weights/data together, then manifest + code."""
+    heavy = [f for f in pod.manifest.files if f.role in ("weights", "data")]
+    alone = sorted((f for f in heavy if f.size >= threshold), key=lambda f: f.path)
+    together = sorted((f for f in heavy if f.size < threshold), key=lambda f: f.path)
+    rest = sorted((f for f in pod.manifest.files if f.role not in ("weights", "data")), key=lambda f: f.path)
+    specs = [_files_layer(pod, "weights", f"weights {f.path}", [f]) for f in alone]
+    if together:
+        specs.append(_files_layer(pod, "weights", f"weights ({len(together)} files)", together))
+    manifest = pod.manifest.to_yaml().encode()
+    key = _key("pod", pod.digest, [(f.path, f.sha256, f.size) for f in rest])
+
+    @contextlib.contextmanager
+    def entries() -> Iterator[list[Entry]]:
+        yield [*_pod_entries(pod, rest), file_entry(f"{POD_DIR}/{MANIFEST_NAME}", manifest)]
+
+    specs.append(LayerSpec("pod", f"manifest + code ({len(rest)} files)", key, entries))
+    return specs
+
+
+def _files_layer(pod: Pod, role: str, title: str, files: Sequence[FileEntry]) -> LayerSpec:
+    key = _key(role, [(f.path, f.sha256, f.size) for f in files])
+
+    @contextlib.contextmanager
+    def entries() -> Iterator[list[Entry]]:
+        yield _pod_entries(pod, files)
+
+    return LayerSpec(role, title, key, entries)
+
+
+def _pod_entries(pod: Pod, files: Sequence[FileEntry]) -> list[Entry]:
+    return [Entry(f"{POD_DIR}/{f.path}", "file", 0o644, f.size, FileSource(pod.path / f.path)) for f in files]
+
+

@@ -1,0 +1,1 @@
+"""Stubs generated from ../open_inference.proto; see ../_generate.py."""

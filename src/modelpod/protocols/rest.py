@@ -1,0 +1,279 @@
+"""OIP v2 REST: routes, auth, JSON and the binary tensor extension, translated to the engine.
+
+Routes (each ``/v2/models/{m}`` route also takes ``/versions/{v}``, an integer or an alias)::
+
+    GET  /v2/health/live  /v2/health/ready  /v2  /v2/
+    GET  /v2/models/{m}  /v2/models/{m}/ready  /v2/models/{m}/config   (Triton's model configuration)
+    POST /v2/models/{m}/infer
+    POST /v2/repository/index  /v2/repository/models/{m}/load  /v2/repository/models/{m}/unload
+    GET  /metrics
+
+Errors are ``{"error": "..."}`` with the status the ModelpodError carries. With a token, every
+route but the health checks needs ``Authorization: Bearer <token>``. The repository routes need
+the token whenever the server listens beyond loopback; without one they answer 401 there.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import time
+import zlib
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+
+from modelpod.errors import (
+    InvalidRequestError,
+    ModelNotReadyError,
+    ModelpodError,
+    NotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
+    UnauthorizedError,
+)
+from modelpod.protocols.codec import decode_request, encode_response
+from modelpod.protocols.http import Request, Response, error_response
+from modelpod.serving.engine import InferenceEngine
+from modelpod.serving.metrics import CONTENT_TYPE
+from modelpod.settings import Settings
+
+log = logging.getLogger("modelpod.serving")
+
+_EMPTY = Response(200, b"")
+_HEALTH = ("/v2/health/live", "/v2/health/ready")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_depth(obj: Any, limit: int) -> None:
+    """Raise InvalidRequestError when JSON containers nest deeper than ``limit``."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise InvalidRequestError(f"JSON nests deeper than {limit} levels")
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (list, dict)):
+                stack.append((child, depth + 1))
+
+
+def _safe_id(value: str | None) -> str | None:
+    """A request id fit to echo in a header (printable ASCII, at most 256 characters)."""
+    if value and len(value) <= 256 and value.isascii() and value.isprintable():
+        return value
+    return None
+
+
+class RestApp:
+    """The HTTP handler: ``await app(request) -> response``."""
+
+    def __init__(self, engine: InferenceEngine, settings: Settings) -> None:
+        self.engine = engine
+        self.token = settings.token.encode() if settings.token else None
+        self.loopback = is_loopback(settings.host)
+        self.max_depth = settings.max_json_depth
+        self.max_body = settings.max_body_bytes
+
+    async def __call__(self, req: Request) -> Response:
+        try:
+            response = await self._route(req)
+        except ModelpodError as exc:
+            response = self._error(exc, req)
+        except Exception:
+            log.exception("unhandled error", extra={"fields": {"path": req.path}})
+            response = error_response(500, "internal server error")
+        rid = _safe_id(req.headers.get("x-request-id"))
+        if rid is not None:
+            response = Response(response.status, response.body, response.content_type,
+                                [*(response.headers or ()), ("x-request-id", rid)], response.close)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request", extra={"fields": {
+                "method": req.method, "path": req.path, "status": response.status, "request_id": rid,
+                "seconds": round(time.perf_counter() - req.received, 6)}})
+        return response
+
+    # -- routing ----------------------------------------------------------------------------------
+    async def _route(self, req: Request) -> Response:
+        path, method = req.path, req.method
+        if path.startswith("/v2/models/"):
+            name, version, action = _model_path(path[len("/v2/models/"):])
+            if action == "infer":
+                _allow(method, "POST")
+                self._authorize(req)
+                return await self._infer(req, name, version)
+            _allow(method, "GET")
+            self._authorize(req)
+            if action == "":
+                return _json(self.engine.model_metadata(name, version))
+            if action == "ready":
+                ready = self.engine.model_ready(name, version)
+                return _EMPTY if ready else Response(503, b"", headers=[("retry-after", "1")])
+            if action == "config":
+                return _json(self.engine.model_config(name, version))
+            raise NotFoundError(f"no route {path}")
+        if path in _HEALTH:
+            _allow(method, "GET")
+            ok = self.engine.live() if path == _HEALTH[0] else self.engine.ready()
+            return _EMPTY if ok else Response(503, b"", headers=[("retry-after", "1")])
+        if path in ("/v2", "/v2/"):
+            _allow(method, "GET")
+            self._authorize(req)
+            return _json(self.engine.metadata())
+        if path == "/metrics":
+            _allow(method, "GET")
+            self._authorize(req)
+            return Response(200, self.engine.metrics.render(), CONTENT_TYPE)
+        if path.startswith("/v2/repository/"):
+            _allow(method, "POST")
+            self._authorize_management(req)
+            return await self._repository(req, path[len("/v2/repository/"):])
+        raise NotFoundError(f"no route {path}")
+
+    def _authorize(self, req: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, value = req.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken must not tell how much of a guess was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token):
+            raise UnauthorizedError("missing or wrong bearer token")
+
+    def _authorize_management(self, req: Request) -> None:
+        if self.token is None and not self.loopback:
+            raise UnauthorizedError(
+                "the repository API needs a token when the server listens beyond loopback: start it with --token")
+        self._authorize(req)
+
+    # -- inference --------------------------------------------------------------------------------
+    async def _infer(self, req: Request, name: str, version: str | None) -> Response:
+        body = self._decoded(req)
+        header_length = req.headers.get("inference-header-content-length")
+        tail: memoryview | None = None
+        if header_length is not None:
+            if not header_length.isdigit() or int(header_length) > len(body):
+                raise InvalidRequestError(f"Inference-Header-Content-Length {header_length!r} does not fit the body")
+            n = int(header_length)
+            tail = memoryview(body)[n:]
+            body = body[:n]
+        request = decode_request(self._json(body), tail)
+        if request.id is not None and "x-request-id" not in req.headers:
+            req.headers["x-request-id"] = request.id  # so the response and the log line carry it
+        result = await self.engine.infer(name, version, request, protocol="rest", started=req.received)
+        out, tails = encode_response(result.model_name, result.model_version, result.outputs, request)
+        data = orjson.dumps(out)
+        if tails:
+            return Response(200, [data, *tails], "application/octet-stream",
+                            [("inference-header-content-length", str(len(data)))])
+        return Response(200, data)
+
+    def _decoded(self, req: Request) -> bytes:
+        encoding = req.headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("identity", ""):
+            return req.body
+        if encoding not in ("gzip", "deflate"):
+            raise InvalidRequestError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+        inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
+        try:
+            data = inflater.decompress(req.body, self.max_body + 1)
+        except zlib.error as exc:
+            raise InvalidRequestError(f"cannot decode the {encoding} body: {exc}") from None
+        if len(data) > self.max_body or inflater.unconsumed_tail:
+            raise PayloadTooLargeError(f"the decoded body is larger than {self.max_body} bytes")
+        return data
+
+    def _json(self, data: bytes) -> Any:
+        if not data:
+            raise InvalidRequestError("the request body is empty")
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+        # Counting brackets is cheap; only bodies that could be too deep get walked.
+        if data.count(b"[") + data.count(b"{") > self.max_depth:
+            check_depth(obj, self.max_depth)
+        return obj
+
+    # -- repository -------------------------------------------------------------------------------
+    async def _repository(self, req: Request, rest: str) -> Response:
+        body = self._json(req.body) if req.body.strip() else {}
+        if not isinstance(body, dict):
+            raise InvalidRequestError("the request body must be a JSON object")
+        if rest == "index":
+            return _json(self.engine.repository_index(ready_only=bool(body.get("ready", False))))
+        parts = rest.split("/")
+        if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload"):
+            name = unquote(parts[1])
+            if parts[2] == "load":
+                if body.get("parameters"):
+                    raise InvalidRequestError(
+                        "load parameters (configs, files) are not accepted: load a packed model by store name")
+                await self.engine.load_model(name)
+            else:
+                await self.engine.unload_model(name)
+            return _EMPTY
+        raise NotFoundError(f"no route /v2/repository/{rest}")
+
+    # -- errors -----------------------------------------------------------------------------------
+    def _error(self, exc: ModelpodError, req: Request) -> Response:
+        headers: list[tuple[str, str]] = []
+        if isinstance(exc, OverloadedError):
+            headers.append(("retry-after", str(exc.retry_after_s)))
+        elif isinstance(exc, ModelNotReadyError):
+            headers.append(("retry-after", "1"))
+        elif isinstance(exc, UnauthorizedError):
+            headers.append(("www-authenticate", 'Bearer realm="modelpod"'))
+        elif isinstance(exc, _MethodNotAllowed):
+            headers.append(("allow", exc.allow))
+        status = exc.http_status
+        if status >= 500 and status not in (503, 504):
+            log.error("request failed", extra={"fields": {
+                "path": req.path, "status": status, "error": exc.message,
+                "request_id": _safe_id(req.headers.get("x-request-id"))}})
+        elif status == 504:
+            log.warning("request timed out", extra={"fields": {
+                "path": req.path, "request_id": _safe_id(req.headers.get("x-request-id"))}})
+        return error_response(status, exc.message, headers=headers or None)
+
+
+class _MethodNotAllowed(InvalidRequestError):
+    http_status = 405
+
+    def __init__(self, method: str, allow: str) -> None:
+        super().__init__(f"method {method} not allowed here; use {allow}")
+        self.allow = allow
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed and not (allowed == "GET" and method == "HEAD"):
+        raise _MethodNotAllowed(method, allowed)
+
+
+def _model_path(rest: str) -> tuple[str, str | None, str]:
+    """``m[/versions/v][/action]`` -> (name, version, action)."""
+    parts = rest.split("/")
+    name = unquote(parts[0])
+    if not name:
+        raise NotFoundError("no model name in the path")
+    i = 1
+    version: str | None = None
+    if len(parts) >= 3 and parts[1] == "versions":
+        version = unquote(parts[2]) or None
+        i = 3
+    action = parts[i] if len(parts) > i else ""
+    if len(parts) > i + 1 and any(parts[i + 1:]):
+        raise NotFoundError(f"no route /v2/models/{rest}")
+    return name, version, action
+
+
+def _json(obj: Any) -> Response:
+    return Response(200, orjson.dumps(obj))

@@ -1,0 +1,116 @@
+"""Serving policy per model: the pod's defaults, then the config file and the command line.
+
+Precedence, lowest first: the manifest's ``serving`` section, the config file's global keys, the
+settings (``--max-batch-rows``/``--max-batch-wait-ms``/``MODELPOD_*``, which apply to every model),
+then the config file's ``models: {name: {...}}`` entry, which is the most specific.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modelpod.errors import UsageError
+from modelpod.pod import Serving
+from modelpod.settings import Settings
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How one model is batched, queued and timed out."""
+
+    max_batch_rows: int = 1
+    max_batch_wait_ms: float = 0.0
+    max_queue: int = 256
+    max_concurrency: int = 1
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.max_batch_rows >= 1, "max_batch_rows must be >= 1"),
+            (self.max_batch_wait_ms >= 0, "max_batch_wait_ms must be >= 0"),
+            (self.max_queue >= 1, "max_queue must be >= 1"),
+            (self.max_concurrency >= 1, "max_concurrency must be >= 1"),
+            (self.timeout_s > 0, "timeout_s must be > 0"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(f"serving policy: {message}")
+
+    @property
+    def max_batch_wait_s(self) -> float:
+        return self.max_batch_wait_ms / 1000.0
+
+
+POLICY_KEYS: tuple[str, ...] = tuple(f.name for f in fields(BatchPolicy))
+_INTS = {"max_batch_rows", "max_queue", "max_concurrency"}
+
+
+def _checked(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in POLICY_KEYS:
+            raise UsageError(f"{where}: unknown key {key!r}; known: {', '.join(POLICY_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{where}: {key} must be a number, got {value!r}")
+        if key in _INTS and int(value) != value:
+            raise UsageError(f"{where}: {key} must be an integer, got {value!r}")
+        out[key] = int(value) if key in _INTS else float(value)
+    return out
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The parsed ``--config`` file plus the settings that override every model."""
+
+    global_keys: Mapping[str, Any] = field(default_factory=dict)
+    settings_keys: Mapping[str, Any] = field(default_factory=dict)
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def policy(self, name: str, serving: Serving | None = None) -> BatchPolicy:
+        base = asdict(serving) if serving is not None else {}
+        merged = {k: v for k, v in base.items() if k in POLICY_KEYS}
+        merged.update(self.global_keys)
+        merged.update(self.settings_keys)
+        merged.update(self.models.get(name, {}))
+        return BatchPolicy(**merged)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, data: Mapping[str, Any] | None = None) -> ServeConfig:
+        overrides = {
+            "max_batch_rows": settings.max_batch_rows,
+            "max_batch_wait_ms": settings.max_batch_wait_ms,
+            "max_queue": settings.max_queue,
+            "timeout_s": settings.request_timeout_s,
+        }
+        settings_keys = _checked({k: v for k, v in overrides.items() if v is not None}, "settings")
+        data = dict(data or {})
+        raw_models = data.pop("models", None) or {}
+        if not isinstance(raw_models, Mapping):
+            raise UsageError("config: 'models' must map model names to settings")
+        models: dict[str, dict[str, Any]] = {}
+        for name, values in raw_models.items():
+            if not isinstance(values, Mapping):
+                raise UsageError(f"config: models.{name} must be a mapping")
+            models[str(name)] = _checked(values, f"config: models.{name}")
+        return cls(_checked(data, "config"), settings_keys, models)
+
+    @classmethod
+    def load(cls, settings: Settings) -> ServeConfig:
+        """Read ``settings.config`` (if any) and combine it with the settings' overrides."""
+        data: Any = None
+        if settings.config is not None:
+            path = Path(settings.config)
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise UsageError(f"--config {path}: {exc.strerror or exc}") from None
+            except yaml.YAMLError as exc:
+                raise UsageError(f"--config {path}: not valid YAML: {exc}") from None
+            if data is not None and not isinstance(data, Mapping):
+                raise UsageError(f"--config {path}: must hold a mapping")
+        return cls.from_settings(settings, data)

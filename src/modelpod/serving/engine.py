@@ -1,0 +1,259 @@
+"""InferenceEngine: the one protocol-neutral facade. REST, gRPC and batch jobs only translate to it.
+
+It answers health and metadata, runs inference through the resolver, the registry and each model's
+batcher, counts every answered request in the metrics, and runs the model repository extension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from modelpod import __version__
+from modelpod.errors import (
+    InferenceError,
+    InvalidRequestError,
+    ModelNotReadyError,
+    ModelpodError,
+    NotFoundError,
+    UsageError,
+)
+from modelpod.model import Batch, Model
+from modelpod.protocols.codec import InferRequest
+from modelpod.serving.config import BatchPolicy, ServeConfig
+from modelpod.serving.metrics import ServingMetrics, outcome_of
+from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
+from modelpod.serving.traffic import VersionResolver
+from modelpod.settings import Settings
+from modelpod.store import Ref
+
+log = logging.getLogger("modelpod.serving")
+
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "parameters")
+_TRITON_TYPES = {"BYTES": "TYPE_STRING"}
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """What a protocol encodes back: the model that answered and its outputs."""
+
+    model_name: str
+    model_version: str | None
+    outputs: Batch
+    id: str | None = None
+
+
+class InferenceEngine:
+    def __init__(self, settings: Settings | None = None, config: ServeConfig | None = None) -> None:
+        self.settings = settings or Settings()
+        self.config = config or ServeConfig.from_settings(self.settings)
+        self.metrics = ServingMetrics(
+            queue_depth=lambda: self.registry.gauge("queue"),
+            inflight=lambda: self.registry.gauge("inflight"),
+            load_seconds=lambda: self.registry.gauge("load_seconds"),
+            memory_bytes=lambda: self.registry.gauge("memory"),
+            ready=lambda: self.registry.gauge("ready"),
+        )
+        self.registry = ModelRegistry(self.settings, self.config, self.metrics)
+        self.resolver = VersionResolver(self.registry)
+        self.started = False
+        self.draining = False
+
+    # -- registering ------------------------------------------------------------------------------
+    def add(self, ref: str) -> ModelEntry:
+        """Serve a store reference or pod directory (loaded by ``start`` unless lazy)."""
+        return self.registry.add_ref(ref)
+
+    def add_model(self, model: Model, name: str | None = None, version: int | None = None,
+                  policy: BatchPolicy | None = None) -> ModelEntry:
+        """Serve a ready ``Model`` object."""
+        return self.registry.add_model(model, name, version, policy)
+
+    async def start(self) -> None:
+        """Load every registered model (unless lazy); a failed load leaves only that model unready."""
+        if not self.settings.lazy_load:
+            for entry in list(self.registry):
+                if entry.state is ModelState.UNAVAILABLE and entry.available:
+                    try:
+                        await self.registry.load(entry)
+                    except Exception:
+                        continue
+        self.started = True
+
+    # -- health and metadata ----------------------------------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """Started, not draining, and no model stuck after a failed load."""
+        return self.started and not self.draining and not any(e.failed for e in self.registry)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": "modelpod", "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def resolve(self, name: str, version: str | None = None) -> ModelEntry:
+        return self.resolver.resolve(name, version)
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        entry = self.resolve(name, version)
+        if self.draining or not self.started:
+            return False
+        # A lazily loaded or evicted model counts as ready: its next request loads it.
+        return entry.available
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        entry = self.resolve(name, version)
+        versions = sorted(
+            e.version for e in self.registry.versions(name).values() if e.version is not None)
+        sig = entry.signature
+        return {
+            "name": entry.name,
+            "versions": [str(v) for v in versions] or ([entry.version_text] if entry.version_text else []),
+            "platform": entry.platform,
+            "inputs": [t.to_dict() for t in sig.inputs],
+            "outputs": [t.to_dict() for t in sig.outputs],
+        }
+
+    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Triton's model configuration (what perf_analyzer reads): batch size and tensor dims."""
+        entry = self.resolve(name, version)
+        batched = entry.batchable and bool(entry.signature.inputs) and entry.policy.max_batch_rows > 1
+
+        def tensors(specs: Any) -> list[dict[str, Any]]:
+            return [{"name": t.name, "data_type": _TRITON_TYPES.get(t.datatype, f"TYPE_{t.datatype}"),
+                     "dims": list(t.shape[1:] if batched else t.shape)} for t in specs]
+
+        outputs_batched = all(len(t.shape) >= 1 and t.shape[0] == -1 for t in entry.signature.outputs)
+        config: dict[str, Any] = {
+            "name": entry.name,
+            "platform": f"modelpod_{entry.platform}",
+            "backend": "modelpod",
+            "version_policy": {"specific": {"versions": [entry.version]}} if entry.version else {"latest": {}},
+            "max_batch_size": entry.policy.max_batch_rows if batched and outputs_batched else 0,
+            "input": tensors(entry.signature.inputs),
+            "output": tensors(entry.signature.outputs) if outputs_batched or not batched else [],
+        }
+        if config["max_batch_size"]:
+            config["dynamic_batching"] = {
+                "max_queue_delay_microseconds": int(entry.policy.max_batch_wait_ms * 1000)}
+        return config
+
+    # -- inference --------------------------------------------------------------------------------
+    async def infer(self, name: str, version: str | None, request: InferRequest, *, protocol: str = "rest",
+                    started: float | None = None) -> InferResult:
+        """Run one request; every answered request (ok or not) is counted under its model."""
+        t0 = started if started is not None else time.perf_counter()
+        entry: ModelEntry | None = None
+        try:
+            if self.draining:
+                raise ModelNotReadyError("the server is shutting down")
+            entry = self.resolver.resolve(name, version)
+            if entry.state is not ModelState.READY:
+                if entry.state is ModelState.UNLOADING:
+                    raise ModelNotReadyError(f"model {entry.label} is being unloaded")
+                await self.registry.ensure_ready(entry)
+            model, batcher = entry.model, entry.batcher
+            if model is None or batcher is None:
+                raise ModelNotReadyError(f"model {entry.label} is not ready")
+            inputs = model.coerce(request.inputs)
+            if request.outputs:
+                self._check_outputs(entry, request.outputs)
+            entry.last_used = t0
+            outputs = await batcher.submit(inputs)
+        except ModelpodError as exc:
+            if entry is not None:
+                entry.metrics.observe_request(protocol, outcome_of(exc), time.perf_counter() - t0)
+            raise
+        except Exception as exc:
+            if entry is not None:
+                entry.metrics.observe_request(protocol, "error", time.perf_counter() - t0)
+            log.exception("inference failed", extra={"fields": {"model": name, "id": request.id}})
+            raise InferenceError(f"inference failed: {type(exc).__name__}: {exc}") from exc
+        entry.metrics.observe_request(protocol, "success", time.perf_counter() - t0)
+        return InferResult(entry.name, entry.version_text or None, outputs, request.id)
+
+    @staticmethod
+    def _check_outputs(entry: ModelEntry, wanted: Mapping[str, bool]) -> None:
+        known = {t.name for t in entry.signature.outputs}
+        if known:
+            unknown = [n for n in wanted if n not in known]
+            if unknown:
+                raise InvalidRequestError(
+                    f"model {entry.label} has no output(s) {', '.join(unknown)}; outputs: {', '.join(sorted(known))}")
+
+    # -- repository extension ---------------------------------------------------------------------
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """Every served model version, plus the store's other pods as UNAVAILABLE."""
+        rows: list[dict[str, Any]] = []
+        served: set[tuple[str, int | None]] = set()
+        for e in self.registry:
+            served.add((e.name, e.version))
+            row = {"name": e.name, "version": e.version_text, "state": e.state.value}
+            if e.reason:
+                row["reason"] = e.reason
+            rows.append(row)
+        store = self.registry.store()
+        if store is not None:
+            for rec in store.list():
+                if (rec.name, rec.version) not in served:
+                    rows.append({"name": rec.name, "version": str(rec.version), "state": "UNAVAILABLE",
+                                 "reason": "in the store, not loaded"})
+        if ready_only:
+            rows = [r for r in rows if r["state"] == ModelState.READY.value]
+        return sorted(rows, key=lambda r: (r["name"], r["version"]))
+
+    async def load_model(self, ref: str) -> ModelEntry:
+        """Load a model by store name (NAME, NAME:V, NAME@ALIAS); never a path or URL."""
+        try:
+            parsed = Ref.parse(ref)
+        except UsageError:
+            raise InvalidRequestError(f"bad model reference {ref!r}: use NAME, NAME:VERSION or NAME@ALIAS") from None
+        if not parsed.name:
+            raise InvalidRequestError("load a model by name, not by digest")
+        entry = self._served(parsed)
+        if entry is None:
+            store = self.registry.store()
+            if store is None:
+                raise NotFoundError(f"no model {ref!r} here and no store to load it from")
+            entry = self.registry.add_ref(ref)
+        entry.on_demand, entry.failed = True, False
+        if entry.state is not ModelState.READY:
+            await self.registry.load(entry)
+        return entry
+
+    def _served(self, ref: Ref) -> ModelEntry | None:
+        try:
+            versions = self.registry.versions(ref.name)
+        except NotFoundError:
+            return None
+        if ref.version is not None:
+            return versions.get(ref.version)
+        if ref.alias is not None:
+            return next((e for e in versions.values() if ref.alias in e.aliases), None)
+        return self.resolver.default(ref.name)
+
+    async def unload_model(self, name: str) -> list[ModelEntry]:
+        """Unload every version of ``name``; it stays listed, UNAVAILABLE, until loaded again."""
+        entries = list(self.registry.versions(name).values())
+        await asyncio.gather(*(self.registry.unload(e, reason="unloaded") for e in entries))
+        return entries
+
+    # -- shutdown ---------------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Readiness turns false and new requests are refused; running ones carry on."""
+        self.draining = True
+
+    def inflight(self) -> int:
+        return sum(e.batcher.inflight for e in self.registry if e.batcher is not None)
+
+    async def wait_idle(self) -> None:
+        await asyncio.gather(*(e.batcher.wait_idle() for e in self.registry if e.batcher is not None))
+
+    async def close(self) -> None:
+        """Unload every model (after their requests)."""
+        for entry in list(self.registry):
+            await self.registry.unload(entry, reason="server stopped")

@@ -1,0 +1,351 @@
+"""ModelRegistry: the model versions a server knows, loading them, and evicting them under a budget.
+
+An entry is registered from a store reference, a pod directory or a ready ``Model`` object, and is
+loaded at start, on its first request (lazy, or after an eviction), or through the repository API.
+Memory per model is the process RSS growth measured around its load, at least its weights' size;
+when a load would pass ``memory_budget_bytes`` the least recently used idle models are unloaded
+first. Loads run one at a time in a thread, so the RSS deltas do not overlap and the loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from modelpod.errors import ConflictError, ModelNotReadyError, NotFoundError, OverloadedError, UsageError
+from modelpod.frameworks import require
+from modelpod.model import Model
+from modelpod.pod import MANIFEST_NAME, Manifest, Pod, Signature
+from modelpod.serving.batcher import Batcher
+from modelpod.serving.config import BatchPolicy, ServeConfig
+from modelpod.serving.metrics import ModelMetrics, ServingMetrics
+from modelpod.serving.worker import ModelWorker
+from modelpod.settings import Settings
+from modelpod.store import Ref, Store
+
+log = logging.getLogger("modelpod.serving")
+
+
+class ModelState(str, Enum):
+    """Triton's repository states."""
+
+    READY = "READY"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where an entry's model comes from: a pinned store ref, a pod directory, or a Model object."""
+
+    ref: str | None = None
+    path: Path | None = None
+    model: Model | None = None
+
+
+class ModelEntry:
+    """One model version in the server. Mutable; owned by the registry and the event loop."""
+
+    def __init__(self, name: str, version: int | None, source: ModelSource, *, signature: Signature,
+                 platform: str, policy: BatchPolicy, metrics: ModelMetrics, manifest: Manifest | None = None,
+                 aliases: frozenset[str] = frozenset()) -> None:
+        self.name = name
+        self.version = version
+        self.source = source
+        self.signature = signature
+        self.platform = platform
+        self.policy = policy
+        self.metrics = metrics
+        self.manifest = manifest
+        self.aliases = aliases
+        self.state = ModelState.UNAVAILABLE
+        self.reason = ""
+        self.on_demand = True  # may be loaded by a request (lazy, or evicted)
+        self.failed = False
+        self.model: Model | None = None
+        self.worker: ModelWorker | None = None
+        self.batcher: Batcher | None = None
+        self.memory_bytes = 0
+        self.load_seconds = 0.0
+        self.last_used = 0.0
+        self.loading: asyncio.Future[None] | None = None
+
+    @property
+    def version_text(self) -> str:
+        return "" if self.version is None else str(self.version)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.version is None else f"{self.name}:{self.version}"
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+    @property
+    def available(self) -> bool:
+        """Ready, or loadable on the next request."""
+        return self.ready or (self.on_demand and not self.failed and self.state is not ModelState.UNLOADING)
+
+    @property
+    def batchable(self) -> bool:
+        """Rows can be merged when every input has a free first dimension (or no signature says)."""
+        if not self.signature.inputs:
+            return True
+        return all(len(t.shape) >= 1 and t.shape[0] == -1 for t in self.signature.inputs)
+
+    def estimate_bytes(self) -> int:
+        weights = self.manifest.weights_bytes() if self.manifest is not None else 0
+        return max(self.memory_bytes, weights)
+
+    def __repr__(self) -> str:
+        return f"ModelEntry({self.label}, {self.state.value})"
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings, config: ServeConfig, metrics: ServingMetrics) -> None:
+        self.settings = settings
+        self.config = config
+        self.metrics = metrics
+        self._by_name: dict[str, dict[int | None, ModelEntry]] = {}
+        self._load_lock = asyncio.Lock()
+        self._store: Store | None = None
+
+    # -- registering ------------------------------------------------------------------------------
+    def store(self, create: bool = False) -> Store | None:
+        """The local store; None when there is none and ``create`` is False (e.g. in an image)."""
+        if self._store is None and (create or (self.settings.home / "index.db").is_file()):
+            self._store = Store(self.settings.home)
+        return self._store
+
+    def add_ref(self, ref: str) -> ModelEntry:
+        """Register a store reference (NAME, NAME:V, NAME@ALIAS) or a pod directory; no load yet."""
+        path = Path(ref)
+        if (path / MANIFEST_NAME).is_file():
+            manifest = Pod.open(path, verify=False).manifest
+            version, aliases = None, frozenset[str]()
+            store = self.store()
+            if store is not None:
+                try:
+                    rec = store.get(Ref(name="", digest=manifest.digest))
+                    version, aliases = rec.version, frozenset(rec.aliases)
+                except NotFoundError:
+                    pass
+            source = ModelSource(path=path.resolve())
+        else:
+            if "/" in ref or "\\" in ref or ref.startswith("."):
+                raise UsageError(f"{ref}: no pod directory there (no {MANIFEST_NAME})")
+            store = self.store(create=True)
+            assert store is not None
+            rec = store.get(ref)
+            manifest, version, aliases = rec.manifest, rec.version, frozenset(rec.aliases)
+            source = ModelSource(ref=rec.ref)
+        return self._add(manifest.name, version, source, manifest.signature, manifest.framework,
+                         self.config.policy(manifest.name, manifest.serving), manifest, aliases)
+
+    def add_model(self, model: Model, name: str | None = None, version: int | None = None,
+                  policy: BatchPolicy | None = None) -> ModelEntry:
+        """Register a ready ``Model`` object (custom code, tests); it is loaded if it is not yet."""
+        name = name or model.name
+        manifest = model.pod.manifest if model.pod is not None else None
+        policy = policy or self.config.policy(name, manifest.serving if manifest else None)
+        platform = manifest.framework if manifest is not None else "python"
+        return self._add(name, version, ModelSource(model=model), model.signature, platform, policy, manifest,
+                         frozenset())
+
+    def _add(self, name: str, version: int | None, source: ModelSource, signature: Signature, platform: str,
+             policy: BatchPolicy, manifest: Manifest | None, aliases: frozenset[str]) -> ModelEntry:
+        versions = self._by_name.setdefault(name, {})
+        if version in versions:
+            raise ConflictError(f"model {name}:{version} is already served" if version else f"{name} is already served")
+        entry = ModelEntry(name, version, source, signature=signature, platform=platform, policy=policy,
+                           metrics=self.metrics.for_model(name, "" if version is None else str(version)),
+                           manifest=manifest, aliases=aliases)
+        versions[version] = entry
+        return entry
+
+    # -- looking up -------------------------------------------------------------------------------
+    def versions(self, name: str) -> dict[int | None, ModelEntry]:
+        found = self._by_name.get(name)
+        if not found:
+            raise NotFoundError(f"unknown model {name!r}")
+        return found
+
+    def __iter__(self) -> Iterator[ModelEntry]:
+        for versions in self._by_name.values():
+            yield from versions.values()
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_name.values())
+
+    # -- loading ----------------------------------------------------------------------------------
+    async def ensure_ready(self, entry: ModelEntry) -> None:
+        """Load an on-demand entry (once, however many requests ask); raise if it cannot serve."""
+        if entry.state is ModelState.READY:
+            return
+        if entry.loading is not None:
+            await asyncio.shield(entry.loading)
+        elif entry.available:
+            try:
+                await self.load(entry)
+            except OverloadedError:
+                raise
+            except Exception:
+                pass
+        if not entry.ready:  # (a property: the awaits above changed the state)
+            why = f": {entry.reason}" if entry.reason else ""
+            raise ModelNotReadyError(f"model {entry.label} is not ready{why}")
+
+    async def load(self, entry: ModelEntry) -> None:
+        """Load (or reload) one entry. Failures leave it UNAVAILABLE with a reason, and raise."""
+        if entry.loading is not None:
+            await asyncio.shield(entry.loading)
+            return
+        if entry.state is ModelState.READY:
+            return
+        loop = asyncio.get_running_loop()
+        entry.loading = loop.create_future()
+        entry.state = ModelState.LOADING
+        try:
+            async with self._load_lock:
+                await self._make_room(entry, entry.estimate_bytes(), strict=True)
+                started = time.perf_counter()
+                model, grown = await asyncio.to_thread(self._load_blocking, entry)
+                entry.load_seconds = time.perf_counter() - started
+                entry.memory_bytes = max(grown, entry.manifest.weights_bytes() if entry.manifest else 0)
+                entry.model = model
+                entry.worker = ModelWorker(model, entry.label, entry.policy.max_concurrency)
+                entry.batcher = Batcher(entry.worker, entry.policy, entry.metrics, batchable=entry.batchable)
+                entry.state = ModelState.READY
+                entry.failed, entry.reason = False, ""
+                entry.last_used = loop.time()
+                entry.metrics.loads["success"].inc()
+                log.info("model loaded", extra={"fields": {
+                    "model": entry.name, "version": entry.version_text, "seconds": round(entry.load_seconds, 4),
+                    "memory_bytes": entry.memory_bytes}})
+                await self._make_room(entry, 0, strict=False)
+        except Exception as exc:
+            entry.state = ModelState.UNAVAILABLE
+            entry.reason = str(exc)
+            # A full memory budget is a passing condition; anything else needs an explicit reload.
+            entry.failed = not isinstance(exc, OverloadedError)
+            entry.metrics.loads["error"].inc()
+            log.error("model load failed", extra={"fields": {
+                "model": entry.name, "version": entry.version_text, "error": f"{type(exc).__name__}: {exc}"}})
+            raise
+        finally:
+            fut, entry.loading = entry.loading, None
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def _load_blocking(self, entry: ModelEntry) -> tuple[Model, int]:
+        src = entry.source
+        if src.model is None:
+            # Import the framework first, so the RSS delta is this model's, not the library's.
+            for module in getattr(require(entry.platform), "IMPORTS", ()):
+                importlib.import_module(module)
+        before = rss_bytes()
+        if src.model is not None:
+            model = src.model
+        else:
+            if src.path is not None:
+                pod = Pod.open(src.path, verify=True)
+            else:
+                store = self.store(create=True)
+                assert store is not None and src.ref is not None
+                pod = store.open(src.ref, verify=True)
+            model = require(pod.manifest.framework).load(pod)
+        if not getattr(model, "loaded", False):
+            model.load()
+        return model, max(0, rss_bytes() - before)
+
+    async def unload(self, entry: ModelEntry, *, reason: str = "unloaded", on_demand: bool = False) -> None:
+        """Wait for the entry's requests, then unload it. ``on_demand``: reload on the next request."""
+        if entry.loading is not None:
+            await asyncio.shield(entry.loading)
+        if entry.state is not ModelState.READY:
+            entry.on_demand = on_demand and entry.on_demand
+            entry.reason = reason
+            return
+        entry.state = ModelState.UNLOADING
+        batcher, worker, model = entry.batcher, entry.worker, entry.model
+        if batcher is not None:
+            await batcher.wait_idle()
+            batcher.close(reason)
+        if worker is not None:
+            worker.close()
+        if model is not None:
+            try:
+                await asyncio.to_thread(model.unload)
+            except Exception as exc:  # keep the server up; the memory may not come back
+                log.error("model unload failed", extra={"fields": {"model": entry.label, "error": str(exc)}})
+        entry.model = entry.worker = entry.batcher = None
+        entry.state = ModelState.UNAVAILABLE
+        entry.on_demand = on_demand
+        entry.reason = reason
+        log.info("model unloaded", extra={"fields": {"model": entry.name, "version": entry.version_text,
+                                                     "reason": reason}})
+
+    # -- memory budget ----------------------------------------------------------------------------
+    def used_bytes(self, exclude: ModelEntry | None = None) -> int:
+        return sum(e.memory_bytes for e in self if e is not exclude
+                   and e.state in (ModelState.READY, ModelState.UNLOADING))
+
+    async def _make_room(self, entry: ModelEntry, need: int, *, strict: bool) -> None:
+        budget = self.settings.memory_budget_bytes
+        if budget is None:
+            return
+        need = need or entry.memory_bytes
+        while self.used_bytes(exclude=entry) + need > budget:
+            idle = [e for e in self if e is not entry and e.state is ModelState.READY
+                    and (e.batcher is None or e.batcher.inflight == 0)]
+            if not idle:
+                break
+            victim = min(idle, key=lambda e: e.last_used)
+            victim.metrics.evictions.inc()
+            log.info("evicting model to stay within the memory budget", extra={"fields": {
+                "model": victim.name, "version": victim.version_text, "memory_bytes": victim.memory_bytes,
+                "for": entry.label}})
+            await self.unload(victim, reason="evicted to stay within the memory budget", on_demand=True)
+        used = self.used_bytes(exclude=entry)
+        if used + need > budget:
+            if strict and used > 0:
+                raise OverloadedError(
+                    f"memory budget: model {entry.label} needs ~{need} bytes, {used} of {budget} are held "
+                    "by models that are busy", retry_after_s=1)
+            log.warning("memory budget exceeded", extra={"fields": {
+                "model": entry.label, "need_bytes": need, "used_bytes": used, "budget_bytes": budget}})
+
+    # -- gauges for /metrics ----------------------------------------------------------------------
+    def gauge(self, what: str) -> list[tuple[tuple[str, ...], float]]:
+        out: list[tuple[tuple[str, ...], float]] = []
+        for e in self:
+            if what == "queue":
+                value: float = e.batcher.queue_depth if e.batcher is not None else 0
+            elif what == "inflight":
+                value = e.batcher.inflight if e.batcher is not None else 0
+            elif what == "load_seconds":
+                value = e.load_seconds
+            elif what == "memory":
+                value = e.memory_bytes if e.ready else 0
+            else:
+                value = 1 if e.ready else 0
+            out.append((e.metrics.key, value))
+        return out

@@ -1,0 +1,158 @@
+"""The serving process: REST and gRPC on one uvloop event loop, signals, and a graceful drain.
+
+Start: bind REST (and gRPC), so liveness answers while models load; load; print where we listen.
+SIGTERM/SIGINT: readiness turns false and new requests get 503 (gRPC UNAVAILABLE) while the
+requests already in flight finish, for at most ``drain_timeout_s``; then everything closes and the
+process exits 0. A second signal skips the rest of the drain.
+
+gRPC: ``--grpc-port N`` needs grpcio (one-line install hint otherwise). Without the flag, gRPC
+listens on 8081 when grpcio is installed and that port is free, and is skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TextIO
+
+from modelpod import __version__
+from modelpod.errors import MissingExtraError, ModelpodError, UsageError
+from modelpod.protocols.http import HttpServer
+from modelpod.protocols.rest import RestApp
+from modelpod.serving import logs
+from modelpod.serving.config import ServeConfig
+from modelpod.serving.engine import InferenceEngine
+from modelpod.settings import Settings
+
+log = logging.getLogger("modelpod.serving")
+DEFAULT_GRPC_PORT = 8081
+
+
+def serve(args: argparse.Namespace, settings: Settings) -> int:
+    """``modelpod serve``: build the engine from the command line and run until signalled."""
+    settings = settings.with_(
+        host=args.host, port=args.port, grpc_port=args.grpc_port, token=args.token,
+        max_batch_rows=args.max_batch_rows, max_batch_wait_ms=args.max_batch_wait_ms,
+        config=Path(args.config) if args.config else None,
+    )
+    logs.configure(settings.log_level, settings.log_json)
+    grpc_mode = "off" if getattr(args, "no_grpc", False) else ("required" if settings.grpc_port is not None else "auto")
+    if grpc_mode == "required" and importlib.util.find_spec("grpc") is None:
+        raise MissingExtraError("grpc", "grpcio", "the gRPC endpoint (--grpc-port)")
+    engine = InferenceEngine(settings, ServeConfig.load(settings))
+    for ref in args.refs:
+        engine.add(ref)
+    return run(engine, settings, grpc=grpc_mode, as_json=bool(getattr(args, "json", False)))
+
+
+def run(engine: InferenceEngine, settings: Settings, *, grpc: str = "auto", as_json: bool = False,
+        out: TextIO | None = None) -> int:
+    """Serve ``engine`` until SIGTERM/SIGINT; returns the exit code. ``grpc``: off, auto or required."""
+    return _run_loop(_main(engine, settings, grpc, as_json, out or sys.stdout))
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a core dependency off Windows
+        return asyncio.run(main)
+    return int(uvloop.run(main))
+
+
+async def _main(engine: InferenceEngine, settings: Settings, grpc_mode: str, as_json: bool, out: TextIO) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+        log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    http = HttpServer(RestApp(engine, settings), max_body_bytes=settings.max_body_bytes,
+                      keepalive_timeout_s=settings.keepalive_timeout_s)
+    try:
+        port = await http.start(settings.host, settings.port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    grpc_server, grpc_port = await _start_grpc(engine, settings, grpc_mode)
+    try:
+        await engine.start()
+        _announce(engine, settings, port, grpc_port, as_json, out)
+        await stop.wait()
+        await _drain(engine, http, grpc_server, settings, hurry)
+    finally:
+        await http.close()
+        if grpc_server is not None:
+            await grpc_server.stop(0)
+        await engine.close()
+    log.info("stopped")
+    return 0
+
+
+async def _start_grpc(engine: InferenceEngine, settings: Settings, mode: str) -> tuple[Any, int | None]:
+    if mode == "off" or (mode == "auto" and importlib.util.find_spec("grpc") is None):
+        return None, None
+    from modelpod.protocols.grpc import start_grpc
+
+    port = settings.grpc_port if settings.grpc_port is not None else DEFAULT_GRPC_PORT
+    try:
+        server, bound = await start_grpc(engine, settings, settings.host, port)
+    except ModelpodError as exc:
+        if mode == "required":
+            raise
+        log.warning("gRPC not started", extra={"fields": {"error": exc.message}})
+        return None, None
+    return server, bound
+
+
+async def _drain(engine: InferenceEngine, http: HttpServer, grpc_server: Any, settings: Settings,
+                 hurry: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.drain_timeout_s
+    engine.begin_drain()
+    http.begin_drain()
+    log.info("draining", extra={"fields": {"inflight": engine.inflight(), "timeout_s": settings.drain_timeout_s}})
+    idle = asyncio.ensure_future(asyncio.gather(engine.wait_idle(), http.wait_idle()))
+    hurried = asyncio.ensure_future(hurry.wait())
+    await asyncio.wait((idle, hurried), timeout=settings.drain_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    if not idle.done():
+        log.warning("drain cut short", extra={"fields": {"inflight": engine.inflight()}})
+    for fut in (idle, hurried):
+        fut.cancel()
+    if grpc_server is not None:
+        await grpc_server.stop(max(0.0, deadline - loop.time()) if not hurry.is_set() else 0)
+
+
+def _announce(engine: InferenceEngine, settings: Settings, port: int, grpc_port: int | None, as_json: bool,
+              out: TextIO) -> None:
+    """Print where we listen and what we serve (one JSON line with ``--json``)."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    rest = f"http://{host}:{port}"
+    models = [{"name": e.name, "version": e.version_text, "state": e.state.value, "reason": e.reason,
+               "url": f"{rest}/v2/models/{e.name}"} for e in engine.registry]
+    grpc = f"{host}:{grpc_port}" if grpc_port is not None else None
+    if as_json:
+        print(json.dumps({"rest": rest, "grpc": grpc, "models": models}), file=out, flush=True)
+    else:
+        lines = [f"modelpod {__version__} serving OIP v2", f"  REST     {rest}/v2  (metrics: {rest}/metrics)"]
+        if grpc:
+            lines.append(f"  gRPC     {grpc}")
+        for m in models:
+            ref = f"{m['name']}:{m['version']}" if m["version"] else m["name"]
+            state = m["state"] if not m["reason"] else f"{m['state']} ({m['reason']})"
+            lines.append(f"  model    {ref:<24} {state:<12} {m['url']}")
+        print("\n".join(lines), file=out, flush=True)
+    log.info("serving", extra={"fields": {"rest": rest, "grpc": grpc, "models": [m["name"] for m in models]}})
+

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fwutil import Check, sig
+
+from modelpod.cli import main
+from modelpod.errors import FrameworkError
+from modelpod.frameworks import detect
+from modelpod.frameworks import lightgbm as adapter
+from modelpod.packing import pack
+from modelpod.store import Store
+
+
+def test_pack_verify_roundtrip_predict(store: Store, check_pod: Check,
+                                       lgb_model: tuple[Path, np.ndarray, Any]) -> None:
+    path, x, booster = lgb_model
+    assert detect(path) == "lightgbm"
+    rec = pack(path, "lgb", store)
+    assert sig(rec) == {"inputs": [("input-0", "FP32", [-1, 5])], "outputs": [("output-0", "FP64", [-1])]}
+    check_pod(rec, x, {"output-0": booster.predict(x)})
+
+
+def test_cli_pack_json_with_raw_scores(tmp_path: Path, capsys: pytest.CaptureFixture[str], check_pod: Check,
+                                       store: Store, lgb_model: tuple[Path, np.ndarray, Any]) -> None:
+    path, x, booster = lgb_model
+    code = main(["--home", str(store.home), "pack", str(path), "--name", "lgb", "--option", "raw_score=true",
+                 "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["framework"] == "lightgbm"
+    check_pod(store.get("lgb"), x, {"output-0": booster.predict(x, raw_score=True)})
+
+
+def test_detect_reads_the_first_line(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("trees are nice\n")
+    assert not adapter.detect(notes)
+
+
+def test_damaged_model_is_one_line_naming_the_file(tmp_path: Path, store: Store) -> None:
+    bad = tmp_path / "broken.txt"
+    bad.write_text("tree\nversion=v4\nnum_class=banana\n")
+    with pytest.raises(FrameworkError) as info:
+        pack(bad, "lgb", store)
+    assert "broken.txt" in str(info.value) and "\n" not in str(info.value)
+    assert store.list() == []
+
+
+def test_wrong_framework_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                lgb_model: tuple[Path, np.ndarray, Any]) -> None:
+    path, _, _ = lgb_model
+    code = main(["--home", str(tmp_path / "home"), "pack", str(path), "--name", "m", "--framework", "xgboost"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "--framework xgboost expects" in err and "lightgbm" in err
