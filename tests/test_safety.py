@@ -73,6 +73,11 @@ def test_looks_like_pickle(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "c.pt", "w") as zf:
         zf.writestr("c/data.pkl", pickle.dumps([1]))
     assert looks_like_pickle(tmp_path / "c.pt")
+    with zipfile.ZipFile(tmp_path / "script.pt", "w") as zf:  # TorchScript: torch's own unpickler
+        zf.writestr("s/data.pkl", b"")
+        zf.writestr("s/constants.pkl", b"")
+        zf.writestr("s/code/__torch__/m.py", "")
+    assert not looks_like_pickle(tmp_path / "script.pt")
     (tmp_path / "d.txt").write_text("hello")
     with zipfile.ZipFile(tmp_path / "e.zip", "w") as zf:
         zf.writestr("readme.txt", "no pickles here")

@@ -87,20 +87,30 @@ def pack(workload: Workload) -> dict[str, Any]:
         raise ModelpodUnavailable(f"`modelpod pack --json` printed no JSON: {proc.stdout[-300:]!r}") from exc
 
 
+def _serve_help() -> str:
+    try:
+        proc = subprocess.run(
+            [*base_command(), "serve", "--help"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=120,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return ""
+    return proc.stdout
+
+
 def serve_launch(workload: Workload, port: int) -> LaunchSpec:
-    cmd = [
-        *base_command(),
-        "serve",
-        workload.model_name,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-batch-rows",
-        str(MAX_BATCH_ROWS),
-        "--max-batch-wait-ms",
-        f"{MAX_BATCH_WAIT_MS:g}",
-    ]
+    """`modelpod serve NAME --host 127.0.0.1 --port P --max-batch-rows 32 --max-batch-wait-ms 5`.
+
+    REST only (`--no-grpc`, when the CLI has it): the benchmark speaks REST, and a default gRPC
+    port could collide with other servers on the machine."""
+    cmd = [*base_command(), "serve", workload.model_name, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--max-batch-rows", str(MAX_BATCH_ROWS), "--max-batch-wait-ms", f"{MAX_BATCH_WAIT_MS:g}"]
+    if "--no-grpc" in _serve_help():
+        cmd.append("--no-grpc")
     return LaunchSpec(cmd=cmd, env=_env(), cwd=REPO_DIR)
 
 

@@ -163,11 +163,13 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
         lines.append(note)
     for key, workload in results.get("workloads", {}).items():
         lines += ["", *workload_block(key, workload, markdown)]
-    lines += ["", *ratio_lines(results.get("ratios", {}))]
+    bullet = "- " if markdown else "  "
+    ratio = ratio_lines(results.get("ratios", {}))
+    lines += ["", ratio[0], *(bullet + line.strip() for line in ratio[1:])]
     perf = results.get("perf_analyzer")
     if perf:
         lines += ["", "perf_analyzer against modelpod:"]
-        lines += [f"  {line}" for line in _perf_lines(perf)]
+        lines += [bullet + line for line in _perf_lines(perf)]
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from modelpod.api import load, open_pod, pack
 from modelpod.errors import ModelpodError
+from modelpod.frameworks.python import Tensor
 from modelpod.model import Model
 from modelpod.pod import Manifest, Pod, Signature, TensorSpec
 from modelpod.settings import Settings
@@ -20,6 +21,7 @@ __all__ = [
     "Settings",
     "Signature",
     "Store",
+    "Tensor",
     "TensorSpec",
     "__version__",
     "load",

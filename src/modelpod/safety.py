@@ -58,7 +58,11 @@ def check_load_allowed(path: Path, allow_pickle: bool, what: str) -> None:
 
 
 def looks_like_pickle(path: Path) -> bool:
-    """True for a bare pickle (protocol 2+) or a zip archive holding pickles (torch.save)."""
+    """True for a bare pickle (protocol 2+) or a zip archive holding pickles (torch.save).
+
+    TorchScript archives hold pickles too, but torch reads them with its own restricted unpickler,
+    so they do not count.
+    """
     try:
         with path.open("rb") as fh:
             head = fh.read(4)
@@ -71,9 +75,12 @@ def looks_like_pickle(path: Path) -> bool:
 
         try:
             with zipfile.ZipFile(path) as zf:
-                return any(n.endswith(".pkl") for n in zf.namelist())
+                names = zf.namelist()
         except (zipfile.BadZipFile, OSError):
             return False
+        tails = {n.split("/", 1)[-1] for n in names}
+        torchscript = "constants.pkl" in tails and any(t.startswith("code/") for t in tails)
+        return not torchscript and any(n.endswith(".pkl") for n in names)
     return False
 
 

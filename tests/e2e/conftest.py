@@ -229,8 +229,8 @@ def start_registry(directory: Path, auth: dict[str, object] | None = None) -> tu
     if auth:
         config["auth"] = auth
     (directory / "config.yml").write_text(json.dumps(config))  # JSON is YAML
-    log = (directory / "registry.log").open("wb")
-    proc = subprocess.Popen([str(binary), "serve", str(directory / "config.yml")], stdout=log, stderr=log)
+    with (directory / "registry.log").open("wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([str(binary), "serve", str(directory / "config.yml")], stdout=log, stderr=log)
     host = f"127.0.0.1:{port}"
     try:
         wait_for(lambda: proc.poll() is not None or http_status(f"http://{host}/v2/") in (200, 401), 30,

@@ -139,16 +139,21 @@ def test_entrypoint_choice(tmp_path: Path, store: Store) -> None:
         pack(d, "m", store, entrypoint="a:SCALE")
 
 
-@pytest.mark.parametrize(("hint", "message"), [
+@pytest.mark.parametrize(("params", "message"), [
     ("x: np.ndarray", "Tensor"),
     ("x: float", "not supported"),
     ("x: list[str], *rest", "args"),
-    ("x", "annotate"),
+    ("x, y: list[int]", "annotate"),
 ])
-def test_unusable_hints_are_explained(tmp_path: Path, store: Store, hint: str, message: str) -> None:
-    if hint == "x":
-        hint = "x, y: list[int]"
-    src = f"import numpy as np\nfrom modelpod import Model\n\nclass M(Model):\n    def predict(self, {hint}):\n        return x\n"
+def test_unusable_hints_are_explained(tmp_path: Path, store: Store, params: str, message: str) -> None:
+    src = f"""
+import numpy as np
+from modelpod import Model
+
+class M(Model):
+    def predict(self, {params}):
+        return x
+"""
     d = code_dir(tmp_path / "bad", {"m.py": src})
     with pytest.raises(FrameworkError, match=message):
         pack(d, "bad", store)

@@ -88,7 +88,7 @@ def test_wrong_framework_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     code = main(["--home", str(tmp_path / "home"), "pack", str(path), "--name", "lr", "--framework", "onnx"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "not an ONNX model" in err and "looks like a sklearn model" in err
+    assert "not an ONNX model" in err and "looks like a model for --framework sklearn" in err
 
 
 def test_sample_that_does_not_fit_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],

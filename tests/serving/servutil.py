@@ -252,15 +252,17 @@ class ServeProcess:
                                      cwd=REPO)
         self.stderr: list[str] = []
         lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump_out, args=(lines,), daemon=True).start()
-        threading.Thread(target=self._pump_err, daemon=True).start()
+        self._pumps = [threading.Thread(target=self._pump_out, args=(lines,), daemon=True),
+                       threading.Thread(target=self._pump_err, daemon=True)]
+        for t in self._pumps:
+            t.start()
         try:
             line = lines.get(timeout=startup_s)
         except queue.Empty:
             self.stop()
             raise TimeoutError(f"server did not start in {startup_s}s: {''.join(self.stderr)[-3000:]}") from None
         if line is None:
-            self.proc.wait(10)
+            self.stop()
             raise RuntimeError(f"server exited {self.proc.returncode}: {''.join(self.stderr)[-3000:]}")
         self.info: dict[str, Any] = json.loads(line)
         self.url: str = self.info["rest"]
@@ -291,6 +293,11 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout)
+        for t in self._pumps:
+            t.join(timeout)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
         return int(self.proc.returncode)
 
     def __enter__(self) -> ServeProcess:

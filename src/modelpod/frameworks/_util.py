@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,10 +17,17 @@ from modelpod.model import Batch
 MODEL_DIR = "model"
 
 
+# Native libraries decorate their messages: xgboost with "[12:00:00] /src/file.cc:409: ", torch
+# with a plea for enhancement requests. Neither helps the user.
+_NOISE = (re.compile(r"^\[[\d:]+\] \S+:\d+: "), re.compile(r"\s*\(Could this error message be improved\?.*$"))
+
+
 def one_line(exc: BaseException) -> str:
     """The first meaningful line of an exception, short enough for a terminal."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = lines[0] if lines else type(exc).__name__
+    for noise in _NOISE:
+        text = noise.sub("", text)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -32,7 +40,7 @@ def wrong_format(path: Path, framework: str, expected: str) -> FrameworkError:
     from modelpod.frameworks import detect
 
     try:
-        hint = f" (it looks like a {detect(path)} model)"
+        hint = f" (it looks like a model for --framework {detect(path)})"
     except PodError:
         hint = ""
     return FrameworkError(f"{path.name}: not {expected}, which --framework {framework} expects{hint}")

@@ -116,9 +116,10 @@ def find_entrypoints(root: Path) -> list[str]:
             tree = ast.parse(file.read_bytes(), filename=file.name)
         except (SyntaxError, ValueError) as exc:
             raise FrameworkError(f"{file.name}: not valid Python: {one_line(exc)}") from None
+        module = _module_name(file.relative_to(root))
         for node in tree.body:
-            if isinstance(node, ast.ClassDef) and any(_names_model(b) for b in node.bases):
-                found.append(f"{_module_name(file.relative_to(root))}:{node.name}")
+            if module and isinstance(node, ast.ClassDef) and any(_names_model(b) for b in node.bases):
+                found.append(f"{module}:{node.name}")
     return found
 
 
@@ -298,7 +299,7 @@ def pack(src: Path, dest: Path, request: PackRequest) -> Packed:
         (dest / MODEL_DIR).mkdir()
         shutil.copyfile(src, dest / MODEL_DIR / src.name)
     elif src.is_dir() and any(src.rglob("*.py")):
-        copy_tree(src, dest)
+        copy_tree(src, dest, skip=lambda p: p.is_dir() and (p / "pyvenv.cfg").exists())  # no virtualenvs
     else:
         raise wrong_format(src, NAME, EXPECTED)
     root = dest / MODEL_DIR

@@ -135,6 +135,9 @@ def _read(path: Path, what: str, weights_only: bool | None = None) -> tuple[Any,
             return torch.export.load(str(path)), False
         return _load_pickle(path, weights_only)
     except (RuntimeError, ValueError, OSError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        if what == "export" and "warnings above" in str(exc):
+            # torch.export.load logs the real cause and raises a pointer to the log.
+            exc = RuntimeError("not a readable torch.export archive (damaged, or from another torch version)")
         raise unreadable(path, EXPECTED, exc) from None
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -117,7 +119,9 @@ class ImageBuilder:
         specs = [runtime, *([deps] if deps else []), *pod_layers(pod, opts.weights_layer_bytes)]
         diff_ids = list((base.config.get("rootfs") or {}).get("diff_ids") or [])
         built = [BuiltLayer("base", f"base layer {i + 1}", d, diff_ids[i]) for i, d in enumerate(base.layers)]
-        built += [self._layer(spec, opts) for spec in specs]
+        # zlib and hashing release the GIL: the big layers (runtime, deps) compress side by side.
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            built += list(pool.map(lambda spec: self._layer(spec, opts), specs))
         annotations = self._annotations(pod, version, base, opts)
         config = self._config(base, python, built, annotations, opts)
         config_desc = Descriptor(OCI_CONFIG, self.blobs.put_bytes(config), len(config))

@@ -88,7 +88,7 @@ def _head(t: Mapping[str, Any], where: str) -> tuple[str, str, tuple[int, ...]]:
     name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
     if not isinstance(name, str) or not name:
         raise InvalidRequestError(f"{where}: 'name' must be a non-empty string")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise InvalidRequestError(f"input {name!r}: unknown datatype {datatype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidRequestError(f"input {name!r}: 'shape' must be a list of non-negative integers")
@@ -118,8 +118,10 @@ def tensor_from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any
                 raise InvalidRequestError(f"input {name!r}: BYTES elements must be strings")
         return out.reshape(shape)
     try:
-        arr = np.asarray(data, dtype=DATATYPES[datatype])
-    except (ValueError, TypeError, OverflowError):
+        # Values out of range (1e300 as FP32) are refused rather than turned into inf.
+        with np.errstate(over="raise", invalid="raise"):
+            arr = np.asarray(data, dtype=DATATYPES[datatype])
+    except (ValueError, TypeError, OverflowError, FloatingPointError):
         raise InvalidRequestError(f"input {name!r}: data does not fit datatype {datatype}") from None
     if arr.size != n:
         raise InvalidRequestError(f"input {name!r}: {arr.size} elements for shape {list(shape)}")

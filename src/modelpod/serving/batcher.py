@@ -77,9 +77,9 @@ class Batcher:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        rows = rows_of(inputs) if self.batchable else None
-        item = _Pending(inputs, rows if rows is not None else 1, merge_key(inputs) if rows is not None else None,
-                        loop.create_future(), loop.time())
+        rows = rows_of(inputs)
+        key = merge_key(inputs) if rows is not None and self.batchable else None
+        item = _Pending(inputs, rows if rows is not None else 1, key, loop.create_future(), loop.time())
         item.timer = loop.call_later(self.policy.timeout_s, self._expire, item)
         self._queue.append(item)
         self._queued_rows += item.rows

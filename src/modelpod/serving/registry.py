@@ -235,7 +235,7 @@ class ModelRegistry:
                 entry.batcher = Batcher(entry.worker, entry.policy, entry.metrics, batchable=entry.batchable)
                 entry.state = ModelState.READY
                 entry.failed, entry.reason = False, ""
-                entry.last_used = loop.time()
+                entry.last_used = time.perf_counter()
                 entry.metrics.loads["success"].inc()
                 log.info("model loaded", extra={"fields": {
                     "model": entry.name, "version": entry.version_text, "seconds": round(entry.load_seconds, 4),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import logging
 import signal
@@ -44,7 +43,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     )
     logs.configure(settings.log_level, settings.log_json)
     grpc_mode = "off" if getattr(args, "no_grpc", False) else ("required" if settings.grpc_port is not None else "auto")
-    if grpc_mode == "required" and importlib.util.find_spec("grpc") is None:
+    if grpc_mode == "required" and not _have_grpc():
         raise MissingExtraError("grpc", "grpcio", "the gRPC endpoint (--grpc-port)")
     engine = InferenceEngine(settings, ServeConfig.load(settings))
     for ref in args.refs:
@@ -101,8 +100,16 @@ async def _main(engine: InferenceEngine, settings: Settings, grpc_mode: str, as_
     return 0
 
 
+def _have_grpc() -> bool:
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 async def _start_grpc(engine: InferenceEngine, settings: Settings, mode: str) -> tuple[Any, int | None]:
-    if mode == "off" or (mode == "auto" and importlib.util.find_spec("grpc") is None):
+    if mode == "off" or (mode == "auto" and not _have_grpc()):
         return None, None
     from modelpod.protocols.grpc import start_grpc
 

@@ -16,7 +16,7 @@ from modelpod.frameworks import FRAMEWORKS, detect, module, require
 @pytest.mark.parametrize("name", FRAMEWORKS)
 def test_every_adapter_has_the_contract(name: str) -> None:
     mod = module(name)
-    assert mod.NAME == name
+    assert name == mod.NAME
     for attr in ("EXTRA", "IMPORTS", "DISTRIBUTIONS", "detect", "pack", "load"):
         assert hasattr(mod, attr), f"{name} lacks {attr}"
 

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelpod.cli import main
+from modelpod.store import Store
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_make_models_and_pack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("make_models_example", EXAMPLES / "make_models.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    home = tmp_path / "home"
+    assert module.main(["--out", str(tmp_path / "out"), "--pack", "--home", str(home)]) == 0
+    names = {r.name: r.manifest.framework for r in Store(home).list()}
+    assert names == {"example-sklearn": "sklearn", "example-torch": "torch", "example-export": "torch",
+                     "example-onnx": "onnx", "example-custom": "python"}
+    capsys.readouterr()
+    outputs = {}
+    for name in ("example-torch", "example-export", "example-onnx"):
+        assert main(["--home", str(home), "predict", name, "--input", str(tmp_path / "out" / "sample.npy"),
+                     "--json"]) == 0
+        outputs[name] = np.array(json.loads(capsys.readouterr().out)["outputs"][0]["data"])
+    # One trained MLP, three formats: the same predictions.
+    np.testing.assert_allclose(outputs["example-onnx"], outputs["example-torch"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outputs["example-export"], outputs["example-torch"], rtol=1e-5, atol=1e-5)
+    assert not [m for m in sys.modules if m.startswith("modelpod_user_")]
