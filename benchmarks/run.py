@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import os
 import platform
 import shutil
@@ -200,6 +201,9 @@ def prepare_perf(opts: Options) -> str | None:
 
 
 def perf_hook(workload: Workload, opts: Options, sink: dict[str, Any]) -> Callable[[int], Any]:
+    """perf_analyzer at each concurrency, windows of half a wrk point (at least 4 s: shorter windows
+    at c=64 can close before any request that started inside them has finished)."""
+
     def run(port: int) -> str:
         points = []
         try:
@@ -210,7 +214,7 @@ def perf_hook(workload: Workload, opts: Options, sink: dict[str, Any]) -> Callab
                         workload.model_name,
                         workload.features,
                         concurrency,
-                        max(2, opts.durations.load_s // 2),
+                        max(4, opts.durations.load_s // 2),
                         RUNTIME_DIR,
                         LOGS_DIR / f"perf-{workload.key}.log",
                     )
@@ -256,9 +260,7 @@ def bench_peers(workload: Workload, opts: Options, failed: dict[str, str]) -> di
         if peer in failed:
             servers[peer] = {"status": "not installed", "error": failed[peer]}
             continue
-        servers[peer] = bench_server(
-            peer, lambda port, p=peer, w=workload: peer_launch(p, w, port), workload, opts
-        )
+        servers[peer] = bench_server(peer, functools.partial(peer_launch, peer, workload), workload, opts)
     return servers
 
 
@@ -269,7 +271,7 @@ def bench_modelpod(
     if pack_error is not None:
         return {"status": "not available", "error": pack_error}, f"modelpod: not available ({pack_error})"
     entry = bench_server(
-        "modelpod", lambda port: modelpod.serve_launch(workload, port), workload, opts, after_load=hook
+        "modelpod", functools.partial(modelpod.serve_launch, workload), workload, opts, after_load=hook
     )
     if entry.get("stage") == "start":  # `modelpod serve` never answered
         entry["status"] = "not available"

@@ -84,10 +84,12 @@ def run_point(
     csv_path = out_dir / f"perf_{model}_c{concurrency}.csv"
     # perf_analyzer re-measures until 3 windows agree within --stability-percentage; on a shared
     # 2-core machine they rarely do, so the bound is loose and the last window is what we report.
+    # Zeros, not its default random bytes: random FP32 bit patterns include NaN/Inf, which it then
+    # writes into the JSON body as bare NaN (invalid JSON).
     flags = (
         f"-m {model} -u 127.0.0.1:{port} -i http --concurrency-range {concurrency}:{concurrency} "
         f"--measurement-interval {interval_s * 1000} --max-trials 3 --stability-percentage 1000 "
-        "--input-tensor-format json --output-tensor-format json"
+        "--input-tensor-format json --output-tensor-format json --input-data zero"
     ).split()
     cmd = ["taskset", "-c", LOADGEN_CPU, str(binary()), *flags, *_input_shape_arg(port, model, features)]
     cmd += ["-f", str(csv_path)]

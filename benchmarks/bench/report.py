@@ -39,7 +39,7 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 def _row(name: str, server: dict[str, Any], limit: float | None) -> list[str]:
     cells = [DISPLAY.get(name, name)]
     if server.get("status") != "ok":
-        return cells + [f"{server.get('status', '?')}: {server.get('error', '')}"[:90]]
+        return cells + [f"{server.get('status', '?')}: {server.get('error', '')}"[:140]]
     errors = 0
     for concurrency in CONCURRENCIES:
         point = _load_at(server, concurrency)
@@ -73,8 +73,8 @@ def _table_lines(rows: list[list[str]], markdown: bool) -> list[str]:
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         return lines
     full = [r for r in rows if len(r) == len(HEADER)]
-    widths = [max(len(HEADER[i]), *(len(r[i]) for r in full)) for i in range(len(HEADER))]
-    widths[0] = max(widths[0], *(len(r[0]) for r in rows))
+    widths = [max([len(HEADER[i]), *(len(r[i]) for r in full)]) for i in range(len(HEADER))]
+    widths[0] = max([widths[0], *(len(r[0]) for r in rows)])
     out = [
         "  ".join(
             h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(HEADER, widths, strict=True))
@@ -116,12 +116,11 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {}
         for concurrency in CONCURRENCIES:
             own = ok_rps(mine, concurrency)
-            peers = {
-                n: ok_rps(s, concurrency)
-                for n, s in servers.items()
-                if n != "modelpod" and s.get("status") == "ok"
-            }
-            peers = {n: v for n, v in peers.items() if v}
+            peers: dict[str, float] = {}
+            for name, server in servers.items():
+                rps = ok_rps(server, concurrency) if server.get("status") == "ok" else None
+                if name != "modelpod" and rps:
+                    peers[name] = rps
             point: dict[str, Any] = {}
             if own is not None and peers:
                 best = max(peers, key=lambda n: peers[n])
@@ -176,8 +175,10 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
 def _perf_lines(perf: dict[str, Any]) -> list[str]:
     if "skipped" in perf:
         return [f"not run: {perf['skipped']}"]
+    if not perf.get("workloads"):
+        return ["not run: modelpod was not measured"]
     lines = []
-    for key, points in perf.get("workloads", {}).items():
+    for key, points in perf["workloads"].items():
         if isinstance(points, str):
             lines.append(f"{key}: {points}")
             continue

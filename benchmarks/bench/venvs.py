@@ -31,7 +31,7 @@ def is_installed(spec: EnvSpec) -> bool:
     marker = spec.path / MARKER
     if not marker.is_file() or not spec.python.exists():
         return False
-    return json.loads(marker.read_text()).get("fingerprint") == _fingerprint(spec)
+    return bool(json.loads(marker.read_text()).get("fingerprint") == _fingerprint(spec))
 
 
 def _run_logged(cmd: list[str], log: Path, deadline_s: float) -> None:

@@ -268,7 +268,8 @@ def parser() -> argparse.ArgumentParser:
 
     c = cmd("build", "build a runnable OCI image of a pod, without a daemon")
     c.add_argument("ref")
-    c.add_argument("--base", help="registry reference, oci:DIR[:TAG] or docker-archive:FILE (default python:3.11-slim)")
+    c.add_argument("--base", help="registry reference, oci:DIR[:TAG] or docker-archive:FILE "
+                   "(default python:X.Y-slim, X.Y the pod's Python)")
     c.add_argument("--output", help="oci:DIR[:TAG] or docker-archive:FILE (default docker-archive:NAME-VERSION.tar)")
     c.add_argument("--push", metavar="REGISTRY/REPO[:TAG]")
     c.add_argument("--tag", metavar="NAME:TAG", help="the name docker load gives the image")

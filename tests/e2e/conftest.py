@@ -255,7 +255,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     """The registry on 127.0.0.1:5000 when one runs there (.ci/setup-system.sh), else our own."""
     prefix = f"t{uuid.uuid4().hex[:10]}"
     shared = os.environ.get("MODELPOD_TEST_REGISTRY", "127.0.0.1:5000")
@@ -270,7 +270,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServe
 
 
 @pytest.fixture(scope="session")
-def registry_base(registry: RegistryServer, base_image: BaseImages) -> str:
+def oci_registry_base(oci_registry: RegistryServer, base_image: BaseImages) -> str:
     """The base image pushed to the registry; its reference."""
     from modelpod.image.base import load_base
     from modelpod.image.oci import Image
@@ -278,7 +278,7 @@ def registry_base(registry: RegistryServer, base_image: BaseImages) -> str:
 
     store = BlobStore(CACHE / "base-push-blobs")
     base = load_base(base_image.oci, store, Registry)
-    ref = Reference.parse(registry.repo(f"base/debian:{BASE_TAG}"))
+    ref = Reference.parse(oci_registry.repo(f"base/debian:{BASE_TAG}"))
     client = Registry(ref.host)
     manifest = (base_image.layout / "blobs" / "sha256" / base_image.digest.removeprefix("sha256:")).read_bytes()
     doc = json.loads(manifest)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from modelpod.errors import UsageError
+from modelpod.image.base import default_base
 from modelpod.image.cli import credentials_for
-from modelpod.image.registry import Credentials, Reference, is_loopback, parse_challenge
+from modelpod.image.registry import Credentials, Reference, is_loopback, merge_scopes, parse_challenge
 
 
 @pytest.mark.parametrize(
@@ -65,3 +66,14 @@ def test_credentials_from_env_then_docker_config(tmp_path: Path) -> None:
     assert credentials_for("127.0.0.1:5000", env) == Credentials("bob", "secret")
     assert credentials_for("other.example", env) is None
     assert "secret" not in repr(Credentials("bob", "secret"))
+
+
+def test_scopes_merge_per_repository() -> None:
+    assert merge_scopes(["repository:a/b:push,pull", "repository:a/b:pull", "repository:c:pull", ""]) == [
+        "repository:a/b:pull,push", "repository:c:pull"]
+
+
+def test_default_base_follows_the_pods_python() -> None:
+    assert default_base("3.11") == "python:3.11-slim"
+    ref = Reference.parse(default_base("3.12"))
+    assert (ref.host, ref.repository, ref.tag) == ("registry-1.docker.io", "library/python", "3.12-slim")

@@ -334,3 +334,11 @@ def test_drain_refuses_new_requests_with_503(server: LiveServer) -> None:
         assert c.get("/v2/health/live").status_code == 200
         r = c.post("/v2/models/echo/infer", json=echo_request(X))
         assert r.status_code == 503 and "shutting down" in r.json()["error"]
+
+
+def test_nan_and_infinity_are_accepted_like_triton(client: httpx.Client) -> None:
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [NaN, -Infinity]}]}'
+    r = client.post("/v2/models/echo/infer", content=body)
+    assert r.status_code == 200, r.text
+    y = next(o for o in r.json()["outputs"] if o["name"] == "y")
+    assert y["data"] == [None, None]  # JSON has no NaN: orjson writes null

@@ -16,13 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from servutil import MODELS  # noqa: E402
+from servutil import MODELS
 
-from modelpod.serving import logs  # noqa: E402
-from modelpod.serving.config import BatchPolicy  # noqa: E402
-from modelpod.serving.engine import InferenceEngine  # noqa: E402
-from modelpod.serving.server import run  # noqa: E402
-from modelpod.settings import Settings  # noqa: E402
+from modelpod.serving import logs
+from modelpod.serving.config import BatchPolicy
+from modelpod.serving.engine import InferenceEngine
+from modelpod.serving.server import run
+from modelpod.settings import Settings
 
 
 def main() -> int:

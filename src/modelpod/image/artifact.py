@@ -10,6 +10,7 @@ against the pod digest, every file against the manifest, and only then adds the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from modelpod.image.oci import (
     POD_LAYER,
     BlobStore,
     Descriptor,
+    atomic_write,
     sha256_digest,
     to_json,
 )
@@ -68,13 +70,7 @@ def artifact(pod: Pod, blobs: BlobStore, version: int | None = None,
     """The artifact manifest for ``pod`` and its blobs (config first), written into ``blobs``."""
     config = pod.manifest.canonical_bytes()
     config_desc = Descriptor(POD_CONFIG, blobs.put_bytes(config), len(config))
-    layers = []
-    for title, files in file_groups(pod.manifest.files, threshold):
-        entries = [Entry(f.path, "file", 0o644, f.size, FileSource(pod.path / f.path)) for f in files]
-        with blobs.writer() as w:
-            got = write_layer(entries, w, gzip_level=None)
-            w.finish(got.digest)
-        layers.append(Descriptor(POD_LAYER, got.digest, got.size, {TITLE: title}))
+    layers = [_layer(pod, title, files, blobs) for title, files in file_groups(pod.manifest.files, threshold)]
     annotations = {"dev.modelpod.name": pod.name, "dev.modelpod.digest": pod.digest,
                    "dev.modelpod.framework": pod.manifest.framework, TITLE: pod.name}
     if version is not None:
@@ -83,6 +79,23 @@ def artifact(pod: Pod, blobs: BlobStore, version: int | None = None,
                 "config": config_desc.to_dict(), "layers": [d.to_dict() for d in layers],
                 "annotations": annotations}
     return to_json(manifest), [config_desc, *layers]
+
+
+def _layer(pod: Pod, title: str, files: Sequence[FileEntry], blobs: BlobStore) -> Descriptor:
+    """One file group as an uncompressed tar (weights rarely compress); cached by content, so a
+    re-push of the same pod reads no file again."""
+    key = hashlib.sha256(to_json(["pod-layer-v1", [(f.path, f.sha256, f.size) for f in files]])).hexdigest()
+    record = blobs.root.parent / "layers" / f"{key}.json"
+    if record.is_file():
+        known = json.loads(record.read_text())
+        if blobs.has(known["digest"]):
+            return Descriptor(POD_LAYER, known["digest"], known["size"], {TITLE: title})
+    entries = [Entry(f.path, "file", 0o644, f.size, FileSource(pod.path / f.path)) for f in files]
+    with blobs.writer() as w:
+        got = write_layer(entries, w, gzip_level=None)
+        w.finish(got.digest)
+    atomic_write(record, to_json({"digest": got.digest, "size": got.size}))
+    return Descriptor(POD_LAYER, got.digest, got.size, {TITLE: title})
 
 
 def push_pod(pod: Pod, version: int | None, target: Reference, client: Registry, blobs: BlobStore) -> Pushed:

@@ -24,6 +24,7 @@ from modelpod.image.oci import (
     OCI_CONFIG,
     BlobStore,
     Descriptor,
+    atomic_write,
     oci_layer_type,
     pick_platform,
     read_docker_archive,
@@ -35,6 +36,11 @@ from modelpod.image.registry import Reference, Registry, RegistryHTTPError
 from modelpod.image.tarball import open_layer
 
 DEFAULT_BASE = "python:3.11-slim"
+
+
+def default_base(python: str) -> str:
+    """The official CPython image matching the pod (``python:3.11-slim`` for a 3.11 pod)."""
+    return f"python:{python}-slim" if python else DEFAULT_BASE
 MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
 _PYTHON = re.compile(r"^(usr/local/bin|usr/bin)/python3(\.\d+)?$")
 _LIBC = re.compile(r"^(usr/)?lib(64)?/([a-z0-9_]+-linux-gnu/)?libc\.so\.6$")
@@ -211,10 +217,7 @@ def _scan_cached(base: BaseImage, store: BlobStore, cache: Path | None) -> dict[
         return result
     result = _scan(base, store)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        tmp.write_text(json.dumps(result, sort_keys=True))
-        tmp.replace(path)
+        atomic_write(path, json.dumps(result, sort_keys=True).encode())
     return result
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any
 
 from modelpod import __version__
 from modelpod.errors import ImageError
-from modelpod.image.base import DEFAULT_BASE, BaseImage, Interpreter, find_python, load_base
+from modelpod.image.base import BaseImage, Interpreter, default_base, find_python, load_base
 from modelpod.image.oci import (
     OCI_CONFIG,
     OCI_LAYER,
@@ -28,6 +28,7 @@ from modelpod.image.oci import (
     BlobStore,
     Descriptor,
     Image,
+    atomic_write,
     to_json,
     write_docker_archive,
     write_layout,
@@ -54,7 +55,7 @@ ANNOTATION_DIGEST = "dev.modelpod.digest"
 
 @dataclass(frozen=True)
 class BuildOptions:
-    base: str = DEFAULT_BASE
+    base: str | None = None  # None: python:<the pod's python>-slim from Docker Hub
     created: int = 0  # seconds since the epoch (SOURCE_DATE_EPOCH), for every timestamp
     source: str | None = None  # org.opencontainers.image.source
     revision: str | None = None  # org.opencontainers.image.revision (default: the pod digest)
@@ -108,10 +109,11 @@ class ImageBuilder:
     # -- build ----------------------------------------------------------------------------------
     def build(self, pod: Pod, version: int | None = None, options: BuildOptions | None = None) -> BuiltImage:
         opts = options or BuildOptions()
-        base = load_base(opts.base, self.blobs, self.registry, arch=opts.arch, progress=self.progress)
         want = pod.manifest.python or ""
         if not want:
             raise ImageError(f"pod {pod.name} does not say which Python it needs (manifest 'python' is empty)")
+        base = load_base(opts.base or default_base(want), self.blobs, self.registry, arch=opts.arch,
+                         progress=self.progress)
         python = find_python(base, self.blobs, want, self.cache / "bases")
         target = Target(want, python.machine, python.glibc or (2, 17))
         runtime, pins = runtime_layer(target, self.cache / "wheels", self.progress)
@@ -147,11 +149,8 @@ class ImageBuilder:
                 w.finish(got.digest)
             task.done()
         media = OCI_LAYER_GZIP if got.compressed else OCI_LAYER
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(".part")
-        tmp.write_text(json.dumps({"digest": got.digest, "diff_id": got.diff_id, "size": got.size,
-                                   "media_type": media}))
-        tmp.replace(record)
+        atomic_write(record, to_json({"digest": got.digest, "diff_id": got.diff_id, "size": got.size,
+                                      "media_type": media}))
         return BuiltLayer(spec.role, spec.title, Descriptor(media, got.digest, got.size), got.diff_id)
 
     def _annotations(self, pod: Pod, version: int | None, base: BaseImage, opts: BuildOptions) -> dict[str, str]:

@@ -13,7 +13,6 @@ from typing import Any
 
 from modelpod.errors import UsageError
 from modelpod.image.artifact import pull_pod, push_pod
-from modelpod.image.base import DEFAULT_BASE
 from modelpod.image.builder import BuildOptions, BuiltImage, ImageBuilder
 from modelpod.image.oci import BlobStore
 from modelpod.image.progress import Progress, RichProgress, Silent
@@ -105,7 +104,7 @@ def build_command(args: argparse.Namespace, settings: Settings) -> Any:
     pod = store.open(rec.ref)
     push = Reference.parse(args.push) if args.push else None
     kind, out, out_tag = _output(args.output, rec.name, rec.version) if args.output or not push else ("", Path(), None)
-    options = BuildOptions(base=args.base or DEFAULT_BASE, created=_source_date_epoch(),
+    options = BuildOptions(base=args.base, created=_source_date_epoch(),
                            source=getattr(args, "source", None), revision=getattr(args, "revision", None))
     tag = getattr(args, "tag", None) or f"modelpod/{rec.name}:{rec.version}"
     with _progress(args) as progress:
@@ -138,12 +137,12 @@ def _print_build(built: BuiltImage, outputs: Mapping[str, Any]) -> None:
                       "cached" if layer.cached else "")
     console = Console(highlight=False)
     console.print(table)
-    console.print(f"image {built.digest}  (python {built.interpreter.path}, base {built.base.name})")
+    console.print(f"image {built.digest}  (python {built.interpreter.path}, base {built.base.name})", soft_wrap=True)
     for key in ("oci", "docker-archive", "pushed"):
         if key in outputs:
-            console.print(f"{key}: {outputs[key]}")
+            console.print(f"{key}: {outputs[key]}", soft_wrap=True)
     if "docker-archive" in outputs:
-        console.print(f"load it with: docker load -i {outputs['docker-archive']}")
+        console.print(f"load it with: docker load -i {outputs['docker-archive']}", soft_wrap=True)
 
 
 def push_command(args: argparse.Namespace, settings: Settings) -> Any:

@@ -220,12 +220,12 @@ def write_layout(directory: Path, image: Image, store: BlobStore, tag: str) -> P
     blobs.mkdir(parents=True, exist_ok=True)
     for d in image.blobs():
         _place(store.path(d.digest), blobs / d.digest.removeprefix("sha256:"))
-    (blobs / image.digest.removeprefix("sha256:")).write_bytes(image.manifest)
+    atomic_write(blobs / image.digest.removeprefix("sha256:"), image.manifest)
     kept = [m for m in index.get("manifests") or () if (m.get("annotations") or {}).get(REF_NAME) != tag]
     index["manifests"] = [*kept, image.descriptor({REF_NAME: tag}).to_dict()]
-    _atomic_write(directory / "oci-layout", to_json({"imageLayoutVersion": "1.0.0"}))
+    atomic_write(directory / "oci-layout", to_json({"imageLayoutVersion": "1.0.0"}))
     # index.json last: a reader never sees a tag whose blobs are not all there.
-    _atomic_write(index_path, to_json(index))
+    atomic_write(index_path, to_json(index))
     return directory
 
 
@@ -351,7 +351,14 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write by rename, under a unique temporary name, so concurrent writers never mix bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -341,7 +341,7 @@ class Registry:
         realm = urlsplit(params["realm"])
         if realm.scheme not in ("http", "https") or (realm.scheme == "http" and not is_loopback(realm.netloc)):
             raise RegistryError(f"registry {self.host}: refusing token realm {params['realm']!r} (not https)")
-        wanted = sorted({*params.get("scope", "").split(), *scopes} - {""})
+        wanted = merge_scopes([*params.get("scope", "").split(), *scopes])
         query = [("service", params["service"])] if params.get("service") else []
         query += [("scope", s) for s in wanted]
         headers = {"Authorization": self.credentials.basic()} if self.credentials else {}
@@ -374,6 +374,17 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.strip().partition(" ")
     params = {k.lower(): (q if q or not u else u) for k, q, u in re.findall(r'(\w+)=(?:"([^"]*)"|([^,\s]*))', rest)}
     return scheme.lower(), params
+
+
+def merge_scopes(scopes: Iterable[str]) -> list[str]:
+    """One ``type:name:actions`` per resource, actions united and sorted (challenges repeat ours)."""
+    merged: dict[tuple[str, str], set[str]] = {}
+    for scope in scopes:
+        kind, _, rest = scope.partition(":")
+        name, _, actions = rest.rpartition(":")
+        if kind and name:
+            merged.setdefault((kind, name), set()).update(a for a in actions.split(",") if a)
+    return [f"{kind}:{name}:{','.join(sorted(actions))}" for (kind, name), actions in sorted(merged.items())]
 
 
 def _pull(repo: str) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 import time
 import zlib
@@ -57,6 +58,8 @@ def is_loopback(host: str) -> bool:
 
 def check_depth(obj: Any, limit: int) -> None:
     """Raise InvalidRequestError when JSON containers nest deeper than ``limit``."""
+    if not isinstance(obj, (list, dict)):
+        return
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         node, depth = stack.pop()
@@ -66,6 +69,16 @@ def check_depth(obj: Any, limit: int) -> None:
         for child in children:
             if isinstance(child, (list, dict)):
                 stack.append((child, depth + 1))
+
+
+def _lenient_json(data: bytes, error: Exception) -> Any:
+    """Parse JSON holding NaN/Infinity, as Triton does (perf_analyzer's random data has them)."""
+    if b"NaN" not in data and b"Infinity" not in data:
+        raise InvalidRequestError(f"the request body is not valid JSON: {error}")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise InvalidRequestError(f"the request body is not valid JSON: {error}") from None
 
 
 def _safe_id(value: str | None) -> str | None:
@@ -197,7 +210,7 @@ class RestApp:
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+            obj = _lenient_json(data, exc)
         # Counting brackets is cheap; only bodies that could be too deep get walked.
         if data.count(b"[") + data.count(b"{") > self.max_depth:
             check_depth(obj, self.max_depth)

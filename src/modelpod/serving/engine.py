@@ -121,21 +121,23 @@ class InferenceEngine:
     def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
         """Triton's model configuration (what perf_analyzer reads): batch size and tensor dims."""
         entry = self.resolve(name, version)
-        batched = entry.batchable and bool(entry.signature.inputs) and entry.policy.max_batch_rows > 1
+        sig = entry.signature
+        # Triton's dims leave out the batch dimension when max_batch_size > 0.
+        batched = (entry.batchable and bool(sig.inputs) and entry.policy.max_batch_rows > 1
+                   and all(len(t.shape) >= 1 and t.shape[0] == -1 for t in sig.outputs))
 
         def tensors(specs: Any) -> list[dict[str, Any]]:
             return [{"name": t.name, "data_type": _TRITON_TYPES.get(t.datatype, f"TYPE_{t.datatype}"),
                      "dims": list(t.shape[1:] if batched else t.shape)} for t in specs]
 
-        outputs_batched = all(len(t.shape) >= 1 and t.shape[0] == -1 for t in entry.signature.outputs)
         config: dict[str, Any] = {
             "name": entry.name,
             "platform": f"modelpod_{entry.platform}",
             "backend": "modelpod",
             "version_policy": {"specific": {"versions": [entry.version]}} if entry.version else {"latest": {}},
-            "max_batch_size": entry.policy.max_batch_rows if batched and outputs_batched else 0,
-            "input": tensors(entry.signature.inputs),
-            "output": tensors(entry.signature.outputs) if outputs_batched or not batched else [],
+            "max_batch_size": entry.policy.max_batch_rows if batched else 0,
+            "input": tensors(sig.inputs),
+            "output": tensors(sig.outputs),
         }
         if config["max_batch_size"]:
             config["dynamic_batching"] = {

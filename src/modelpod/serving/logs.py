@@ -44,13 +44,15 @@ class TextFormatter(logging.Formatter):
 
 def configure(level: str = "info", json: bool = True) -> None:
     """Send modelpod's logs to stderr (replacing an earlier call's handler)."""
-    logger = logging.getLogger(LOGGER)
-    for handler in list(logger.handlers):
-        if getattr(handler, "_modelpod", False):
-            logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json else TextFormatter())
     handler._modelpod = True  # type: ignore[attr-defined]
-    logger.addHandler(handler)
-    logger.setLevel(getattr(logging, level.upper(), logging.INFO))
-    logger.propagate = False
+    # asyncio reports errors in callbacks through its own logger: keep those one JSON line too.
+    for name, lvl in ((LOGGER, level), ("asyncio", "warning")):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            if getattr(old, "_modelpod", False):
+                logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(getattr(logging, lvl.upper(), logging.INFO))
+        logger.propagate = False

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from modelpod import __version__
 from modelpod.errors import MissingExtraError, ModelpodError, UsageError
 from modelpod.protocols.http import HttpServer
-from modelpod.protocols.rest import RestApp
+from modelpod.protocols.rest import RestApp, is_loopback
 from modelpod.serving import logs
 from modelpod.serving.config import ServeConfig
 from modelpod.serving.engine import InferenceEngine
@@ -86,6 +86,10 @@ async def _main(engine: InferenceEngine, settings: Settings, grpc_mode: str, as_
     except OSError as exc:
         raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
     grpc_server, grpc_port = await _start_grpc(engine, settings, grpc_mode)
+    if settings.token is None and not is_loopback(settings.host):
+        log.warning("listening beyond loopback without a token: inference is open to the network and the "
+                    "repository API (load/unload) is refused; set --token or MODELPOD_TOKEN",
+                    extra={"fields": {"host": settings.host}})
     try:
         await engine.start()
         _announce(engine, settings, port, grpc_port, as_json, out)
