@@ -31,7 +31,6 @@ from modelpod.image.oci import (
     read_layout,
     sha256_digest,
 )
-from modelpod.image.progress import Progress, Silent
 from modelpod.image.registry import Reference, Registry, RegistryHTTPError
 from modelpod.image.tarball import open_layer
 
@@ -73,9 +72,8 @@ class Interpreter:
 
 
 def load_base(spec: str, store: BlobStore, registry: Callable[[str], Registry], *,
-              arch: str = "amd64", progress: Progress | None = None) -> BaseImage:
+              arch: str = "amd64") -> BaseImage:
     """Read the base named by ``spec`` (``oci:DIR[:TAG]``, ``docker-archive:FILE`` or a reference)."""
-    progress = progress or Silent()
     if spec.startswith("oci:"):
         directory, tag = _split_layout(spec[4:])
         data, media = read_layout(directory, tag, arch=arch)

@@ -112,8 +112,7 @@ class ImageBuilder:
         want = pod.manifest.python or ""
         if not want:
             raise ImageError(f"pod {pod.name} does not say which Python it needs (manifest 'python' is empty)")
-        base = load_base(opts.base or default_base(want), self.blobs, self.registry, arch=opts.arch,
-                         progress=self.progress)
+        base = load_base(opts.base or default_base(want), self.blobs, self.registry, arch=opts.arch)
         python = find_python(base, self.blobs, want, self.cache / "bases")
         target = Target(want, python.machine, python.glibc or (2, 17))
         runtime, pins = runtime_layer(target, self.cache / "wheels", self.progress)
@@ -203,7 +202,8 @@ class ImageBuilder:
         }
         history = list(base.config.get("history") or [])
         if sum(1 for h in history if not h.get("empty_layer")) != len(base.layers):
-            history = [{"created": created, "created_by": f"base {base.name}"} for _ in base.layers]
+            # Not the base's name: a local path there would make the digest depend on the directory.
+            history = [{"created": created, "created_by": "base image layer"} for _ in base.layers]
         history += [{"created": created, "created_by": f"modelpod build: {b.title}", "comment": b.role}
                     for b in layers if b.role != "base"]
         doc = {
