@@ -125,6 +125,7 @@ def bench_server(
             points.append(point.to_json())
         result["load"] = points
         result["memory"] = procs.tree_memory(server)
+        result["loadavg_1m_after"] = os.getloadavg()[0]  # others' work on the box skews everything
         if after_load is not None:
             result["after_load"] = after_load(port)
         result["status"] = "ok"
