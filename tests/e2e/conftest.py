@@ -272,19 +272,16 @@ def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryS
 @pytest.fixture(scope="session")
 def oci_registry_base(oci_registry: RegistryServer, base_image: BaseImages) -> str:
     """The base image pushed to the registry; its reference."""
-    from modelpod.image.base import load_base
-    from modelpod.image.oci import Image
     from modelpod.image.registry import Reference, Registry
 
-    store = BlobStore(CACHE / "base-push-blobs")
-    base = load_base(base_image.oci, store, Registry)
+    store = BlobStore(base_image.layout / "blobs")  # a layout's blobs/ is a blob store already
+    manifest = store.path(base_image.digest).read_bytes()
+    doc = json.loads(manifest)
     ref = Reference.parse(oci_registry.repo(f"base/debian:{BASE_TAG}"))
     client = Registry(ref.host)
-    manifest = (base_image.layout / "blobs" / "sha256" / base_image.digest.removeprefix("sha256:")).read_bytes()
-    doc = json.loads(manifest)
-    image = Image(manifest, OCI_MANIFEST, Descriptor.from_dict(doc["config"]), base.layers)
-    for d in image.blobs():
-        client.push_blob(ref.repository, d, store.path(d.digest))
+    for d in (doc["config"], *doc["layers"]):
+        desc = Descriptor.from_dict(d)
+        client.push_blob(ref.repository, desc, store.path(desc.digest))
     client.put_manifest(ref.repository, BASE_TAG, manifest, OCI_MANIFEST)
     return str(ref)
 
