@@ -6,7 +6,7 @@
 #  - starts a registry on 127.0.0.1:5000 when nothing answers there (the tests use it, or their own).
 set -euo pipefail
 
-PACKAGES=(ca-certificates curl openssl docker.io docker-registry skopeo umoci debootstrap prometheus)
+PACKAGES=(ca-certificates curl openssl python3-venv docker.io docker-registry skopeo umoci debootstrap prometheus)
 STATE=/var/lib/modelpod-ci
 LOGS=/var/log/modelpod-ci
 
