@@ -131,7 +131,9 @@ def peer_launch(peer: str, workload: Workload, port: int) -> LaunchSpec:
         extra.update({"BENTOML_HOME": str(RUNTIME_DIR / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "True"})
     elif peer == "ray":
         cmd = [py, str(PEERS_DIR / "rayserve_app.py")]
-        extra.update({"RAY_USAGE_STATS_ENABLED": "0"})
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's single-machine mode: its processes then talk
+        # over 127.0.0.1 instead of the host's interface address.
+        extra.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     else:
         raise ValueError(f"unknown peer {peer}")
     return LaunchSpec(cmd=cmd, env=base_env(venv, extra), cwd=PEERS_DIR)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,8 +23,6 @@ WORKLOAD = workload_from_env()
 @serve.deployment(max_ongoing_requests=2 * WORKLOAD.max_batch)
 class OipDeployment:
     def __init__(self, kind: str, model_dir: str, model_name: str, batching: bool) -> None:
-        from pathlib import Path
-
         self.model = load_predictor(kind, Path(model_dir))
         self.model_name = model_name
         self.batching = batching

@@ -8,7 +8,8 @@ Waiting: with a free model, a batch waits for more rows only up to the number of
 flight together recently (learned up on arrival, down when a wait runs out) and never longer than
 ``max_batch_wait_ms`` after its oldest request arrived. So a lone client is never delayed, and
 concurrent clients fill batches. Everything is driven by callbacks on the event loop: no
-per-request threads or tasks.
+per-request threads, tasks or timers (one timer sweeps the request deadlines, which come in
+arrival order because every request of a model has the same timeout).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -32,16 +34,17 @@ _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
 
 class _Pending:
-    __slots__ = ("arrived", "future", "inputs", "key", "rows", "state", "timer")
+    __slots__ = ("arrived", "deadline", "future", "inputs", "key", "rows", "state")
 
-    def __init__(self, inputs: Batch, rows: int, key: Any, future: asyncio.Future[Batch], arrived: float) -> None:
+    def __init__(self, inputs: Batch, rows: int, key: Any, future: asyncio.Future[Batch], arrived: float,
+                 deadline: float) -> None:
         self.inputs = inputs
         self.rows = rows
         self.key = key
         self.future = future
         self.arrived = arrived
+        self.deadline = deadline
         self.state = _QUEUED
-        self.timer: asyncio.TimerHandle | None = None
 
 
 class Batcher:
@@ -58,6 +61,8 @@ class Batcher:
         self._running = 0
         self._target = 1  # rows expected in flight together; learned
         self._gather: asyncio.TimerHandle | None = None
+        self._deadlines: deque[_Pending] = deque()  # unanswered requests, oldest first
+        self._sweeper: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: list[asyncio.Future[None]] = []
         self._closed = False
@@ -79,8 +84,12 @@ class Batcher:
             loop = self._loop = asyncio.get_running_loop()
         rows = rows_of(inputs)
         key = merge_key(inputs) if rows is not None and self.batchable else None
-        item = _Pending(inputs, rows if rows is not None else 1, key, loop.create_future(), loop.time())
-        item.timer = loop.call_later(self.policy.timeout_s, self._expire, item)
+        now = loop.time()
+        item = _Pending(inputs, rows if rows is not None else 1, key, loop.create_future(), now,
+                        now + self.policy.timeout_s)
+        self._deadlines.append(item)
+        if self._sweeper is None:
+            self._sweeper = loop.call_at(item.deadline, self._sweep)
         self._queue.append(item)
         self._queued_rows += item.rows
         self.inflight += 1
@@ -107,9 +116,9 @@ class Batcher:
         if item.state == _DONE:
             return
         item.state = _DONE
-        if item.timer is not None:
-            item.timer.cancel()
-            item.timer = None
+        deadlines = self._deadlines
+        while deadlines and deadlines[0].state == _DONE:
+            deadlines.popleft()
         self.inflight -= 1
         self._inflight_rows -= item.rows
         if not item.future.done():
@@ -137,11 +146,7 @@ class Batcher:
                     self._gather = loop.call_later(wait, self._gather_expired)
                     return
             force = False
-            items = self._take()
-            self._running += 1
-            task = loop.create_task(self._run(items))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start(self._take())
 
     def _gather_expired(self) -> None:
         self._gather = None
@@ -173,69 +178,96 @@ class Batcher:
             return
         self._queued_rows -= item.rows
 
-    def _expire(self, item: _Pending) -> None:
-        item.timer = None
-        if item.state == _QUEUED:
-            self._unqueue(item)
-        self._finish(item, error=InferenceTimeoutError(
-            f"model {self.worker.label}: no answer within {self.policy.timeout_s:g}s"))
+    def _sweep(self) -> None:
+        """Answer 504 to every request past its deadline; re-arm for the oldest one left."""
+        self._sweeper = None
+        loop = self._loop
+        assert loop is not None
+        # Timers may fire a little early (uvloop rounds to milliseconds).
+        now = loop.time() + 0.001
+        deadlines = self._deadlines
+        while deadlines:
+            item = deadlines[0]
+            if item.state != _DONE:
+                if item.deadline > now:
+                    self._sweeper = loop.call_at(item.deadline, self._sweep)
+                    return
+                if item.state == _QUEUED:
+                    self._unqueue(item)
+                self._finish(item, error=InferenceTimeoutError(
+                    f"model {self.worker.label}: no answer within {self.policy.timeout_s:g}s"))
+            if deadlines and deadlines[0] is item:
+                deadlines.popleft()
 
     # -- running batches --------------------------------------------------------------------------
-    async def _run(self, items: list[_Pending]) -> None:
-        try:
-            if len(items) == 1:
-                await self._run_one(items[0])
-            else:
-                await self._run_merged(items)
-        finally:
-            self._running -= 1
-            if not self._closed:
-                self._dispatch()
-
-    async def _run_one(self, item: _Pending) -> None:
-        if item.state == _DONE:  # timed out while queued behind a batch
-            return
+    def _start(self, items: list[_Pending]) -> None:
+        """Hand one batch to the worker; ``_ran`` gets the outputs back on the loop."""
+        loop = self._loop
+        assert loop is not None
+        self._running += 1
+        if len(items) == 1:
+            batch = items[0].inputs
+            total = items[0].rows
+        else:
+            batch = {n: np.concatenate([i.inputs[n] for i in items]) for n in items[0].inputs}
+            total = sum(i.rows for i in items)
         if self.metrics is not None:
-            self.metrics.observe_batch(item.rows, 1)
+            self.metrics.observe_batch(total, len(items))
         try:
-            out = await self.worker.predict(item.inputs)
+            self.worker.submit(batch, partial(self._ran, items, total), loop)
         except Exception as exc:
-            self._finish(item, error=exc)
-            return
-        self._finish(item, out)
+            self._ran(items, total, None, exc)
 
-    async def _run_merged(self, items: list[_Pending]) -> None:
-        live = [i for i in items if i.state != _DONE]
-        if len(live) <= 1:
-            for item in live:
-                await self._run_one(item)
+    def _ran(self, items: list[_Pending], total: int, out: Batch | None, err: BaseException | None) -> None:
+        """A batch came back (on the loop): answer each caller with its own rows."""
+        if len(items) == 1:
+            self._finish(items[0], out, err)
+            self._release()
             return
-        names = list(live[0].inputs)
-        merged = {n: np.concatenate([i.inputs[n] for i in live]) for n in names}
-        total = sum(i.rows for i in live)
-        if self.metrics is not None:
-            self.metrics.observe_batch(total, len(live))
-        try:
-            out = await self.worker.predict(merged)
-        except Exception as exc:
-            # One bad request must not fail its neighbours: run them one by one.
-            log.debug("batch failed; retrying its requests one by one",
-                      extra={"fields": {"model": self.worker.label, "error": str(exc)}})
-            for item in live:
-                await self._run_one(item)
-            return
-        if any(v.ndim == 0 or v.shape[0] != total for v in out.values()):
+        if err is None:
+            assert out is not None
+            if all(v.ndim > 0 and v.shape[0] == total for v in out.values()):
+                start = 0
+                for item in items:
+                    end = start + item.rows
+                    self._finish(item, {k: v[start:end] for k, v in out.items()})
+                    start = end
+                self._release()
+                return
             self.batchable = False
             log.warning("model outputs do not keep one row per input row; batching turned off",
                         extra={"fields": {"model": self.worker.label}})
-            for item in live:
-                await self._run_one(item)
-            return
-        start = 0
-        for item in live:
-            end = start + item.rows
-            self._finish(item, {k: v[start:end] for k, v in out.items()})
-            start = end
+        else:
+            # One bad request must not fail its neighbours: run them one by one.
+            log.debug("batch failed; retrying its requests one by one",
+                      extra={"fields": {"model": self.worker.label, "error": str(err)}})
+        loop = self._loop
+        assert loop is not None
+        task = loop.create_task(self._one_by_one(items))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _release(self) -> None:
+        """A batch slot freed up: start the next batch."""
+        self._running -= 1
+        if not self._closed:
+            self._dispatch()
+
+    async def _one_by_one(self, items: list[_Pending]) -> None:
+        try:
+            for item in items:
+                if item.state == _DONE:  # timed out meanwhile
+                    continue
+                if self.metrics is not None:
+                    self.metrics.observe_batch(item.rows, 1)
+                try:
+                    out = await self.worker.predict(item.inputs)
+                except Exception as exc:
+                    self._finish(item, error=exc)
+                else:
+                    self._finish(item, out)
+        finally:
+            self._release()
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def wait_idle(self) -> None:
@@ -249,6 +281,9 @@ class Batcher:
     def close(self, reason: str = "unloaded") -> None:
         """Refuse new requests and fail the queued ones; running batches finish."""
         self._closed = True
+        if self._sweeper is not None and not self._deadlines:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._gather is not None:
             self._gather.cancel()
             self._gather = None
