@@ -75,3 +75,37 @@ def test_read_sample_forms(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_sample(tmp_path / "c.json", [])["x"], a)
     with pytest.raises(UsageError):
         read_sample(tmp_path / "nope.npy", [])
+
+
+def _wheel(directory: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> None:
+    """A minimal pure-Python wheel, enough for pip's resolver."""
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires)
+    files = {
+        f"{name}/__init__.py": "",
+        f"{info}/METADATA": meta,
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{p},,\n" for p in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(directory / f"{name}-{version}-py3-none-any.whl", "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+
+
+def test_requirements_file_is_resolved_to_exact_pins(tmp_path: Path) -> None:
+    from modelpod.packing import lock_requirements
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "mp_alpha", "1.0", ("mp-beta>=2",))
+    _wheel(wheels, "mp_beta", "1.5")
+    _wheel(wheels, "mp_beta", "2.1")
+    req = tmp_path / "requirements.txt"
+    req.write_text(f"--no-index\n--find-links {wheels}\nmp-alpha\n")
+    assert [p.lower().replace("_", "-") for p in lock_requirements(req)] == ["mp-alpha==1.0", "mp-beta==2.1"]
+    req.write_text(f"--no-index\n--find-links {wheels}\nmp-alpha\nmp-beta<2\n")
+    with pytest.raises(UsageError, match="cannot resolve"):
+        lock_requirements(req)
