@@ -39,12 +39,17 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "BYTES": np.dtype(object),
 }
 _KIND_TO_DATATYPE = {np.dtype(v).str: k for k, v in DATATYPES.items() if k != "BYTES"}
+# The common case in one lookup: native-order dtypes (and object) as numpy hands them out.
+_BY_DTYPE: dict[np.dtype[Any], str] = {dtype: name for name, dtype in DATATYPES.items()}
 
 FILE_ROLES = ("weights", "code", "config", "data")
 
 
 def datatype_of(array: np.ndarray[Any, Any]) -> str:
     """The OIP datatype of a numpy array (strings and bytes map to BYTES)."""
+    found = _BY_DTYPE.get(array.dtype)
+    if found is not None:
+        return found
     if array.dtype.kind in {"O", "U", "S"}:
         return "BYTES"
     key = array.dtype.newbyteorder("=").str if array.dtype.byteorder not in "=|" else array.dtype.str

@@ -109,3 +109,23 @@ def test_damaged_skops_is_one_line(tmp_path: Path, store: Store) -> None:
         pack(bad, "lr", store, sample=np.zeros((1, 2), np.float32))
     assert "broken.skops" in str(info.value) and "\n" not in str(info.value)
     assert_store_empty(store)
+
+
+def test_skops_is_imported_without_torch_or_pytest() -> None:
+    # skops lists sklearn's estimators on import, which walks every sklearn package; that must
+    # not drag torch (hundreds of MB) or pytest into a serving process.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from modelpod.frameworks.sklearn import skops_io\n"
+        "sio = skops_io()\n"
+        "from skops.io import _trusted_types as tt\n"
+        "assert 'sklearn.linear_model._logistic.LogisticRegression' in tt.SKLEARN_ESTIMATOR_TYPE_NAMES\n"
+        "print(sorted(m for m in ('torch', 'pytest') if m in sys.modules))\n"
+        "import pytest, sklearn.externals.array_api_compat  # the block ended with the import\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

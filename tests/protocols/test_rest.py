@@ -174,6 +174,16 @@ def test_json_depth_cap_is_400(client: httpx.Client) -> None:
     assert r.status_code == 400 and "deeper" in r.json()["error"]
 
 
+def test_json_depth_cap_holds_in_long_bodies(client: httpx.Client) -> None:
+    # Long bodies find their brackets another way than short ones; the cap must hold for both.
+    rows = np.arange(2000, dtype=np.float32).reshape(1000, 2)
+    deep = {**echo_request(rows), "parameters": {"p": json.loads("[" * 20 + "]" * 20)}}
+    r = client.post("/v2/models/echo/infer", json=deep)
+    assert r.status_code == 400 and "deeper" in r.json()["error"]
+    r = client.post("/v2/models/echo/infer", json=echo_request(rows))
+    assert r.status_code == 200, r.text
+
+
 def test_metrics_endpoint(client: httpx.Client) -> None:
     client.post("/v2/models/echo/infer", json=echo_request(X))
     r = client.get("/metrics")

@@ -173,3 +173,35 @@ async def test_close_fails_queued_requests() -> None:
     model.gate.set()
     await running
     await b.wait_idle()
+
+
+async def test_each_request_times_out_on_its_own_deadline() -> None:
+    # One timer sweeps the deadlines: it must re-arm for later requests, and after going idle.
+    model = GatedModel()
+    b = make(model, max_batch_rows=1, timeout_s=0.05)
+    first = asyncio.ensure_future(b.submit(rows(1)))
+    await until(lambda: model.entered == 1, "the first batch to start")
+    second = asyncio.ensure_future(b.submit(rows(1)))
+    with pytest.raises(InferenceTimeoutError):
+        await first
+    with pytest.raises(InferenceTimeoutError):
+        await second
+    assert b.inflight == 0 and b.queue_depth == 0
+    model.gate.set()
+    await until(lambda: model.batches == [1], "the running batch to end")  # the queued one never ran
+    third = await b.submit(rows(1, start=3))  # answered in time: no stale deadline fires
+    np.testing.assert_array_equal(third["y"], rows(1, start=3)["x"])
+    model.gate.clear()
+    late = asyncio.ensure_future(b.submit(rows(1)))
+    with pytest.raises(InferenceTimeoutError):
+        await late
+    model.gate.set()
+    await until(lambda: b.inflight == 0 and len(model.batches) == 3, "the last batch to end")
+
+
+async def test_answered_requests_leave_the_deadline_queue() -> None:
+    b = make(EchoModel(), max_batch_rows=8, max_batch_wait_ms=0)
+    outs = await asyncio.gather(*(b.submit(rows(1, start=i)) for i in range(50)))
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out["y"], rows(1, start=i)["x"])
+    assert not b._deadlines  # nothing kept alive after its answer

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.machinery
 import shutil
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -37,8 +42,7 @@ def pack(src: Path, dest: Path, request: PackRequest) -> Packed:
             raise refuse_pickle(file, "a pickled scikit-learn model")
         scan_pickle(file)
     else:
-        import skops.io as sio
-
+        sio = skops_io()
         try:
             untrusted = sio.get_untrusted_types(file=file)
         except Exception as exc:  # skops raises zipfile, json and its own errors for a damaged file
@@ -72,8 +76,7 @@ class SklearnModel(Model):
             except (OSError, EOFError, ValueError, AttributeError, ImportError) as exc:
                 raise unreadable(path, "a pickled scikit-learn model", exc) from None
         else:
-            import skops.io as sio
-
+            sio = skops_io()
             # Only the types recorded at pack time are trusted; anything new is refused by skops.
             trusted = list(opts.get("trusted_types") or [])
             try:
@@ -101,3 +104,42 @@ class SklearnModel(Model):
 
 def load(pod: Pod) -> Model:
     return SklearnModel(pod)
+
+
+# Imported by skops.io's first import only for nothing: see ``skops_io``.
+_NOT_NEEDED = ("sklearn.externals.array_api_compat.torch", "pytest")
+
+
+class _Refuse(importlib.abc.MetaPathFinder):
+    """An import hook that makes the named modules look absent (those not imported yet)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = frozenset(names)
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None,
+                  ) -> importlib.machinery.ModuleSpec | None:
+        if fullname in self.names:
+            raise ImportError(f"{fullname} is not needed here", name=fullname)
+        return None
+
+
+def skops_io() -> ModuleType:
+    """``skops.io``, imported without the modules its import drags in for nothing.
+
+    On import skops lists scikit-learn's estimators (``sklearn.utils.all_estimators``), which
+    imports every sklearn package: among them the array-API shim for torch, which imports all of
+    torch where torch is installed (about 250 MB and seconds, for a model that never sees a
+    tensor), and sklearn's test helpers, which import pytest where it is installed. Both are
+    optional to sklearn (it handles their ImportError, as where they are not installed), and the
+    estimator list comes out the same.
+    """
+    if "skops.io" not in sys.modules:
+        import sklearn  # noqa: F401 - first, as usual: its own import looks for torch in sys.modules
+
+        hook = _Refuse(_NOT_NEEDED)
+        sys.meta_path.insert(0, hook)
+        try:
+            importlib.import_module("skops.io")
+        finally:
+            sys.meta_path.remove(hook)
+    return sys.modules["skops.io"]

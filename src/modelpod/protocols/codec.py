@@ -90,9 +90,12 @@ def _head(t: Mapping[str, Any], where: str) -> tuple[str, str, tuple[int, ...]]:
         raise InvalidRequestError(f"{where}: 'name' must be a non-empty string")
     if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise InvalidRequestError(f"input {name!r}: unknown datatype {datatype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list):
         raise InvalidRequestError(f"input {name!r}: 'shape' must be a list of non-negative integers")
-    return name, str(datatype), tuple(shape)
+    for d in shape:
+        if type(d) is not int or d < 0:  # JSON gives int or bool; bool is refused too
+            raise InvalidRequestError(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    return name, datatype, tuple(shape)
 
 
 def _count(shape: Sequence[int]) -> int:

@@ -31,6 +31,7 @@ from modelpod.serving.worker import ModelWorker, merge_key, rows_of
 log = logging.getLogger("modelpod.serving")
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
+_UNSET: Any = object()  # merge key not computed yet: only needed once a neighbour queues
 
 
 class _Pending:
@@ -83,7 +84,7 @@ class Batcher:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         rows = rows_of(inputs)
-        key = merge_key(inputs) if rows is not None and self.batchable else None
+        key = _UNSET if rows is not None and self.batchable else None
         now = loop.time()
         item = _Pending(inputs, rows if rows is not None else 1, key, loop.create_future(), now,
                         now + self.policy.timeout_s)
@@ -158,11 +159,12 @@ class Batcher:
         first = self._queue.popleft()
         items = [first]
         rows = first.rows
-        if first.key is not None:
+        if first.key is not None and self.batchable and self._queue:
             limit = self.policy.max_batch_rows
+            key = _key_of(first)
             while self._queue:
                 nxt = self._queue[0]
-                if nxt.key != first.key or rows + nxt.rows > limit:
+                if nxt.key is None or rows + nxt.rows > limit or _key_of(nxt) != key:
                     break
                 items.append(self._queue.popleft())
                 rows += nxt.rows
@@ -291,3 +293,9 @@ class Batcher:
             item = self._queue.popleft()
             self._finish(item, error=ModelNotReadyError(f"model {self.worker.label} {reason}"))
         self._queued_rows = 0
+
+
+def _key_of(item: _Pending) -> Any:
+    if item.key is _UNSET:
+        item.key = merge_key(item.inputs)
+    return item.key

@@ -10,7 +10,7 @@ per request cost about as much as a small model's predict.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -20,6 +20,8 @@ import numpy as np
 
 from modelpod.errors import InferenceError, ModelpodError
 from modelpod.model import Batch, Model
+
+log = logging.getLogger("modelpod.serving")
 
 # Called on the loop thread with (outputs, None) or (None, error).
 Done = Callable[[Batch | None, BaseException | None], None]
@@ -82,9 +84,10 @@ class ModelWorker:
                 out = self.call(batch)
             except BaseException as exc:  # handed to the caller, never lost
                 err = exc
-            # RuntimeError: the loop closed meanwhile, and nobody is waiting any more.
-            with contextlib.suppress(RuntimeError):
+            try:
                 loop.call_soon_threadsafe(done, out, err)
+            except RuntimeError:  # the loop closed meanwhile: nobody is waiting any more
+                log.debug("a batch finished after its event loop closed", extra={"fields": {"model": self.label}})
             del job, batch, out, err  # drop references before blocking again
 
     def call(self, batch: Batch) -> Batch:
