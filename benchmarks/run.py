@@ -106,6 +106,9 @@ def bench_server(
     wrk_log.write_text("")
     url = f"http://127.0.0.1:{port}{workload.route}"
     body = workload.body_path.read_bytes()
+    busy = procs.wait_quiet()
+    if busy > 0.15:
+        log(f"{label} {workload.key}: machine still {busy:.0%} busy after waiting; numbers may be low")
     server = procs.launch(label, spec.cmd, spec.env, spec.cwd, log_path, SERVER_CPU)
     result: dict[str, Any] = {"command": spec.cmd, "log": str(log_path)}
     stage = "start"

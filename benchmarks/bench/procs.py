@@ -210,3 +210,29 @@ def stop(server: Server, grace_s: float = 15.0) -> None:
         _signal_all(session_members(server.proc.pid), signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         server.proc.wait(timeout=10)
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs, from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def wait_quiet(max_busy: float = 0.15, window_s: float = 1.0, deadline_s: float = 60.0) -> float:
+    """Wait until the machine is mostly idle, so one server's teardown (Ray's many processes take
+    seconds to exit) does not load the next server's measurement. Returns the last busy share; gives
+    up at the deadline and says so in the log rather than waiting forever."""
+    end = time.monotonic() + deadline_s
+    busy_share = 1.0
+    while time.monotonic() < end:
+        b0, t0 = _cpu_times()
+        # A measuring window, not a wait for an event: CPU use is only defined over an interval.
+        time.sleep(window_s)
+        b1, t1 = _cpu_times()
+        busy_share = (b1 - b0) / max(1, t1 - t0)
+        if busy_share <= max_busy:
+            return busy_share
+    return busy_share

@@ -180,13 +180,32 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Serving:
-    """Serving defaults a pod carries; the server may override them."""
+    """How a model is batched, queued and timed out: a pod's defaults, and the server's policy.
+
+    The server merges overrides onto a pod's defaults (``serving.config``) into another of these.
+    """
 
     max_batch_rows: int = 1
     max_batch_wait_ms: float = 0.0
     max_queue: int = 256
     max_concurrency: int = 1
     timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.max_batch_rows >= 1, "max_batch_rows must be >= 1"),
+            (self.max_batch_wait_ms >= 0, "max_batch_wait_ms must be >= 0"),
+            (self.max_queue >= 1, "max_queue must be >= 1"),
+            (self.max_concurrency >= 1, "max_concurrency must be >= 1"),
+            (self.timeout_s > 0, "timeout_s must be > 0"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise PodError(f"serving: {message}")
+
+    @property
+    def max_batch_wait_s(self) -> float:
+        return self.max_batch_wait_ms / 1000.0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Serving:

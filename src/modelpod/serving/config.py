@@ -14,37 +14,12 @@ from typing import Any
 
 import yaml
 
-from modelpod.errors import UsageError
+from modelpod.errors import PodError, UsageError
 from modelpod.pod import Serving
 from modelpod.settings import Settings
 
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    """How one model is batched, queued and timed out."""
-
-    max_batch_rows: int = 1
-    max_batch_wait_ms: float = 0.0
-    max_queue: int = 256
-    max_concurrency: int = 1
-    timeout_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        checks = (
-            (self.max_batch_rows >= 1, "max_batch_rows must be >= 1"),
-            (self.max_batch_wait_ms >= 0, "max_batch_wait_ms must be >= 0"),
-            (self.max_queue >= 1, "max_queue must be >= 1"),
-            (self.max_concurrency >= 1, "max_concurrency must be >= 1"),
-            (self.timeout_s > 0, "timeout_s must be > 0"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(f"serving policy: {message}")
-
-    @property
-    def max_batch_wait_s(self) -> float:
-        return self.max_batch_wait_ms / 1000.0
-
+# The server's policy for a model is the same record a pod carries as its defaults.
+BatchPolicy = Serving
 
 POLICY_KEYS: tuple[str, ...] = tuple(f.name for f in fields(BatchPolicy))
 _INTS = {"max_batch_rows", "max_queue", "max_concurrency"}
@@ -77,7 +52,10 @@ class ServeConfig:
         merged.update(self.global_keys)
         merged.update(self.settings_keys)
         merged.update(self.models.get(name, {}))
-        return BatchPolicy(**merged)
+        try:
+            return BatchPolicy(**merged)
+        except PodError as exc:
+            raise UsageError(f"serving policy for {name}: {exc}") from None
 
     @classmethod
     def from_settings(cls, settings: Settings, data: Mapping[str, Any] | None = None) -> ServeConfig:
