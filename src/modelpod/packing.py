@@ -18,7 +18,7 @@ import numpy as np
 from modelpod import __version__
 from modelpod.errors import ModelpodError, PodError, SignatureError, UsageError
 from modelpod.frameworks import PackRequest, detect, require
-from modelpod.pod import Manifest, Pod, Serving, Signature, TensorSpec, scan_files, write_manifest
+from modelpod.pod import Manifest, Pod, Serving, Signature, TensorSpec, scan_files
 from modelpod.store import PodRecord, Store
 
 CORE_DISTRIBUTIONS = ("numpy",)
@@ -77,9 +77,7 @@ def pack(
             options={**dict(packed.options), **dict(options or {})},
             modelpod_version=__version__,
         )
-        write_manifest(staging, manifest)
         manifest = _complete_signature(adapter, staging, manifest, sample)
-        write_manifest(staging, manifest)
         return store.add(staging, manifest)
     except ModelpodError:
         raise

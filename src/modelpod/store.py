@@ -151,9 +151,9 @@ class Store:
             src = directory / entry.path
             if not src.is_file() or src.is_symlink():
                 raise IntegrityError(f"{entry.path}: listed in the manifest but missing", entry.path)
-            if sha256_file(src) != entry.sha256:
-                raise IntegrityError(f"{entry.path}: changed while packing", entry.path)
-            self._put_blob(src, entry.sha256)
+            # _put_blob hashes the copy it makes; hashing the source first as well would read every
+            # (possibly multi-GB) weights file one more time for nothing.
+            self._put_blob(src, entry.sha256, entry.path)
         digest = manifest.digest
         self._materialise(manifest)
         text = manifest.to_yaml()
@@ -175,7 +175,7 @@ class Store:
             )
         return PodRecord(manifest.name, version, digest, created, manifest)
 
-    def _put_blob(self, src: Path, sha: str) -> Path:
+    def _put_blob(self, src: Path, sha: str, rel: str) -> Path:
         dest = self.blobs / sha
         if dest.exists():
             return dest
@@ -184,7 +184,7 @@ class Store:
         try:
             shutil.copyfile(src, tmp)
             if sha256_file(Path(tmp)) != sha:
-                raise IntegrityError(f"{src}: changed while it was copied into the store", src.name)
+                raise IntegrityError(f"{rel}: does not match its manifest sha256 (changed while packing?)", rel)
             os.chmod(tmp, 0o444)
             os.replace(tmp, dest)
         finally:
