@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +140,46 @@ async def test_draining_refuses_new_requests() -> None:
     with pytest.raises(ModelNotReadyError, match="shutting down"):
         await engine.infer("echo", None, request())
     await engine.close()
+
+
+class _Node:
+    """A reference cycle: only the cyclic collector can free it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+class CyclicModel(EchoModel):
+    """Loads a structure that is a reference cycle, as framework objects often are."""
+
+    def load(self) -> None:
+        self.graph: _Node | None = _Node()
+        super().load()
+
+    def unload(self) -> None:
+        self.graph = None
+        super().unload()
+
+
+async def test_loaded_models_are_frozen_out_of_collections_and_collected_after_unload() -> None:
+    gc.unfreeze()
+    model = CyclicModel()
+    engine = InferenceEngine(Settings())
+    engine.add_model(model, name="cyclic", version=1)
+    await engine.start()
+    try:
+        assert model.graph is not None
+        graph = weakref.ref(model.graph)
+        # Everything alive after the load (the model's cycle among it) is out of the collector's
+        # generations, so a full collection no longer walks it while requests wait.
+        assert gc.get_freeze_count() > 0
+        frozen = gc.get_freeze_count()
+        gc.collect()
+        assert graph() is not None and gc.get_freeze_count() == frozen
+        await engine.unload_model("cyclic")
+        # The unloaded model's cycle was thawed and collected; the rest is frozen again.
+        assert graph() is None
+        assert gc.get_freeze_count() > 0
+    finally:
+        await engine.close()
+        gc.unfreeze()
