@@ -79,6 +79,10 @@ class SklearnModel(Model):
             sio = skops_io()
             # Only the types recorded at pack time are trusted; anything new is refused by skops.
             trusted = list(opts.get("trusted_types") or [])
+            if trusted and not self.pod.manifest.allow_pickle:
+                raise UnsafeModelError(
+                    f"{path.name}: the manifest trusts types beyond skops' defaults ({', '.join(map(str, trusted))}) "
+                    "but does not record --allow-pickle; re-pack it with --allow-pickle")
             try:
                 self.estimator = sio.load(path, trusted=trusted or None)
             except Exception as exc:  # skops raises UntrustedTypesFoundException and others
