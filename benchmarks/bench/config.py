@@ -24,6 +24,7 @@ SKLEARN_SPEC = "scikit-learn==1.9.1"
 SERVER_CPU = "0"
 LOADGEN_CPU = "1"
 CONCURRENCIES = (1, 8, 64)
+COLD_STARTS = 3  # launches per server; the cold start reported is their median
 MAX_BATCH_ROWS = 32
 MAX_BATCH_WAIT_MS = 5.0
 

@@ -96,7 +96,7 @@ def wait_first_prediction(server: Server, url: str, body: bytes, deadline_s: flo
         except (OSError, ValueError) as exc:
             last_error = f"{type(exc).__name__}: {exc}"
         with contextlib.suppress(subprocess.TimeoutExpired):
-            server.proc.wait(timeout=0.05)
+            server.proc.wait(timeout=0.01)
     raise ServerError(
         f"no successful prediction within {deadline_s:.0f}s ({last_error})\n{server.log_tail()}"
     )

@@ -51,7 +51,7 @@ def _row(name: str, server: dict[str, Any], limit: float | None) -> list[str]:
     c64 = ok_rps(server, CONCURRENCIES[-1])
     share = None if c64 is None or not limit else 100 * c64 / limit
     memory = server.get("memory", {})
-    cells += [str(errors), _fmt(server.get("cold_start_s"), 1), _fmt(memory.get("rss_mb")), _fmt(share, 1)]
+    cells += [str(errors), _fmt(server.get("cold_start_s"), 2), _fmt(memory.get("rss_mb")), _fmt(share, 1)]
     return cells
 
 
