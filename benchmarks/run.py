@@ -98,7 +98,7 @@ def bench_server(
     make_spec: Callable[[int], LaunchSpec],
     workload: Workload,
     opts: Options,
-    after_load: Callable[[int], Any] | None = None,
+    after_load: Callable[[int, dict[str, str], list[dict[str, Any]]], Any] | None = None,
 ) -> dict[str, Any]:
     """Launch one server, time its cold start, check its answer, drive it at each concurrency."""
     port = procs.free_port()
@@ -120,24 +120,27 @@ def bench_server(
         if attempt == COLD_STARTS - 1:
             break
         try:
-            colds.append(procs.wait_first_prediction(server, url, body, opts.durations.cold_start_deadline_s)[0])
+            colds.append(procs.wait_first_prediction(server, url, body, opts.durations.cold_start_deadline_s,
+                                                     spec.headers)[0])
         except procs.ServerError:
             break  # the last launch below reports the failure
         finally:
             procs.stop(server)
     stage = "start"
     try:
-        cold, answer = procs.wait_first_prediction(server, url, body, opts.durations.cold_start_deadline_s)
+        cold, answer = procs.wait_first_prediction(server, url, body, opts.durations.cold_start_deadline_s,
+                                                   spec.headers)
         stage = "load"
         colds.append(cold)
         result.update(cold_start_s=statistics.median(colds), cold_start_runs_s=colds,
                       check=check_prediction(workload, answer), sample_response=answer)
         log(f"{label} {workload.key}: first prediction after {', '.join(f'{c:.2f}' for c in colds)} s "
             f"({result['check']})")
-        loadgen.run_wrk(url, workload.body_path, 8, opts.durations.warmup_s, wrk_log)
+        loadgen.run_wrk(url, workload.body_path, 8, opts.durations.warmup_s, wrk_log, spec.headers)
         points = []
         for concurrency in CONCURRENCIES:
-            point = loadgen.run_wrk(url, workload.body_path, concurrency, opts.durations.load_s, wrk_log)
+            point = loadgen.run_wrk(url, workload.body_path, concurrency, opts.durations.load_s, wrk_log,
+                                    spec.headers)
             log(
                 f"{label} {workload.key} c={concurrency}: {point.ok_rps:,.0f} req/s, "
                 f"p50 {point.p50_ms:.1f} ms, p99 {point.p99_ms:.1f} ms, non-2xx {point.non2xx}"
@@ -147,7 +150,7 @@ def bench_server(
         result["memory"] = procs.tree_memory(server)
         result["loadavg_1m_after"] = os.getloadavg()[0]  # others' work on the box skews everything
         if after_load is not None:
-            result["after_load"] = after_load(port)
+            result["after_load"] = after_load(port, spec.headers, points)
         result["status"] = "ok"
     except (procs.ServerError, loadgen.LoadError, OSError) as exc:
         summary = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -221,31 +224,39 @@ def prepare_perf(opts: Options) -> str | None:
     return None
 
 
-def perf_hook(workload: Workload, opts: Options, sink: dict[str, Any]) -> Callable[[int], Any]:
-    """perf_analyzer at each concurrency, windows of half a wrk point (at least 4 s: shorter windows
-    at c=64 can close before any request that started inside them has finished)."""
+# perf_analyzer's time per window grows faster than its request count (20,000 requests at c=64
+# took 2.5 s, then 11 s, then over 45 s for three windows here), so windows stay small.
+PERF_MAX_WINDOW = 5000
 
-    def run(port: int) -> str:
-        points = []
-        try:
-            for concurrency in CONCURRENCIES:
+
+def perf_hook(workload: Workload, opts: Options, sink: dict[str, Any]
+              ) -> Callable[[int, dict[str, str], list[dict[str, Any]]], Any]:
+    """perf_analyzer at each concurrency, in windows of as many requests as wrk answered in a quarter
+    of a point at that concurrency, at least 500 and at most PERF_MAX_WINDOW."""
+
+    def run(port: int, headers: dict[str, str], wrk_points: list[dict[str, Any]]) -> str:
+        rates = {p["concurrency"]: p["ok_rps"] for p in wrk_points}
+        points: list[dict[str, Any]] = []
+        for concurrency in CONCURRENCIES:
+            try:
                 points.append(
                     perf.run_point(
                         port,
                         workload.model_name,
                         workload.features,
                         concurrency,
-                        max(4, opts.durations.load_s // 2),
+                        # a quarter of a wrk point at the rate wrk measured, within [500, 5000]
+                        min(PERF_MAX_WINDOW, max(500, int(rates.get(concurrency, 0) * opts.durations.load_s / 4))),
                         RUNTIME_DIR,
                         LOGS_DIR / f"perf-{workload.key}.log",
+                        headers,
                     )
                 )
-        except perf.PerfUnavailable as exc:
-            sink[workload.key] = f"failed: {exc}"
-            log(f"perf_analyzer {workload.key}: {exc}")
-            return "perf_analyzer failed"
+            except perf.PerfUnavailable as exc:  # one point lost; the others still count
+                points.append({"concurrency": concurrency, "error": str(exc)})
+                log(f"perf_analyzer {workload.key} c={concurrency}: {exc}")
         sink[workload.key] = points
-        return "perf_analyzer ok"
+        return "perf_analyzer ok" if all("error" not in p for p in points) else "perf_analyzer: some points failed"
 
     return run
 
@@ -286,7 +297,8 @@ def bench_peers(workload: Workload, opts: Options, failed: dict[str, str]) -> di
 
 
 def bench_modelpod(
-    workload: Workload, opts: Options, pack_error: str | None, hook: Callable[[int], Any] | None
+    workload: Workload, opts: Options, pack_error: str | None,
+    hook: Callable[[int, dict[str, str], list[dict[str, Any]]], Any] | None,
 ) -> tuple[dict[str, Any], str | None]:
     """modelpod's entry and, when it could not be used, the note saying why."""
     if pack_error is not None:

@@ -83,9 +83,11 @@ def parse(output: str, concurrency: int) -> LoadResult:
     )
 
 
-def run_wrk(url: str, body_path: Path, concurrency: int, duration_s: int, log_path: Path) -> LoadResult:
+def run_wrk(url: str, body_path: Path, concurrency: int, duration_s: int, log_path: Path,
+            headers: dict[str, str] | None = None) -> LoadResult:
     """One closed-loop point: `concurrency` keep-alive connections for `duration_s` seconds."""
-    env = {**os.environ, "BENCH_BODY_FILE": str(body_path)}
+    env = {**os.environ, "BENCH_BODY_FILE": str(body_path),
+           "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items())}
     cmd = wrk_command(url, concurrency, duration_s)
     try:
         proc = subprocess.run(

@@ -7,6 +7,7 @@ reports "modelpod: not available (reason)" and benchmarks the peers alone.
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import subprocess
 from typing import Any
@@ -106,12 +107,15 @@ def serve_launch(workload: Workload, port: int) -> LaunchSpec:
     """`modelpod serve NAME --host 127.0.0.1 --port P --max-batch-rows 32 --max-batch-wait-ms 5`.
 
     REST only (`--no-grpc`, when the CLI has it): the benchmark speaks REST, and a default gRPC
-    port could collide with other servers on the machine."""
+    port could collide with other servers on the machine. Auth is on (`MODELPOD_TOKEN`), so every
+    measured request is checked against a bearer token, as in production; the peers run without."""
     cmd = [*base_command(), "serve", workload.model_name, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--max-batch-rows", str(MAX_BATCH_ROWS), "--max-batch-wait-ms", f"{MAX_BATCH_WAIT_MS:g}"]
     if "--no-grpc" in _serve_help():
         cmd.append("--no-grpc")
-    return LaunchSpec(cmd=cmd, env=_env(), cwd=REPO_DIR)
+    token = secrets.token_urlsafe(24)
+    return LaunchSpec(cmd=cmd, env={**_env(), "MODELPOD_TOKEN": token}, cwd=REPO_DIR,
+                      headers={"Authorization": f"Bearer {token}"})
 
 
 def version_info() -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import MAX_BATCH_ROWS, MAX_BATCH_WAIT_MS, PEER_ENVS, PEERS_DIR, RUNTIME_DIR
@@ -36,6 +36,8 @@ class LaunchSpec:
     cmd: list[str]
     env: dict[str, str]
     cwd: Path
+    # Headers every client sends this server (modelpod runs with auth on: a bearer token).
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def base_env(venv: Path | None, extra: dict[str, str]) -> dict[str, str]:

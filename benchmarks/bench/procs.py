@@ -69,8 +69,8 @@ def launch(label: str, cmd: list[str], env: dict[str, str], cwd: Path, log_path:
     return Server(label, proc, log_path, started, leader_start=info[1] if info else "")
 
 
-def post_json(url: str, body: bytes, timeout_s: float) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+def post_json(url: str, body: bytes, timeout_s: float, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with _OPENER.open(request, timeout=timeout_s) as response:
             return int(response.status), response.read()
@@ -78,7 +78,8 @@ def post_json(url: str, body: bytes, timeout_s: float) -> tuple[int, bytes]:
         return int(exc.code), exc.read()
 
 
-def wait_first_prediction(server: Server, url: str, body: bytes, deadline_s: float) -> tuple[float, Any]:
+def wait_first_prediction(server: Server, url: str, body: bytes, deadline_s: float,
+                          headers: dict[str, str] | None = None) -> tuple[float, Any]:
     """Poll `url` until a 200 answer; return (seconds since launch, parsed JSON body).
 
     Between attempts we wait on the process itself, so an early exit ends the poll at once."""
@@ -89,7 +90,7 @@ def wait_first_prediction(server: Server, url: str, body: bytes, deadline_s: flo
             reason = f"exited with {server.proc.returncode} before answering ({server.last_log_line()})"
             raise ServerError(f"{reason}\n{server.log_tail()}")
         try:
-            status, payload = post_json(url, body, timeout_s=5.0)
+            status, payload = post_json(url, body, timeout_s=5.0, headers=headers)
             if status == 200:
                 return time.perf_counter() - server.started_at, json.loads(payload)
             last_error = f"HTTP {status}: {payload[:300]!r}"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import CONCURRENCIES
+from .config import COLD_STARTS, CONCURRENCIES
 from .peers import DISPLAY
 
 WORKLOAD_TITLES = {
@@ -96,9 +96,10 @@ def workload_block(key: str, workload: dict[str, Any], markdown: bool = False) -
     inproc = workload.get("inprocess", {})
     b1 = inproc.get("batch_1", {}).get("rows_per_s")
     b32 = inproc.get("batch_32", {}).get("rows_per_s")
+    own_rss = inproc.get("rss_mb_loaded")
     title = (
         f"{WORKLOAD_TITLES.get(key, key)} -- in-process predict: batch 1 {_fmt(b1)} rows/s, "
-        f"batch 32 {_fmt(b32)} rows/s"
+        f"batch 32 {_fmt(b32)} rows/s, RSS with the model loaded {_fmt(own_rss)} MB"
     )
     rows = [_row(name, server, _limit(workload)) for name, server in workload.get("servers", {}).items()]
     return [("### " if markdown else "") + title, *_table_lines(rows, markdown)]
@@ -132,6 +133,13 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         own64 = ok_rps(mine, CONCURRENCIES[-1])
         if key == "B" and limit and own64 is not None:
             entry["c64_vs_inprocess_batch32"] = own64 / limit
+        own_rss = workload.get("inprocess", {}).get("rss_mb_loaded")
+        server_rss = (mine.get("memory") or {}).get("rss_mb")
+        if own_rss and server_rss:
+            entry["rss_over_model_mb"] = server_rss - own_rss
+        cold = mine.get("cold_start_s")
+        if cold is not None:
+            entry["cold_start_s"] = cold
         out[key] = entry
     return out
 
@@ -153,6 +161,10 @@ def ratio_lines(table: dict[str, Any]) -> list[str]:
             lines.append(
                 f"  {key} c=64 vs in-process batch-32 rows/s: {entry['c64_vs_inprocess_batch32']:.2f}x"
             )
+        if "rss_over_model_mb" in entry:
+            lines.append(f"  {key} modelpod RSS over the model's own process: {entry['rss_over_model_mb']:+.0f} MB")
+        if "cold_start_s" in entry:
+            lines.append(f"  {key} modelpod cold start (median of {COLD_STARTS}): {entry['cold_start_s']:.2f} s")
     return lines
 
 
@@ -183,6 +195,9 @@ def _perf_lines(perf: dict[str, Any]) -> list[str]:
             lines.append(f"{key}: {points}")
             continue
         for p in points:
+            if "error" in p:
+                lines.append(f"{key} c={p['concurrency']}: failed: {p['error']}")
+                continue
             lines.append(
                 f"{key} c={p['concurrency']}: {p['infer_per_s']:,.0f} infer/s, "
                 f"p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms"

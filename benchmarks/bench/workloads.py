@@ -4,6 +4,7 @@ tools/inprocess.py, both run inside the workloads venv."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,9 @@ class Workload:
 
 def _run_tool(python: Path, args: list[str], timeout_s: float) -> str:
     cmd = ["taskset", "-c", SERVER_CPU, str(python), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as every server gets
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired as exc:
         raise WorkloadError(f"timed out after {timeout_s:.0f}s: {' '.join(cmd)}") from exc
     if proc.returncode != 0:

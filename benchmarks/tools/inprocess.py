@@ -1,7 +1,9 @@
 """In-process predict throughput: the ceiling no server can beat (runs inside the workloads venv).
 
 Calls the model directly, no HTTP, one thread, for a fixed time at each batch size, and prints
-JSON `{"batch_1": {"rows_per_s": .., "calls_per_s": ..}, "batch_32": {...}}`.
+JSON `{"rss_mb_loaded": .., "batch_1": {"rows_per_s": .., "calls_per_s": ..}, "batch_32": {...}}`:
+the process's RSS with the model loaded (the baseline servers' memory is compared with), then
+rows/s at each batch size.
 
 Usage: python inprocess.py WORKLOAD MODEL_DIR SECONDS
 """
@@ -16,7 +18,6 @@ from pathlib import Path
 
 import joblib
 import numpy as np
-import torch
 
 BATCHES = (1, 32)
 
@@ -25,6 +26,9 @@ def load(workload: str, model_dir: Path) -> tuple[Callable[[np.ndarray], object]
     if workload == "A":
         model = joblib.load(model_dir / "model.joblib")
         return model.predict, int(model.n_features_in_)
+    import torch  # only here: workload A's process must not hold torch (its RSS is the baseline)
+
+    torch.set_num_threads(1)
     module = torch.jit.load(str(model_dir / "model.pt")).eval()
 
     def predict(x: np.ndarray) -> object:
@@ -49,11 +53,20 @@ def measure(predict: Callable[[np.ndarray], object], x: np.ndarray, seconds: flo
     return {"rows_per_s": calls * len(x) / elapsed, "calls_per_s": calls / elapsed}
 
 
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def main(workload: str, model_dir: str, seconds: float) -> None:
-    torch.set_num_threads(1)
     predict, features = load(workload, Path(model_dir))
     rng = np.random.default_rng(0)
-    result = {}
+    predict(rng.normal(size=(1, features)).astype(np.float32))
+    # The memory of the model itself: this interpreter, its framework and the loaded model, one
+    # predict done, no server. Servers are compared against it.
+    result: dict[str, object] = {"rss_mb_loaded": rss_mb()}
     for batch in BATCHES:
         x = rng.normal(size=(batch, features)).astype(np.float32)
         result[f"batch_{batch}"] = measure(predict, x, seconds)
