@@ -312,6 +312,43 @@ def bench_modelpod(
     return entry, None
 
 
+SMALL_POD = "logreg-onnx"
+
+
+def bench_small_pod(workload: Workload, opts: Options) -> dict[str, Any]:
+    """Cold start of a small pod: workload A's model as ONNX, served by modelpod (median of launches)."""
+    if not workload.onnx_file.exists():
+        return {"status": "not available", "error": "no model.onnx"}
+    try:
+        packed = modelpod.pack_file(workload.onnx_file, SMALL_POD, [])
+    except modelpod.ModelpodUnavailable as exc:
+        return {"status": "not available", "error": str(exc)}
+    body = workload.onnx_body_path.read_bytes()
+    colds: list[float] = []
+    check = "no answer"
+    for _ in range(COLD_STARTS):
+        procs.wait_quiet()
+        port = procs.free_port()
+        spec = modelpod.serve_named(SMALL_POD, port)
+        url = f"http://127.0.0.1:{port}/v2/models/{SMALL_POD}/infer"
+        server = procs.launch("modelpod-small", spec.cmd, spec.env, spec.cwd,
+                              LOGS_DIR / f"server-modelpod-small-{workload.key}.log", SERVER_CPU)
+        try:
+            cold, answer = procs.wait_first_prediction(server, url, body, opts.durations.cold_start_deadline_s,
+                                                       spec.headers)
+        except procs.ServerError as exc:
+            return {"status": "failed", "error": str(exc).splitlines()[0], "pack": packed}
+        finally:
+            procs.stop(server)
+        colds.append(cold)
+        labels = [o for o in answer.get("outputs", []) if o.get("name") == "label"]
+        check = check_prediction(workload, {"outputs": labels})
+    log(f"modelpod small pod ({SMALL_POD}): first prediction after {', '.join(f'{c:.2f}' for c in colds)} s "
+        f"({check})")
+    return {"status": "ok", "pod": SMALL_POD, "pack": packed, "cold_start_s": statistics.median(colds),
+            "cold_start_runs_s": colds, "check": check}
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     preflight()
@@ -333,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(note)
                 notes.append(note)
         measured[key] = {"inprocess": inproc[key], "servers": servers}
+        if opts.with_modelpod and key == "A" and key not in modelpod_reasons:
+            measured[key]["small_pod"] = bench_small_pod(workload, opts)
     if perf_reason:
         notes.append(f"perf_analyzer: not run ({perf_reason})")
     results: dict[str, Any] = {

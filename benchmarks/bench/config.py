@@ -47,7 +47,9 @@ class EnvSpec:
 
 
 # Model tooling (make the models, measure in-process throughput) lives in its own venv.
-WORKLOADS_ENV = EnvSpec("workloads", True, (SKLEARN_SPEC, "skops==0.16.0", "joblib", "numpy"))
+WORKLOADS_ENV = EnvSpec(
+    "workloads", True, (SKLEARN_SPEC, "skops==0.16.0", "joblib", "numpy", "skl2onnx==1.20.0", "onnx==1.23.2")
+)
 
 PEER_ENVS: dict[str, EnvSpec] = {
     "fastapi": EnvSpec(

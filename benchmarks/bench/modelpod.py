@@ -10,6 +10,7 @@ import json
 import secrets
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from .config import MAX_BATCH_ROWS, MAX_BATCH_WAIT_MS, REPO_DIR, WORK_DIR
@@ -65,16 +66,11 @@ def _last_json_object(text: str) -> dict[str, Any]:
 
 def pack(workload: Workload) -> dict[str, Any]:
     """`modelpod pack MODEL --name NAME --sample SAMPLE.npy --json` -> {"name", "version", "digest"}."""
-    cmd = [
-        *base_command(),
-        "pack",
-        str(workload.modelpod_file),
-        "--name",
-        workload.model_name,
-        "--sample",
-        str(workload.sample_path),
-        "--json",
-    ]
+    return pack_file(workload.modelpod_file, workload.model_name, ["--sample", str(workload.sample_path)])
+
+
+def pack_file(path: Path, name: str, extra: list[str]) -> dict[str, Any]:
+    cmd = [*base_command(), "pack", str(path), "--name", name, *extra, "--json"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, check=False)
     except subprocess.TimeoutExpired as exc:
@@ -104,12 +100,16 @@ def _serve_help() -> str:
 
 
 def serve_launch(workload: Workload, port: int) -> LaunchSpec:
+    return serve_named(workload.model_name, port)
+
+
+def serve_named(model_name: str, port: int) -> LaunchSpec:
     """`modelpod serve NAME --host 127.0.0.1 --port P --max-batch-rows 32 --max-batch-wait-ms 5`.
 
     REST only (`--no-grpc`, when the CLI has it): the benchmark speaks REST, and a default gRPC
     port could collide with other servers on the machine. Auth is on (`MODELPOD_TOKEN`), so every
     measured request is checked against a bearer token, as in production; the peers run without."""
-    cmd = [*base_command(), "serve", workload.model_name, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [*base_command(), "serve", model_name, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--max-batch-rows", str(MAX_BATCH_ROWS), "--max-batch-wait-ms", f"{MAX_BATCH_WAIT_MS:g}"]
     if "--no-grpc" in _serve_help():
         cmd.append("--no-grpc")

@@ -140,6 +140,9 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         cold = mine.get("cold_start_s")
         if cold is not None:
             entry["cold_start_s"] = cold
+        small = workload.get("small_pod", {})
+        if small.get("status") == "ok":
+            entry["small_pod_cold_start_s"] = small["cold_start_s"]
         out[key] = entry
     return out
 
@@ -165,6 +168,9 @@ def ratio_lines(table: dict[str, Any]) -> list[str]:
             lines.append(f"  {key} modelpod RSS over the model's own process: {entry['rss_over_model_mb']:+.0f} MB")
         if "cold_start_s" in entry:
             lines.append(f"  {key} modelpod cold start (median of {COLD_STARTS}): {entry['cold_start_s']:.2f} s")
+        if "small_pod_cold_start_s" in entry:
+            lines.append(f"  {key} modelpod cold start of a small pod (the same model as ONNX, median of "
+                         f"{COLD_STARTS}): {entry['small_pod_cold_start_s']:.2f} s")
     return lines
 
 

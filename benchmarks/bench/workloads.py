@@ -49,6 +49,15 @@ class Workload:
     def modelpod_file(self) -> Path:
         return self.model_dir / MODELPOD_FILES[self.key]
 
+    @property
+    def onnx_file(self) -> Path:
+        """The same model as ONNX (workload A only): the small pod whose cold start is measured."""
+        return self.model_dir / "model.onnx"
+
+    @property
+    def onnx_body_path(self) -> Path:
+        return self.model_dir / "onnx_body.json"
+
 
 def _run_tool(python: Path, args: list[str], timeout_s: float) -> str:
     cmd = ["taskset", "-c", SERVER_CPU, str(python), *args]

@@ -1,6 +1,7 @@
 """Make the two benchmark models from synthetic data (runs inside the workloads venv).
 
-A: scikit-learn LogisticRegression on 20 features, saved with joblib (peers) and skops (modelpod).
+A: scikit-learn LogisticRegression on 20 features, saved with joblib (peers) and skops (modelpod),
+   and converted to ONNX (the small pod whose cold start is measured on its own).
 B: a 512-2048-2048-10 MLP, TorchScript (everyone loads the same file).
 For each workload it also writes a sample batch (.npy, for `modelpod pack --sample`), the OIP v2
 request body the load generator posts, and the prediction that body must produce.
@@ -17,8 +18,10 @@ from typing import Any
 
 import joblib
 import numpy as np
+import skl2onnx
 import skops.io
 import torch
+from skl2onnx.common.data_types import FloatTensorType
 from sklearn.linear_model import LogisticRegression
 
 SEED = 20261122
@@ -39,6 +42,13 @@ def make_a(out: Path, rng: np.random.Generator) -> dict[str, Any]:
     model = LogisticRegression(max_iter=1000).fit(x, y)
     joblib.dump(model, out / "model.joblib")
     skops.io.dump(model, out / "model.skops")
+    # The same model as ONNX, its input named as in the request body, plain tensors out (no zipmap).
+    onnx_model = skl2onnx.to_onnx(model, initial_types=[("input-0", FloatTensorType([None, A_FEATURES]))],
+                                  options={id(model): {"zipmap": False}}, target_opset=17)
+    (out / "model.onnx").write_bytes(onnx_model.SerializeToString())
+    onnx_body = oip_body(x[2:3])
+    onnx_body["inputs"][0]["name"] = onnx_model.graph.input[0].name  # skl2onnx writes input_0
+    (out / "onnx_body.json").write_text(json.dumps(onnx_body, separators=(",", ":")))
     np.save(out / "sample.npy", x[:2])
     row = np.asarray(oip_body(x[2:3])["inputs"][0]["data"], dtype=np.float32).reshape(1, -1)
     return {"body": oip_body(row), "expected": model.predict(row).tolist(), "datatype": "INT64"}

@@ -154,6 +154,7 @@ class CyclicModel(EchoModel):
 
     def load(self) -> None:
         self.graph: _Node | None = _Node()
+        self.collector_during_load = gc.isenabled()
         super().load()
 
     def unload(self) -> None:
@@ -170,6 +171,8 @@ async def test_loaded_models_are_frozen_out_of_collections_and_collected_after_u
     try:
         assert model.graph is not None
         graph = weakref.ref(model.graph)
+        # The import-heavy load ran without collections; the collector is back on afterwards.
+        assert model.collector_during_load is False and gc.isenabled()
         # Everything alive after the load (the model's cycle among it) is out of the collector's
         # generations, so a full collection no longer walks it while requests wait.
         assert gc.get_freeze_count() > 0
@@ -183,3 +186,11 @@ async def test_loaded_models_are_frozen_out_of_collections_and_collected_after_u
     finally:
         await engine.close()
         gc.unfreeze()
+
+
+async def test_a_failed_load_turns_the_collector_back_on() -> None:
+    engine = InferenceEngine(Settings())
+    engine.add_model(BrokenModel(), name="broken", version=1)
+    await engine.start()
+    assert not engine.model_ready("broken") and gc.isenabled()
+    await engine.close()
