@@ -82,8 +82,11 @@ def run_point(
     headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One perf_analyzer measurement at fixed concurrency, JSON tensors both ways, windows of
-    ``requests`` requests (count windows: with 64 synchronous threads on one core, its time
-    windows at ~20k requests/s did not close within a minute)."""
+    ``requests`` requests.
+
+    Asynchronous, two client threads: in its default synchronous mode perf_analyzer runs one thread
+    per outstanding request, and at c=64 on its one core those threads starved the thread that
+    closes the measurement windows (at ~20k requests/s no window closed within two minutes)."""
     csv_path = out_dir / f"perf_{model}_c{concurrency}.csv"
     # perf_analyzer re-measures until 3 windows agree within --stability-percentage; on a shared
     # 2-core machine they rarely do, so the bound is loose and the last window is what we report.
@@ -91,7 +94,7 @@ def run_point(
     # writes into the JSON body as bare NaN (invalid JSON).
     flags = (
         f"-m {model} -u 127.0.0.1:{port} -i http --concurrency-range {concurrency}:{concurrency} "
-        f"--measurement-mode count_windows --measurement-request-count {requests} "
+        f"--async --max-threads 2 --measurement-mode count_windows --measurement-request-count {requests} "
         "--max-trials 3 --stability-percentage 1000 "
         "--input-tensor-format json --output-tensor-format json --input-data zero"
     ).split()
