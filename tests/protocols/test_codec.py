@@ -39,6 +39,10 @@ def test_binary_inputs_in_order_and_bytes_elements() -> None:
     ({"inputs": [{"name": "f", "datatype": "FP32", "shape": [-1], "data": [1]}]}, None, "shape"),
     ({"inputs": [{"name": "f", "datatype": "FP32", "shape": [1], "data": [1e300]}]}, None, "does not fit"),
     ({"inputs": [{"name": "f", "datatype": "BYTES", "shape": [1], "data": [1]}]}, None, "strings"),
+    ({"inputs": [{"name": "i", "datatype": "INT64", "shape": [2], "data": [1, 1.5]}]}, None, "must be integers"),
+    ({"inputs": [{"name": "i", "datatype": "INT32", "shape": [1], "data": [True]}]}, None, "must be integers"),
+    ({"inputs": [{"name": "i", "datatype": "UINT8", "shape": [1], "data": [-1]}]}, None, "does not fit"),
+    ({"inputs": [{"name": "i", "datatype": "INT8", "shape": [1], "data": [300]}]}, None, "does not fit"),
     ({"inputs": []}, None, "non-empty"),
 ])
 def test_malformed_requests(obj: dict, tail: bytes | None, fragment: str) -> None:  # type: ignore[type-arg]

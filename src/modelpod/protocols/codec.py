@@ -18,6 +18,7 @@ from modelpod.errors import InvalidRequestError
 from modelpod.pod import DATATYPES, datatype_of
 
 Batch = dict[str, np.ndarray[Any, Any]]
+_INTEGERS = frozenset(k for k in DATATYPES if "INT" in k)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,9 @@ def tensor_from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any
                 raise InvalidRequestError(f"input {name!r}: BYTES elements must be strings")
         return out.reshape(shape)
     try:
+        # numpy turns 1.5 (or true) into the integer 1 without a word: integer tensors take integers only.
+        if datatype in _INTEGERS and np.asarray(data).dtype.kind not in "iu":
+            raise InvalidRequestError(f"input {name!r}: {datatype} data must be integers")
         # Values out of range (1e300 as FP32) are refused rather than turned into inf.
         with np.errstate(over="raise", invalid="raise"):
             arr = np.asarray(data, dtype=DATATYPES[datatype])
