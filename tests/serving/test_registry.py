@@ -194,3 +194,21 @@ async def test_a_failed_load_turns_the_collector_back_on() -> None:
     await engine.start()
     assert not engine.model_ready("broken") and gc.isenabled()
     await engine.close()
+
+
+async def test_a_stopping_server_skips_the_collection_per_model() -> None:
+    gc.unfreeze()
+    model = CyclicModel()
+    engine = InferenceEngine(Settings())
+    engine.add_model(model, name="cyclic", version=1)
+    await engine.start()
+    assert model.graph is not None
+    graph = weakref.ref(model.graph)
+    await engine.close(collect=False)
+    try:
+        # Unloaded, but its cycle was left frozen for the process's exit rather than collected.
+        assert model.graph is None and graph() is not None and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.collect()
+    assert graph() is None

@@ -255,7 +255,8 @@ class InferenceEngine:
     async def wait_idle(self) -> None:
         await asyncio.gather(*(e.batcher.wait_idle() for e in self.registry if e.batcher is not None))
 
-    async def close(self) -> None:
-        """Unload every model (after their requests)."""
+    async def close(self, *, collect: bool = True) -> None:
+        """Unload every model (after their requests). ``collect=False``: leave what the models left
+        to the process's exit instead of a full collection per model."""
         for entry in list(self.registry):
-            await self.registry.unload(entry, reason="server stopped")
+            await self.registry.unload(entry, reason="server stopped", collect=collect)

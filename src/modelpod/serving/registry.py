@@ -286,8 +286,12 @@ class ModelRegistry:
             model.load()
         return model, max(0, rss_bytes() - before)
 
-    async def unload(self, entry: ModelEntry, *, reason: str = "unloaded", on_demand: bool = False) -> None:
-        """Wait for the entry's requests, then unload it. ``on_demand``: reload on the next request."""
+    async def unload(self, entry: ModelEntry, *, reason: str = "unloaded", on_demand: bool = False,
+                     collect: bool = True) -> None:
+        """Wait for the entry's requests, then unload it. ``on_demand``: reload on the next request.
+
+        ``collect``: collect what the model left (a full collection, tenths of a second with a big
+        framework loaded); a server that is stopping skips it."""
         if entry.loading is not None:
             await asyncio.shield(entry.loading)
         if entry.state is not ModelState.READY:
@@ -308,7 +312,8 @@ class ModelRegistry:
                 log.error("model unload failed", extra={"fields": {"model": entry.label, "error": str(exc)}})
         entry.model = entry.worker = entry.batcher = None
         del batcher, worker, model
-        await asyncio.to_thread(_collect_thawed)
+        if collect:
+            await asyncio.to_thread(_collect_thawed)
         entry.state = ModelState.UNAVAILABLE
         entry.on_demand = on_demand
         entry.reason = reason

@@ -99,7 +99,7 @@ async def _main(engine: InferenceEngine, settings: Settings, grpc_mode: str, as_
         await http.close()
         if grpc_server is not None:
             await grpc_server.stop(0)
-        await engine.close()
+        await engine.close(collect=False)  # the process exits next: no collection per model
     log.info("stopped")
     return 0
 
