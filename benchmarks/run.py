@@ -109,23 +109,13 @@ def bench_server(
     url = f"http://127.0.0.1:{port}{workload.route}"
     body = workload.body_path.read_bytes()
     result: dict[str, Any] = {"command": spec.cmd, "log": str(log_path)}
-    # Cold start is one number from a noisy launch: take the median of a few launches (all but
-    # the last stopped after their first answer; the last one goes on to the load runs).
-    colds: list[float] = []
-    for attempt in range(COLD_STARTS):
-        busy = procs.wait_quiet()
-        if busy > 0.15:
-            log(f"{label} {workload.key}: machine still {busy:.0%} busy after waiting; numbers may be low")
-        server = procs.launch(label, spec.cmd, spec.env, spec.cwd, log_path, SERVER_CPU)
-        if attempt == COLD_STARTS - 1:
-            break
-        try:
-            colds.append(procs.wait_first_prediction(server, url, body, opts.durations.cold_start_deadline_s,
-                                                     spec.headers)[0])
-        except procs.ServerError:
-            break  # the last launch below reports the failure
-        finally:
-            procs.stop(server)
+    # Cold start is one number from a noisy launch: take the median of a few launches, all but
+    # the last stopped after their first answer; the last one goes on to the load runs.
+    try:
+        colds = [cold for cold, _ in cold_starts(label, spec, url, body, log_path, opts, COLD_STARTS - 1)]
+    except procs.ServerError:
+        colds = []  # the launch below reports the failure
+    server = launch_quiet(label, spec, log_path)
     stage = "start"
     try:
         cold, answer = procs.wait_first_prediction(server, url, body, opts.durations.cold_start_deadline_s,
@@ -160,6 +150,28 @@ def bench_server(
     finally:
         procs.stop(server)
     return result
+
+
+def launch_quiet(label: str, spec: LaunchSpec, log_path: Path) -> procs.Server:
+    """Launch a server on the server core once the machine is idle."""
+    busy = procs.wait_quiet()
+    if busy > 0.15:
+        log(f"{label}: machine still {busy:.0%} busy after waiting; numbers may be low")
+    return procs.launch(label, spec.cmd, spec.env, spec.cwd, log_path, SERVER_CPU)
+
+
+def cold_starts(label: str, spec: LaunchSpec, url: str, body: bytes, log_path: Path, opts: Options,
+                count: int) -> list[tuple[float, Any]]:
+    """Launch, wait for the first answer, stop, ``count`` times: (seconds, answer) per launch."""
+    runs = []
+    for _ in range(count):
+        server = launch_quiet(label, spec, log_path)
+        try:
+            runs.append(procs.wait_first_prediction(server, url, body, opts.durations.cold_start_deadline_s,
+                                                    spec.headers))
+        finally:
+            procs.stop(server)
+    return runs
 
 
 def prepare_workloads(opts: Options) -> tuple[dict[str, Workload], dict[str, Any]]:
@@ -224,8 +236,8 @@ def prepare_perf(opts: Options) -> str | None:
     return None
 
 
-# perf_analyzer's time per window grows faster than its request count (20,000 requests at c=64
-# took 2.5 s, then 11 s, then over 45 s for three windows here), so windows stay small.
+# A bound on perf_analyzer's time per point: in its synchronous mode, windows of 20,000 requests at
+# c=64 took 2.5 s, then 11 s, then over 45 s here; asynchronous it keeps up, and the cap stays.
 PERF_MAX_WINDOW = 5000
 
 
@@ -323,26 +335,18 @@ def bench_small_pod(workload: Workload, opts: Options) -> dict[str, Any]:
         packed = modelpod.pack_file(workload.onnx_file, SMALL_POD, [])
     except modelpod.ModelpodUnavailable as exc:
         return {"status": "not available", "error": str(exc)}
-    body = workload.onnx_body_path.read_bytes()
-    colds: list[float] = []
-    check = "no answer"
-    for _ in range(COLD_STARTS):
-        procs.wait_quiet()
-        port = procs.free_port()
-        spec = modelpod.serve_named(SMALL_POD, port)
-        url = f"http://127.0.0.1:{port}/v2/models/{SMALL_POD}/infer"
-        server = procs.launch("modelpod-small", spec.cmd, spec.env, spec.cwd,
-                              LOGS_DIR / f"server-modelpod-small-{workload.key}.log", SERVER_CPU)
-        try:
-            cold, answer = procs.wait_first_prediction(server, url, body, opts.durations.cold_start_deadline_s,
-                                                       spec.headers)
-        except procs.ServerError as exc:
-            return {"status": "failed", "error": str(exc).splitlines()[0], "pack": packed}
-        finally:
-            procs.stop(server)
-        colds.append(cold)
-        labels = [o for o in answer.get("outputs", []) if o.get("name") == "label"]
-        check = check_prediction(workload, {"outputs": labels})
+    port = procs.free_port()
+    spec = modelpod.serve_named(SMALL_POD, port)
+    url = f"http://127.0.0.1:{port}/v2/models/{SMALL_POD}/infer"
+    log_path = LOGS_DIR / f"server-modelpod-small-{workload.key}.log"
+    try:
+        runs = cold_starts("modelpod-small", spec, url, workload.onnx_body_path.read_bytes(), log_path, opts,
+                           COLD_STARTS)
+    except procs.ServerError as exc:
+        return {"status": "failed", "error": str(exc).splitlines()[0], "pack": packed}
+    colds = [cold for cold, _ in runs]
+    labels = [o for o in runs[-1][1].get("outputs", []) if o.get("name") == "label"]
+    check = check_prediction(workload, {"outputs": labels})
     log(f"modelpod small pod ({SMALL_POD}): first prediction after {', '.join(f'{c:.2f}' for c in colds)} s "
         f"({check})")
     return {"status": "ok", "pod": SMALL_POD, "pack": packed, "cold_start_s": statistics.median(colds),

@@ -162,12 +162,18 @@ class CyclicModel(EchoModel):
         super().unload()
 
 
-async def test_loaded_models_are_frozen_out_of_collections_and_collected_after_unload() -> None:
+async def serve_cyclic() -> tuple[InferenceEngine, CyclicModel]:
+    """An engine serving one CyclicModel, loaded, with nothing frozen before it."""
     gc.unfreeze()
     model = CyclicModel()
     engine = InferenceEngine(Settings())
     engine.add_model(model, name="cyclic", version=1)
     await engine.start()
+    return engine, model
+
+
+async def test_loaded_models_are_frozen_out_of_collections_and_collected_after_unload() -> None:
+    engine, model = await serve_cyclic()
     try:
         assert model.graph is not None
         graph = weakref.ref(model.graph)
@@ -197,11 +203,7 @@ async def test_a_failed_load_turns_the_collector_back_on() -> None:
 
 
 async def test_a_stopping_server_skips_the_collection_per_model() -> None:
-    gc.unfreeze()
-    model = CyclicModel()
-    engine = InferenceEngine(Settings())
-    engine.add_model(model, name="cyclic", version=1)
-    await engine.start()
+    engine, model = await serve_cyclic()
     assert model.graph is not None
     graph = weakref.ref(model.graph)
     await engine.close(collect=False)
