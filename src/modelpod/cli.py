@@ -59,7 +59,7 @@ def _pack(args: argparse.Namespace, settings: Settings) -> Any:
     rec = pack(
         args.path, args.name, store,
         framework=args.framework, sample=args.sample, requirements=args.requirements,
-        labels=_kv(args.label, "--label"), parent=args.parent, allow_pickle=args.allow_pickle,
+        labels=_kv(args.label, "--label"), parent=args.parent, allow_pickle=args.allow_pickle, trust=args.trust,
         entrypoint=args.entrypoint, options=options,
     )
     data = {"name": rec.name, "version": rec.version, "digest": rec.digest, "framework": rec.manifest.framework}
@@ -231,6 +231,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--parent", metavar="NAME:VERSION")
     c.add_argument("--entrypoint", metavar="MODULE:CLASS", help="custom Model class (python framework)")
     c.add_argument("--allow-pickle", action="store_true", help="accept pickle-based formats (still scanned)")
+    c.add_argument("--trust", action="append", metavar="TYPE[,TYPE]",
+                   help="trust these types in a skops file beyond skops' and modelpod's lists (recorded)")
 
     c = cmd("list", "list pods in the store")
     c.add_argument("name", nargs="?")
