@@ -49,6 +49,12 @@ _REF = re.compile(
 _ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
 
 
+def is_path(text: str) -> bool:
+    """True when a reference is written as a path (``./lr``, ``/abs/lr``, ``~/lr``, anything with a
+    ``/``); a bare word is always a store name, whatever directory happens to share it."""
+    return "/" in text or "\\" in text or text.startswith((".", "~"))
+
+
 @dataclass(frozen=True)
 class PodRecord:
     """One stored version of a pod."""
@@ -314,4 +320,4 @@ def _describe(r: Ref) -> str:
     return repr(r.name)
 
 
-__all__ = ["ConflictError", "PodRecord", "Ref", "Store"]
+__all__ = ["ConflictError", "PodRecord", "Ref", "Store", "is_path"]

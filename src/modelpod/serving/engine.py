@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from modelpod import __version__
@@ -29,7 +30,7 @@ from modelpod.serving.metrics import ServingMetrics, outcome_of
 from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
 from modelpod.serving.traffic import VersionResolver
 from modelpod.settings import Settings
-from modelpod.store import Ref
+from modelpod.store import Ref, is_path
 
 log = logging.getLogger("modelpod.serving")
 
@@ -65,7 +66,10 @@ class InferenceEngine:
 
     # -- registering ------------------------------------------------------------------------------
     def add(self, ref: str) -> ModelEntry:
-        """Serve a store reference or pod directory (loaded by ``start`` unless lazy)."""
+        """Serve a store reference, or a pod directory written as a path (``./lr``, ``/abs/lr``);
+        loaded by ``start`` unless lazy."""
+        if is_path(ref):
+            return self.registry.add_path(Path(ref).expanduser())
         return self.registry.add_ref(ref)
 
     def add_model(self, model: Model, name: str | None = None, version: int | None = None,
@@ -232,6 +236,9 @@ class InferenceEngine:
             versions = self.registry.versions(ref.name)
         except NotFoundError:
             return None
+        if ref.digest is not None:  # exactly that content, or nothing (the store may hold it)
+            return next((e for e in versions.values() if e.manifest is not None
+                         and e.manifest.digest == ref.digest), None)
         if ref.version is not None:
             return versions.get(ref.version)
         if ref.alias is not None:
