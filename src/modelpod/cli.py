@@ -119,6 +119,15 @@ def _rm(args: argparse.Namespace, settings: Settings) -> Any:
     _emit(args, {"removed": [r.ref for r in gone]}, lambda: print("removed " + ", ".join(r.ref for r in gone)))
 
 
+@command("gc")
+def _gc(args: argparse.Namespace, settings: Settings) -> Any:
+    rep = Store(settings.home, sweep=False).gc(dry_run=args.dry_run)  # gc sweeps, and reports it
+    verb = "would free" if rep.dry_run else "freed"
+    _emit(args, rep.to_dict(), lambda: print(
+        f"{verb} {_size(rep.freed_bytes)}: {rep.blobs} unreferenced blobs ({_size(rep.blob_bytes)}), "
+        f"{rep.pod_dirs} stray pod directories, {rep.staging} staging entries ({_size(rep.staging_bytes)})"))
+
+
 @command("verify")
 def _verify(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.api import open_pod
@@ -245,6 +254,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("ref")
     c.add_argument("--all", action="store_true")
     c.add_argument("--alias", dest="alias_only", action="store_true", help="remove only the alias NAME@ALIAS")
+    c = cmd("gc", "remove unreferenced blobs and what killed pack/import/pull runs left; report what it frees")
+    c.add_argument("--dry-run", action="store_true", help="only report what would be freed")
     c = cmd("verify", "re-hash every file of a pod against its manifest")
     c.add_argument("ref")
     c = cmd("export", "write a pod as a tar archive")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,7 +93,7 @@ def pack(
     except (ValueError, TypeError, OSError, RuntimeError, KeyError) as exc:
         raise PodError(f"{src}: cannot pack as {fw}: {type(exc).__name__}: {exc}") from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        store.discard(staging)
 
 
 _TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
