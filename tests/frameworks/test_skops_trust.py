@@ -346,3 +346,11 @@ def test_crafted_trusted_types_are_refused_before_predict(case: str, tmp_path: P
     with pytest.raises(UnsafeModelError, match=r"model\.skops: refused: .*out of range|model\.skops: refused"):
         pack(path, "bad", store, sample=_data()[0][:2])
     assert_store_empty(store)
+
+
+def test_the_trusted_type_list_is_documented() -> None:
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "pods.md").read_text()
+    listed = set(re.findall(r"^\| `([A-Za-z0-9_.]+)` \|", doc, flags=re.M))
+    assert listed == set(VETTED)
