@@ -34,8 +34,8 @@ pytest.importorskip("skops")
 
 # How skops rebuilds a node; none of these runs pickle (ReduceNode-style loaders use a fixed
 # constructor, ObjectNode uses __new__ + __setstate__, the array nodes np.load(allow_pickle=False)).
-PICKLE_FREE_LOADERS = {"ObjectNode", "DictNode", "TreeNode", "DTypeNode", "FunctionNode", "SparseMatrixNode",
-                       "ConstructorFromReduceNode"}
+PICKLE_FREE_LOADERS = {"ObjectNode", "DictNode", "PartialNode", "TreeNode", "DTypeNode", "FunctionNode",
+                       "SparseMatrixNode", "ConstructorFromReduceNode"}
 
 _PICKLE_EVENTS: list[str] | None = None
 
@@ -74,7 +74,9 @@ def _data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _fit(est: Any, y: str) -> Any:
     x, yc, yr = _data()
-    target = {"c": yc, "r": yr, "multilabel": np.c_[yc, np.zeros_like(yc)]}[y]
+    target = {"c": yc, "r": yr, "multilabel": np.c_[yc, np.zeros_like(yc)], "cat": yc}[y]
+    if y == "cat":  # column 3 as small category codes
+        x = np.c_[x[:, :3], np.floor(x[:, 3] * 2)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return est.fit(x, target)
@@ -103,7 +105,10 @@ def _holder(type_name: str) -> tuple[Any, str]:
     gpr = (gaussian_process.GaussianProcessRegressor(kernel=kernels.ConstantKernel() * kernels.RBF()
                                                      + kernels.WhiteKernel()), "r", "predict")
     tuned = (model_selection.TunedThresholdClassifierCV(linear_model.LogisticRegression(), cv=2), "c", "predict")
+    categorical = (ensemble.HistGradientBoostingClassifier(max_iter=5, categorical_features=[3]), "cat", "predict")
     table: dict[str, tuple[Any, str, str]] = {
+        "functools.partial": categorical,
+        "sklearn.utils.validation.check_array": categorical,
         "sklearn.utils._bunch.Bunch": (ensemble.VotingClassifier(
             [("t", tree.DecisionTreeClassifier(max_depth=2)), ("l", linear_model.LogisticRegression())]),
             "c", "predict"),
@@ -181,7 +186,10 @@ def _loaders(blob: bytes, type_name: str) -> set[str]:
 def _use(est: Any, method: str) -> np.ndarray:
     if method == "embedding":
         return np.asarray(est.affinity_matrix_.toarray())
-    out = getattr(est, method)(_data()[0])
+    x = _data()[0]
+    if getattr(est, "categorical_features", None) is not None:
+        x = np.c_[x[:, :3], np.floor(x[:, 3] * 2)]
+    out = getattr(est, method)(x)
     return np.asarray(out.toarray() if hasattr(out, "toarray") else out)
 
 

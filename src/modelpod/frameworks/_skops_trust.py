@@ -51,6 +51,8 @@ VETTED: dict[str, str] = {
     "sklearn.gaussian_process.kernels.WhiteKernel": "a kernel's hyperparameters",
     "scipy.interpolate._bsplines.BSpline": "knots, coefficients and degree; re-checked by its constructor at load",
     "scipy.sparse._csr.csr_matrix": "written with save_npz, read with load_npz (no pickle); indices checked at load",
+    "functools.partial": "a partial of a function that must itself be trusted by name (skops' PartialNode)",
+    "sklearn.utils.validation.check_array": "function reference (HistGradientBoosting's categorical preprocessor)",
     "numpy.dtype": "rebuilt from an empty array read with np.load(allow_pickle=False)",
     # Functions are looked up by name and never called by skops; these are what the estimators'
     # defaults (score_func, pooling_func, k-means step, array namespace) refer to.
