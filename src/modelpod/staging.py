@@ -67,9 +67,11 @@ def alive(tmp: Path, name: str) -> bool:
     if str(tmp / name) in _HELD:
         return True
     try:
-        fd = os.open(_lock_of(tmp / name), os.O_RDWR)
+        fd = os.open(_lock_of(tmp / name), os.O_RDONLY)
     except FileNotFoundError:
         return False
+    except OSError:
+        return True  # not ours to judge (another user's store, say): count it as alive
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -85,7 +87,7 @@ def sweep(tmp: Path, *, dry_run: bool = False, stale_s: float = STALE_S, now: fl
     out: list[Swept] = []
     try:
         entries = sorted(tmp.iterdir())
-    except FileNotFoundError:
+    except OSError:
         return out
     for entry in entries:
         if entry.name.endswith(LOCK_SUFFIX):
@@ -106,8 +108,8 @@ def sweep(tmp: Path, *, dry_run: bool = False, stale_s: float = STALE_S, now: fl
 
 def _take(lock: Path, target: Path, dry_run: bool) -> list[Swept]:
     try:
-        fd = os.open(lock, os.O_RDWR)
-    except FileNotFoundError:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
         return []
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -118,7 +120,7 @@ def _take(lock: Path, target: Path, dry_run: bool) -> list[Swept]:
         found = Swept(target, _size(target) + _size(lock), target.name)
         if not dry_run:
             _remove(target)
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(lock)
     finally:
         os.close(fd)
@@ -133,7 +135,7 @@ def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             path.unlink()
 
 
