@@ -323,6 +323,16 @@ def _hgb_feature(est: Any) -> None:
     est._predictors[0][0].nodes["feature_idx"][0] = 10**6
 
 
+def _hgb_category(est: Any) -> None:
+    nodes = est._predictors[0][0].nodes
+    inner = int(np.flatnonzero(nodes["is_leaf"] == 0)[0])
+    nodes["is_categorical"][inner] = 1  # a categorical split on a numeric column: no bitset for it
+
+
+def _spline_degree(est: Any) -> None:
+    est.bsplines_[0].k = 40  # more than its knots allow: evaluation would index past them
+
+
 def _kd_index(est: Any) -> None:
     from sklearn.neighbors import KDTree
 
@@ -337,9 +347,12 @@ def _kd_index(est: Any) -> None:
 def _crafted_cases() -> dict[str, tuple[Callable[[], Any], str, Callable[[Any], None]]]:
     from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestClassifier
     from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import SplineTransformer
     from sklearn.tree import DecisionTreeClassifier
 
     return {
+        "hgb-category": (lambda: HistGradientBoostingRegressor(max_iter=2), "r", _hgb_category),
+        "spline-degree": (lambda: SplineTransformer(), "r", _spline_degree),
         "tree-child": (lambda: DecisionTreeClassifier(max_depth=3), "c", _tree_child),
         "forest-feature": (lambda: RandomForestClassifier(n_estimators=2, max_depth=2), "c", _tree_feature),
         "hgb-feature": (lambda: HistGradientBoostingRegressor(max_iter=2), "r", _hgb_feature),
@@ -351,9 +364,20 @@ def _crafted_cases() -> dict[str, tuple[Callable[[], Any], str, Callable[[Any], 
 def test_crafted_trusted_types_are_refused_before_predict(case: str, tmp_path: Path, store: Store) -> None:
     make, y, damage = _crafted_cases()[case]
     path = _crafted(tmp_path, _fit(make(), y), damage)
-    with pytest.raises(UnsafeModelError, match=r"model\.skops: refused: .*out of range|model\.skops: refused"):
-        pack(path, "bad", store, sample=_data()[0][:2])
+    options = {"method": "transform"} if case.startswith("spline") else None
+    with pytest.raises(UnsafeModelError, match=r"model\.skops: refused: "):
+        pack(path, "bad", store, sample=_data()[0][:2], options=options)
     assert_store_empty(store)
+
+
+def test_a_sparse_matrix_with_indices_out_of_range_is_refused() -> None:
+    from scipy.sparse import csr_matrix
+
+    m = csr_matrix(np.eye(3))
+    check_loaded({"m": m})
+    m.indices[0] = 99  # what load_npz would accept from a crafted file
+    with pytest.raises(UnsafeModelError, match="sparse matrix"):
+        check_loaded({"m": m})
 
 
 def test_the_trusted_type_list_is_documented() -> None:
