@@ -25,7 +25,6 @@ from modelpod.serving.engine import InferenceEngine
 from modelpod.settings import Settings
 
 grpc = pytest.importorskip("grpc")
-httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from modelpod.protocols._generated import open_inference_pb2 as pb  # noqa: E402
 
@@ -148,15 +147,15 @@ def test_narrower_integers_widen_losslessly(rest: httpx.Client, server: LiveServ
     assert r.status_code == 200, r.text
     wide = next(o for o in r.json()["outputs"] if o["name"] == "wide")
     assert wide["datatype"] == "INT64" and wide["data"] == [-5]
-    # The same over tritonclient's binary tensors.
-    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    # The same from tritonclient (raw tensors over gRPC).
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     try:
         inputs = []
         for name, arr in (("small", np.array([3], np.int8)), ("wide", np.array([7], np.int16)),
                           ("exact", np.array([0.5], np.float64))):
-            inp = httpclient.InferInput(name, list(arr.shape), {"int8": "INT8", "int16": "INT16"}.get(
+            inp = grpcclient.InferInput(name, list(arr.shape), {"int8": "INT8", "int16": "INT16"}.get(
                 arr.dtype.name, "FP64"))
-            inp.set_data_from_numpy(arr, binary_data=True)
+            inp.set_data_from_numpy(arr)
             inputs.append(inp)
         result = client.infer("typed", inputs)
         assert result.as_numpy("wide").dtype == np.int64 and result.as_numpy("wide").tolist() == [7]
