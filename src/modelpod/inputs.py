@@ -177,15 +177,15 @@ class InputCheck:
         """Before decoding: the number of inputs, unknown names and missing ones."""
         if not self.typed:
             return
-        want = len(self._specs)
-        if count > want:
-            raise InvalidRequestError(
-                f"model {self.model!r} takes {want} input(s) ({', '.join(self._specs)}); the request has {count}")
         given = set(names)
         unknown = [n for n in given if n not in self._specs]
         if unknown:
             raise InvalidRequestError(
                 f"model {self.model!r} has no input {unknown[0]!r}; inputs: {', '.join(self._specs)}")
+        want = len(self._specs)
+        if count > want:
+            raise InvalidRequestError(
+                f"model {self.model!r} takes {want} input(s) ({', '.join(self._specs)}); the request has {count}")
         missing = [n for n in self._specs if n not in given]
         if missing:
             raise InvalidRequestError(f"model {self.model!r}: missing input(s) {', '.join(missing)}")
