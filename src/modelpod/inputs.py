@@ -47,6 +47,7 @@ WIDENINGS: dict[str, tuple[str, ...]] = {
 }
 _INTEGERS = frozenset(_SIGNED + _UNSIGNED)
 _FLOATS = frozenset(("FP16", "FP32", "FP64"))
+_NARROW_FLOATS = frozenset(("FP16", "FP32"))
 # Python types a JSON (or list) value may have for each kind of datatype.
 _NUMBERS = frozenset((int, float))
 
@@ -109,9 +110,12 @@ def from_values(name: str, datatype: str, data: Any) -> np.ndarray[Any, Any]:
     elif datatype == "BOOL" and not types <= {bool}:
         raise InvalidRequestError(f"input {name!r}: BOOL data must be true/false")
     try:
-        # Out of range values are refused: 300 for INT8 (OverflowError), 1e300 for FP32 (over).
-        with np.errstate(over="raise", invalid="raise"):
-            return np.asarray(data, dtype=DATATYPES[datatype])
+        # Out of range values are refused: 300 for INT8 (OverflowError), 1e300 for FP32 (over:
+        # only narrower floats need the errstate, which costs more than the conversion).
+        if datatype in _NARROW_FLOATS:
+            with np.errstate(over="raise", invalid="raise"):
+                return np.asarray(data, dtype=DATATYPES[datatype])
+        return np.asarray(data, dtype=DATATYPES[datatype])
     except (ValueError, TypeError, OverflowError, FloatingPointError):
         raise InvalidRequestError(f"input {name!r}: data does not fit datatype {datatype}") from None
 
@@ -163,21 +167,29 @@ class InputCheck:
     model: str = "model"
     nonfinite: str = "pass"
     _specs: Mapping[str, TensorSpec] = field(init=False, repr=False, compare=False)
+    _fast: Mapping[str, tuple[str, int, tuple[tuple[int, int], ...]]] = field(init=False, repr=False,
+                                                                             compare=False)
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE:
             raise SignatureError(f"nonfinite must be one of {', '.join(NONFINITE)}, not {self.nonfinite!r}")
         object.__setattr__(self, "_specs", {t.name: t for t in self.signature.inputs})
+        # Per input: (datatype, rank, ((axis, size) for each fixed dimension)): the hot path's checks.
+        object.__setattr__(self, "_fast", {t.name: (t.datatype, len(t.shape),
+                                                    tuple((i, d) for i, d in enumerate(t.shape) if d != -1))
+                                           for t in self.signature.inputs})
 
     @property
     def typed(self) -> bool:
         return bool(self.signature.inputs)
 
     def names(self, names: Iterable[str], count: int) -> None:
-        """Before decoding: the number of inputs, unknown names and missing ones."""
-        if not self.typed:
+        """The number of inputs, unknown names and missing ones (before decoding, from the headers)."""
+        if not self._specs:
             return
-        given = set(names)
+        given = names if isinstance(names, (set, frozenset, dict)) else set(names)
+        if count == len(self._specs) and len(given) == count and all(n in self._specs for n in given):
+            return  # the common case: exactly the signature's inputs
         unknown = [n for n in given if n not in self._specs]
         if unknown:
             raise InvalidRequestError(
@@ -193,22 +205,26 @@ class InputCheck:
     def header(self, name: str, datatype: str, shape: Sequence[int], max_elements: int = MAX_ELEMENTS) -> int:
         """Before decoding one input: its datatype and shape against the signature; its element count."""
         n = check_shape(name, shape, max_elements)
-        spec = self._specs.get(name)
-        if spec is None:
+        fast = self._fast.get(name)
+        if fast is None:
+            if self._specs:
+                raise InvalidRequestError(
+                    f"model {self.model!r} has no input {name!r}; inputs: {', '.join(self._specs)}")
             return n
-        if not accepts(spec.datatype, datatype):
-            raise InvalidRequestError(f"input {name!r}: expected datatype {spec.datatype}, received {datatype}"
-                                      + _widening_hint(spec.datatype))
-        if not spec.accepts_shape(shape):
+        want, rank, fixed = fast
+        if datatype != want and not accepts(want, datatype):
+            raise InvalidRequestError(f"input {name!r}: expected datatype {want}, received {datatype}"
+                                      + _widening_hint(want))
+        if len(shape) != rank or any(shape[i] != d for i, d in fixed):
             raise InvalidRequestError(
-                f"input {name!r}: shape {list(shape)} does not match the signature's {list(spec.shape)}")
+                f"input {name!r}: shape {list(shape)} does not match the signature's {list(self._specs[name].shape)}")
         return n
 
     def finish(self, name: str, arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """After decoding one input (already checked by ``header``): widened, non-finite policy applied."""
-        spec = self._specs.get(name)
-        if spec is not None and spec.datatype != "BYTES" and arr.dtype != DATATYPES[spec.datatype]:
-            arr = arr.astype(DATATYPES[spec.datatype])  # a widening; header() refused everything else
+        fast = self._fast.get(name)
+        if fast is not None and fast[0] != "BYTES" and arr.dtype != DATATYPES[fast[0]]:
+            arr = arr.astype(DATATYPES[fast[0]])  # a widening; header() refused everything else
         if self.nonfinite == "reject" and arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise InvalidRequestError(
                 f"input {name!r} holds NaN or Infinity, which model {self.model!r} refuses (nonfinite: reject)")

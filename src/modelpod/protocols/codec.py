@@ -54,12 +54,12 @@ def decode_request(obj: Any, binary: memoryview | bytes | None = None, check: In
     heads = _heads(raw_inputs, check, len(view))
     offset = 0
     inputs: Batch = {}
-    for t, name, datatype, shape, size in heads:
+    for t, name, datatype, shape, size, n in heads:
         if size is not None:
             arr = tensor_from_bytes(name, datatype, shape, view[offset : offset + size])
             offset += size
         else:
-            arr = tensor_from_json(name, datatype, shape, t["data"])
+            arr = tensor_from_json(name, datatype, shape, t["data"], n)
         inputs[name] = check.finish(name, arr)
     if offset != len(view):
         raise InvalidRequestError(f"{len(view) - offset} bytes of binary data were not claimed by any input")
@@ -83,7 +83,7 @@ def decode_request(obj: Any, binary: memoryview | bytes | None = None, check: In
     return InferRequest(inputs, rid, params, outputs, binary_output, check.signature if check.typed else None)
 
 
-_Head = tuple[Mapping[str, Any], str, str, tuple[int, ...], "int | None"]
+_Head = tuple[Mapping[str, Any], str, str, tuple[int, ...], "int | None", int]
 
 
 def _heads(raw_inputs: list[Any], check: InputCheck, tail_bytes: int) -> list[_Head]:
@@ -121,7 +121,7 @@ def _heads(raw_inputs: list[Any], check: InputCheck, tail_bytes: int) -> list[_H
             data = t["data"]
             if isinstance(data, list) and data and not isinstance(data[0], list) and len(data) != n:
                 raise InvalidRequestError(f"input {name!r}: {len(data)} elements for shape {list(shape)}")
-        heads.append((t, name, datatype, shape, size))
+        heads.append((t, name, datatype, shape, size, n))
     check.names(seen, len(seen))
     return heads
 
@@ -150,8 +150,11 @@ def _head(t: Mapping[str, Any], where: str) -> tuple[str, str, tuple[int, ...]]:
     return name, datatype, tuple(shape)
 
 
-def tensor_from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray[Any, Any]:
-    n = check_shape(name, shape)
+def tensor_from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any, n: int | None = None,
+                     ) -> np.ndarray[Any, Any]:
+    """One JSON tensor; ``n``: its element count when the header was checked already."""
+    if n is None:
+        n = check_shape(name, shape)
     if datatype == "BYTES":
         flat = _flatten(data, name)
         if len(flat) != n:
