@@ -199,6 +199,25 @@ def test_input_count_is_checked_before_any_data_is_decoded(rest: httpx.Client) -
     refused(rest.post("/v2/models/echo/infer", json=body), "takes 1 input", "has 200")
 
 
+def test_big_grpc_requests_are_decoded_in_steps(grpc_infer: Any) -> None:
+    x = np.arange(300_000, dtype=np.float32).reshape(150_000, 2)
+    for raw in (False, True):
+        req = pb.ModelInferRequest(model_name="echo")
+        t = req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+        if raw:
+            req.raw_input_contents.append(x.tobytes())
+        else:
+            t.contents.fp32_contents.extend(x.reshape(-1).tolist())
+        req.outputs.add(name="y")
+        resp = grpc_infer(req)
+        y = resp.raw_output_contents[0] if raw else None
+        got = np.frombuffer(y, "<f4") if y is not None else np.asarray(resp.outputs[0].contents.fp32_contents)
+        np.testing.assert_array_equal(got.reshape(x.shape), x)
+    req = pb.ModelInferRequest(model_name="text")
+    req.inputs.add(name="text", datatype="BYTES", shape=[100_000]).contents.bytes_contents.extend([b"a"] * 100_000)
+    assert list(grpc_infer(req).outputs[0].contents.bytes_contents) == [b"A"] * 100_000
+
+
 # -- NaN / Infinity -------------------------------------------------------------------------------------
 NAN_BODY = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [NaN, 1.0]}]}'
 
@@ -244,6 +263,11 @@ def test_unicode_digits_are_not_versions(rest: httpx.Client, grpc_infer: Any, ve
     with pytest.raises(grpc.RpcError) as info:
         grpc_infer(to_grpc("echo", body, version=version))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_unicode_digits_in_a_repository_reference(rest: httpx.Client) -> None:
+    r = rest.post("/v2/repository/models/echo:\u0661/load")
+    assert r.status_code == 400 and "bad model reference" in r.json()["error"], r.text
 
 
 def test_unicode_digits_in_the_binary_header_length(rest: httpx.Client) -> None:

@@ -8,11 +8,13 @@ module without grpcio raises MissingExtraError with the install hint.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -25,7 +27,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised where grpcio is missing
     raise MissingExtraError("grpc", "grpcio", "the gRPC endpoint") from exc
 
-from modelpod.inputs import MAX_DIMS, InputCheck, check_shape
+from modelpod.inputs import MAX_DIMS, STEP, InputCheck, check_shape
 from modelpod.pod import DATATYPES, Signature, datatype_of
 from modelpod.protocols._generated import open_inference_pb2 as pb
 from modelpod.protocols.codec import InferRequest, tensor_from_bytes, tensor_to_bytes
@@ -96,6 +98,19 @@ def decode_infer(msg: Any, check: InputCheck | None = None) -> InferRequest:
                         checked=check.signature if check.typed else None)
 
 
+def _big(msg: Any) -> bool:
+    """Whether decoding ``msg`` is worth a thread: raw tensors over 256 kB, or many typed values."""
+    if sum(len(r) for r in msg.raw_input_contents) > 256 * 1024:
+        return True
+    for t in msg.inputs:
+        n = 1
+        for d in t.shape:
+            n *= max(int(d), 0)
+        if n > STEP:
+            return True
+    return False
+
+
 def _from_contents(name: str, datatype: str, shape: tuple[int, ...], contents: Any) -> np.ndarray[Any, Any]:
     field = _CONTENTS.get(datatype)
     if field is None:
@@ -106,10 +121,13 @@ def _from_contents(name: str, datatype: str, shape: tuple[int, ...], contents: A
         raise InvalidRequestError(f"input {name!r}: {len(values)} values for shape {list(shape)}")
     if datatype == "BYTES":
         arr = np.empty(n, dtype=object)
-        arr[:] = list(values)
+        for i in range(0, n, STEP):
+            arr[i:i + STEP] = list(values[i:i + STEP])
         return arr.reshape(shape)
     # int_contents carries INT8/INT16 as int32: values must fit the declared type, never wrap.
-    wide: np.ndarray[Any, Any] = np.array(values, dtype=_WIRE[field])
+    wide: np.ndarray[Any, Any] = np.empty(n, dtype=_WIRE[field])
+    for i in range(0, n, STEP):  # in steps: each numpy call holds the GIL
+        wide[i:i + STEP] = values[i:i + STEP]
     want = DATATYPES[datatype]
     if want != wide.dtype and wide.size:
         info = np.iinfo(want)
@@ -148,6 +166,7 @@ class GrpcService:
     def __init__(self, engine: InferenceEngine, settings: Settings) -> None:
         self.engine = engine
         self.token = settings.token.encode() if settings.token else None
+        self._decoder = ThreadPoolExecutor(2, thread_name_prefix="modelpod-grpc-decode")
 
     def _authorize(self, context: Any) -> None:
         if self.token is None:
@@ -200,7 +219,11 @@ class GrpcService:
     async def model_infer(self, request: Any, context: Any) -> Any:
         started = time.perf_counter()
         check = self.engine.input_check(request.model_name, request.model_version or None)
-        decoded = decode_infer(request, check)
+        if _big(request):  # decoded on a thread, in steps, so the event loop keeps answering
+            loop = asyncio.get_running_loop()
+            decoded = await loop.run_in_executor(self._decoder, decode_infer, request, check)
+        else:
+            decoded = decode_infer(request, check)
         result = await self.engine.infer(request.model_name, request.model_version or None, decoded,
                                          protocol="grpc", started=started)
         return encode_infer(result, decoded)
