@@ -307,7 +307,6 @@ class RestApp:
                 "path": req.path, "request_id": _safe_id(req.headers.get("x-request-id"))}})
         return error_response(status, exc.message, headers=headers or None)
 
-
     def _internal(self, req: Request, exc: BaseException) -> Response:
         """A 500: the detail and traceback go to the log under the request id; the body names the id only."""
         rid = request_id(req.headers)
