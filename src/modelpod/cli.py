@@ -163,20 +163,23 @@ def _import(args: argparse.Namespace, settings: Settings) -> Any:
 @command("predict")
 def _predict(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.api import load
+    from modelpod.inputs import InputCheck
     from modelpod.packing import read_sample
     from modelpod.protocols.codec import InferRequest, decode_request, encode_response
+    from modelpod.serving.worker import ModelWorker
 
     model = load(args.ref, settings=settings)
     path = Path(args.input)
     request: InferRequest
     if path.suffix == ".json":
         try:
-            request = decode_request(json.loads(path.read_text()))
+            request = decode_request(json.loads(path.read_text()), None, InputCheck(model.signature, model.name))
         except json.JSONDecodeError as exc:
             raise UsageError(f"{path}: not valid JSON: {exc}") from None
     else:
         request = InferRequest(read_sample(path, [t.name for t in model.signature.inputs]))
-    outputs = model(request.inputs)
+    # The server's checks and error mapping: a model error caused by the input is exit 2, no traceback.
+    outputs = ModelWorker(model, model.name).call(model.coerce(request.inputs))
     body, _ = encode_response(model.name, None, outputs, request)
     print(json.dumps(body) if args.json else json.dumps(body, indent=2))
 

@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS blob_claims (sha256 TEXT NOT NULL, owner TEXT NOT NUL
 """
 
 _REF = re.compile(
-    r"^(?P<name>[a-z0-9][a-z0-9._-]*)(?::(?P<version>\d+)|@(?P<alias>[A-Za-z][A-Za-z0-9._-]*)|@(?P<digest>sha256:[0-9a-f]{64}))?$"
+    r"^(?P<name>[a-z0-9][a-z0-9._-]*)(?::(?P<version>[0-9]+)|@(?P<alias>[A-Za-z][A-Za-z0-9._-]*)|@(?P<digest>sha256:[0-9a-f]{64}))?$"
 )
 _ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from modelpod.errors import (
     NotFoundError,
     UsageError,
 )
+from modelpod.inputs import InputCheck
 from modelpod.model import Batch, Model
 from modelpod.protocols.codec import InferRequest
 from modelpod.serving.config import BatchPolicy, ServeConfig
@@ -63,6 +65,7 @@ class InferenceEngine:
         self.resolver = VersionResolver(self.registry)
         self.started = False
         self.draining = False
+        self._checks: weakref.WeakKeyDictionary[ModelEntry, InputCheck] = weakref.WeakKeyDictionary()
 
     # -- registering ------------------------------------------------------------------------------
     def add(self, ref: str) -> ModelEntry:
@@ -165,7 +168,10 @@ class InferenceEngine:
             model, batcher = entry.model, entry.batcher
             if model is None or batcher is None:
                 raise ModelNotReadyError(f"model {entry.label} is not ready")
-            inputs = model.coerce(request.inputs)
+            inputs = request.inputs
+            checked = request.checked
+            if checked is None or (checked is not entry.signature and checked != entry.signature):
+                inputs = self.input_check(entry).arrays(inputs)
             if request.outputs:
                 self._check_outputs(entry, request.outputs)
             entry.last_used = t0
@@ -177,10 +183,20 @@ class InferenceEngine:
         except Exception as exc:
             if entry is not None:
                 entry.metrics.observe_request(protocol, "error", time.perf_counter() - t0)
-            log.exception("inference failed", extra={"fields": {"model": name, "id": request.id}})
-            raise InferenceError(f"inference failed: {type(exc).__name__}: {exc}") from exc
+            raise InferenceError(f"inference failed in model {name!r}",
+                                 detail=f"{type(exc).__name__}: {exc}") from exc
         entry.metrics.observe_request(protocol, "success", time.perf_counter() - t0)
         return InferResult(entry.name, entry.version_text or None, outputs, request.id)
+
+    def input_check(self, entry: ModelEntry | str, version: str | None = None) -> InputCheck:
+        """The input check of a model (an entry, or a name and version to resolve)."""
+        if isinstance(entry, str):
+            entry = self.resolver.resolve(entry, version)
+        check = self._checks.get(entry)
+        if check is None or check.signature is not entry.signature:
+            check = InputCheck(entry.signature, entry.label, self.config.nonfinite(entry.name))
+            self._checks[entry] = check
+        return check
 
     @staticmethod
     def _check_outputs(entry: ModelEntry, wanted: Mapping[str, bool]) -> None:
