@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from modelpod import table
 from modelpod.errors import SignatureError
 from modelpod.pod import Pod, Signature, numpy_dtype
 
@@ -45,6 +46,10 @@ class Model:
         """Release memory. The model may be loaded again later."""
         self.loaded = False
 
+    def model_parameters(self) -> dict[str, Any]:
+        """Model-level metadata a loaded model knows (e.g. ``class_labels``); pack records it."""
+        return {}
+
     # -- helpers for callers ----------------------------------------------------------------
     def __call__(self, inputs: Mapping[str, Any] | np.ndarray[Any, Any] | Any) -> Batch:
         """Predict from a mapping of arrays, or a single array for a single-input model."""
@@ -55,6 +60,12 @@ class Model:
     def coerce(self, inputs: Mapping[str, Any] | np.ndarray[Any, Any] | Any) -> Batch:
         """Turn user input into a batch that fits the signature (names, datatypes, shapes)."""
         sig = self.signature
+        if sig.is_table or table.is_frame(inputs):
+            # A DataFrame becomes its columns; a ``records`` input and [N, 1] columns become [N] columns.
+            if table.is_frame(inputs):
+                inputs = table.frame_batch(inputs, sig)
+            elif isinstance(inputs, Mapping):
+                inputs = table.normalize(inputs, sig)
         if not isinstance(inputs, Mapping):
             if len(sig.inputs) != 1:
                 raise SignatureError(
@@ -92,7 +103,8 @@ class Model:
 
 def _as_bytes(value: Any) -> np.ndarray[Any, Any]:
     arr = np.asarray(value, dtype=object)
-    flat = [v.encode() if isinstance(v, str) else bytes(v) for v in arr.reshape(-1)]
+    # None stays: a missing value in a table's string column.
+    flat = [v.encode() if isinstance(v, str) else v if v is None else bytes(v) for v in arr.reshape(-1)]
     out = np.empty(len(flat), dtype=object)
     out[:] = flat
     return out.reshape(arr.shape)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from modelpod import __version__
+from modelpod import __version__, table
 from modelpod.errors import ModelpodError, PodError, SignatureError, UsageError
 from modelpod.frameworks import PackRequest, detect, require
 from modelpod.pod import Manifest, Pod, Serving, Signature, TensorSpec, scan_files
@@ -30,7 +30,7 @@ def pack(
     store: Store,
     *,
     framework: str | None = None,
-    sample: str | Path | Mapping[str, Any] | np.ndarray[Any, Any] | None = None,
+    sample: str | Path | Mapping[str, Any] | np.ndarray[Any, Any] | Any | None = None,
     requirements: str | Path | None = None,
     labels: Mapping[str, str] | None = None,
     parent: str | None = None,
@@ -40,6 +40,7 @@ def pack(
     serving: Mapping[str, Any] | None = None,
     source: str | None = None,
     metrics: Mapping[str, float] | None = None,
+    outputs: Sequence[str] | str | None = None,
 ) -> PodRecord:
     """Pack a model file or directory into a new pod version in ``store``."""
     src = Path(path)
@@ -52,7 +53,8 @@ def pack(
     staging = store.staging()
     try:
         request = PackRequest(
-            name=name, allow_pickle=allow_pickle, entrypoint=entrypoint, options=dict(options or {})
+            name=name, allow_pickle=allow_pickle, entrypoint=entrypoint, options=dict(options or {}),
+            outputs=tuple(outputs.split(",") if isinstance(outputs, str) else outputs or ()),
         )
         packed = adapter.pack(src, staging, request)
         files = scan_files(staging, packed.roles)
@@ -103,10 +105,10 @@ def _complete_signature(adapter: Any, staging: Path, manifest: Manifest, sample:
         if not sig.inputs:
             raise SignatureError(
                 f"cannot infer the signature of this {manifest.framework} model; pass --sample FILE "
-                "(.npy for one input, .npz or an OIP JSON request for several)"
+                "(.npy for one input; .npz, .csv, .parquet, .jsonl or an OIP JSON request for several)"
             )
         return manifest
-    arrays = read_sample(sample, [t.name for t in sig.inputs])
+    sig, arrays = _sample_arrays(adapter, sig, sample)
     if sig.inputs:
         for n, a in arrays.items():
             spec = sig.input(n)
@@ -117,11 +119,12 @@ def _complete_signature(adapter: Any, staging: Path, manifest: Manifest, sample:
                     f"sample input {n!r} has shape {list(a.shape)}; the model wants {list(spec.shape)}"
                 )
     inputs = sig.inputs or Signature.infer(arrays).inputs
-    pod = Pod(staging, replace(manifest, signature=Signature(inputs, sig.outputs)))
+    pod = Pod(staging, replace(manifest, signature=Signature(inputs, sig.outputs, sig.parameters)))
     model = adapter.load(pod)
     try:
         model.load()
         out = model.predict(model.coerce(arrays))
+        learned = model.model_parameters()
     except ModelpodError:
         raise
     except Exception as exc:  # the user's model or sample: report it as a signature problem
@@ -129,7 +132,29 @@ def _complete_signature(adapter: Any, staging: Path, manifest: Manifest, sample:
     finally:
         model.unload()
     outputs = sig.outputs or tuple(TensorSpec.of(n, np.asarray(a)) for n, a in out.items())
-    return replace(manifest, signature=Signature(pod.manifest.signature.inputs, outputs))
+    return replace(manifest, signature=Signature(inputs, outputs, {**learned, **sig.parameters}))
+
+
+def _sample_arrays(adapter: Any, sig: Signature, sample: Any) -> tuple[Signature, dict[str, np.ndarray[Any, Any]]]:
+    """The sample as named arrays, and the signature a table sample gives a model that takes tables."""
+    frame: Any = None
+    if table.is_frame(sample):
+        frame = sample
+    elif isinstance(sample, (str, Path)) and table.is_table_file(sample):
+        frame = table.read_table(sample)
+    elif getattr(adapter, "TABLES", False) and not sig.inputs:
+        arrays = read_sample(sample, [])
+        if len(arrays) > 1 and all(a.ndim == 1 for a in arrays.values()):
+            frame = table.pandas().DataFrame(arrays)  # named 1-D columns (.npz, a mapping): a table
+        else:
+            return sig, arrays
+    if frame is None:
+        return sig, read_sample(sample, [t.name for t in sig.inputs])
+    if getattr(adapter, "TABLES", False) and not sig.inputs:
+        tsig = table.frame_signature(frame)
+        merged = Signature(tsig.inputs, sig.outputs, {**tsig.parameters, **sig.parameters})
+        return merged, table.frame_batch(frame, tsig)
+    return sig, table.table_inputs(frame, sig)
 
 
 def read_sample(sample: Any, input_names: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
@@ -154,7 +179,7 @@ def read_sample(sample: Any, input_names: Sequence[str]) -> dict[str, np.ndarray
             return decode_request(json.loads(p.read_text())).inputs
     except (ValueError, OSError) as exc:
         raise SignatureError(f"sample {p}: cannot read: {exc}") from None
-    raise UsageError(f"sample {p}: use .npy, .npz or an OIP v2 .json request")
+    raise UsageError(f"sample {p}: use .npy, .npz, .csv, .parquet, .jsonl or an OIP v2 .json request")
 
 
 # -- requirements ------------------------------------------------------------------------------

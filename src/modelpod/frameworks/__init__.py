@@ -36,6 +36,7 @@ class PackRequest:
     allow_pickle: bool = False
     entrypoint: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()  # --outputs: named outputs in the adapter's words (label, probabilities, ...)
 
 
 @dataclass(frozen=True)

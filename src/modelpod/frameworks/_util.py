@@ -148,3 +148,22 @@ def bytes_array(values: Iterable[Any]) -> np.ndarray[Any, Any]:
 def as_text(array: np.ndarray[Any, Any]) -> list[str]:
     """A BYTES tensor's elements as str, row order kept."""
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.reshape(-1).tolist()]
+
+
+def chosen_outputs(request_outputs: Sequence[str], known: Mapping[str, str], framework: str) -> list[str]:
+    """The ``--outputs`` names, checked against what the adapter can answer (``known``: name -> meaning)."""
+    names = [n.strip() for n in request_outputs if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise FrameworkError(f"--outputs {','.join(unknown)}: {framework} pods can answer "
+                             + ", ".join(f"{k} ({v})" for k, v in known.items()))
+    if len(set(names)) != len(names):
+        raise FrameworkError(f"--outputs {','.join(names)}: each output can be named once")
+    return names
+
+
+def text_output(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Strings (class labels) as a BYTES tensor; other arrays as they are."""
+    if array.dtype.kind in "OU" and all(isinstance(v, str) for v in array.reshape(-1).tolist()):
+        return bytes_array(array.reshape(-1).tolist()).reshape(array.shape)
+    return array
