@@ -17,7 +17,7 @@ import numpy as np
 
 from modelpod import __version__, table
 from modelpod.errors import ModelpodError, PodError, SignatureError, UsageError
-from modelpod.frameworks import PackRequest, detect, require
+from modelpod.frameworks import Adapter, PackRequest, detect, require
 from modelpod.pod import Manifest, Pod, Serving, Signature, TensorSpec, scan_files
 from modelpod.store import PodRecord, Store
 
@@ -98,7 +98,7 @@ def _default_serving() -> dict[str, Any]:
     return {"max_batch_rows": 32, "max_batch_wait_ms": 2.0}
 
 
-def _complete_signature(adapter: Any, staging: Path, manifest: Manifest, sample: Any) -> Manifest:
+def _complete_signature(adapter: Adapter, staging: Path, manifest: Manifest, sample: Any) -> Manifest:
     """Fill in the signature from ``sample`` and check that the model accepts it."""
     sig = manifest.signature
     if sample is None:
@@ -135,14 +135,14 @@ def _complete_signature(adapter: Any, staging: Path, manifest: Manifest, sample:
     return replace(manifest, signature=Signature(inputs, outputs, {**learned, **sig.parameters}))
 
 
-def _sample_arrays(adapter: Any, sig: Signature, sample: Any) -> tuple[Signature, dict[str, np.ndarray[Any, Any]]]:
+def _sample_arrays(adapter: Adapter, sig: Signature, sample: Any) -> tuple[Signature, dict[str, np.ndarray[Any, Any]]]:
     """The sample as named arrays, and the signature a table sample gives a model that takes tables."""
     frame: Any = None
     if table.is_frame(sample):
         frame = sample
     elif isinstance(sample, (str, Path)) and table.is_table_file(sample):
         frame = table.read_table(sample)
-    elif getattr(adapter, "TABLES", False) and not sig.inputs:
+    elif adapter.TABLES and not sig.inputs:
         arrays = read_sample(sample, [])
         if len(arrays) > 1 and all(a.ndim == 1 for a in arrays.values()):
             frame = table.pandas().DataFrame(arrays)  # named 1-D columns (.npz, a mapping): a table
@@ -150,7 +150,7 @@ def _sample_arrays(adapter: Any, sig: Signature, sample: Any) -> tuple[Signature
             return sig, arrays
     if frame is None:
         return sig, read_sample(sample, [t.name for t in sig.inputs])
-    if getattr(adapter, "TABLES", False) and not sig.inputs:
+    if adapter.TABLES and not sig.inputs:
         tsig = table.frame_signature(frame)
         merged = Signature(tsig.inputs, sig.outputs, {**tsig.parameters, **sig.parameters})
         return merged, table.frame_batch(frame, tsig)
