@@ -97,8 +97,14 @@ def test_sample_files_via_cli(tmp_path: Path, store: Store, fmt: str, capsys: py
         ("age", "FP64"), ("income", "FP64"), ("score", "FP64"), ("city", "BYTES"), ("plan", "BYTES")]
     rows = rows_for(unknown, 200)
     # predict --input takes the same table formats.
-    rows.to_csv(tmp_path / "rows.csv", index=False)
-    assert main(["--home", str(store.home), "predict", "churn", "--input", str(tmp_path / "rows.csv"), "--json"]) == 0
+    given = tmp_path / f"rows.{'csv' if fmt == 'npz' else fmt}"
+    if given.suffix == ".parquet":
+        rows.to_parquet(given)
+    elif given.suffix == ".jsonl":
+        rows.to_json(given, orient="records", lines=True)
+    else:
+        rows.to_csv(given, index=False)
+    assert main(["--home", str(store.home), "predict", "churn", "--input", str(given), "--json"]) == 0
     body = json.loads(capsys.readouterr().out)
     got = {o["name"]: o for o in body["outputs"]}
     assert got["label"]["data"] == list(pipe.predict(rows))
