@@ -162,3 +162,22 @@ def test_unsupported_columns_are_named(store: Store, table_model: tuple[Path, An
     mixed.loc[0, "city"] = 5
     with pytest.raises(SignatureError, match="column 'city' mixes strings with int"):
         modelpod.pack(d / "model.skops", "churn", store=store, sample=mixed, allow_pickle=True)
+
+
+def test_only_the_trained_columns_in_the_trained_order(tmp_path: Path, store: Store,
+                                                      table_model: tuple[Path, Any, str]) -> None:
+    d, pipe, unknown = table_model
+    sample = table_frame(40)
+    sample.insert(0, "churned", "yes")  # a CSV often holds the target too
+    sample = sample[["churned", "plan", "age", "city", "income", "score"]]
+    sample.to_csv(tmp_path / "with_target.csv", index=False)
+    rec = modelpod.pack(d / "model.skops", "churn", store=store, sample=tmp_path / "with_target.csv",
+                        allow_pickle=True)
+    sig = rec.manifest.signature
+    assert [t.name for t in sig.inputs] == ["age", "income", "score", "city", "plan"]
+    assert list(sig.parameters["dtypes"]) == ["age", "income", "score", "city", "plan"]
+    rows = rows_for(unknown, 50)
+    assert labels(modelpod.load("churn", store=store)(rows)["output-0"]) == list(pipe.predict(rows))
+    with pytest.raises(SignatureError, match="lacks column.*score"):
+        modelpod.pack(d / "model.skops", "churn", store=store, sample=table_frame(10).drop(columns="score"),
+                      allow_pickle=True)

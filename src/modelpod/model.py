@@ -50,6 +50,10 @@ class Model:
         """Model-level metadata a loaded model knows (e.g. ``class_labels``); pack records it."""
         return {}
 
+    def table_columns(self) -> list[str] | None:
+        """The columns a loaded table model was trained on, in order, where it knows them."""
+        return None
+
     # -- helpers for callers ----------------------------------------------------------------
     def __call__(self, inputs: Mapping[str, Any] | np.ndarray[Any, Any] | Any) -> Batch:
         """Predict from a mapping of arrays, or a single array for a single-input model."""
@@ -63,7 +67,7 @@ class Model:
         if sig.is_table or table.is_frame(inputs):
             # A DataFrame becomes its columns; a ``records`` input and [N, 1] columns become [N] columns.
             if table.is_frame(inputs):
-                inputs = table.frame_batch(inputs, sig)
+                inputs = table.table_inputs(inputs, sig)
             elif isinstance(inputs, Mapping):
                 inputs = table.normalize(inputs, sig)
         if not isinstance(inputs, Mapping):

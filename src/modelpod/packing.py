@@ -123,6 +123,11 @@ def _complete_signature(adapter: Adapter, staging: Path, manifest: Manifest, sam
     model = adapter.load(pod)
     try:
         model.load()
+        if sig.is_table and not manifest.signature.inputs:
+            # Only the columns the model was trained on, in its order (a sample may hold the target too).
+            inputs, arrays = _trained_columns(model, inputs, arrays)
+            pod = Pod(staging, replace(pod.manifest, signature=Signature(inputs, sig.outputs, sig.parameters)))
+            model.signature = pod.manifest.signature
         out = model.predict(model.coerce(arrays))
         learned = model.model_parameters()
     except ModelpodError:
@@ -132,7 +137,22 @@ def _complete_signature(adapter: Adapter, staging: Path, manifest: Manifest, sam
     finally:
         model.unload()
     outputs = sig.outputs or tuple(TensorSpec.of(n, np.asarray(a)) for n, a in out.items())
-    return replace(manifest, signature=Signature(inputs, outputs, {**learned, **sig.parameters}))
+    params = {**learned, **sig.parameters}
+    if sig.is_table:
+        params = table.only_columns(params, [t.name for t in inputs])
+    return replace(manifest, signature=Signature(inputs, outputs, params))
+
+
+def _trained_columns(model: Any, inputs: tuple[TensorSpec, ...], arrays: dict[str, np.ndarray[Any, Any]]
+                     ) -> tuple[tuple[TensorSpec, ...], dict[str, np.ndarray[Any, Any]]]:
+    names = model.table_columns()
+    if not names:
+        return inputs, arrays
+    by_name = {t.name: t for t in inputs}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise SignatureError(f"the sample table lacks column(s) {', '.join(missing)}, which the model was trained on")
+    return tuple(by_name[n] for n in names), {n: arrays[n] for n in names}
 
 
 def _sample_arrays(adapter: Adapter, sig: Signature, sample: Any) -> tuple[Signature, dict[str, np.ndarray[Any, Any]]]:

@@ -134,6 +134,18 @@ def frame_signature(df: Any) -> Signature:
     return Signature(tuple(inputs), (), params)
 
 
+def only_columns(params: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """Table parameters kept to the given columns (the ones a model was trained on)."""
+    out = dict(params)
+    for key in ("dtypes", "categories"):
+        if key in out:
+            given = dict(out[key])
+            out[key] = {n: given[n] for n in names if n in given}
+            if not out[key] and key == "categories":
+                del out[key]
+    return out
+
+
 def frame_batch(df: Any, signature: Signature | None = None) -> Batch:
     """A DataFrame as one array per column (BYTES columns as object arrays of bytes, None if missing)."""
     sig = signature if signature is not None and signature.is_table else frame_signature(df)
@@ -163,7 +175,7 @@ def frame_matrix(df: Any) -> np.ndarray[Any, Any]:
 
 def table_inputs(df: Any, signature: Signature) -> Batch:
     """A DataFrame as a model's inputs: its columns for a table signature, else one numeric matrix."""
-    if signature.is_table:
+    if signature.is_table or signature.empty:
         return frame_batch(df, signature)
     name = signature.inputs[0].name if len(signature.inputs) == 1 else "input-0"
     return {name: frame_matrix(df)}

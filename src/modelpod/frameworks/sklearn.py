@@ -120,6 +120,10 @@ class SklearnModel(Model):
             return {"output-0": text_output(np.asarray(self.method(x)))}
         return {name: text_output(np.asarray(fn(x))) for name, fn in self.outputs}
 
+    def table_columns(self) -> list[str] | None:
+        names = getattr(self.estimator, "feature_names_in_", None)
+        return None if names is None else [str(n) for n in names]
+
     def model_parameters(self) -> dict[str, Any]:
         classes = getattr(self.estimator, "classes_", None)
         if classes is None:
