@@ -1,8 +1,10 @@
 """A tabular model for tests (tests/ is on sys.path): a ColumnTransformer pipeline over a DataFrame.
 
 Three numeric columns with missing values (imputed, scaled), two categorical string columns
-(one-hot encoded), then a RandomForest. ``table_frame`` makes the synthetic data; rows after the
-training ones hold categories the model never saw, to exercise ``handle_unknown``.
+(one-hot encoded), then a RandomForest. ``table_frame`` makes the synthetic data (``unseen`` adds
+categories the model never saw, to exercise ``handle_unknown``); ``save_table_model`` writes the
+skops file and a CSV sample; ``assert_table_answers`` checks any server (a process, an image) that
+serves the pod packed with ``--outputs label,probabilities``, row for row against the pipeline.
 """
 
 from __future__ import annotations
@@ -94,3 +96,18 @@ def records_request(df: Any) -> dict[str, Any]:
             for r in df.to_dict(orient="records")]
     return {"inputs": [{"name": "records", "datatype": "BYTES", "shape": [len(rows)],
                         "data": [json.dumps(r) for r in rows]}]}
+
+
+def assert_table_answers(url: str, model: str, pipe: Any, rows: Any, headers: dict[str, str] | None = None) -> None:
+    """POST the rows to ``url`` (columns, then records) and compare with ``pipe``, row for row."""
+    import httpx
+
+    want = list(pipe.predict(rows))
+    proba = pipe.predict_proba(rows)
+    for body in (column_request(rows), records_request(rows)):
+        r = httpx.post(f"{url}/v2/models/{model}/infer", json=body, headers=headers, timeout=120)
+        assert r.status_code == 200, r.text
+        out = {o["name"]: o for o in r.json()["outputs"]}
+        assert out["label"]["data"] == want
+        got = np.asarray(out["probabilities"]["data"], dtype=np.float64).reshape(proba.shape)
+        np.testing.assert_allclose(got, proba, rtol=0, atol=1e-12)

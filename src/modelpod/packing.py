@@ -57,6 +57,9 @@ def pack(
             outputs=tuple(outputs.split(",") if isinstance(outputs, str) else outputs or ()),
         )
         packed = adapter.pack(src, staging, request)
+        if request.outputs and "outputs" not in packed.options:
+            raise UsageError(f"--outputs is not supported for {fw} pods: they answer the model's own outputs "
+                             "(see docs/models.md); a request can ask for some of them with OIP 'outputs'")
         files = scan_files(staging, packed.roles)
         if not files:
             raise PodError(f"{src}: nothing to pack")

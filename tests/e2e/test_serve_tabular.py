@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 from servutil import ServeProcess, modelpod_serve
-from tables import CATEGORICAL, column_request, records_request, save_table_model, table_frame
+from tables import CATEGORICAL, assert_table_answers, save_table_model, table_frame
 
 from modelpod.packing import pack
 from modelpod.store import Store
@@ -89,14 +89,9 @@ def test_tritonclient_grpc_columns(served: tuple[ServeProcess, Any, Any]) -> Non
         client.close()
 
 
-@pytest.mark.parametrize("form", ["columns", "records"])
-def test_plain_json(served: tuple[ServeProcess, Any, Any], form: str) -> None:
+def test_plain_json_columns_and_records(served: tuple[ServeProcess, Any, Any]) -> None:
     proc, pipe, rows = served
-    body = column_request(rows) if form == "columns" else records_request(rows)
-    r = httpx.post(f"{proc.url}/v2/models/churn/infer", json=body, timeout=60)
-    assert r.status_code == 200, r.text
-    out = {o["name"]: o for o in r.json()["outputs"]}
-    check(out["label"]["data"], out["probabilities"]["data"], pipe, rows)
+    assert_table_answers(proc.url, "churn", pipe, rows)
 
 
 def test_a_wrong_record_is_a_400(served: tuple[ServeProcess, Any, Any]) -> None:
