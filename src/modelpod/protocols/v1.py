@@ -123,7 +123,8 @@ def _metadata(app: RestApp, name: str, version: str | None) -> dict[str, Any]:
     signature = {"inputs": tensors(entry.signature.inputs), "outputs": tensors(entry.signature.outputs),
                  "method_name": "tensorflow/serving/predict"}
     return {"model_spec": {"name": entry.name, "signature_name": "", "version": entry.version_text},
-            "metadata": {"signature_def": {"signature_def": {SIGNATURE_NAME: signature}}}}
+            "metadata": {"signature_def": {"signature_def": {SIGNATURE_NAME: signature},
+                                           "@type": "type.googleapis.com/tensorflow.serving.SignatureDefMap"}}}
 
 
 # -- predict ---------------------------------------------------------------------------------------
