@@ -181,3 +181,26 @@ def test_only_the_trained_columns_in_the_trained_order(tmp_path: Path, store: St
     with pytest.raises(SignatureError, match="lacks column.*score"):
         modelpod.pack(d / "model.skops", "churn", store=store, sample=table_frame(10).drop(columns="score"),
                       allow_pickle=True)
+
+
+def test_every_column_type_round_trips_with_its_dtype() -> None:
+    from modelpod import table
+
+    df = pd.DataFrame({
+        "active": [True, False, True],
+        "count": np.array([1, 2, 3], dtype=np.int64),
+        "small": np.array([1, 2, 3], dtype=np.int32),
+        "ratio": [0.5, np.nan, 1.5],
+        "name": pd.Series(["a", "b", None], dtype=object),
+        "tier": pd.Categorical(["gold", "silver", "gold"], categories=["silver", "gold", "bronze"]),
+        "code": pd.Series(["x", "y", "z"], dtype="string"),
+    })
+    sig = table.frame_signature(df)
+    assert [(t.name, t.datatype) for t in sig.inputs] == [
+        ("active", "BOOL"), ("count", "INT64"), ("small", "INT32"), ("ratio", "FP64"), ("name", "BYTES"),
+        ("tier", "BYTES"), ("code", "BYTES")]
+    assert sig.parameters["categories"] == {"tier": ["silver", "gold", "bronze"]}
+    batch = table.frame_batch(df, sig)
+    assert batch["name"].tolist() == [b"a", b"b", None] and batch["tier"].tolist() == [b"gold", b"silver", b"gold"]
+    back = table.to_frame(batch, sig)
+    pd.testing.assert_frame_equal(back, df)
