@@ -100,12 +100,12 @@ def _column_datatype(name: str, series: Any) -> str:
 
 
 def _missing(value: Any) -> bool:
+    """None, NaN, pd.NA or NaT."""
     if value is None:
         return True
-    try:
-        return bool(value != value)  # NaN, NaT and pd.NA
-    except (TypeError, ValueError):
-        return False
+    if isinstance(value, (float, np.floating)):
+        return bool(value != value)
+    return type(value).__name__ in ("NAType", "NaTType")
 
 
 def frame_signature(df: Any) -> Signature:
