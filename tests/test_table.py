@@ -204,3 +204,16 @@ def test_every_column_type_round_trips_with_its_dtype() -> None:
     assert batch["name"].tolist() == [b"a", b"b", None] and batch["tier"].tolist() == [b"gold", b"silver", b"gold"]
     back = table.to_frame(batch, sig)
     pd.testing.assert_frame_equal(back, df)
+
+
+def test_without_pandas_the_hint_names_the_extra(tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch,
+                                                table_model: tuple[Path, Any, str]) -> None:
+    import sys
+
+    from modelpod.errors import MissingExtraError
+
+    d, _, _ = table_model
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas now raises ImportError
+    with pytest.raises(MissingExtraError, match=r"pip install 'modelpod\[tables\]'"):
+        modelpod.pack(d / "model.skops", "churn", store=store, sample=d / "sample.csv", allow_pickle=True)
+    assert store.list() == []
