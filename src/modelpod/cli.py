@@ -60,7 +60,7 @@ def _pack(args: argparse.Namespace, settings: Settings) -> Any:
         args.path, args.name, store,
         framework=args.framework, sample=args.sample, requirements=args.requirements,
         labels=_kv(args.label, "--label"), parent=args.parent, allow_pickle=args.allow_pickle, trust=args.trust,
-        entrypoint=args.entrypoint, options=options,
+        entrypoint=args.entrypoint, options=options, outputs=args.outputs,
     )
     data = {"name": rec.name, "version": rec.version, "digest": rec.digest, "framework": rec.manifest.framework}
     _emit(args, data, lambda: print(f"packed {rec.name}:{rec.version}  {rec.digest}  ({rec.manifest.framework})"))
@@ -162,6 +162,7 @@ def _import(args: argparse.Namespace, settings: Settings) -> Any:
 
 @command("predict")
 def _predict(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod import table
     from modelpod.api import load
     from modelpod.inputs import InputCheck
     from modelpod.packing import read_sample
@@ -176,6 +177,8 @@ def _predict(args: argparse.Namespace, settings: Settings) -> Any:
             request = decode_request(json.loads(path.read_text()), None, InputCheck(model.signature, model.name))
         except json.JSONDecodeError as exc:
             raise UsageError(f"{path}: not valid JSON: {exc}") from None
+    elif table.is_table_file(path):  # .csv / .parquet / .jsonl: the columns, or one matrix
+        request = InferRequest(table.table_inputs(table.read_table(path), model.signature))
     else:
         request = InferRequest(read_sample(path, [t.name for t in model.signature.inputs]))
     # The server's checks and error mapping: a model error caused by the input is exit 2, no traceback.
@@ -236,7 +239,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.add_argument("--name", required=True)
     c.add_argument("--framework")
-    c.add_argument("--sample", help=".npy/.npz/OIP JSON sample input; gives the signature")
+    c.add_argument("--sample", help="sample input that gives the signature: .npy, .npz, OIP JSON, "
+                   "or a table (.csv, .parquet, .jsonl)")
+    c.add_argument("--outputs", metavar="NAME,...", help="named outputs, e.g. label,probabilities (docs/models.md)")
     c.add_argument("--requirements", help="requirements file to resolve and lock")
     c.add_argument("--label", action="append", metavar="K=V")
     c.add_argument("--option", action="append", metavar="K=V", help="framework option, e.g. method=predict_proba")
@@ -267,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     c = cmd("import", "import a pod archive")
     c.add_argument("file")
     c.add_argument("--name", help="store under another name")
-    c = cmd("predict", "run one OIP v2 request (or .npy) through a pod in-process")
+    c = cmd("predict", "run one OIP v2 request (or .npy/.npz/.csv/.parquet/.jsonl) through a pod in-process")
     c.add_argument("ref")
     c.add_argument("--input", required=True)
 

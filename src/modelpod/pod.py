@@ -118,28 +118,47 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Signature:
+    """Inputs and outputs, plus model-level ``parameters`` (shown in the OIP model metadata).
+
+    ``parameters`` holds what a tensor list cannot say: ``content_type: "pd"`` and the pandas
+    ``dtypes`` (and ``categories``) of a table signature, whose inputs are its columns in order
+    (see ``modelpod.table``), and ``class_labels``, the classes a classifier's outputs refer to.
+    """
+
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    parameters: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def empty(self) -> bool:
         return not self.inputs and not self.outputs
 
+    @property
+    def is_table(self) -> bool:
+        return self.parameters.get("content_type") == "pd"
+
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
         }
+        if self.parameters:  # only when set, so the digests of pods without them do not change
+            data["parameters"] = dict(self.parameters)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Signature:
         data = data or {}
+        params = data.get("parameters") or {}
+        if not isinstance(params, Mapping):
+            raise PodError(f"signature parameters must be a mapping, not {type(params).__name__}")
         return cls(
             tuple(TensorSpec.from_dict(t) for t in data.get("inputs") or ()),
             tuple(TensorSpec.from_dict(t) for t in data.get("outputs") or ()),
+            dict(params),
         )
 
     @classmethod

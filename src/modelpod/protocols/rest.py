@@ -7,6 +7,7 @@ Routes (each ``/v2/models/{m}`` route also takes ``/versions/{v}``, an integer o
     POST /v2/models/{m}/infer
     POST /v2/repository/index  /v2/repository/models/{m}/load  /v2/repository/models/{m}/unload
     GET  /metrics
+    /v1/models/...  the KServe v1 / TensorFlow Serving REST protocol (modelpod.protocols.v1)
 
 Errors are ``{"error": "..."}`` with the status the ModelpodError carries. With a token, every
 route but the health checks needs ``Authorization: Bearer <token>``. The repository routes need
@@ -39,7 +40,7 @@ from modelpod.errors import (
     UnauthorizedError,
 )
 from modelpod.inputs import InputCheck, release
-from modelpod.protocols import bigjson
+from modelpod.protocols import bigjson, v1
 from modelpod.protocols.codec import InferRequest, decode_request, encode_response
 from modelpod.protocols.http import Request, Response, error_response
 from modelpod.serving.engine import InferenceEngine
@@ -173,6 +174,8 @@ class RestApp:
             _allow(method, "GET")
             self._authorize(req)
             return Response(200, self.engine.metrics.render(), CONTENT_TYPE)
+        if path.startswith("/v1/"):  # KServe v1 / TensorFlow Serving REST, onto the same engine
+            return await v1.handle(self, req)
         if path.startswith("/v2/repository/"):
             _allow(method, "POST")
             self._authorize_management(req)

@@ -117,13 +117,16 @@ class InferenceEngine:
         versions = sorted(
             e.version for e in self.registry.versions(name).values() if e.version is not None)
         sig = entry.signature
-        return {
+        meta: dict[str, Any] = {
             "name": entry.name,
             "versions": [str(v) for v in versions] or ([entry.version_text] if entry.version_text else []),
             "platform": entry.platform,
             "inputs": [t.to_dict() for t in sig.inputs],
             "outputs": [t.to_dict() for t in sig.outputs],
         }
+        if sig.parameters:  # a table's content_type and dtypes, a classifier's class_labels
+            meta["parameters"] = dict(sig.parameters)
+        return meta
 
     def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
         """Triton's model configuration (what perf_analyzer reads): batch size and tensor dims."""
