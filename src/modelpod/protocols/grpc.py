@@ -2,8 +2,10 @@
 
 Inputs arrive as typed ``contents`` or as ``raw_input_contents``; the answer uses the same form
 (raw whenever the request was raw, or an output is FP16/BF16, which only travel raw). Errors map
-to status codes through ``ModelpodError.grpc_code``. gRPC is an optional extra: importing this
-module without grpcio raises MissingExtraError with the install hint.
+to status codes through ``ModelpodError.grpc_code``. Every answer carries the trailing
+metadata ``modelpod-variant: NAME:VERSION``; a route's sticky key is read from the invocation
+metadata. gRPC is an optional extra: importing this module without grpcio raises
+MissingExtraError with the install hint.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -181,8 +184,14 @@ class GrpcService:
     async def model_infer(self, request: Any, context: Any) -> Any:
         started = time.perf_counter()
         decoded = decode_infer(request)
+        headers = None
+        if self.engine.traffic.routes:  # a route's sticky key may be in the metadata
+            headers = {str(k): str(v) for k, v in context.invocation_metadata() or ()}
         result = await self.engine.infer(request.model_name, request.model_version or None, decoded,
-                                         protocol="grpc", started=started)
+                                         protocol="grpc", started=started, headers=headers)
+        context.set_trailing_metadata((("modelpod-variant", result.variant),))
+        if result.id != decoded.id:
+            decoded = replace(decoded, id=result.id)
         return encode_infer(result, decoded)
 
     def handler(self) -> Any:

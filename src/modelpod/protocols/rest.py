@@ -7,6 +7,9 @@ Routes (each ``/v2/models/{m}`` route also takes ``/versions/{v}``, an integer o
     POST /v2/models/{m}/infer
     POST /v2/repository/index  /v2/repository/models/{m}/load  /v2/repository/models/{m}/unload
     GET  /metrics
+    /v2/routes[/{r}[/report|/rollout|/rollback]]  POST /v2/models/{r}/feedback   (protocols/routes.py)
+
+Every inference answer carries ``modelpod-variant: NAME:VERSION`` (the version that answered).
 
 Errors are ``{"error": "..."}`` with the status the ModelpodError carries. With a token, every
 route but the health checks needs ``Authorization: Bearer <token>``. The repository routes need
@@ -21,6 +24,7 @@ import json
 import logging
 import time
 import zlib
+from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote
 
@@ -144,6 +148,10 @@ class RestApp:
                 _allow(method, "POST")
                 self._authorize(req)
                 return await self._infer(req, name, version)
+            if action == "feedback" and version is None:
+                _allow(method, "POST")
+                self._authorize(req)
+                return _json(self.engine.traffic.feedback(name, self._json(req.body)))
             _allow(method, "GET")
             self._authorize(req)
             if action == "":
@@ -166,6 +174,11 @@ class RestApp:
             _allow(method, "GET")
             self._authorize(req)
             return Response(200, self.engine.metrics.render(), CONTENT_TYPE)
+        if path == "/v2/routes" or path.startswith("/v2/routes/"):
+            from modelpod.protocols.routes import routes_api
+
+            self._authorize_management(req)
+            return await routes_api(self.engine, req, self._json)
         if path.startswith("/v2/repository/"):
             _allow(method, "POST")
             self._authorize_management(req)
@@ -200,13 +213,17 @@ class RestApp:
         request = decode_request(self._json(body), tail)
         if request.id is not None and "x-request-id" not in req.headers:
             req.headers["x-request-id"] = request.id  # so the response and the log line carry it
-        result = await self.engine.infer(name, version, request, protocol="rest", started=req.received)
+        result = await self.engine.infer(name, version, request, protocol="rest", started=req.received,
+                                         headers=req.headers)
+        if result.id != request.id:  # a routed answer gets an id, for feedback
+            request = replace(request, id=result.id)
         out, tails = encode_response(result.model_name, result.model_version, result.outputs, request)
         data = orjson.dumps(out)
+        variant = ("modelpod-variant", result.variant)
         if tails:
             return Response(200, [data, *tails], "application/octet-stream",
-                            [("inference-header-content-length", str(len(data)))])
-        return Response(200, data)
+                            [("inference-header-content-length", str(len(data))), variant])
+        return Response(200, data, headers=[variant])
 
     def _decoded(self, req: Request) -> bytes:
         encoding = req.headers.get("content-encoding", "identity").strip().lower()
