@@ -5,7 +5,7 @@ Routes (each ``/v2/models/{m}`` route also takes ``/versions/{v}``, an integer o
     GET  /v2/health/live  /v2/health/ready  /v2  /v2/
     GET  /v2/models/{m}  /v2/models/{m}/ready  /v2/models/{m}/config   (Triton's model configuration)
     POST /v2/models/{m}/infer
-    POST /v2/repository/index  /v2/repository/models/{m}/load  /v2/repository/models/{m}/unload
+    POST /v2/repository/index  /v2/repository/models/{m}[/versions/{v}]/load  .../unload
     GET  /metrics
     /v2/routes[/{r}[/report|/rollout|/rollback]]  POST /v2/models/{r}/feedback   (protocols/routes.py)
 
@@ -269,6 +269,13 @@ class RestApp:
                 await self.engine.load_model(name)
             else:
                 await self.engine.unload_model(name)
+            return _EMPTY
+        if len(parts) == 5 and parts[0] == "models" and parts[2] == "versions" and parts[4] in ("load", "unload"):
+            name, version = unquote(parts[1]), unquote(parts[3])  # one version (a route's old variant)
+            if parts[4] == "load":
+                await self.engine.load_model(f"{name}:{version}" if version.isdigit() else f"{name}@{version}")
+            else:
+                await self.engine.unload_model(name, version)
             return _EMPTY
         raise NotFoundError(f"no route /v2/repository/{rest}")
 

@@ -257,9 +257,11 @@ class InferenceEngine:
     def _served(self, ref: Ref) -> ModelEntry | None:
         return self.resolver.served(ref)
 
-    async def unload_model(self, name: str) -> list[ModelEntry]:
-        """Unload every version of ``name``; it stays listed, UNAVAILABLE, until loaded again."""
-        entries = list(self.registry.versions(name).values())
+    async def unload_model(self, name: str, version: str | None = None) -> list[ModelEntry]:
+        """Unload every version of ``name`` (or only ``version``); it stays listed, UNAVAILABLE, until
+        loaded again. Refused while a route would be left with no variant to serve."""
+        entries = [self.resolver.resolve(name, version)] if version else list(self.registry.versions(name).values())
+        self.traffic.check_unload(entries)
         await asyncio.gather(*(self.registry.unload(e, reason="unloaded") for e in entries))
         return entries
 

@@ -71,6 +71,9 @@ class VersionResolver:
             versions = self.registry.versions(ref.name)
         except NotFoundError:
             return None
+        if ref.digest is not None:  # exactly that content, or nothing (the store may hold it)
+            return next((e for e in versions.values() if e.manifest is not None
+                         and e.manifest.digest == ref.digest), None)
         if ref.version is not None:
             return versions.get(ref.version)
         if ref.alias is not None:
@@ -415,6 +418,15 @@ class TrafficSplit:
         from modelpod.serving import rollout
 
         return rollout.rollback(self, name)
+
+    def check_unload(self, entries: Iterable[ModelEntry]) -> None:
+        """Refuse to unload the last variants with traffic of a route (its requests would fail)."""
+        gone = {id(e) for e in entries}
+        for route in self.routes.values():
+            live = [v for v, w in zip(route.variants, route.weights, strict=True) if w > 0 and v.entry.available]
+            if live and all(id(v.entry) in gone for v in live):
+                raise ConflictError(f"route {route.spec.name} would have no variant left to serve; "
+                                    "change or delete the route first")
 
     def get(self, name: str) -> Route:
         route = self.routes.get(name)
