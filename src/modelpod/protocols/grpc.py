@@ -14,7 +14,6 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -189,10 +188,11 @@ class GrpcService:
             headers = {str(k): str(v) for k, v in context.invocation_metadata() or ()}
         result = await self.engine.infer(request.model_name, request.model_version or None, decoded,
                                          protocol="grpc", started=started, headers=headers)
-        context.set_trailing_metadata((("modelpod-variant", result.variant),))
-        if result.id != decoded.id:
-            decoded = replace(decoded, id=result.id)
-        return encode_infer(result, decoded)
+        context.set_trailing_metadata((("modelpod-variant", result.variant or result.model_name),))
+        msg = encode_infer(result, decoded)
+        if result.id:  # a routed answer always has one, for feedback
+            msg.id = result.id
+        return msg
 
     def handler(self) -> Any:
         def unary(fn: Rpc, req: Any, resp: Any, public: bool = False) -> Any:

@@ -24,7 +24,6 @@ import json
 import logging
 import time
 import zlib
-from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote
 
@@ -215,11 +214,11 @@ class RestApp:
             req.headers["x-request-id"] = request.id  # so the response and the log line carry it
         result = await self.engine.infer(name, version, request, protocol="rest", started=req.received,
                                          headers=req.headers)
-        if result.id != request.id:  # a routed answer gets an id, for feedback
-            request = replace(request, id=result.id)
         out, tails = encode_response(result.model_name, result.model_version, result.outputs, request)
+        if result.id is not None:  # a routed answer always has one (made here if need be), for feedback
+            out["id"] = result.id
         data = orjson.dumps(out)
-        variant = ("modelpod-variant", result.variant)
+        variant = ("modelpod-variant", result.variant or result.model_name)
         if tails:
             return Response(200, [data, *tails], "application/octet-stream",
                             [("inference-header-content-length", str(len(data))), variant])

@@ -47,11 +47,7 @@ class InferResult:
     outputs: Batch
     id: str | None = None
     route: str | None = None  # the route that chose this variant, if one did
-
-    @property
-    def variant(self) -> str:
-        """``NAME:VERSION`` of the model version that answered (the ``modelpod-variant`` header)."""
-        return f"{self.model_name}:{self.model_version}" if self.model_version else self.model_name
+    variant: str = ""  # NAME:VERSION of the version that answered (the ``modelpod-variant`` header)
 
 
 class InferenceEngine:
@@ -201,9 +197,9 @@ class InferenceEngine:
         if variant is not None:
             rid = self.traffic.answered(variant, protocol, time.perf_counter() - t0, request.id, request.inputs,
                                         outputs)
-            return InferResult(entry.name, entry.version_text or None, outputs, rid, variant.route)
+            return InferResult(entry.name, entry.version_text or None, outputs, rid, variant.route, variant.name)
         entry.metrics.observe_request(protocol, "success", time.perf_counter() - t0)
-        return InferResult(entry.name, entry.version_text or None, outputs, request.id)
+        return InferResult(entry.name, entry.version_text or None, outputs, request.id, None, entry.label)
 
     @staticmethod
     def _check_outputs(entry: ModelEntry, wanted: Mapping[str, bool]) -> None:

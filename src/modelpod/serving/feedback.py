@@ -41,14 +41,24 @@ class Sent:
 
 
 def remember(route: Route, rid: str, variant: str, outputs: Batch, now: float) -> None:
-    """Keep an answer's id for feedback; forget the oldest beyond the limits."""
+    """Keep an answer's id for feedback; forget the oldest beyond the limits (checked every
+    ``_SWEEP`` answers for age, at once for count)."""
     size = 0
     for arr in outputs.values():
         size += arr.nbytes
     ids = route.ids
+    if rid in ids:  # a caller's id used again: the newest answer counts
+        del ids[rid]
     ids[rid] = Sent(variant, now, outputs if size <= KEEP_OUTPUT_BYTES else None)
-    ids.move_to_end(rid)
-    horizon = now - FEEDBACK_TTL_S
+    if len(ids) > FEEDBACK_IDS or len(ids) % _SWEEP == 0:
+        _forget(route, now - FEEDBACK_TTL_S)
+
+
+_SWEEP = 256
+
+
+def _forget(route: Route, horizon: float) -> None:
+    ids = route.ids
     while ids:
         oldest = next(iter(ids.values()))
         if len(ids) <= FEEDBACK_IDS and oldest.at >= horizon:
@@ -96,6 +106,7 @@ def feedback(route: Route, body: Any, now: float) -> dict[str, Any]:
                              or not math.isfinite(reward)):
         raise InvalidRequestError(f"feedback: 'reward' must be a finite number, got {reward!r}")
     name = route.spec.name
+    _forget(route, now - FEEDBACK_TTL_S)
     sent = route.ids.get(rid)
     if sent is None:
         if rid in route.expired:

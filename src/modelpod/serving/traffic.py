@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -36,6 +37,9 @@ from modelpod.store import Ref
 
 log = logging.getLogger("modelpod.serving")
 _SCALE = 2.0**64
+# Ids for answers that came without one: unique in this process, cheap to make (no syscall).
+_ID_PREFIX = os.urandom(6).hex() + "-"
+_IDS = itertools.count(1)
 
 
 class VersionResolver:
@@ -245,7 +249,7 @@ class TrafficSplit:
         """Count a routed answer, keep its id for feedback, send the shadow copies; returns the id."""
         variant.metrics.observe_request(protocol, "success", seconds)
         variant.stats.observe(True, seconds)
-        rid = request_id or os.urandom(12).hex()
+        rid = request_id or f"{_ID_PREFIX}{next(_IDS)}"
         route = self.routes.get(variant.route)
         if route is not None:
             feedback.remember(route, rid, variant.name, outputs, time.monotonic())
