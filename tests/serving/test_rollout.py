@@ -140,3 +140,28 @@ def test_bandit_moves_traffic_to_the_better_variant_and_keeps_the_floor() -> Non
         assert later["churn:2"] > 0 and later["churn:3"] > later["churn:2"] * 3
         r = c.post("/v2/routes/churn/rollout", json={"to": "churn:3"})
         assert r.status_code == 409 and "bandit" in r.json()["error"]
+
+
+def test_a_candidate_with_worse_rewards_is_rolled_back() -> None:
+    with route_server({"churn:2": Offset(0), "churn:3": Offset(100)}, ROUTE) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
+        stop = threading.Event()
+
+        def rewarded() -> None:  # every answer gets feedback: the candidate's are all bad
+            with httpx.Client(base_url=live.url, timeout=30) as cc:
+                while not stop.is_set():
+                    r = cc.post("/v2/models/churn/infer", json=body())
+                    good = r.headers["modelpod-variant"] == "churn:2"
+                    cc.post("/v2/models/churn/feedback", json={"id": r.json()["id"], "reward": 1.0 if good else 0.0})
+
+        t = threading.Thread(target=rewarded, daemon=True)
+        t.start()
+        try:
+            _rollout(c, to="churn:3", steps="50,100", every="1h", min_requests=5, min_reward_delta=-0.01)
+            done = wait_for(lambda: _finished(c), 60, "the rollback")
+        finally:
+            stop.set()
+            t.join(30)
+        assert done["rollout"]["state"] == "rolled_back" and "reward delta" in done["rollout"]["reason"]
+        report = {v["variant"]: v for v in c.get("/v2/routes/churn/report").json()["variants"]}
+        assert report["churn:3"]["reward"]["mean"] == 0.0 and report["churn:2"]["reward"]["mean"] == 1.0

@@ -116,13 +116,19 @@ def test_bad_config_routes_refused_at_start() -> None:
 
 def test_a_variant_whose_load_fails_leaves_the_route_on_the_others() -> None:
     models = {**_models(), "churn:5": BrokenLoad(0)}
-    with route_server(models, SPLIT) as live, httpx.Client(base_url=live.url, timeout=30) as c:
+    # Lazy: churn:5 is first loaded by the PUT (as a model fetched from the store would be).
+    with route_server(models, SPLIT, settings=Settings(lazy_load=True)) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
         r = c.put("/v2/routes/churn", json={"variants": [{"model": "churn:2", "weight": 50},
                                                           {"model": "churn:5", "weight": 50}]})
         assert r.status_code == 200, r.text
         shown = r.json()
         assert "degraded" in shown["status"] and "weights are corrupt" in shown["status"]
         assert set(variants_of(c, "/v2/models/churn/infer", 40)) == {"churn:2"}
+        assert c.get("/v2/health/ready").status_code == 200  # one failed canary does not unready the server
+        r = c.post("/v2/routes/churn/rollout", json={"to": "churn:5"})
+        assert r.status_code == 503 and "did not load" in r.json()["error"]
+        assert c.get("/v2/health/ready").status_code == 200
         # With no variant able to serve, the change is refused and the route stays.
         r = c.put("/v2/routes/churn", json={"variants": [{"model": "churn:5", "weight": 1}]})
         assert r.status_code == 503 and "unchanged" in r.json()["error"]

@@ -4,9 +4,10 @@ At every step the candidate gets ``pct`` % and the other variants share the rest
 step lasts at least ``every_s`` and until the candidate has answered ``min_requests`` in it; all
 along, once it has that many, the step's error rate and p95 latency (and, with enough feedback on
 both sides, the reward difference to the baseline since the rollout began) are checked against the
-limits. A breach sets the candidate to 0 % at once, puts the rest back as it was before the
-rollout, and records the reason (in ``route show`` and the log). After the 100 % step the
-candidate is the route's only variant, and ``alias`` (if given) moves to it.
+limits. A breach sets the candidate to 0 % at once (it stays in the route at 0 %, so the report
+still shows its numbers), puts the rest back as it was before the rollout, and records the
+reason (in ``route show`` and the log). After the 100 % step the candidate is the route's only
+variant, and ``alias`` (if given) moves to it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from modelpod.serving.stats import Mark, Moments, VariantStats, window
 
 if TYPE_CHECKING:
     from modelpod.serving.traffic import Route, TrafficSplit, Variant
+
+
+def set_aside(entry: ModelEntry) -> None:
+    from modelpod.serving.traffic import set_aside as aside
+
+    aside(entry)
 
 log = logging.getLogger("modelpod.serving")
 MIN_FEEDBACK = 30  # rewards needed on each side before the reward difference is judged
@@ -241,6 +248,7 @@ class Rollout:
         weights = {v.model: (0.0 if v.model == self.candidate else v.weight) for v in completed.variants}
         if not any(weights.values()):
             weights = {v.model: v.weight for v in completed.variants}
+        weights.setdefault(self.candidate, 0.0)  # kept at 0 %: its numbers stay in the report
         self.split.reweigh(self.route, weights, self.entries, completed.baseline)
         self.state, self.reason, self.finished_at = state, reason, time.time()
         self.route.events.append({"at": _iso(self.finished_at), "event": "rollout rolled back",
@@ -295,6 +303,7 @@ async def start(split: TrafficSplit, name: str, body: Any) -> Route:
         try:
             await split.registry.load(entry)
         except Exception as exc:
+            set_aside(entry)
             raise ModelNotReadyError(f"route {name}: {entry.label} did not load ({exc}); "
                                      "the route is unchanged") from None
     route.rollout = Rollout(split, route, plan, entries, candidate, baseline)

@@ -85,6 +85,12 @@ class VersionResolver:
         return self.default(ref.name)
 
 
+def set_aside(entry: ModelEntry) -> None:
+    """A model a route asked for failed to load: not served (its reason kept), without turning the
+    whole server unready as a failed model given at start does; the next change tries it again."""
+    entry.failed, entry.on_demand = False, False
+
+
 class Variant:
     """One model version inside a route (a variant or a shadow)."""
 
@@ -348,6 +354,7 @@ class TrafficSplit:
                 try:
                     await self.registry.load(entry)
                 except Exception as exc:  # the route serves on the others; its status says why
+                    set_aside(entry)
                     log.warning("route variant did not load", extra={"fields": {
                         "route": spec.name, "model": entry.label, "error": str(exc)}})
         if not any(entries[v.model].ready for v in spec.variants if v.weight > 0):
