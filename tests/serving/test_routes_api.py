@@ -33,6 +33,8 @@ def test_list_show_put_report_delete() -> None:
         shown = c.get("/v2/routes/churn").json()
         assert shown["variants"] == SPLIT["churn"]["variants"] and shown["status"] == "serving"
         assert shown["baseline"] == "churn:2" and shown["share"] == {"churn:2": 0.9, "churn:3": 0.1}
+        # What GET gives can be PUT back as it is.
+        assert c.put("/v2/routes/churn", json=shown).json()["weights"] == shown["weights"]
         # The same schema goes back in; a change takes effect for the next request.
         new = {"variants": [{"model": "churn:3", "weight": 1}], "shadow": ["churn:4"]}
         r = c.put("/v2/routes/churn", json=new)
@@ -159,3 +161,17 @@ def test_management_beyond_loopback_needs_a_token() -> None:
     app = RestApp(engine, Settings(host="0.0.0.0"))
     response = asyncio.run(app(Request("GET", "/v2/routes", "", {}, b"", True, 0.0)))
     assert response.status == 401
+
+
+def test_one_version_unloads_but_not_the_last_one_a_route_serves_on() -> None:
+    with route_server(_models(), SPLIT) as live, httpx.Client(base_url=live.url, timeout=30) as c:
+        assert c.post("/v2/repository/models/churn/versions/3/unload").status_code == 200
+        states = {r["version"]: r["state"] for r in c.post("/v2/repository/index").json() if r["name"] == "churn"}
+        assert states["3"] == "UNAVAILABLE" and states["2"] == "READY"
+        assert set(variants_of(c, "/v2/models/churn/infer", 30)) == {"churn:2"}
+        r = c.post("/v2/repository/models/churn/versions/2/unload")
+        assert r.status_code == 409 and "no variant left" in r.json()["error"]
+        r = c.post("/v2/repository/models/churn/unload")
+        assert r.status_code == 409
+        assert c.post("/v2/repository/models/churn/versions/3/load").status_code == 200
+        assert len(set(variants_of(c, "/v2/models/churn/infer", 200))) == 2

@@ -27,6 +27,8 @@ from modelpod.serving.engine import InferenceEngine
 from modelpod.serving.routes import parse_route
 
 Parse = Callable[[bytes], Any]
+# What GET adds to the spec: a PUT of a GET's answer ignores these (what it would set stays the spec).
+READ_ONLY = ("name", "status", "weights", "share", "models", "rollout", "events", "rollbacks_available")
 
 
 class _MethodNotAllowed(Exception):
@@ -69,6 +71,8 @@ async def _answer(engine: InferenceEngine, req: Request, parse: Parse) -> Respon
             await traffic.delete(name)
             return _ok({"deleted": name})
         body = _body(req, parse)
+        if isinstance(body, dict):
+            body = {k: v for k, v in body.items() if k not in READ_ONLY}
         try:
             spec = parse_route(name, body)
         except UsageError as exc:
