@@ -1,6 +1,6 @@
 """What routing and shadows cost: workload A at c=64, routed vs calling the version directly.
 
-Usage: .venv/bin/python benchmarks/traffic.py [--quick] [--duration S] [--rounds N]
+Usage: .venv/bin/python benchmarks/traffic.py [--quick] [--duration S] [--rounds N] [--models-python PY]
 
 One `modelpod serve` (pinned to the server core, wrk on the other) holds workload A's model as two
 versions (the same weights, packed twice) and two routes from a `--config` file:
@@ -43,12 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s per point, one round")
     p.add_argument("--duration", type=int, help="seconds per wrk point (default 10; 2 quick)")
     p.add_argument("--rounds", type=int, help="rounds of the three modes (default 3; 1 quick)")
+    p.add_argument("--models-python", type=Path, help="a Python with scikit-learn, skops and torch to make the "
+                   "models with (default: run.py's workloads venv, installed on first use)")
     args = p.parse_args(argv)
     duration = args.duration or (2 if args.quick else 10)
     rounds = args.rounds or (1 if args.quick else 3)
     LOGS_DIR.mkdir(parents=True, exist_ok=True)
 
-    python = venvs.ensure(WORKLOADS_ENV, 1800)
+    python = args.models_python or venvs.ensure(WORKLOADS_ENV, 1800)
     workload = make_models(python)["A"]
     modelpod.check_available()
     modelpod.reset_home()

@@ -292,7 +292,7 @@ async def start(split: TrafficSplit, name: str, body: Any) -> Route:
     if known is None:
         spec = route.spec.with_weights({**{v.model: v.weight for v in route.spec.variants}, plan.to: 0.0},
                                        route.spec.baseline)
-        found = split.check(spec, split.routes)
+        found = split.check(spec, split.specs_with(spec))
         entries[plan.to] = split.register(spec, {plan.to: found[plan.to]})[plan.to]
     entry = entries[candidate]
     baseline = next((ref for ref, e in entries.items() if e.label == route.baseline), None)
@@ -324,7 +324,7 @@ def rollback(split: TrafficSplit, name: str) -> Route:
     if not route.history:
         raise ConflictError(f"route {name} has no earlier completed state to roll back to")
     spec, aliases = route.history.pop()
-    found = split.check(spec, split.routes)
+    found = split.check(spec, split.specs_with(spec))
     split.install(spec, split.register(spec, found), completed=False)
     route.completed = spec
     for key, version in aliases.items():

@@ -297,14 +297,17 @@ class TrafficSplit:
         return True
 
     # -- checking and applying specs ------------------------------------------------------------
-    def check(self, spec: RouteSpec, others: Iterable[str]) -> dict[str, ModelEntry | None]:
-        """Refuse a spec that cannot work (nothing changes); the served entry (or None) per model ref."""
+    def check(self, spec: RouteSpec, others: Mapping[str, RouteSpec]) -> dict[str, ModelEntry | None]:
+        """Refuse a spec that cannot work (nothing changes); the served entry (or None) per model ref.
+        ``others``: every route by name, as it will be (this one's name is skipped)."""
         name, where = spec.name, f"route {spec.name}"
-        others = set(others) - {name}
+        # A route named like the model whose versions it splits is that model too; other routes are not.
+        plain = {n for n, o in others.items() if n != name
+                 and not any(Ref.parse(v.model).name == n for v in o.variants)}
         found: dict[str, ModelEntry | None] = {}
         for ref_text in spec.models():
             ref = Ref.parse(ref_text)
-            if ref.name in others and not self._is_model(ref.name):
+            if ref.name in plain:
                 raise UsageError(f"{where}: {ref_text} names the route {ref.name}; a route's variants are models")
             entry = self.resolver.served(ref)
             if entry is None:
@@ -320,8 +323,9 @@ class TrafficSplit:
         if self._is_model(name) and not any(Ref.parse(v.model).name == name for v in spec.variants):
             raise UsageError(f"{where} is named like the served model {name} but splits none of its versions; "
                              "give the route another name")
-        for other in others & set(self.routes) if not self._is_model(name) else ():
-            if any(Ref.parse(m).name == name for m in self.routes[other].spec.models()):
+        splits_itself = any(Ref.parse(v.model).name == name for v in spec.variants)
+        for other, o in others.items() if not splits_itself else ():
+            if other != name and any(Ref.parse(m).name == name for m in o.models()):
                 raise UsageError(f"{where}: route {other} already names {name} as a model; routes cannot nest")
         seen: dict[int, str] = {}
         for ref_text, entry in found.items():
@@ -331,14 +335,17 @@ class TrafficSplit:
                 seen[id(entry)] = ref_text
         return found
 
+    def specs_with(self, spec: RouteSpec) -> dict[str, RouteSpec]:
+        return {**{n: r.spec for n, r in self.routes.items()}, spec.name: spec}
+
     def register(self, spec: RouteSpec, found: Mapping[str, ModelEntry | None]) -> dict[str, ModelEntry]:
         """Register what is not served yet (from the store; not loaded here)."""
         return {ref: entry if entry is not None else self.registry.add_ref(ref) for ref, entry in found.items()}
 
     def configure(self, specs: Mapping[str, RouteSpec]) -> None:
         """The config file's routes, at start (before the models load): all are checked first."""
-        names = set(specs) | set(self.routes)
-        checked = [(spec, self.check(spec, names)) for spec in specs.values()]
+        every = {**{n: r.spec for n, r in self.routes.items()}, **specs}
+        checked = [(spec, self.check(spec, every)) for spec in specs.values()]
         for spec, found in checked:
             self.install(spec, self.register(spec, found))
 
@@ -347,7 +354,7 @@ class TrafficSplit:
         current = self.routes.get(spec.name)
         if current is not None and current.rollout_running:
             raise ConflictError(f"route {spec.name}: a rollout is running; roll it back first")
-        entries = self.register(spec, self.check(spec, self.routes))
+        entries = self.register(spec, self.check(spec, self.specs_with(spec)))
         for entry in entries.values():
             if entry.state is not ModelState.READY and not entry.failed:
                 entry.on_demand = True
