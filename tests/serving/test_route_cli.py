@@ -86,7 +86,8 @@ def test_serve_with_only_routes_in_the_config(tmp_path: Path, served_home: Any) 
 
     home, _ = served_home
     config = tmp_path / "serve.yaml"
-    config.write_text("routes:\n  scorer:\n    variants:\n      - {model: 'lr:1', weight: 1}\n")
+    config.write_text("routes:\n  scorer:\n    variants:\n      - {model: 'lr:1', weight: 1}\n"
+                      "  lr:\n    variants:\n      - {model: 'lr:1', weight: 1}\n")  # two routes, one model
     with modelpod_serve(home, "--config", str(config), "--no-grpc") as proc, \
             httpx.Client(base_url=proc.url, timeout=30) as c:
         assert [m["name"] for m in proc.info["models"]] == ["lr"]  # the route's model is served

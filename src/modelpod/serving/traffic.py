@@ -340,7 +340,11 @@ class TrafficSplit:
 
     def register(self, spec: RouteSpec, found: Mapping[str, ModelEntry | None]) -> dict[str, ModelEntry]:
         """Register what is not served yet (from the store; not loaded here)."""
-        return {ref: entry if entry is not None else self.registry.add_ref(ref) for ref, entry in found.items()}
+        out: dict[str, ModelEntry] = {}
+        for ref, entry in found.items():
+            # (another route of the same config file may have registered it since the check)
+            out[ref] = entry or self.resolver.served(Ref.parse(ref)) or self.registry.add_ref(ref)
+        return out
 
     def configure(self, specs: Mapping[str, RouteSpec]) -> None:
         """The config file's routes, at start (before the models load): all are checked first."""
