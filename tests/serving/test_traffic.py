@@ -188,7 +188,7 @@ def test_feedback_joins_the_answering_variant_and_refuses_unknown_ids(monkeypatc
         assert report[variant]["reward"]["n"] == 1 and report[variant]["reward"]["mean"] == 0.75
         # Ids past the limit are forgotten, and said to be expired.
         monkeypatch.setattr(feedback_module, "FEEDBACK_IDS", 5)
-        ids = [c.post("/v2/models/churn/infer", json=body()).json()["id"] for _ in range(8)]
+        ids = [c.post("/v2/models/churn/infer", json=body()).json()["id"] for _ in range(12)]
         gone = c.post("/v2/models/churn/feedback", json={"id": ids[0], "reward": 1})
         assert gone.status_code == 404 and "expired" in gone.json()["error"]
         assert c.post("/v2/models/churn/feedback", json={"id": ids[-1], "reward": 1}).status_code == 200

@@ -1,7 +1,7 @@
 """Feedback joins, the route report, and the bandit's weights.
 
 Every routed answer's id is kept, with the variant that gave it and (when small) its outputs, for
-``FEEDBACK_TTL_S`` seconds and at most ``FEEDBACK_IDS`` answers per route. ``POST
+``FEEDBACK_TTL_S`` seconds, the last ``FEEDBACK_IDS`` to twice that many answers per route. ``POST
 /v2/models/{route}/feedback`` with ``{"id", "reward"}`` or ``{"id", "label"}`` joins an outcome to
 that variant; an id that was never seen, or has been forgotten, is a 404 that says which.
 """
@@ -28,45 +28,47 @@ KEEP_OUTPUT_BYTES = 64 * 1024  # answers larger than this are kept without outpu
 THOMPSON_DRAWS = 4000
 
 
-class Sent:
-    """What the server remembers of one routed answer, for feedback."""
+# What is kept per answer: (variant, monotonic time, outputs or None); None once it has feedback.
+Sent = tuple[str, float, "Batch | None"]
 
-    __slots__ = ("at", "done", "outputs", "variant")
 
-    def __init__(self, variant: str, at: float, outputs: Batch | None) -> None:
-        self.variant = variant
-        self.at = at
-        self.outputs = outputs
-        self.done = False
+class Answers:
+    """The ids of a route's recent answers, in two generations of up to ``FEEDBACK_IDS`` each: when
+    the newer fills, the older is dropped, and its ids are remembered (keys only) as expired for
+    one more generation. Each answer costs one dict store; nothing is scanned."""
+
+    __slots__ = ("gone", "new", "old")
+
+    def __init__(self) -> None:
+        self.new: dict[str, Sent | None] = {}
+        self.old: dict[str, Sent | None] = {}
+        self.gone: dict[str, Sent | None] = {}
+
+    def add(self, rid: str, sent: Sent) -> None:
+        new = self.new
+        new[rid] = sent
+        if len(new) >= FEEDBACK_IDS:
+            self.gone, self.old, self.new = self.old, new, {}
+
+    def find(self, rid: str) -> tuple[dict[str, Sent | None] | None, Sent | None]:
+        for gen in (self.new, self.old):
+            if rid in gen:
+                return gen, gen[rid]
+        return None, None
+
+    def expired(self, rid: str) -> bool:
+        return rid in self.gone
+
+    def __len__(self) -> int:
+        return len(self.new) + len(self.old)
 
 
 def remember(route: Route, rid: str, variant: str, outputs: Batch, now: float) -> None:
-    """Keep an answer's id for feedback; forget the oldest beyond the limits (checked every
-    ``_SWEEP`` answers for age, at once for count)."""
+    """Keep an answer's id (and its outputs when small) for feedback."""
     size = 0
     for arr in outputs.values():
         size += arr.nbytes
-    ids = route.ids
-    if rid in ids:  # a caller's id used again: the newest answer counts
-        del ids[rid]
-    ids[rid] = Sent(variant, now, outputs if size <= KEEP_OUTPUT_BYTES else None)
-    if len(ids) > FEEDBACK_IDS or len(ids) % _SWEEP == 0:
-        _forget(route, now - FEEDBACK_TTL_S)
-
-
-_SWEEP = 256
-
-
-def _forget(route: Route, horizon: float) -> None:
-    ids = route.ids
-    while ids:
-        oldest = next(iter(ids.values()))
-        if len(ids) <= FEEDBACK_IDS and oldest.at >= horizon:
-            break
-        old_id, _ = ids.popitem(last=False)
-        route.expired[old_id] = None
-        if len(route.expired) > FEEDBACK_IDS:
-            route.expired.popitem(last=False)
+    route.ids.add(rid, (variant, now, outputs if size <= KEEP_OUTPUT_BYTES else None))
 
 
 def _labels_of(outputs: Batch) -> list[Any]:
@@ -106,27 +108,27 @@ def feedback(route: Route, body: Any, now: float) -> dict[str, Any]:
                              or not math.isfinite(reward)):
         raise InvalidRequestError(f"feedback: 'reward' must be a finite number, got {reward!r}")
     name = route.spec.name
-    _forget(route, now - FEEDBACK_TTL_S)
-    sent = route.ids.get(rid)
-    if sent is None:
-        if rid in route.expired:
-            raise NotFoundError(f"request id {rid!r} has expired: route {name} keeps the ids of its last "
-                                f"{FEEDBACK_IDS} answers for {FEEDBACK_TTL_S:g} s")
+    gen, sent = route.ids.find(rid)
+    if gen is None or (sent is not None and sent[1] < now - FEEDBACK_TTL_S):
+        if gen is not None or route.ids.expired(rid):
+            raise NotFoundError(f"request id {rid!r} has expired: route {name} keeps the ids of at least its last "
+                                f"{FEEDBACK_IDS} answers, for {FEEDBACK_TTL_S:g} s")
         raise NotFoundError(f"unknown request id {rid!r}: route {name} answered no request with that id")
-    if sent.done:
+    if sent is None:
         raise ConflictError(f"request id {rid!r} already has feedback")
-    stats = route.stats.get(sent.variant)
+    variant, _, outputs = sent
+    stats = route.stats.get(variant)
     if stats is None:  # pragma: no cover - stats live as long as the route
-        raise NotFoundError(f"variant {sent.variant} is no longer known to route {name}")
-    out: dict[str, Any] = {"id": rid, "route": name, "variant": sent.variant}
+        raise NotFoundError(f"variant {variant} is no longer known to route {name}")
+    out: dict[str, Any] = {"id": rid, "route": name, "variant": variant}
     if "reward" in body:
         reward = float(body["reward"])
     else:
-        if sent.outputs is None:
+        if outputs is None:
             raise InvalidRequestError(f"request id {rid!r}: the answer was too large to keep; send a 'reward'")
         truth = body["label"]
         truths = truth if isinstance(truth, list) else [truth]
-        predicted = _labels_of(sent.outputs)
+        predicted = _labels_of(outputs)
         if len(truths) != len(predicted):
             raise InvalidRequestError(f"feedback: {len(truths)} label(s) for an answer of {len(predicted)} row(s)")
         correct = sum(_plain(t) == p for t, p in zip(truths, predicted, strict=True))
@@ -134,7 +136,7 @@ def feedback(route: Route, body: Any, now: float) -> dict[str, Any]:
         stats.correct += correct
         reward = correct / len(truths)
         out.update(predicted=predicted if isinstance(truth, list) else predicted[0], correct=correct == len(truths))
-    sent.done = True
+    gen[rid] = None  # answered: a second outcome is refused
     stats.rewards.add(reward)
     if not 0.0 <= reward <= 1.0:
         route.unit_rewards = False

@@ -94,16 +94,18 @@ def msprt_p(a: Moments, b: Moments, tau2: float | None = None) -> float | None:
 
 
 class VariantStats:
-    """Per-variant counters, updated on the event loop thread only (no locks)."""
+    """Per-variant counters, updated on the event loop thread only (no locks).
 
-    __slots__ = ("errors", "lat", "pos", "rewards", "labels", "correct", "shadow_compared", "shadow_agreed",
-                 "shadow_dropped", "shadow_errors", "requests")
+    ``pos`` counts the requests ever observed; the latency ring is preallocated, so an
+    observation is one store and one increment."""
+
+    __slots__ = ("correct", "errors", "labels", "lat", "pos", "rewards", "shadow_agreed", "shadow_compared",
+                 "shadow_dropped", "shadow_errors")
 
     def __init__(self) -> None:
-        self.requests = 0
         self.errors = 0
-        self.lat: list[float] = []
-        self.pos = 0  # latencies ever recorded; lat holds the last LATENCY_WINDOW of them
+        self.lat: list[float] = [0.0] * LATENCY_WINDOW
+        self.pos = 0
         self.rewards = Moments()
         self.labels = 0
         self.correct = 0
@@ -112,30 +114,24 @@ class VariantStats:
         self.shadow_dropped = 0
         self.shadow_errors = 0
 
+    @property
+    def requests(self) -> int:
+        return self.pos
+
     def observe(self, ok: bool, seconds: float) -> None:
         """One answered request: ``ok`` False for server-side failures (not for bad input)."""
-        self.requests += 1
+        self.lat[self.pos % LATENCY_WINDOW] = seconds
+        self.pos += 1
         if not ok:
             self.errors += 1
-        if len(self.lat) < LATENCY_WINDOW:
-            self.lat.append(seconds)
-        else:
-            self.lat[self.pos % LATENCY_WINDOW] = seconds
-        self.pos += 1
 
     def latencies_since(self, pos: int = 0) -> list[float]:
         """The latencies recorded since absolute position ``pos`` (as many as the window still holds)."""
-        n = min(self.pos - pos, len(self.lat))
-        if n <= 0:
-            return []
-        if len(self.lat) < LATENCY_WINDOW:
-            return self.lat[len(self.lat) - n:]
-        end = self.pos % LATENCY_WINDOW
-        ring = self.lat[end:] + self.lat[:end]  # oldest first
-        return ring[len(ring) - n:]
+        start = max(pos, self.pos - LATENCY_WINDOW, 0)
+        return [self.lat[i % LATENCY_WINDOW] for i in range(start, self.pos)]
 
     def snapshot(self) -> Mark:
-        return Mark(self.requests, self.errors, self.pos)
+        return Mark(self.pos, self.errors, self.pos)
 
     @property
     def agreement(self) -> float | None:

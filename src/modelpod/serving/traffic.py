@@ -20,14 +20,13 @@ import os
 import random
 import time
 from bisect import bisect_right
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from modelpod.errors import ConflictError, ModelNotReadyError, NotFoundError, UsageError
 from modelpod.model import Batch
 from modelpod.serving import feedback
-from modelpod.serving.feedback import Sent
+from modelpod.serving.feedback import Answers
 from modelpod.serving.metrics import ModelMetrics, ServingMetrics
 from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
 from modelpod.serving.routes import RouteSpec
@@ -138,8 +137,7 @@ class Route:
         self.baseline = ""
         self.stats: dict[str, VariantStats] = {}
         self.metrics: dict[str, ModelMetrics] = {}
-        self.ids: OrderedDict[str, Sent] = OrderedDict()
-        self.expired: OrderedDict[str, None] = OrderedDict()
+        self.ids = Answers()
         self.shadow_inflight: dict[str, int] = {}
         self.pmin: dict[tuple[str, str, str], float] = {}  # (baseline, variant, metric) -> running min
         self.history: list[tuple[RouteSpec, dict[str, int]]] = []  # earlier completed states, alias targets
@@ -159,14 +157,16 @@ class Route:
         self.weights, self._cum, self._total = ws, cum, total
 
     def pick(self, headers: Mapping[str, str] | None) -> Variant:
-        key = headers.get(self.spec.sticky) if headers is not None and self.spec.sticky else None
-        variants, weights = self.variants, self.weights
+        sticky = self.spec.sticky
+        key = headers.get(sticky) if sticky is not None and headers is not None else None
+        variants = self.variants
         if key:
-            chosen = max(zip(variants, weights, strict=True), key=lambda vw: _score(key, vw[0].name, vw[1]))[0]
+            chosen = max(zip(variants, self.weights, strict=True), key=lambda vw: _score(key, vw[0].name, vw[1]))[0]
         else:
             i = bisect_right(self._cum, random.random() * self._total)
-            chosen = variants[min(i, len(variants) - 1)]
-        if chosen.entry.available:
+            chosen = variants[i] if i < len(variants) else variants[-1]
+        entry = chosen.entry
+        if entry.state is ModelState.READY or entry.available:
             return chosen
         return self._pick_live(key)
 
