@@ -69,11 +69,16 @@ def test_rollout_completes_moves_the_alias_and_rolls_back_to_the_last_completed_
         assert "production" in versions[3].aliases and "production" not in versions[2].aliases
         assert c.post("/v2/models/churn/versions/production/infer", json=body()).headers["modelpod-variant"] == \
             "churn:3"
+        # The old version is unloaded; a rollback loads it again before giving it traffic.
+        assert c.post("/v2/repository/models/churn/versions/2/unload").status_code == 200
+        assert not versions[2].ready
         # Rollback: the completed state before the rollout, alias included.
         back = c.post("/v2/routes/churn/rollback")
         assert back.status_code == 200, back.text
         assert back.json()["variants"] == [{"model": "churn:2", "weight": 100}]
         assert "production" in versions[2].aliases and "production" not in versions[3].aliases
+        assert versions[2].ready
+        assert c.post("/v2/models/churn/infer", json=body()).headers["modelpod-variant"] == "churn:2"
         r = c.post("/v2/routes/churn/rollback")
         assert r.status_code == 409 and "no earlier completed state" in r.json()["error"]
 

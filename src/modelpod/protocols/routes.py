@@ -90,7 +90,7 @@ async def _answer(engine: InferenceEngine, req: Request, parse: Parse) -> Respon
             return _ok(traffic.describe(name))
         if action == "rollback":
             _allow(method, ("POST",))
-            traffic.rollback(name)
+            await traffic.rollback(name)
             return _ok(traffic.describe(name))
     raise NotFoundError(f"no route {req.path}")
 

@@ -306,11 +306,14 @@ async def start(split: TrafficSplit, name: str, body: Any) -> Route:
             set_aside(entry)
             raise ModelNotReadyError(f"route {name}: {entry.label} did not load ({exc}); "
                                      "the route is unchanged") from None
+    if route.rollout_running:  # another one started while this candidate loaded
+        raise ConflictError(f"route {name}: a rollout is already running (to {route.rollout.candidate})")
     route.rollout = Rollout(split, route, plan, entries, candidate, baseline)
     route.rollout.start()
     return route
 
-def rollback(split: TrafficSplit, name: str) -> Route:
+
+async def rollback(split: TrafficSplit, name: str) -> Route:
     """Back to the last completed state: the one before a running rollout, or the one before the
     current one (its aliases put back too)."""
     route = split.get(name)
@@ -323,9 +326,14 @@ def rollback(split: TrafficSplit, name: str) -> Route:
         return route
     if not route.history:
         raise ConflictError(f"route {name} has no earlier completed state to roll back to")
-    spec, aliases = route.history.pop()
+    spec, aliases = route.history[-1]
     found = split.check(spec, split.specs_with(spec))
-    split.install(spec, split.register(spec, found), completed=False)
+    entries = split.register(spec, found)
+    await split.load_all(spec, entries)  # what was unloaded since is loaded again first
+    if not any(entries[v.model].ready for v in spec.variants if v.weight > 0):
+        raise ModelNotReadyError(f"route {name}: the earlier state's variants did not load; the route is unchanged")
+    route.history.pop()
+    split.install(spec, entries, completed=False)
     route.completed = spec
     for key, version in aliases.items():
         model, _, alias = key.partition("@")

@@ -359,6 +359,18 @@ class TrafficSplit:
         if current is not None and current.rollout_running:
             raise ConflictError(f"route {spec.name}: a rollout is running; roll it back first")
         entries = self.register(spec, self.check(spec, self.specs_with(spec)))
+        await self.load_all(spec, entries)
+        if not any(entries[v.model].ready for v in spec.variants if v.weight > 0):
+            why = "; ".join(f"{v.model}: {entries[v.model].reason or entries[v.model].state.value}"
+                            for v in spec.variants)
+            raise ModelNotReadyError(f"route {spec.name}: no variant with a weight could load ({why}); "
+                                     "the route is unchanged")
+        route = self.install(spec, entries)
+        log.info("route set", extra={"fields": {"route": spec.name, "weights": route.describe()["weights"]}})
+        return route
+
+    async def load_all(self, spec: RouteSpec, entries: Mapping[str, ModelEntry]) -> None:
+        """Load what a spec names and is not loaded; a failure is logged and kept as the model's reason."""
         for entry in entries.values():
             if entry.state is not ModelState.READY and not entry.failed:
                 entry.on_demand = True
@@ -368,14 +380,6 @@ class TrafficSplit:
                     set_aside(entry)
                     log.warning("route variant did not load", extra={"fields": {
                         "route": spec.name, "model": entry.label, "error": str(exc)}})
-        if not any(entries[v.model].ready for v in spec.variants if v.weight > 0):
-            why = "; ".join(f"{v.model}: {entries[v.model].reason or entries[v.model].state.value}"
-                            for v in spec.variants)
-            raise ModelNotReadyError(f"route {spec.name}: no variant with a weight could load ({why}); "
-                                     "the route is unchanged")
-        route = self.install(spec, entries)
-        log.info("route set", extra={"fields": {"route": spec.name, "weights": route.describe()["weights"]}})
-        return route
 
     def install(self, spec: RouteSpec, entries: Mapping[str, ModelEntry], *, completed: bool = True) -> Route:
         route = self.routes.get(spec.name)
@@ -435,11 +439,11 @@ class TrafficSplit:
 
         return await rollout.start(self, name, body)
 
-    def rollback(self, name: str) -> Route:
+    async def rollback(self, name: str) -> Route:
         """Back to the last completed state (see ``serving/rollout.py``)."""
         from modelpod.serving import rollout
 
-        return rollout.rollback(self, name)
+        return await rollout.rollback(self, name)
 
     def check_unload(self, entries: Iterable[ModelEntry]) -> None:
         """Refuse to unload the last variants with traffic of a route (its requests would fail)."""
