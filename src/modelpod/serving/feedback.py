@@ -183,7 +183,8 @@ def report(route: Route) -> dict[str, Any]:
         row: dict[str, Any] = {
             "variant": v.name, "role": "shadow" if is_shadow else ("baseline" if v.name == route.baseline else
                                                                     "variant"),
-            "status": v.status, "weight": weights.get(v.name, 0.0), "share": weights.get(v.name, 0.0) / total,
+            "status": v.status, "weight": None if is_shadow else weights.get(v.name, 0.0),
+            "share": None if is_shadow else weights.get(v.name, 0.0) / total,
             "requests": w["requests"], "errors": w["errors"], "error_rate": w["error_rate"], "latency_ms": lat,
             "reward": mean_ci(st.rewards),
             "accuracy": {"n": st.labels, "value": st.correct / st.labels if st.labels else None},

@@ -235,7 +235,7 @@ def _print_route(r: dict[str, Any]) -> None:
 
 def _print_report(rep: dict[str, Any]) -> None:
     print(f"route {rep['route']}  ({rep['policy']}, baseline {rep['baseline']})  status: {rep['status']}")
-    head = ("VARIANT", "ROLE", "SHARE", "REQUESTS", "ERRORS", "P50 ms", "P95 ms", "P99 ms", "REWARD (95% CI)",
+    head = ("VARIANT", "ROLE", "SHARE", "REQUESTS", "ERROR RATE", "P50 ms", "P95 ms", "P99 ms", "REWARD (95% CI)",
             "ACCURACY", "AGREEMENT", "DELTA", "P-VALUE")
     rows = [head]
     for v in rep["variants"]:
