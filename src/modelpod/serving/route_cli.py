@@ -23,6 +23,8 @@ from modelpod.errors import ModelpodError, UsageError
 from modelpod.settings import Settings
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+# The server is named by --url: never through a proxy from the environment.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 ACTIONS = ("list", "show", "set", "delete", "report", "rollout", "rollback")
 
 
@@ -82,7 +84,7 @@ def _call(args: argparse.Namespace, settings: Settings, method: str, path: str, 
     if token:
         req.add_header("authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
+        with _OPENER.open(req, timeout=120) as resp:
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         raw = exc.read()
