@@ -112,6 +112,7 @@ def test_shadow_errors_never_reach_the_caller_and_agreement_is_measured() -> Non
         assert metric_value(text, "modelpod_shadow_requests_total", variant="churn:4", outcome="compared") == 50
         assert metric_value(text, "modelpod_requests_total", variant="churn:3", protocol="shadow",
                             outcome="error") == 50
+        promtool_check(text.encode())  # the route families too
         report = c.get("/v2/routes/churn/report").json()
         rows = {v["variant"]: v for v in report["variants"]}
         assert rows["churn:4"]["shadow"]["agreement"] == 1.0 and rows["churn:3"]["shadow"]["errors"] == 50
