@@ -175,3 +175,33 @@ def test_one_version_unloads_but_not_the_last_one_a_route_serves_on() -> None:
         assert r.status_code == 409
         assert c.post("/v2/repository/models/churn/versions/3/load").status_code == 200
         assert len(set(variants_of(c, "/v2/models/churn/infer", 200))) == 2
+
+
+def test_a_route_variant_failing_to_load_at_start_leaves_the_server_ready(served_home: Any) -> None:
+    from servutil import LiveServer
+
+    from modelpod.serving.engine import InferenceEngine
+    from modelpod.serving.registry import ModelSource
+
+    home, _ = served_home
+    settings = Settings(home=home)
+
+    def setup(routes: dict[str, Any]) -> Any:
+        def go(engine: InferenceEngine) -> None:
+            engine.config = ServeConfig.from_settings(settings, {"routes": routes})
+            engine.add_model(Offset(0), name="good", version=1)
+            engine.configure_routes()  # lr:1 comes from the store because the route names it
+            entry = engine.registry.versions("lr")[1]
+            entry.source = ModelSource(model=BrokenLoad(0))  # and its load will fail
+        return go
+
+    both = {"scorer": {"variants": [{"model": "lr:1", "weight": 50}, {"model": "good:1", "weight": 50}]}}
+    with LiveServer(settings, setup(both)) as live, httpx.Client(base_url=live.url, timeout=30) as c:
+        assert c.get("/v2/health/ready").status_code == 200
+        shown = c.get("/v2/routes/scorer").json()
+        assert "degraded" in shown["status"] and "weights are corrupt" in shown["status"]
+        assert set(variants_of(c, "/v2/models/scorer/infer", 30)) == {"good:1"}
+    alone = {"scorer": {"variants": [{"model": "lr:1", "weight": 1}, {"model": "good:1", "weight": 0}]}}
+    with LiveServer(settings, setup(alone)) as live, httpx.Client(base_url=live.url, timeout=30) as c:
+        assert c.get("/v2/health/ready").status_code == 503  # the route cannot serve at all
+        assert "down" in c.get("/v2/routes/scorer").json()["status"]

@@ -93,6 +93,7 @@ class InferenceEngine:
                     try:
                         await self.registry.load(entry)
                     except Exception:
+                        self.traffic.load_failed(entry)
                         continue
         self.started = True
 
@@ -101,8 +102,9 @@ class InferenceEngine:
         return True
 
     def ready(self) -> bool:
-        """Started, not draining, and no model stuck after a failed load."""
-        return self.started and not self.draining and not any(e.failed for e in self.registry)
+        """Started, not draining, no model stuck after a failed load, and every route able to serve."""
+        return (self.started and not self.draining and not any(e.failed for e in self.registry)
+                and self.traffic.serving())
 
     def metadata(self) -> dict[str, Any]:
         return {"name": "modelpod", "version": __version__, "extensions": list(EXTENSIONS)}

@@ -234,6 +234,7 @@ class TrafficSplit:
         self.resolver = VersionResolver(registry)
         self.routes: dict[str, Route] = {}
         self.shadows = ShadowSender(registry)
+        self._registered: set[int] = set()  # entries served only because a route names them
         for family in feedback.route_metrics(self):
             self.metrics.registry.add(family)
 
@@ -343,8 +344,23 @@ class TrafficSplit:
         out: dict[str, ModelEntry] = {}
         for ref, entry in found.items():
             # (another route of the same config file may have registered it since the check)
-            out[ref] = entry or self.resolver.served(Ref.parse(ref)) or self.registry.add_ref(ref)
+            served = entry or self.resolver.served(Ref.parse(ref))
+            if served is None:
+                served = self.registry.add_ref(ref)
+                self._registered.add(id(served))
+            out[ref] = served
         return out
+
+    def load_failed(self, entry: ModelEntry) -> None:
+        """A model failed to load at start: one a route alone asked for is set aside (the route serves
+        on its other variants) instead of holding the whole server unready."""
+        if id(entry) in self._registered:
+            set_aside(entry)
+
+    def serving(self) -> bool:
+        """Every route has a variant with weight that can serve."""
+        return all(any(w > 0 and v.entry.available for v, w in zip(r.variants, r.weights, strict=True))
+                   for r in self.routes.values())
 
     def configure(self, specs: Mapping[str, RouteSpec]) -> None:
         """The config file's routes, at start (before the models load): all are checked first."""
