@@ -195,6 +195,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> Any:
     return serve(args, settings)
 
 
+@command("route")
+def _route(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.serving.route_cli import route_command
+
+    return route_command(args, settings)
+
+
 @command("build")
 def _build(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.image.cli import build_command
@@ -277,15 +284,21 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--input", required=True)
 
     c = cmd("serve", "serve pods over OIP v2 REST and gRPC")
-    c.add_argument("refs", nargs="+", metavar="REF", help="NAME, NAME:VERSION, NAME@ALIAS or a pod directory")
+    c.add_argument("refs", nargs="*", metavar="REF",
+                   help="NAME, NAME:VERSION, NAME@ALIAS or a pod directory (the models of --config routes are added)")
     c.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     c.add_argument("--port", type=int, help="REST port (default 8080; 0 picks a free one)")
     c.add_argument("--grpc-port", type=int, help="gRPC port (default 8081 when grpcio is installed)")
     c.add_argument("--no-grpc", action="store_true", help="serve REST only")
-    c.add_argument("--config", help="YAML: batching keys for all models, and per model under 'models:'")
+    c.add_argument("--config", help="YAML: batching keys for all models, per model under 'models:', "
+                   "traffic splits under 'routes:' (docs/traffic.md)")
     c.add_argument("--max-batch-rows", type=int)
     c.add_argument("--max-batch-wait-ms", type=float)
     c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN)")
+
+    from modelpod.serving.route_cli import add_arguments as route_arguments
+
+    route_arguments(cmd("route", "traffic splits of a running server: list, show, set, report, rollout, rollback"))
 
     c = cmd("build", "build a runnable OCI image of a pod, without a daemon")
     c.add_argument("ref")

@@ -5,9 +5,12 @@ Routes (each ``/v2/models/{m}`` route also takes ``/versions/{v}``, an integer o
     GET  /v2/health/live  /v2/health/ready  /v2  /v2/
     GET  /v2/models/{m}  /v2/models/{m}/ready  /v2/models/{m}/config   (Triton's model configuration)
     POST /v2/models/{m}/infer
-    POST /v2/repository/index  /v2/repository/models/{m}/load  /v2/repository/models/{m}/unload
+    POST /v2/repository/index  /v2/repository/models/{m}[/versions/{v}]/load  .../unload
     GET  /metrics
     /v1/models/...  the KServe v1 / TensorFlow Serving REST protocol (modelpod.protocols.v1)
+    /v2/routes[/{r}[/report|/rollout|/rollback]]  POST /v2/models/{r}/feedback   (protocols/routes.py)
+
+Every inference answer carries ``modelpod-variant: NAME:VERSION`` (the version that answered).
 
 Errors are ``{"error": "..."}`` with the status the ModelpodError carries. With a token, every
 route but the health checks needs ``Authorization: Bearer <token>``. The repository routes need
@@ -152,6 +155,10 @@ class RestApp:
                 _allow(method, "POST")
                 self._authorize(req)
                 return await self._infer(req, name, version)
+            if action == "feedback" and version is None:
+                _allow(method, "POST")
+                self._authorize(req)
+                return _json(self.engine.traffic.feedback(name, self._json(req.body)))
             _allow(method, "GET")
             self._authorize(req)
             if action == "":
@@ -176,6 +183,11 @@ class RestApp:
             return Response(200, self.engine.metrics.render(), CONTENT_TYPE)
         if path.startswith("/v1/"):  # KServe v1 / TensorFlow Serving REST, onto the same engine
             return await v1.handle(self, req)
+        if path == "/v2/routes" or path.startswith("/v2/routes/"):
+            from modelpod.protocols.routes import routes_api
+
+            self._authorize_management(req)
+            return await routes_api(self.engine, req, self._json)
         if path.startswith("/v2/repository/"):
             _allow(method, "POST")
             self._authorize_management(req)
@@ -207,13 +219,17 @@ class RestApp:
             request = self._decode(req, check)
         if request.id is not None and "x-request-id" not in req.headers:
             req.headers["x-request-id"] = request.id  # so the response and the log line carry it
-        result = await self.engine.infer(name, version, request, protocol="rest", started=req.received)
+        result = await self.engine.infer(name, version, request, protocol="rest", started=req.received,
+                                         headers=req.headers)
         out, tails = encode_response(result.model_name, result.model_version, result.outputs, request)
+        if result.id is not None:  # a routed answer always has one (made here if need be), for feedback
+            out["id"] = result.id
         data = orjson.dumps(out)
+        variant = ("modelpod-variant", result.variant or result.model_name)
         if tails:
             return Response(200, [data, *tails], "application/octet-stream",
-                            [("inference-header-content-length", str(len(data)))])
-        return Response(200, data)
+                            [("inference-header-content-length", str(len(data))), variant])
+        return Response(200, data, headers=[variant])
 
     def _decode(self, req: Request, check: InputCheck) -> InferRequest:
         """The request body (inflated, JSON header, binary tail) as tensors checked against ``check``."""
@@ -284,6 +300,13 @@ class RestApp:
                 await self.engine.load_model(name)
             else:
                 await self.engine.unload_model(name)
+            return _EMPTY
+        if len(parts) == 5 and parts[0] == "models" and parts[2] == "versions" and parts[4] in ("load", "unload"):
+            name, version = unquote(parts[1]), unquote(parts[3])  # one version (a route's old variant)
+            if parts[4] == "load":
+                await self.engine.load_model(f"{name}:{version}" if version.isdigit() else f"{name}@{version}")
+            else:
+                await self.engine.unload_model(name, version)
             return _EMPTY
         raise NotFoundError(f"no route /v2/repository/{rest}")
 

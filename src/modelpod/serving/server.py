@@ -46,8 +46,11 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     if grpc_mode == "required" and not _have_grpc():
         raise MissingExtraError("grpc", "grpcio", "the gRPC endpoint (--grpc-port)")
     engine = InferenceEngine(settings, ServeConfig.load(settings))
+    if not args.refs and not engine.config.routes:
+        raise UsageError("nothing to serve: name at least one REF, or routes in --config")
     for ref in args.refs:
         engine.add(ref)
+    engine.configure_routes()  # a bad route stops the start here (exit 2), before anything listens
     return run(engine, settings, grpc=grpc_mode, as_json=bool(getattr(args, "json", False)))
 
 
