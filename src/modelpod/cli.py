@@ -172,6 +172,13 @@ def _predict(args: argparse.Namespace, settings: Settings) -> Any:
     print(json.dumps(body) if args.json else json.dumps(body, indent=2))
 
 
+@command("batch")
+def _batch(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.batch.cli import batch_command
+
+    return batch_command(args, settings)
+
+
 # -- serving and images (their modules own the work) ---------------------------------------------
 @command("serve")
 def _serve(args: argparse.Namespace, settings: Settings) -> Any:
@@ -254,6 +261,11 @@ def parser() -> argparse.ArgumentParser:
     c = cmd("predict", "run one OIP v2 request (or .npy) through a pod in-process")
     c.add_argument("ref")
     c.add_argument("--input", required=True)
+
+    c = cmd("batch", "score files (CSV, Parquet, JSON Lines, .npy, images) with a pod; resumable, sharded")
+    from modelpod.batch.cli import add_arguments as batch_arguments
+
+    batch_arguments(c)
 
     c = cmd("serve", "serve pods over OIP v2 REST and gRPC")
     c.add_argument("refs", nargs="+", metavar="REF", help="NAME, NAME:VERSION, NAME@ALIAS or a pod directory")
