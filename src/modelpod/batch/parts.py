@@ -120,7 +120,7 @@ class PartStore:
             if self.directory.exists():
                 shutil.rmtree(self.directory)
             self.directory.mkdir(parents=True)
-            write_json(jfile, {"format": FORMAT, **job})
+            write_json(jfile, {"batch_format": FORMAT, **job})
             (self.directory / JOURNAL).touch()
             fsync_dir(self.directory)
             self.parts = []
@@ -179,7 +179,7 @@ class PartStore:
 
 def _same_job(before: Mapping[str, Any], now: Mapping[str, Any], directory: Path) -> None:
     fix = f"rerun with --overwrite to start again (or delete {directory})"
-    if before.get("format") != FORMAT:
+    if before.get("batch_format") != FORMAT:
         raise BatchError(f"{directory} was written by another modelpod version; {fix}")
     if before.get("pod", {}).get("digest") != now["pod"]["digest"]:
         was = before.get("pod", {}).get("digest")

@@ -199,7 +199,7 @@ def columns_of(fmt: str, path: str) -> list[str] | None:
     if fmt == "parquet":
         return list(_parquet(path).schema_arrow.names)
     if fmt == "csv":
-        return list(_open_csv(path, None).schema.names)
+        return list(_open_csv(path, None, []).schema.names)
     if fmt == "npy":
         return [NPY_COLUMN]
     if fmt == "images":

@@ -216,7 +216,8 @@ def _from_json(values: list[Any], spec: TensorSpec, col: str, inner: tuple[int, 
             bad[k] = f"column {col!r} is missing"
             continue
         try:
-            out[k] = tensor_from_json(col, spec.datatype, shape, v)
+            one = tensor_from_json(col, spec.datatype, shape, v)
+            out[k] = one.item() if one.ndim == 0 else one
         except (InvalidRequestError, ValueError, TypeError) as exc:
             bad[k] = f"column {col!r}: {exc} (value {_short(v)})"
     return out, bad
