@@ -285,6 +285,14 @@ class Runner:
         unit = task.unit
         name = f"part-{unit.index:06d}-{task.start:010d}"
         writer = PartWriter(self.store.directory, f"{name}.{EXTENSION[self.out_fmt]}", self.out_fmt)
+        try:
+            return self._run_task(task, name, writer)
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _run_task(self, task: _Task, name: str, writer: PartWriter) -> Part:
+        unit = task.unit
         errors: list[dict[str, Any]] = []
         for raw in task.batches:
             errors.extend(raw.notes and [{"file": raw.file, **n} for n in raw.notes])

@@ -139,7 +139,7 @@ def merge(output: str | Path, *, errors: str | Path | None = None, overwrite: bo
     total_errors = sum(int(have[i]["errors"]) for i in range(count))
     if error_files:
         join_errors(error_files, errors_path)
-    assemble(parts, final, fmt, have[0].get("columns") or ())
+    assemble(parts, final, fmt, have[0].get("columns") or (), headed=True)
     if not keep_shards:
         shutil.rmtree(directory, ignore_errors=True)
     return MergeSummary(str(final), str(errors_path) if error_files else None, count,

@@ -10,6 +10,7 @@ shape [rows, k] becomes the columns NAME_0 … NAME_k-1 there.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import os
 import shutil
@@ -131,13 +132,24 @@ class PartWriter:
                              ) from None
         self.rows += table.num_rows
 
+    def abort(self) -> None:
+        """Drop a part that failed half-way (its rows are done again)."""
+        for handle in (self._writer, self._fh):
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    handle.close()
+        self._writer = self._fh = None
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
+
     def close(self) -> tuple[str | None, str, int]:
         """(file name or None when empty, sha256, size)."""
         try:
-            if self._writer is not None:
-                self._writer.close()
-            if self._fh is not None:
-                self._fh.close()
+            writer, fh, self._writer, self._fh = self._writer, self._fh, None, None
+            if writer is not None:
+                writer.close()
+            if fh is not None:
+                fh.close()
             if self.rows == 0:
                 self.tmp.unlink(missing_ok=True)
                 return None, "", 0
@@ -164,8 +176,10 @@ def temp_beside(final: Path) -> Path:
 
 
 def assemble(parts: Sequence[tuple[Path, Part]], final: Path, fmt: str,
-             empty_columns: Sequence[str] = ()) -> int:
-    """Join part files (already in input order) into ``final`` atomically; the number of bytes written."""
+             empty_columns: Sequence[str] = (), headed: bool = False) -> int:
+    """Join part files (already in input order) into ``final`` atomically; the number of bytes written.
+
+    ``headed``: the CSV files start with their own header (finished shards), which is left out."""
     tmp = temp_beside(final)
     try:
         files = [(d / p.file, p) for d, p in parts if p.file]
@@ -177,8 +191,12 @@ def assemble(parts: Sequence[tuple[Path, Part]], final: Path, fmt: str,
                     header = next((p.columns for _, p in files), tuple(empty_columns))
                     if header:
                         out.write(_csv_header(header))
-                for path, _ in files:
+                for path, part in files:
                     with path.open("rb") as src:
+                        if headed and fmt == "csv":
+                            own = _csv_header(part.columns)
+                            if src.read(len(own)) != own:
+                                raise BatchError(f"{path} does not start with the header {own.decode().strip()}")
                         shutil.copyfileobj(src, out, 1 << 20)
         _, size = publish(tmp, final)
         return size

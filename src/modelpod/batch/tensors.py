@@ -89,14 +89,15 @@ def bind(signature: Signature, available: Sequence[str] | None, fmt: str, *, col
         raise BatchError(f"--keep-columns {', '.join(clash)}: the model writes an output of that name; "
                          "keep the column under another name or leave it out")
     for b in bindings:
-        if len(b.columns) > 1 and not (len(b.spec.shape) == 2 and b.spec.shape[1] in (-1, len(b.columns))):
-            raise BatchError(f"input {b.spec.name!r} has shape {list(b.spec.shape)}: {len(b.columns)} columns "
-                             f"({', '.join(b.columns)}) cannot be stacked into it")
         if available is not None:
             missing = [c for c in (*b.columns, *keep) if c not in available]
             if missing:
                 raise BatchError(f"{where or 'the input'} has no column {', '.join(map(repr, missing))} "
                                  f"(columns: {', '.join(available)}); check --columns, --input-map and --keep-columns")
+        if len(b.columns) > 1 and not (len(b.spec.shape) == 2 and b.spec.shape[1] in (-1, len(b.columns))):
+            want = b.spec.shape[1] if len(b.spec.shape) == 2 else "one"
+            raise BatchError(f"input {b.spec.name!r} has shape {list(b.spec.shape)}: {len(b.columns)} columns "
+                             f"({', '.join(b.columns)}) cannot be stacked into it; name {want} columns")
     return bindings
 
 
