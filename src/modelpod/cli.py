@@ -287,6 +287,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tag", metavar="NAME:TAG", help="the name docker load gives the image")
     c.add_argument("--source", metavar="URL", help="org.opencontainers.image.source annotation")
     c.add_argument("--revision", help="org.opencontainers.image.revision annotation (default: the pod digest)")
+    c.add_argument("--with", dest="with_", action="append", choices=("batch",),
+                   help="add a feature's packages to the runtime layer: batch (pyarrow, for `docker run IMAGE batch`)")
     c = cmd("push", "push a pod to an OCI registry as an artifact")
     c.add_argument("ref")
     c.add_argument("target", metavar="REGISTRY/REPO[:TAG]")
