@@ -62,7 +62,6 @@ def run(ref: str | Path, input: str | Path | Sequence[str | Path], output: str |
     ``resume``, ``overwrite``, ``errors``, ``max_errors``, ``cast``, ``part_rows``.
     """
     opts = options(**kwargs)
-    t0 = time.monotonic()
     final = Path(output).expanduser().absolute()
     out_fmt = output_format(final, opts.output_format)
     if opts.shard is not None:
@@ -78,8 +77,10 @@ def run(ref: str | Path, input: str | Path | Sequence[str | Path], output: str |
         raise BatchError(f"--output {final}: the directory {final.parent} does not exist; create it first")
     if target.exists() and not opts.overwrite:
         raise BatchError(f"{target} exists; pass --overwrite to replace it, or choose another --output")
+    t_load = time.monotonic()
     if model is None:
         model, digest = load_model(ref, store, settings)
+    t0 = time.monotonic()
     plan = make_plan(model, digest or "", str(ref), input, out_fmt, opts)
     parts = PartStore(parts_dir)
     try:
@@ -125,7 +126,7 @@ def run(ref: str | Path, input: str | Path | Sequence[str | Path], output: str |
         errors=errors, parts=len(ordered), resumed_parts=len(before), resumed_rows=sum(p.end - p.start for p in before),
         seconds=round(seconds, 3), rows_per_s=round(runner.rows_run / seconds, 1) if seconds > 0 else 0.0,
         pod=str(ref), digest=digest or "", shard=f"{opts.shard[0]}/{opts.shard[1]}" if opts.shard else None,
-        inputs=plan.inputs, dropped_parts=tuple(parts.dropped))
+        inputs=plan.inputs, dropped_parts=tuple(parts.dropped), load_seconds=round(t0 - t_load, 3))
 
 
 def _complete(units: Sequence[Any], parts: Sequence[Part], directory: Path) -> list[Part]:

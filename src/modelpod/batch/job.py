@@ -23,7 +23,7 @@ import orjson
 
 from modelpod.batch import sources, tensors
 from modelpod.batch.parts import Part, PartStore, covered, unit_complete
-from modelpod.batch.sinks import EXTENSION, PartWriter, write_errors
+from modelpod.batch.sinks import PART_EXTENSION, PartWriter, write_errors
 from modelpod.batch.sources import RawBatch, Unit
 from modelpod.batch.tensors import Binding
 from modelpod.errors import BatchError, ModelpodError, TooManyErrorsError
@@ -78,13 +78,14 @@ class BatchSummary:
     parts: int
     resumed_parts: int
     resumed_rows: int
-    seconds: float
+    seconds: float  # the job itself: planning, scoring, joining (not the model's load)
     rows_per_s: float
     pod: str
     digest: str
     shard: str | None = None
     inputs: int = 0
     dropped_parts: tuple[str, ...] = field(default=())
+    load_seconds: float = 0.0  # loading the model, before ``seconds`` starts
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -284,7 +285,7 @@ class Runner:
     def run_task(self, task: _Task) -> Part:
         unit = task.unit
         name = f"part-{unit.index:06d}-{task.start:010d}"
-        writer = PartWriter(self.store.directory, f"{name}.{EXTENSION[self.out_fmt]}", self.out_fmt)
+        writer = PartWriter(self.store.directory, f"{name}.{PART_EXTENSION[self.out_fmt]}", self.out_fmt)
         try:
             return self._run_task(task, name, writer)
         except BaseException:

@@ -28,6 +28,8 @@ OUTPUT_FORMATS = ("parquet", "csv", "jsonl")
 _OUT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl",
                  ".json": "jsonl"}
 EXTENSION = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}
+# Parquet outputs are encoded once, when joined: their parts are Arrow IPC files (no encoding).
+PART_EXTENSION = {"parquet": "arrow", "csv": "csv", "jsonl": "jsonl"}
 
 
 def output_format(output: Path, given: str | None) -> str:
@@ -97,12 +99,10 @@ class PartWriter:
         pa = pyarrow()
         try:
             if self.fmt == "parquet":
-                import pyarrow.parquet as pq
-
                 if self._writer is None:
                     self._schema = table.schema
                     self.columns = tuple(table.column_names)
-                    self._writer = pq.ParquetWriter(self.tmp, table.schema)
+                    self._writer = pa.ipc.new_file(str(self.tmp), table.schema)
                 elif table.schema != self._schema:
                     table = table.cast(self._schema)
                 self._writer.write_table(table)
@@ -226,14 +226,26 @@ def _join_parquet(files: Sequence[Path], tmp: Path, empty_columns: Sequence[str]
     if not files:
         pq.write_table(pa.table({c: pa.array([], pa.null()) for c in empty_columns}), tmp)
         return
-    schemas = [pq.read_schema(f) for f in files]
+    def read(f: Path) -> Any:
+        if f.suffix == ".arrow":  # a part: Arrow IPC, mapped rather than read
+            with pa.memory_map(str(f)) as source:
+                return pa.ipc.open_file(source).read_all()
+        return pq.read_table(f)
+
+    def schema_of(f: Path) -> Any:
+        if f.suffix == ".arrow":
+            with pa.memory_map(str(f)) as source:
+                return pa.ipc.open_file(source).schema
+        return pq.read_schema(f)
+
+    schemas = [schema_of(f) for f in files]
     schema = pa.unify_schemas(schemas, promote_options="permissive") if len(set(schemas)) > 1 else schemas[0]
     with pq.ParquetWriter(tmp, schema) as writer:
         for f in files:
-            table = pq.read_table(f)
+            table = read(f)
             if table.schema != schema:
                 table = table.cast(schema)
-            writer.write_table(table)
+            writer.write_table(table, row_group_size=1 << 20)
 
 
 def join_errors(sources: Sequence[Path], final: Path) -> int:
