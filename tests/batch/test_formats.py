@@ -132,3 +132,36 @@ def test_workers_keep_input_order(tmp_path: Path, store: Store, estimator: Any) 
     out = pq.read_table(tmp_path / "out.parquet")
     assert out["id"].to_pylist() == list(range(4000))
     assert out["output-0"].to_pylist() == estimator.predict(x).tolist()
+
+
+def test_a_terminal_gets_a_progress_bar(tmp_path: Path, home: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    src = write_parquet(tmp_path / "in.parquet", features(3000), row_group_size=1000)
+    leader, follower = os.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "modelpod", "--home", str(home), "batch", "linear", "--input",
+                               str(src), "--output", str(tmp_path / "o.csv"), "--keep-columns", "id"],
+                              stdout=subprocess.PIPE, stderr=follower, timeout=120, check=False,
+                              env={**os.environ, "COLUMNS": "120"})
+        os.close(follower)
+        follower = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert proc.returncode == 0
+    text = shown.decode("utf-8", "replace")
+    assert "3000/3000" in text and "rows/s" in text and '"event"' not in text
+    assert proc.stdout.decode().startswith("wrote 3000 rows to ")

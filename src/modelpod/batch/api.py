@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from modelpod.batch.job import BatchOptions, BatchSummary, Event, Runner, make_plan
+from modelpod.batch.job import BatchJob, BatchOptions, BatchSummary, Event, make_plan
 from modelpod.batch.parts import Part, PartStore, unit_complete
 from modelpod.batch.shards import default_errors_path, shard_dir, shard_name, write_record
 from modelpod.batch.sinks import EXTENSION, assemble, disk_full, join_errors, output_format
@@ -93,7 +93,7 @@ def run(ref: str | Path, input: str | Path | Sequence[str | Path], output: str |
         before = parts.open(plan.job)
     except OSError as exc:
         raise disk_full(parts_dir, exc) from None
-    runner = Runner(model, plan, parts, out_fmt, opts, on_event)
+    runner = BatchJob(model, plan, parts, out_fmt, opts, on_event)
     runner.run()
     ordered = _complete(plan.units, parts.parts, parts_dir)
     rows = sum(p.end - p.start for p in ordered)

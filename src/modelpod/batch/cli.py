@@ -110,7 +110,9 @@ def _progress(args: argparse.Namespace) -> Iterator[Callable[[dict[str, Any]], N
     columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
                TextColumn("{task.fields[rate]} rows/s"), TextColumn("{task.fields[errors]} bad"),
                TimeRemainingColumn())
-    with Progress(*columns, transient=False) as bar:
+    from rich.console import Console
+
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task("batch", total=None, rate="-", errors=0)
 
         def show(event: dict[str, Any]) -> None:

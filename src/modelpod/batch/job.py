@@ -207,7 +207,7 @@ class Scorer:
         return out
 
 
-class Runner:
+class BatchJob:
     """Runs one job's parts: reading, predicting, writing, committing, reporting."""
 
     def __init__(self, model: Model, plan: Plan, store: PartStore, out_fmt: str, opts: BatchOptions,

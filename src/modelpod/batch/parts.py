@@ -77,14 +77,14 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def publish(tmp: Path, final: Path) -> tuple[str, int]:
-    """Sync ``tmp``, rename it to ``final`` atomically, sync the directory; (sha256, size) of the file."""
+def publish(tmp: Path, final: Path, digest: bool = True) -> tuple[str, int]:
+    """Sync ``tmp``, rename it to ``final`` atomically, sync the directory; (sha256 or "", size) of the file."""
     with tmp.open("rb+") as fh:
         os.fsync(fh.fileno())
-    digest, size = sha256_of(tmp), tmp.stat().st_size
+    sha, size = (sha256_of(tmp) if digest else ""), tmp.stat().st_size
     os.replace(tmp, final)
     fsync_dir(final.parent)
-    return digest, size
+    return sha, size
 
 
 def write_json(path: Path, data: Any) -> None:

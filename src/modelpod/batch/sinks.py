@@ -198,7 +198,7 @@ def assemble(parts: Sequence[tuple[Path, Part]], final: Path, fmt: str,
                             if src.read(len(own)) != own:
                                 raise BatchError(f"{path} does not start with the header {own.decode().strip()}")
                         shutil.copyfileobj(src, out, 1 << 20)
-        _, size = publish(tmp, final)
+        _, size = publish(tmp, final, digest=False)
         return size
     except OSError as exc:
         tmp.unlink(missing_ok=True)
