@@ -165,3 +165,20 @@ def test_a_terminal_gets_a_progress_bar(tmp_path: Path, home: Path) -> None:
     text = shown.decode("utf-8", "replace")
     assert "3000/3000" in text and "rows/s" in text and '"event"' not in text
     assert proc.stdout.decode().startswith("wrote 3000 rows to ")
+
+
+def test_jsonl_features_fill_a_single_tensor_input(tmp_path: Path, store: Store, estimator: Any) -> None:
+    x = features(40)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, **{f"f{j}": float(v) for j, v in enumerate(r)}}) + "\n"
+                           for i, r in enumerate(x)))
+    run("lr", src, tmp_path / "out.csv", store=store, keep_columns="id")
+    assert pcsv.read_csv(tmp_path / "out.csv")["output-0"].to_pylist() == estimator.predict(x).tolist()
+
+
+def test_list_columns_kept_in_csv_become_json_text(tmp_path: Path, store: Store) -> None:
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"x": pa.array([1.0, 2.0], pa.float32()), "tags": [["a", "b"], []]}), src)
+    run("picky", src, tmp_path / "out.csv", store=store, keep_columns="tags")
+    rows = pcsv.read_csv(tmp_path / "out.csv").to_pylist()
+    assert rows == [{"tags": '["a","b"]', "output-0": 2.0}, {"tags": "[]", "output-0": 3.0}]

@@ -68,6 +68,10 @@ def _flatten_lists(table: Any) -> Any:
             for j in range(size):
                 names.append(f"{name}_{j}")
                 arrays.append(pc.take(values, pc.add(idx, j)) if len(values) else pa.array([], values.type))
+        elif pa.types.is_nested(col.type):  # variable lists, structs, maps: their JSON text
+            names.append(name)
+            arrays.append(pa.array([None if v is None else orjson.dumps(v, default=_json_default).decode()
+                                    for v in col.to_pylist()], pa.string()))
         else:
             names.append(name)
             arrays.append(col)

@@ -195,7 +195,7 @@ def _npy(path: str) -> np.ndarray[Any, Any]:
 
 
 def columns_of(fmt: str, path: str) -> list[str] | None:
-    """The column names a file offers (None for JSON Lines, whose rows name their own)."""
+    """The column names a file offers (JSON Lines: the first row's keys; None when unknown)."""
     if fmt == "parquet":
         return list(_parquet(path).schema_arrow.names)
     if fmt == "csv":
@@ -204,6 +204,19 @@ def columns_of(fmt: str, path: str) -> list[str] | None:
         return [NPY_COLUMN]
     if fmt == "images":
         return [IMAGE_PATH, IMAGE_BYTES]
+    return _jsonl_keys(path)
+
+
+def _jsonl_keys(path: str) -> list[str] | None:
+    """The keys of the first JSON object in a JSON Lines file (None when it has none to show)."""
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                if line.strip():
+                    obj = orjson.loads(line)
+                    return list(obj) if isinstance(obj, dict) else None
+    except (OSError, ValueError):
+        return None
     return None
 
 
