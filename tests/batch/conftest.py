@@ -63,6 +63,28 @@ class Linear(Model):
         return x.astype(np.float64) @ np.arange(1, 21, dtype=np.float64) - 0.5
 '''
 
+MULTI = '''
+from typing import Annotated, TypedDict
+
+import numpy as np
+
+from modelpod import Model
+from modelpod.frameworks.python import Tensor
+
+
+class Out(TypedDict):
+    label: list[str]
+    scores: Annotated[np.ndarray, Tensor("FP32", (-1, 2))]
+
+
+class Multi(Model):
+    """Two outputs: a text label and a [rows, 2] tensor, as a classifier's label and probabilities."""
+
+    def predict(self, x: list[float]) -> Out:
+        arr = np.asarray(x, dtype=np.float32)
+        return {"label": ["pos" if v > 0 else "neg" for v in x], "scores": np.stack([arr, -arr], axis=1)}
+'''
+
 
 @pytest.fixture(scope="session")
 def home(tmp_path_factory: pytest.TempPathFactory, sklearn_model: tuple[Path, np.ndarray, Any]) -> Path:
@@ -74,7 +96,7 @@ def home(tmp_path_factory: pytest.TempPathFactory, sklearn_model: tuple[Path, np
     store = Store(root / "home")
     rec = pack(path, "lr", store, sample=sample)
     store.tag(rec.name, rec.version, "production")
-    for name, code in (("named", NAMED), ("picky", PICKY), ("sizes", SIZES), ("linear", LINEAR)):
+    for name, code in (("named", NAMED), ("picky", PICKY), ("sizes", SIZES), ("linear", LINEAR), ("multi", MULTI)):
         d = root / name
         d.mkdir()
         (d / "model.py").write_text(textwrap.dedent(code))

@@ -182,3 +182,20 @@ def test_list_columns_kept_in_csv_become_json_text(tmp_path: Path, store: Store)
     run("picky", src, tmp_path / "out.csv", store=store, keep_columns="tags")
     rows = pcsv.read_csv(tmp_path / "out.csv").to_pylist()
     assert rows == [{"tags": '["a","b"]', "output-0": 2.0}, {"tags": "[]", "output-0": 3.0}]
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv", "jsonl"])
+def test_several_outputs_and_tensor_outputs(tmp_path: Path, store: Store, suffix: str) -> None:
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"x": pa.array([1.5, -2.0], pa.float32())}), src)
+    out = tmp_path / f"out.{suffix}"
+    run("multi", src, out, store=store)
+    if suffix == "parquet":
+        rows = pq.read_table(out).to_pylist()
+        assert rows == [{"label": "pos", "scores": [1.5, -1.5]}, {"label": "neg", "scores": [-2.0, 2.0]}]
+    elif suffix == "csv":
+        rows = pcsv.read_csv(out).to_pylist()
+        assert rows == [{"label": "pos", "scores_0": 1.5, "scores_1": -1.5},
+                        {"label": "neg", "scores_0": -2.0, "scores_1": 2.0}]
+    else:
+        assert read_jsonl(out) == [{"label": "pos", "scores": [1.5, -1.5]}, {"label": "neg", "scores": [-2.0, 2.0]}]
