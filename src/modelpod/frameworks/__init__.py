@@ -36,6 +36,7 @@ class PackRequest:
     allow_pickle: bool = False
     entrypoint: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    trust: tuple[str, ...] = ()  # --trust: types to trust beyond the format's defaults
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Packed:
     roles: Mapping[str, str] = field(default_factory=dict)  # path prefix -> file role
     distributions: tuple[str, ...] = ()  # extra distributions to lock (beyond the adapter's own)
     serving: Mapping[str, Any] = field(default_factory=dict)
+    trust: tuple[str, ...] = ()  # the requested --trust types the model needs (recorded in the manifest)
 
 
 def module(name: str) -> ModuleType:
