@@ -6,7 +6,8 @@
 #  - starts a registry on 127.0.0.1:5000 when nothing answers there (the tests use it, or their own).
 set -euo pipefail
 
-PACKAGES=(ca-certificates curl openssl python3-venv docker.io docker-registry skopeo umoci debootstrap prometheus)
+PACKAGES=(ca-certificates curl openssl python3-venv docker.io docker-registry skopeo umoci debootstrap prometheus
+          openjdk-17-jre-headless)  # the JDK: pyspark local mode (modelpod.batch.spark_udf tests)
 STATE=/var/lib/modelpod-ci
 LOGS=/var/log/modelpod-ci
 

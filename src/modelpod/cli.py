@@ -187,6 +187,13 @@ def _predict(args: argparse.Namespace, settings: Settings) -> Any:
     print(json.dumps(body) if args.json else json.dumps(body, indent=2))
 
 
+@command("batch")
+def _batch(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.batch.cli import batch_command
+
+    return batch_command(args, settings)
+
+
 # -- serving and images (their modules own the work) ---------------------------------------------
 @command("serve")
 def _serve(args: argparse.Namespace, settings: Settings) -> Any:
@@ -283,6 +290,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("ref")
     c.add_argument("--input", required=True)
 
+    c = cmd("batch", "score files (CSV, Parquet, JSON Lines, .npy, images) with a pod; resumable, sharded")
+    from modelpod.batch.cli import add_arguments as batch_arguments
+
+    batch_arguments(c)
+
     c = cmd("serve", "serve pods over OIP v2 REST and gRPC")
     c.add_argument("refs", nargs="*", metavar="REF",
                    help="NAME, NAME:VERSION, NAME@ALIAS or a pod directory (the models of --config routes are added)")
@@ -309,6 +321,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tag", metavar="NAME:TAG", help="the name docker load gives the image")
     c.add_argument("--source", metavar="URL", help="org.opencontainers.image.source annotation")
     c.add_argument("--revision", help="org.opencontainers.image.revision annotation (default: the pod digest)")
+    c.add_argument("--with", dest="with_", action="append", choices=("batch",),
+                   help="add a feature's packages to the runtime layer: batch (pyarrow, for `docker run IMAGE batch`)")
     c = cmd("push", "push a pod to an OCI registry as an artifact")
     c.add_argument("ref")
     c.add_argument("target", metavar="REGISTRY/REPO[:TAG]")

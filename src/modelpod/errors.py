@@ -20,7 +20,9 @@
     ├── InferenceTimeoutError          504 / DEADLINE_EXCEEDED exit 1
     ├── InferenceError                 500 / INTERNAL          exit 1   (the model itself failed; a bug)
     ├── ImageError                     400 / FAILED_PRECONDITION exit 2 (base image, wheels, platform)
-    └── RegistryError                  502 / UNAVAILABLE       exit 2   (OCI registry unreachable / auth)
+    ├── RegistryError                  502 / UNAVAILABLE       exit 2   (OCI registry unreachable / auth)
+    └── BatchError                     400 / FAILED_PRECONDITION exit 2 (batch input/output: names file and fix)
+        └── TooManyErrorsError                                 exit 1   (more bad rows than --max-errors)
 """
 
 from __future__ import annotations
@@ -147,3 +149,13 @@ class ImageError(ModelpodError):
 
 class RegistryError(ModelpodError):
     http_status, grpc_code, exit_code = 502, "UNAVAILABLE", 2
+
+
+class BatchError(ModelpodError):
+    """A batch job's input or output is unusable: unreadable file, missing column, output exists, disk full."""
+
+    http_status, grpc_code, exit_code = 400, "FAILED_PRECONDITION", 2
+
+
+class TooManyErrorsError(BatchError):
+    exit_code = 1

@@ -62,6 +62,7 @@ class BuildOptions:
     weights_layer_bytes: int = WEIGHTS_LAYER_BYTES
     gzip_level: int | None = GZIP_LEVEL
     arch: str = "amd64"
+    features: tuple[str, ...] = ()  # --with: extras in the runtime layer, e.g. ("batch",) adds pyarrow
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class ImageBuilder:
         base = load_base(opts.base or default_base(want), self.blobs, self.registry, arch=opts.arch)
         python = find_python(base, self.blobs, want, self.cache / "bases")
         target = Target(want, python.machine, python.glibc or (2, 17))
-        runtime, pins = runtime_layer(target, self.cache / "wheels", self.progress)
+        runtime, pins = runtime_layer(target, self.cache / "wheels", self.progress, opts.features)
         deps = deps_layer(pod, target, pins, self.cache / "wheels", self.progress)
         specs = [runtime, *([deps] if deps else []), *pod_layers(pod, opts.weights_layer_bytes)]
         diff_ids = list((base.config.get("rootfs") or {}).get("diff_ids") or [])
@@ -191,7 +192,8 @@ class ImageBuilder:
         config = {
             "Env": env,
             "User": USER,
-            "Entrypoint": [python.path, "-m", "modelpod", "serve", f"/{POD_DIR}"],
+            # `docker run IMAGE [serve flags]` serves the pod; `docker run IMAGE batch ...` scores files.
+            "Entrypoint": [python.path, "-m", "modelpod.entry", f"/{POD_DIR}"],
             "WorkingDir": f"/{POD_DIR}",
             "ExposedPorts": {f"{PORT}/tcp": {}},
             "Labels": {**dict(inherited.get("Labels") or {}), **annotations},

@@ -105,7 +105,8 @@ def build_command(args: argparse.Namespace, settings: Settings) -> Any:
     push = Reference.parse(args.push) if args.push else None
     kind, out, out_tag = _output(args.output, rec.name, rec.version) if args.output or not push else ("", Path(), None)
     options = BuildOptions(base=args.base, created=_source_date_epoch(),
-                           source=getattr(args, "source", None), revision=getattr(args, "revision", None))
+                           source=getattr(args, "source", None), revision=getattr(args, "revision", None),
+                           features=tuple(sorted(set(getattr(args, "with_", None) or ()))))
     tag = getattr(args, "tag", None) or f"modelpod/{rec.name}:{rec.version}"
     with _progress(args) as progress:
         builder = ImageBuilder(settings.home / "cache", _registries(progress), progress)

@@ -66,13 +66,17 @@ def target_environment(target: Target) -> dict[str, str]:
     return env
 
 
-def core_pins(target: Target, dist: str = "modelpod") -> list[Pin]:
-    """modelpod's core requirements and theirs, pinned to the versions installed here."""
+# ``modelpod build --with FEATURE``: distributions added to the runtime layer for that feature.
+FEATURES: dict[str, tuple[str, ...]] = {"batch": ("pyarrow",)}
+
+
+def core_pins(target: Target, dist: str = "modelpod", also: Sequence[str] = ()) -> list[Pin]:
+    """modelpod's core requirements (plus ``also``) and theirs, pinned to the versions installed here."""
     env = target_environment(target)
     pins: dict[str, Pin] = {}
     todo: list[tuple[str, tuple[str, ...]]] = [
         (req.name, tuple(req.extras)) for req in _requires(dist) if _applies(req, env, ())
-    ]
+    ] + [(name, ()) for name in also]
     while todo:
         name, extras = todo.pop()
         key = canonicalize_name(name)
@@ -121,9 +125,13 @@ def _dist_info(pins: Sequence[Pin]) -> dict[str, bytes]:
             f"{info}/top_level.txt": b"modelpod\n"}
 
 
-def runtime_layer(target: Target, wheel_cache: Path, progress: Progress) -> tuple[LayerSpec, list[Pin]]:
-    """modelpod and its core dependencies, as site-packages under /opt/modelpod/runtime."""
-    pins = core_pins(target)
+def runtime_layer(target: Target, wheel_cache: Path, progress: Progress,
+                  features: Sequence[str] = ()) -> tuple[LayerSpec, list[Pin]]:
+    """modelpod and its core dependencies (and those of ``features``), as site-packages under /opt/modelpod/runtime."""
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown:
+        raise ImageError(f"--with {', '.join(unknown)}: unknown; choose from {', '.join(FEATURES)}")
+    pins = core_pins(target, also=[d for f in features for d in FEATURES[f]])
     files = _package_files()
     extra = _dist_info(pins)
     digest = hashlib.sha256()
