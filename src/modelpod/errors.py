@@ -132,3 +132,9 @@ class ImageError(ModelpodError):
 
 class RegistryError(ModelpodError):
     http_status, grpc_code, exit_code = 502, "UNAVAILABLE", 2
+
+
+class ClusterError(ModelpodError):
+    """A Kubernetes cluster could not be reached, or refused what was sent; the message names what."""
+
+    http_status, grpc_code, exit_code = 502, "UNAVAILABLE", 1
