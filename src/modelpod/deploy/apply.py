@@ -280,9 +280,12 @@ def rollout_state(dep: Mapping[str, Any]) -> tuple[str, str]:
 def wait_rollout(cluster: Cluster, namespace: str, names: Sequence[str], timeout_s: float = 600.0,
                  poll_s: float = 2.0, clock: Callable[[], float] = time.monotonic,
                  pause: Callable[[float], None] = time.sleep) -> dict[str, str]:
-    """Poll each Deployment until rolled out; a stuck or timed-out rollout raises, saying where it stood."""
+    """Poll each Deployment until rolled out (every 0.1 s at first, then up to every ``poll_s``); a stuck
+    or timed-out rollout raises, saying where it stood."""
     deadline = clock() + timeout_s
     done: dict[str, str] = {}
+    words = "not looked at yet"
+    delay = 0.1
     while True:
         for name in names:
             if name in done:
@@ -302,7 +305,8 @@ def wait_rollout(cluster: Cluster, namespace: str, names: Sequence[str], timeout
             waiting = [n for n in names if n not in done]
             raise ClusterError(f"rollout of {', '.join(waiting)} not finished after {timeout_s:g} s ({words}); "
                                "the objects are applied and the rollout goes on in the cluster")
-        pause(poll_s)
+        pause(min(delay, max(0.0, deadline - clock())))
+        delay = min(delay * 2, poll_s)
 
 
 def status(cluster: Cluster, name: str, namespace: str | None = None) -> dict[str, Any]:
