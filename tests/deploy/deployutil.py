@@ -40,6 +40,8 @@ def specs() -> dict[str, DeploySpec]:
                                   canary=Canary(three, CANARY_IMAGE, 5, "gateway")),
         "kserve": DeploySpec("churn", DIGEST_IMAGE, pod(), namespace="ml", kserve=True),
         "openshift": DeploySpec("churn", DIGEST_IMAGE, pod(), openshift=True),
+        "rest-only": DeploySpec("churn", DIGEST_IMAGE, pod(), grpc=False, http_port=9000),
+        "grpc-port": DeploySpec("churn", DIGEST_IMAGE, pod(), grpc_port=9001),
         "job": DeploySpec("churn", DIGEST_IMAGE, pod(), namespace="ml",
                           job=BatchJob("/data/in/*.parquet", "/data/out", 8, 4, "scores")),
     }

@@ -97,7 +97,7 @@ def test_selectors_ports_probes_and_targets_agree(shape: str) -> None:
         sel = policy["spec"]["podSelector"]["matchLabels"]
         assert all(matches(sel, t["metadata"]["labels"]) for t in templates.values())
         allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-        assert allowed == {"http", "grpc"}
+        assert allowed == {p["name"] for t in templates.values() for p in t["spec"]["containers"][0]["ports"]}
     for scaler in by_kind(objects, "HorizontalPodAutoscaler") + by_kind(objects, "ScaledObject"):
         ref = scaler["spec"]["scaleTargetRef"]
         target = one(objects, ref["kind"], ref["name"])
@@ -280,3 +280,15 @@ def test_the_kubernetes_client_stays_out_of_core_and_the_image() -> None:
     env = target_environment(Target("3.11", "x86_64", (2, 36)))
     assert not _applies(Requirement('kubernetes>=30; extra == "kubernetes"'), env, ())
     assert _applies(Requirement("numpy>=1.24"), env, ())
+
+
+def test_grpc_port_choices_reach_the_server_args() -> None:
+    def server(shape: str) -> Obj:
+        return dict(one(render(SPECS[shape]), "Deployment")["spec"]["template"]["spec"]["containers"][0])
+
+    assert "--grpc-port" not in server("default")["args"]  # 8081: the server's own default
+    assert server("grpc-port")["args"][-2:] == ["--grpc-port", "9001"]
+    rest = server("rest-only")
+    assert rest["args"][-1] == "--no-grpc" and [p["name"] for p in rest["ports"]] == ["http"]
+    assert {e["name"]: e.get("value") for e in rest["env"]}["MODELPOD_PORT"] == "9000"
+    assert [p["port"] for p in one(render(SPECS["rest-only"]), "Service")["spec"]["ports"]] == [9000]

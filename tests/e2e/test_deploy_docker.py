@@ -70,10 +70,11 @@ def rendered(tmp_path_factory: pytest.TempPathFactory, base_image: Any, oci_regi
     code = tmp_path_factory.mktemp("slowcode")
     (code / "slow.py").write_text(textwrap.dedent(SLOW_MODEL))
     pack(code, "slow", Store(home), sample=np.ones((1, 3), np.float32))
-    port, grpc = kit.free_port(), kit.free_port()
+    port = kit.free_port()
     out = tmp_path_factory.mktemp("manifests")
     repo = oci_registry.repo("slow")
-    common = ["--port", str(port), "--grpc-port", str(grpc), "--autoscaler", "none", "--replicas", "1",
+    # REST only: the image holds no grpcio (gRPC needs the grpc extra in the pod's requirements).
+    common = ["--port", str(port), "--no-grpc", "--autoscaler", "none", "--replicas", "1",
               "--token-secret", "slow-token", "--json"]
     data = _cli(home, "deploy", "kubernetes", "slow:1", "--push", repo, "--base", base_image.oci,
                 "-o", str(out / "plain"), *common)

@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--prometheus-url", help="Prometheus for KEDA's trigger")
     k.add_argument("--port", type=int, default=8080, help="container HTTP port (default 8080)")
     k.add_argument("--grpc-port", type=int, default=8081, help="container gRPC port (default 8081)")
+    k.add_argument("--no-grpc", action="store_true", help="REST only: no gRPC port in the pod or the Service")
     k.add_argument("--openshift", action="store_true", help="no fixed UID: the platform picks one (group 0)")
     k.add_argument("--pull-secret", metavar="NAME", help="imagePullSecret for a private registry")
     k.add_argument("--job", action="store_true", help="render an Indexed Job running `modelpod batch` instead")
@@ -173,8 +174,8 @@ def build_spec(args: argparse.Namespace, settings: Settings) -> tuple[DeploySpec
         target_inflight=args.target_inflight, autoscaler=args.autoscaler, scale_to_zero=args.scale_to_zero,
         cpu=args.cpu, memory=args.memory, gpu=args.gpu, token_secret=args.token_secret, canary=canary,
         kserve=args.kserve, service_monitor=args.service_monitor, job=job, gateway=args.gateway, python=python,
-        http_port=args.port, grpc_port=args.grpc_port, openshift=args.openshift, pull_secret=args.pull_secret,
-        drain_timeout_s=settings.drain_timeout_s, **extra,
+        http_port=args.port, grpc_port=args.grpc_port, grpc=not args.no_grpc, openshift=args.openshift,
+        pull_secret=args.pull_secret, drain_timeout_s=settings.drain_timeout_s, **extra,
     ).check(apply=args.apply)
     if canary is not None and not args.kserve and not args.job:
         mode, why = canary.chosen(facts)

@@ -23,6 +23,7 @@ CANARY_POD = f"{CANARY_DIR}/pod"  # the canary's pod, copied there from its own 
 CONFIG_DIR = "/etc/modelpod"
 CONTAINER = "server"
 METRIC = "modelpod_inflight_requests"  # per model, summed per pod by the adapter rule / KEDA query
+DEFAULT_GRPC_PORT = 8081  # serving.server.DEFAULT_GRPC_PORT
 UID = 65532  # the image's user (image.builder.USER)
 TRACK = "modelpod.dev/track"
 ANNOTATION_DIGEST = "modelpod.dev/digest"
@@ -167,6 +168,20 @@ def probes() -> Obj:
     }
 
 
+def ports(spec: DeploySpec) -> list[Obj]:
+    out = [{"name": "http", "containerPort": spec.http_port, "protocol": "TCP"}]
+    if spec.grpc:
+        out.append({"name": "grpc", "containerPort": spec.grpc_port, "protocol": "TCP"})
+    return out
+
+
+def grpc_args(spec: DeploySpec) -> list[str]:
+    """The server listens for gRPC on 8081 when grpcio is in the image; another port is asked for explicitly."""
+    if not spec.grpc:
+        return ["--no-grpc"]
+    return [] if spec.grpc_port == DEFAULT_GRPC_PORT else ["--grpc-port", str(spec.grpc_port)]
+
+
 def server_container(spec: DeploySpec, image: str, pod: PodFacts, args: Sequence[str] = (),
                      mounts: Sequence[Obj] = (), extra_bytes: int = 0) -> Obj:
     return {
@@ -174,10 +189,9 @@ def server_container(spec: DeploySpec, image: str, pod: PodFacts, args: Sequence
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": [spec.python, "-m", "modelpod"],
-        "args": ["serve", POD_DIR, *args],
+        "args": ["serve", POD_DIR, *args, *grpc_args(spec)],
         "env": env(spec),
-        "ports": [{"name": "http", "containerPort": spec.http_port, "protocol": "TCP"},
-                  {"name": "grpc", "containerPort": spec.grpc_port, "protocol": "TCP"}],
+        "ports": ports(spec),
         **probes(),
         # The pause lets endpoints drop this pod before the server stops taking requests.
         "lifecycle": {"preStop": {"sleep": {"seconds": spec.pre_stop_s}}},
@@ -235,10 +249,8 @@ def service_account(spec: DeploySpec) -> Obj:
 def service(spec: DeploySpec, track: str) -> Obj:
     return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(spec, object_name(spec, track), track),
             "spec": {"type": "ClusterIP", "selector": selector(spec, track), "ports": [
-                {"name": "http", "port": spec.http_port, "targetPort": "http", "protocol": "TCP",
-                 "appProtocol": "http"},
-                {"name": "grpc", "port": spec.grpc_port, "targetPort": "grpc", "protocol": "TCP",
-                 "appProtocol": "kubernetes.io/h2c"}]}}
+                {"name": p["name"], "port": p["containerPort"], "targetPort": p["name"], "protocol": "TCP",
+                 "appProtocol": "http" if p["name"] == "http" else "kubernetes.io/h2c"} for p in ports(spec)]}}
 
 
 def deployment(spec: DeploySpec, track: str, *, server_canary: bool = False) -> Obj:
@@ -312,8 +324,7 @@ def network_policy(spec: DeploySpec) -> Obj:
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": metadata(spec, spec.name),
             "spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": spec.name}},
                      "policyTypes": ["Ingress"],
-                     "ingress": [{"ports": [{"protocol": "TCP", "port": "http"},
-                                            {"protocol": "TCP", "port": "grpc"}]}]}}
+                     "ingress": [{"ports": [{"protocol": "TCP", "port": p["name"]} for p in ports(spec)]}]}}
 
 
 def autoscaler(spec: DeploySpec, track: str) -> Obj:

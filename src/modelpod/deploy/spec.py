@@ -97,6 +97,7 @@ class DeploySpec:
     python: str = "python3"  # the image's interpreter (the builder knows it; else from PATH)
     http_port: int = 8080
     grpc_port: int = 8081
+    grpc: bool = True  # False: REST only (``serve --no-grpc``), no gRPC port anywhere
     drain_timeout_s: float = 30.0
     pre_stop_s: int = 5
     openshift: bool = False  # leave the user and group to the platform (arbitrary UID, group 0)
@@ -145,7 +146,7 @@ class DeploySpec:
         for flag, port in (("--port", self.http_port), ("--grpc-port", self.grpc_port)):
             if not 1 <= port <= 65535:
                 raise UsageError(f"{flag} {port}: not a port")
-        if self.http_port == self.grpc_port:
+        if self.grpc and self.http_port == self.grpc_port:
             raise UsageError("--port and --grpc-port must differ")
         images = [("--image", self.image)] + ([("--canary image", self.canary.image)] if self.canary else [])
         for flag, image in images:
