@@ -256,3 +256,50 @@ def test_render_only_writes_a_directory_and_prints_the_choice(tmp_path: Path, se
     rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "--canary", "lr:1:10",
                      "--canary-image", IMAGE_2)
     assert rc == 2 and "--canary names the same pod" in err
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory: pytest.TempPathFactory, sklearn_model: tuple[Path, Any, object]) -> Path:
+    """A store with lr:1 and lr:2 (same model file, other labels: another digest)."""
+    from modelpod.packing import pack
+    from modelpod.store import Store
+
+    path, sample, _ = sklearn_model
+    home = tmp_path_factory.mktemp("twoversions")
+    pack(path, "lr", Store(home), sample=sample)
+    pack(path, "lr", Store(home), sample=sample, labels={"stage": "candidate"})
+    return home
+
+
+def test_canary_and_job_from_the_command_line(two_versions: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    home = two_versions
+    rc, data, err = cli(capsys, home, "deploy", "kubernetes", "lr:1", "--image", IMAGE_1, "--canary", "lr:2:10",
+                        "--canary-image", IMAGE_2, "-o", str(tmp_path / "server"))
+    assert rc == 0, err
+    assert data["canary_mode"] == "server" and "ConfigMap/lr-routes" in data["objects"]
+    assert any("one Deployment, split in the server" in n and "MiB together" in n for n in data["notes"])
+    rc, data, err = cli(capsys, home, "deploy", "kubernetes", "lr:1", "--image", IMAGE_1, "--canary", "lr:2:10",
+                        "--canary-image", IMAGE_2, "--canary-mode", "gateway", "-o", str(tmp_path / "gw"))
+    assert rc == 0, err
+    assert {"Deployment/lr-canary", "HTTPRoute/lr", "Service/lr-canary"} <= set(data["objects"])
+    route = yaml.safe_load((tmp_path / "gw" / "httproute-lr.yaml").read_text())
+    assert [b["weight"] for b in route["spec"]["rules"][0]["backendRefs"]] == [90, 10]
+    rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr:1", "--image", IMAGE_1, "--canary", "lr:2:10")
+    assert rc == 2 and "--canary needs --canary-image" in err
+    for bad in ("lr", "lr:2:ten"):
+        rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr:1", "--image", IMAGE_1, "--canary", bad,
+                         "--canary-image", IMAGE_2)
+        assert rc == 2 and "use REF:WEIGHT" in err
+
+    rc, data, err = cli(capsys, home, "deploy", "kubernetes", "lr:2", "--image", IMAGE_2, "--job", "--input",
+                        "/data/in.parquet", "--output", "/data/out.parquet", "--shards", "6", "--job-volume",
+                        "batch-data", "-o", "-")
+    assert rc == 0, err
+    job = next(d for d in yaml.safe_load_all(data["yaml"]) if d["kind"] == "Job")
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"] == ["batch", "/opt/modelpod/pod", "--input", "/data/in.parquet", "--output",
+                         "/data/out.parquet", "--shards", "6", "--resume"]
+    assert job["spec"]["completions"] == 6 and job["spec"]["completionMode"] == "Indexed"
+    rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr:2", "--image", IMAGE_2, "--job")
+    assert rc == 2 and "--job needs --input and --output" in err
