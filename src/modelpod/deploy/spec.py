@@ -155,6 +155,11 @@ class DeploySpec:
             if apply and not DIGEST.search(image):
                 raise UsageError(f"{flag} {image}: --apply needs an image pinned by digest (IMAGE@sha256:...), "
                                  "so every replica runs the same bytes; use --push or add the digest")
+        if self.canary is not None and (self.kserve or self.job is not None):
+            raise UsageError("--canary splits a served Deployment: it does not go with "
+                             + ("--kserve" if self.kserve else "--job"))
+        if self.kserve and self.job is not None:
+            raise UsageError("--kserve and --job render different things: choose one")
         if self.canary is not None:
             if not 1 <= self.canary.weight <= 99:
                 raise UsageError(f"--canary weight {self.canary.weight}: use 1..99 (percent)")
