@@ -251,6 +251,7 @@ def test_yaml_stream_round_trips() -> None:
     ({"canary": Canary(pod(3, digest="b"), CANARY_IMAGE, 10, "mesh")}, "--canary-mode 'mesh'"),
     ({"canary": Canary(pod(3, digest="b"), CANARY_IMAGE, 10), "kserve": True}, "does not go with --kserve"),
     ({"gpu": -1}, "--gpu must be >= 0"),
+    ({"autoscaler": "keda", "namespace": None}, "--autoscaler keda needs --namespace"),
     ({"http_port": 8081}, "--port and --grpc-port must differ"),
 ])
 def test_bad_values_are_refused(changes: dict[str, Any], message: str) -> None:

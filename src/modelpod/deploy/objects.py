@@ -26,7 +26,7 @@ from modelpod.deploy.spec import DeploySpec, split_gateway
 def scaled_object(spec: DeploySpec, track: str) -> Obj:
     """KEDA on the Deployment's in-flight requests per replica, from Prometheus (to zero when asked)."""
     name = object_name(spec, track)
-    namespace = spec.namespace or "default"
+    namespace = spec.namespace
     # Pods of this Deployment only: its ReplicaSets name them NAME-<hash>-<id>.
     query = f'sum({METRIC}{{namespace="{namespace}",pod=~"{name}-[a-z0-9]+-[a-z0-9]+"}})'
     minimum = 0 if spec.scale_to_zero else max(1, spec.minimum if track == "stable" else 1)

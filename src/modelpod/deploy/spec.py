@@ -134,6 +134,8 @@ class DeploySpec:
         if self.scale_to_zero and self.autoscaler != "keda":
             raise UsageError(f"--scale-to-zero needs --autoscaler keda (an HPA cannot scale to zero), "
                              f"not {self.autoscaler}")
+        if self.autoscaler == "keda" and self.namespace is None and not (self.kserve or self.job):
+            raise UsageError("--autoscaler keda needs --namespace: KEDA's Prometheus query names it")
         if self.autoscaler != "none" and self.minimum > self.max_replicas:
             raise UsageError(f"--min {self.minimum} is more than --max {self.max_replicas}")
         if self.target_inflight <= 0:
