@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +59,15 @@ def validate_object(crd_validators: dict[tuple[str, str], Any]) -> Callable[[dic
     versions = sorted({v for v in utils.all_versions() if _at_least(v, (1, 30))}, key=_key)
     assert versions and versions[0] == "1.30.0"
 
+    seen: dict[str, list[str]] = {}  # the same object in several shapes is validated once
+
     def check(obj: dict[str, Any]) -> list[str]:
+        text = json.dumps(obj, sort_keys=True)
+        if text not in seen:
+            seen[text] = _check(obj)
+        return seen[text]
+
+    def _check(obj: dict[str, Any]) -> list[str]:
         key = (obj["apiVersion"], obj["kind"])
         if key[1] in CRD_KINDS:
             if key not in crd_validators:
