@@ -78,7 +78,8 @@ def inference_service(spec: DeploySpec) -> Obj:
         container[key] = {**probe, "httpGet": {**probe["httpGet"], "port": spec.http_port}}
     predictor: Obj = {
         "minReplicas": spec.minimum, "maxReplicas": spec.max_replicas,
-        "scaleMetric": "concurrency", "scaleTarget": max(1, round(spec.target_inflight)),
+        # Raw mode scales with an HPA, which KServe drives on CPU or memory only.
+        "scaleMetric": "cpu", "scaleTarget": 70,
         "serviceAccountName": spec.name, "containers": [container],
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
         "terminationGracePeriodSeconds": spec.grace_s,
