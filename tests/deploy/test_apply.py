@@ -303,3 +303,16 @@ def test_canary_and_job_from_the_command_line(two_versions: Path, tmp_path: Path
     assert job["spec"]["completions"] == 6 and job["spec"]["completionMode"] == "Indexed"
     rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr:2", "--image", IMAGE_2, "--job")
     assert rc == 2 and "--job needs --input and --output" in err
+
+
+def test_bad_kubeconfig_and_output_are_refused_with_a_message(tmp_path: Path, served_home: tuple[Path, PodRecord],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    home, _ = served_home
+    rc, _, err = cli(capsys, home, "deploy", "status", "lr", "--kubeconfig", str(tmp_path / "missing"))
+    assert rc == 1 and f"no kubeconfig file {tmp_path / 'missing'}" in err
+    (tmp_path / "broken").write_text("clusters: [\n")
+    rc, _, err = cli(capsys, home, "deploy", "status", "lr", "--kubeconfig", str(tmp_path / "broken"))
+    assert rc == 1 and f"cannot use the kubeconfig {tmp_path / 'broken'}" in err and "Traceback" not in err
+    (tmp_path / "afile").write_text("")
+    rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "-o", str(tmp_path / "afile"))
+    assert rc == 2 and "not a directory" in err

@@ -19,6 +19,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -69,8 +70,14 @@ class Cluster:
             config: Any = importlib.import_module("kubernetes.config")
         except ImportError:
             raise MissingExtraError("kubernetes", "kubernetes", "--apply and deploy status/rollback") from None
+        import yaml
+
         self.timeout_s = timeout_s
         cfg = client.Configuration()
+        where = f" {kubeconfig}" if kubeconfig else ""
+        for path in (kubeconfig or "").split(":"):
+            if path and not Path(path).expanduser().is_file():
+                raise ClusterError(f"no kubeconfig file {path}")
         try:
             contexts, active = config.list_kube_config_contexts(kubeconfig)
             chosen = next((c for c in contexts if c["name"] == context), None) if context else active
@@ -80,9 +87,10 @@ class Cluster:
             self.context = str(chosen["name"])
             self.default_namespace = str((chosen.get("context") or {}).get("namespace") or "default")
             config.load_kube_config(config_file=kubeconfig, context=self.context, client_configuration=cfg)
-        except config.ConfigException as exc:
-            raise ClusterError(f"cannot use the kubeconfig{f' context {context!r}' if context else ''}: {exc}") \
-                from None
+        except (config.ConfigException, yaml.YAMLError, OSError, ValueError, TypeError, KeyError) as exc:
+            text = str(exc).replace("\n", " ")
+            raise ClusterError(f"cannot use the kubeconfig{where}{f' (context {context!r})' if context else ''}: "
+                               f"{text}") from None
         cfg.retries = False  # an unreachable cluster fails at once, not after urllib3's retries
         self.host = str(cfg.host)
         self._api = client.ApiClient(configuration=cfg)

@@ -49,9 +49,12 @@ def write_directory(directory: Path, objects: Sequence[Mapping[str, Any]],
     Files this renderer wrote before and no longer renders are removed, so the directory is the
     deployment; any other file there is left alone.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    if not directory.is_dir():
+    if directory.exists() and not directory.is_dir():
         raise UsageError(f"-o {directory}: not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"-o {directory}: {exc.strerror or exc}") from None
     files = {file_name(o): to_yaml(o) for o in objects}
     if len(files) != len(objects):
         raise UsageError("two rendered objects share a kind and name")
