@@ -243,8 +243,12 @@ def test_render_only_writes_a_directory_and_prints_the_choice(tmp_path: Path, se
     assert rc == 0, err
     assert (tmp_path / "k" / "kustomization.yaml").is_file()
     assert (tmp_path / "k" / "prometheus-adapter-rule.yaml").is_file()
-    rule = yaml.safe_load((tmp_path / "k" / "prometheus-adapter-rule.yaml").read_text())
-    assert rule["rules"][0]["name"]["as"] == "modelpod_inflight_requests"
+    config_map = yaml.safe_load((tmp_path / "k" / "prometheus-adapter-rule.yaml").read_text())
+    rule = yaml.safe_load(config_map["data"]["config.yaml"])["rules"][0]
+    assert rule["name"]["as"] == "modelpod_inflight_requests"
+    assert rule["seriesQuery"].startswith("modelpod_inflight_requests{")
+    kustomization = yaml.safe_load((tmp_path / "k" / "kustomization.yaml").read_text())
+    assert "prometheus-adapter-rule.yaml" not in kustomization["resources"]  # it belongs to the adapter
     # Without --json: YAML on stdout, the notes on stderr.
     capsys.readouterr()
     assert main(["--home", str(home), "deploy", "kubernetes", "lr", "--image", "repo/lr:1", "--replicas", "1"]) == 0

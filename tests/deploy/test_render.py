@@ -229,6 +229,16 @@ def test_kubectl_kustomize_renders_the_directory(shape: str, tmp_path: Path) -> 
     assert sorted(built, key=key) == sorted(objects, key=key)
 
 
+def test_the_adapter_rule_validates(validate_object: Callable[[Obj], list[str]]) -> None:
+    from modelpod.deploy.kubernetes import adapter_rule
+
+    rule = adapter_rule(SPECS["default"])
+    assert validate_object(rule) == []
+    config = yaml.safe_load(rule["data"]["config.yaml"])
+    hpa = one(render(SPECS["default"]), "HorizontalPodAutoscaler")
+    assert config["rules"][0]["name"]["as"] == hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+
+
 def test_yaml_stream_round_trips() -> None:
     objects = render(SPECS["canary-server"])
     assert [d for d in yaml.safe_load_all(output.stream(objects))] == objects

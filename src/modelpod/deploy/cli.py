@@ -196,8 +196,8 @@ def _kubernetes(args: argparse.Namespace, settings: Settings) -> int:
 
     spec, notes = build_spec(args, settings)
     objects = render(spec)
-    extra = {output.ADAPTER_RULE_FILE: adapter_rule()} if spec.autoscaler == "hpa" and not (spec.job or spec.kserve) \
-        else {}
+    served = not (spec.job or spec.kserve)
+    extra = {output.ADAPTER_RULE_FILE: adapter_rule(spec)} if spec.autoscaler == "hpa" and served else {}
     data: dict[str, Any] = {"name": spec.name, "image": spec.image, "objects": [f"{o['kind']}/{o['metadata']['name']}"
                                                                                 for o in objects], "notes": notes}
     if spec.canary is not None:

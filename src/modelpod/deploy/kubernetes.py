@@ -351,14 +351,21 @@ def behavior() -> Obj:
                           "policies": [{"type": "Percent", "value": 50, "periodSeconds": 60}]}}
 
 
-def adapter_rule() -> Obj:
-    """The prometheus-adapter rule that serves ``modelpod_inflight_requests`` per pod to the HPA."""
-    return {"rules": [{
+def adapter_rule(spec: DeploySpec) -> Obj:
+    """The prometheus-adapter rule serving ``modelpod_inflight_requests`` per pod to the HPA.
+
+    A ConfigMap in prometheus-adapter's own format (``config.yaml`` holding ``rules:``): merge its
+    rule into the adapter's configuration; it is not one of the deployment's resources.
+    """
+    rules = {"rules": [{
         "seriesQuery": f'{METRIC}{{namespace!="",pod!=""}}',
         "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
         "name": {"matches": f"^{METRIC}$", "as": METRIC},
         "metricsQuery": "sum(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)",
     }]}
+    meta: Obj = {"name": "prometheus-adapter-modelpod", "labels": {"app.kubernetes.io/managed-by": "modelpod"}}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+            "data": {"config.yaml": yaml.safe_dump(rules, sort_keys=False)}}
 
 
 def _sha(data: Any) -> str:
