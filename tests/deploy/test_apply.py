@@ -166,6 +166,7 @@ def test_status_and_rollback_to_the_previous_image(stub: tuple[ApiStub, str], co
     (dep,) = data["deployments"]
     assert dep["image"] == IMAGE_2 and dep["history"] == [IMAGE_1, IMAGE_2] and dep["rollout"] == "done"
     assert dep["pod_digest"] == rec.digest
+    assert dep["autoscaler"]["min"] == 3 and dep["autoscaler"]["max"] == 10  # the second apply's --replicas 3
 
     before = len(api.patches())
     rc, data, err = cli(capsys, home, "deploy", "rollback", "lr", *target, "--wait")

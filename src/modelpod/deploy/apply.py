@@ -335,7 +335,8 @@ def status(cluster: Cluster, name: str, namespace: str | None = None) -> dict[st
             "updated": int(st.get("updatedReplicas") or 0), "rollout": state, "detail": words,
             "history": [container_image(h) for h in read_history(dep)],
         })
-        hpa = cluster.get(path_of("autoscaling/v2", "HorizontalPodAutoscaler", ns, dep_name))
+        hpa = cluster.get(path_of("autoscaling/v2", "HorizontalPodAutoscaler", ns, dep_name)) \
+            or cluster.get(path_of("autoscaling/v2", "HorizontalPodAutoscaler", ns, f"keda-hpa-{dep_name}"))
         if hpa is not None:
             hs = hpa.get("status") or {}
             out["deployments"][-1]["autoscaler"] = {
