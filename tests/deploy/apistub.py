@@ -153,6 +153,9 @@ class ApiStub:
         if meta.get("namespace", namespace) != namespace:
             return 400, status(400, "BadRequest", "the namespace of the provided object does not match the "
                                "namespace sent on the request")
+        dry = query.get("dryRun", [])
+        if dry and dry != ["All"]:
+            return 400, status(400, "BadRequest", f"invalid dry run value {dry!r}: only All is supported")
         if key in self.reject:
             return self.reject[key]
         manager = managers[0]
@@ -166,11 +169,13 @@ class ApiStub:
                       for f in conflicts]
             return 409, status(409, "Conflict", f"Apply failed with {len(conflicts)} conflict(s): "
                                + "; ".join(f'conflict with "{owned[f]}": {f}' for f in conflicts), causes=causes)
+        created = live is None
+        if dry:  # checked and answered as if applied; nothing is kept
+            return (201 if created else 200), json.loads(json.dumps(body))
         for f in list(owned):
             if owned[f] == manager and f not in fields:
                 del owned[f]  # fields this manager stopped sending are no longer its own
         owned.update({f: manager for f in fields})
-        created = live is None
         generation = 1 if created else live["metadata"]["generation"] + (live.get("spec") != body.get("spec"))
         stored = json.loads(json.dumps(body))
         stored["metadata"] = {**meta, "namespace": namespace, "generation": generation,

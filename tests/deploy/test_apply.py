@@ -95,6 +95,18 @@ def test_apply_sends_each_object_by_server_side_apply(stub: tuple[ApiStub, str],
     assert [apply.container_image(h) for h in apply.read_history(api.objects[DEP])] == [IMAGE_1]
 
 
+def test_server_dry_run_stores_nothing(stub: tuple[ApiStub, str], config: Path,
+                                       served_home: tuple[Path, PodRecord],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    api, _ = stub
+    home, _ = served_home
+    rc, data, err = deploy(capsys, home, config, IMAGE_1, "--dry-run", "--wait")
+    assert rc == 0, err
+    assert data["apply"]["dry_run"] is True and len(data["apply"]["applied"]) == len(api.patches())
+    assert all(p.query["dryRun"] == ["All"] for p in api.patches())
+    assert api.objects == {}
+
+
 def test_conflicts_and_force(stub: tuple[ApiStub, str], config: Path, served_home: tuple[Path, PodRecord],
                              capsys: pytest.CaptureFixture[str]) -> None:
     api, _ = stub

@@ -151,9 +151,11 @@ class Cluster:
                 return None
             raise
 
-    def apply(self, obj: Mapping[str, Any], namespace: str, *, force: bool = False) -> Obj:
+    def apply(self, obj: Mapping[str, Any], namespace: str, *, force: bool = False, dry_run: bool = False) -> Obj:
+        """One server-side apply; ``dry_run``: the API checks and answers, and stores nothing."""
         path = path_of(obj["apiVersion"], obj["kind"], namespace, obj["metadata"]["name"])
-        query = {"fieldManager": FIELD_MANAGER, **({"force": "true"} if force else {})}
+        query = {"fieldManager": FIELD_MANAGER, **({"force": "true"} if force else {}),
+                 **({"dryRun": "All"} if dry_run else {})}
         return self.request("PATCH", path, query, to_yaml(obj), APPLY_TYPE)
 
 
@@ -181,23 +183,25 @@ class ApplyReport:
     reason: str | None = None
     not_applied: list[str] = field(default_factory=list)
     rollout: dict[str, Any] = field(default_factory=dict)
+    dry_run: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"namespace": self.namespace, "context": self.context, "applied": self.applied,
+        return {"namespace": self.namespace, "context": self.context, "dry_run": self.dry_run,
+                "applied": self.applied,
                 "created": self.created, "failed": self.failed, "reason": self.reason,
                 "not_applied": self.not_applied, "rollout": self.rollout}
 
 
 def apply_all(cluster: Cluster, objects: Sequence[Obj], namespace: str | None = None, *,
-              force: bool = False) -> ApplyReport:
+              force: bool = False, dry_run: bool = False) -> ApplyReport:
     """Apply in order; stop at the first refusal and say what was applied, what failed, what was not."""
     ns = namespace or cluster.default_namespace
-    report = ApplyReport(ns, cluster.context)
+    report = ApplyReport(ns, cluster.context, dry_run=dry_run)
     cluster.check()
     for i, obj in enumerate(objects):
         body = with_history(cluster, obj, ns) if obj["kind"] == "Deployment" else obj
         try:
-            cluster.apply(body, ns, force=force)
+            cluster.apply(body, ns, force=force, dry_run=dry_run)
         except ApiError as exc:
             report.failed, report.reason = describe(obj), str(exc)
             report.not_applied = [describe(o) for o in objects[i + 1:]]

@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("-o", "--out", metavar="DIR|-", help="a directory (with kustomization.yaml), or - for stdout")
     k.add_argument("--apply", action="store_true", help="apply with server-side apply (field manager modelpod)")
     k.add_argument("--force-conflicts", action="store_true", help="take over fields another manager owns")
+    k.add_argument("--dry-run", action="store_true",
+                   help="with --apply: the API server checks every object (dryRun=All) and stores nothing")
     k.add_argument("--wait", action="store_true", help="with --apply: wait until the rollout is done")
     k.add_argument("--wait-timeout", type=float, default=600.0, help="seconds --wait waits (default 600)")
     target(k)
@@ -220,8 +222,9 @@ def _kubernetes(args: argparse.Namespace, settings: Settings) -> int:
         from modelpod.deploy import apply
 
         cluster = apply.Cluster(args.context, args.kubeconfig, args.timeout)
-        report = apply.apply_all(cluster, objects, spec.namespace, force=args.force_conflicts)
-        if args.wait:
+        report = apply.apply_all(cluster, objects, spec.namespace, force=args.force_conflicts,
+                                 dry_run=args.dry_run)
+        if args.wait and not args.dry_run:
             names = [o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"]
             report.rollout = apply.wait_rollout(cluster, report.namespace, names, args.wait_timeout)
         data["apply"] = report.to_dict()
@@ -238,7 +241,8 @@ def _print_render(data: dict[str, Any], out: Any) -> None:
               file=out)
     if "apply" in data:
         report = data["apply"]
-        print(f"applied {len(report['applied'])} objects to namespace {report['namespace']} "
+        verb = "checked (server dry run)" if report["dry_run"] else "applied"
+        print(f"{verb} {len(report['applied'])} objects in namespace {report['namespace']} "
               f"(context {report['context']}, field manager modelpod)", file=out)
         for name, words in report["rollout"].items():
             print(f"rolled out Deployment {name}: {words}", file=out)
