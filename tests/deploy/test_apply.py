@@ -295,7 +295,7 @@ def test_canary_and_job_from_the_command_line(two_versions: Path, tmp_path: Path
                         "--canary-image", IMAGE_2, "-o", str(tmp_path / "server"))
     assert rc == 0, err
     assert data["canary_mode"] == "server" and "ConfigMap/lr-routes" in data["objects"]
-    assert any("one Deployment, split in the server" in n and "MiB together" in n for n in data["notes"])
+    assert any("one Deployment, split in the server" in n and "KiB together" in n for n in data["notes"])
     rc, data, err = cli(capsys, home, "deploy", "kubernetes", "lr:1", "--image", IMAGE_1, "--canary", "lr:2:10",
                         "--canary-image", IMAGE_2, "--canary-mode", "gateway", "-o", str(tmp_path / "gw"))
     assert rc == 0, err

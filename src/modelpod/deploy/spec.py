@@ -55,8 +55,8 @@ class Canary:
         if total > SERVER_CANARY_MAX_BYTES:
             return "gateway", (f"the two pods hold {total / 1024**2:.0f} MiB together, more than "
                                f"{SERVER_CANARY_MAX_BYTES // 1024**2} MiB to keep in every replica")
-        return "server", (f"the two pods hold {total / 1024**2:.1f} MiB together: one Deployment serves both "
-                          "and its server splits the traffic")
+        held = f"{total / 1024**2:.1f} MiB" if total >= 1024**2 else f"{total / 1024:.0f} KiB"
+        return "server", f"the two pods hold {held} together: one Deployment serves both and its server splits"
 
 
 @dataclass(frozen=True)
