@@ -14,8 +14,8 @@ import yaml
 from deployutil import CANARY_IMAGE, DIGEST_IMAGE, pod, specs
 
 from modelpod.deploy import output
-from modelpod.deploy.kubernetes import CANARY_POD, POD_DIR, render
-from modelpod.deploy.spec import Canary, DeploySpec
+from modelpod.deploy.kubernetes import POD_DIR, render
+from modelpod.deploy.spec import Canary, DeploySpec, PodFacts
 from modelpod.errors import UsageError
 
 Obj = dict[str, Any]
@@ -159,12 +159,13 @@ def test_canary_mode_is_chosen_by_size() -> None:
     assert len(by_kind(small, "Deployment")) == 1 and not by_kind(small, "HTTPRoute")
     dep = one(small, "Deployment")
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[:3] == ["serve", POD_DIR, CANARY_POD] and args[3] == "--config"
-    init = dep["spec"]["template"]["spec"]["initContainers"][0]
-    assert init["image"] == CANARY_IMAGE and CANARY_POD in init["command"][-1]
+    assert args == ["serve", "churn@stable", "churn@canary", "--config", "/etc/modelpod/config.yaml"]
+    stable, canary = dep["spec"]["template"]["spec"]["initContainers"]
+    assert (stable["image"], canary["image"]) == (DIGEST_IMAGE, CANARY_IMAGE)
+    assert stable["command"][1:] == ["-m", "modelpod.deploy.seed"] and canary["args"][-2:] == ["--alias", "canary"]
     config = yaml.safe_load(one(small, "ConfigMap")["data"]["config.yaml"])
-    assert config == {"routes": {"churn": {"variants": [{"model": POD_DIR, "weight": 90},
-                                                        {"model": CANARY_POD, "weight": 10}]}}}
+    assert config == {"routes": {"churn": {"variants": [{"model": "churn@stable", "weight": 90},
+                                                        {"model": "churn@canary", "weight": 10}]}}}
     big = render(SPECS["canary-gateway"])
     assert [d["metadata"]["name"] for d in by_kind(big, "Deployment")] == ["churn", "churn-canary"]
     route = one(big, "HTTPRoute")
@@ -177,6 +178,8 @@ def test_canary_mode_is_chosen_by_size() -> None:
     assert mode == "gateway" and "MiB" in why
     other = Canary(pod(3, digest="b", framework="onnx"), CANARY_IMAGE, 10)
     assert other.chosen(pod())[0] == "gateway"
+    renamed = Canary(PodFacts("churn-next", 1, "sha256:" + "e" * 64, 10), CANARY_IMAGE, 10)
+    assert renamed.chosen(pod())[0] == "gateway"
 
 
 def test_keda_scale_to_zero_and_job_and_kserve() -> None:

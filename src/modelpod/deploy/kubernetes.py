@@ -18,8 +18,7 @@ from modelpod.deploy.spec import DeploySpec, PodFacts
 
 Obj = dict[str, Any]
 POD_DIR = "/opt/modelpod/pod"  # where the image builder puts the pod (image.plan.POD_DIR)
-CANARY_DIR = "/var/run/modelpod/canary"
-CANARY_POD = f"{CANARY_DIR}/pod"  # the canary's pod, copied there from its own image
+STORE = "/tmp/modelpod"  # MODELPOD_HOME: the in-server canary's init containers put both pods there
 CONFIG_DIR = "/etc/modelpod"
 CONTAINER = "server"
 METRIC = "modelpod_inflight_requests"  # per model, summed per pod by the adapter rule / KEDA query
@@ -144,7 +143,7 @@ def env(spec: DeploySpec) -> list[Obj]:
     out: list[Obj] = [
         {"name": "MODELPOD_HOST", "value": "0.0.0.0"},
         {"name": "MODELPOD_PORT", "value": str(spec.http_port)},
-        {"name": "MODELPOD_HOME", "value": "/tmp/modelpod"},
+        {"name": "MODELPOD_HOME", "value": STORE},
         {"name": "MODELPOD_DRAIN_TIMEOUT_S", "value": f"{spec.drain_timeout_s:g}"},
         {"name": "MODELPOD_LOG_JSON", "value": "true"},
     ]
@@ -183,13 +182,13 @@ def grpc_args(spec: DeploySpec) -> list[str]:
 
 
 def server_container(spec: DeploySpec, image: str, pod: PodFacts, args: Sequence[str] = (),
-                     mounts: Sequence[Obj] = (), extra_bytes: int = 0) -> Obj:
+                     mounts: Sequence[Obj] = (), extra_bytes: int = 0, refs: Sequence[str] = (POD_DIR,)) -> Obj:
     return {
         "name": CONTAINER,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": [spec.python, "-m", "modelpod"],
-        "args": ["serve", POD_DIR, *args, *grpc_args(spec)],
+        "args": ["serve", *refs, *args, *grpc_args(spec)],
         "env": env(spec),
         "ports": ports(spec),
         **probes(),
@@ -210,7 +209,7 @@ def spread(spec: DeploySpec, track: str) -> list[Obj]:
 
 
 def pod_spec(spec: DeploySpec, containers: list[Obj], *, init: Sequence[Obj] = (), volumes: Sequence[Obj] = (),
-             restart: str | None = None, track: str | None = "stable", gpu: bool = False) -> Obj:
+             restart: str | None = None, track: str | None = "stable", gpu: bool = False, tmp_bytes: int = 0) -> Obj:
     out: Obj = {
         "serviceAccountName": spec.name,
         "automountServiceAccountToken": False,
@@ -218,7 +217,7 @@ def pod_spec(spec: DeploySpec, containers: list[Obj], *, init: Sequence[Obj] = (
         "securityContext": pod_security(spec),
         "terminationGracePeriodSeconds": spec.grace_s,
         "containers": containers,
-        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}, *volumes],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": _quantity_bytes(1024**3 + tmp_bytes)}}, *volumes],
     }
     if init:
         out["initContainers"] = list(init)
@@ -257,22 +256,23 @@ def deployment(spec: DeploySpec, track: str, *, server_canary: bool = False) -> 
     canary = spec.canary
     pod, image = (canary.pod, canary.image) if track == "canary" and canary else (spec.pod, spec.image)
     args: list[str] = []
+    refs: list[str] = [POD_DIR]
     mounts: list[Obj] = []
     init: list[Obj] = []
     volumes: list[Obj] = []
     extra: dict[str, str] = {}
     extra_bytes = 0
     if server_canary and canary is not None:
-        # The canary's image hands its pod to this replica; the server serves both and splits.
-        args = [CANARY_POD, "--config", f"{CONFIG_DIR}/config.yaml"]
-        mounts = [{"name": "canary", "mountPath": CANARY_DIR, "readOnly": True},
-                  {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
-        volumes = [{"name": "canary", "emptyDir": {"sizeLimit": _quantity_bytes(canary.pod.size + 64 * 1024**2)}},
-                   {"name": "config", "configMap": {"name": f"{spec.name}-routes"}}]
-        init = [copy_pod_container(spec, canary.image)]
+        # Each image puts its pod into the replica's store under an alias; the server serves both
+        # and its route (the ConfigMap) splits between them.
+        refs = [f"{spec.pod.name}@stable", f"{spec.pod.name}@canary"]
+        args = ["--config", f"{CONFIG_DIR}/config.yaml"]
+        mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
+        volumes = [{"name": "config", "configMap": {"name": f"{spec.name}-routes"}}]
+        init = [seed_container(spec, spec.image, "stable"), seed_container(spec, canary.image, "canary")]
         extra = {"modelpod.dev/config-sha256": _sha(routes_config(spec)["data"])}
         extra_bytes = canary.pod.size
-    server = server_container(spec, image, pod, args, mounts, extra_bytes)
+    server = server_container(spec, image, pod, args, mounts, extra_bytes, refs)
     body: Obj = {
         "selector": {"matchLabels": selector(spec, track)},
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
@@ -281,7 +281,8 @@ def deployment(spec: DeploySpec, track: str, *, server_canary: bool = False) -> 
         "template": {
             "metadata": {"labels": labels(spec, track), "annotations": template_annotations(spec, pod, image, extra)},
             "spec": pod_spec(spec, [server], init=init, volumes=volumes, track=track,
-                             gpu="nvidia.com/gpu" in server["resources"]["limits"]),
+                             gpu="nvidia.com/gpu" in server["resources"]["limits"],
+                             tmp_bytes=spec.pod.size + canary.pod.size if init and canary else 0),
         },
     }
     if spec.autoscaler == "none":
@@ -292,22 +293,23 @@ def deployment(spec: DeploySpec, track: str, *, server_canary: bool = False) -> 
             "metadata": metadata(spec, object_name(spec, track), track, annotations=annotations), "spec": body}
 
 
-def copy_pod_container(spec: DeploySpec, image: str) -> Obj:
-    script = f"import shutil; shutil.copytree({POD_DIR!r}, {CANARY_POD!r}, dirs_exist_ok=True)"
-    return {"name": "canary-pod", "image": image, "imagePullPolicy": "IfNotPresent",
-            "command": [spec.python, "-c", script],
-            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
-            "securityContext": container_security(),
-            "volumeMounts": [{"name": "canary", "mountPath": CANARY_DIR}]}
+def seed_container(spec: DeploySpec, image: str, alias: str) -> Obj:
+    """An init container putting ``image``'s pod into the replica's store as ``NAME@alias``."""
+    return {"name": f"pod-{alias}", "image": image, "imagePullPolicy": "IfNotPresent",
+            "command": [spec.python, "-m", "modelpod.deploy.seed"], "args": ["--home", STORE, "--alias", alias],
+            "env": [e for e in env(spec) if e["name"] == "MODELPOD_HOME"],
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+            "securityContext": container_security(), "terminationMessagePolicy": "FallbackToLogsOnError",
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}
 
 
 def routes_config(spec: DeploySpec) -> Obj:
     """The server's ``--config``: one route splitting the pod's name between stable and canary."""
     assert spec.canary is not None
-    # Variants name the two pod directories: in the container no store holds NAME:VERSION.
-    config = {"routes": {spec.pod.name: {"variants": [
-        {"model": POD_DIR, "weight": 100 - spec.canary.weight},
-        {"model": CANARY_POD, "weight": spec.canary.weight}]}}}
+    name = spec.pod.name
+    config = {"routes": {name: {"variants": [
+        {"model": f"{name}@stable", "weight": 100 - spec.canary.weight},
+        {"model": f"{name}@canary", "weight": spec.canary.weight}]}}}
     text = (f"# modelpod deploy kubernetes: {spec.pod.ref} and {spec.canary.pod.ref} (canary) split in the server\n"
             + yaml.safe_dump(config, sort_keys=True))
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(spec, f"{spec.name}-routes"),

@@ -50,6 +50,8 @@ class Canary:
         if self.mode != "auto":
             return self.mode, f"asked for with --canary-mode {self.mode}"
         total = stable.size + self.pod.size
+        if stable.name != self.pod.name:
+            return "gateway", f"the pods have different names ({stable.name}, {self.pod.name}): a route splits one name"
         if stable.framework != self.pod.framework or sorted(stable.requirements) != sorted(self.pod.requirements):
             return "gateway", "the two pods need different frameworks or requirements, so one image cannot hold both"
         if total > SERVER_CANARY_MAX_BYTES:
