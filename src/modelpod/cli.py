@@ -230,6 +230,13 @@ def _pull(args: argparse.Namespace, settings: Settings) -> Any:
     return pull_command(args, settings)
 
 
+@command("deploy")
+def _deploy(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.deploy.cli import deploy_command
+
+    return deploy_command(args, settings)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000:
@@ -328,6 +335,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("target", metavar="REGISTRY/REPO[:TAG]")
     c = cmd("pull", "pull a pod from an OCI registry into the store")
     c.add_argument("source", metavar="REGISTRY/REPO[:TAG|@DIGEST]")
+
+    from modelpod.deploy.cli import add_arguments as deploy_arguments
+
+    deploy_arguments(sub.add_parser("deploy", help="Kubernetes: render and apply manifests, status, rollback"))
     return p
 
 

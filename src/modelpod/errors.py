@@ -159,3 +159,9 @@ class BatchError(ModelpodError):
 
 class TooManyErrorsError(BatchError):
     exit_code = 1
+
+
+class ClusterError(ModelpodError):
+    """A Kubernetes cluster could not be reached, or refused what was sent; the message names what."""
+
+    http_status, grpc_code, exit_code = 502, "UNAVAILABLE", 1
