@@ -264,7 +264,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="YAML: batching keys for all models, and per model under 'models:'")
     c.add_argument("--max-batch-rows", type=int)
     c.add_argument("--max-batch-wait-ms", type=float)
-    c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN)")
+    c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN; visible in the process list)")
+    c.add_argument("--token-file", metavar="PATH",
+                   help="read the bearer token from this file (or $MODELPOD_TOKEN_FILE)")
 
     c = cmd("build", "build a runnable OCI image of a pod, without a daemon")
     c.add_argument("ref")
