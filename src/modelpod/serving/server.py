@@ -102,6 +102,8 @@ async def _main(engine: InferenceEngine, settings: Settings, grpc_mode: str, as_
                         extra={"fields": fields})
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue  # started under nohup: a hang-up is meant to leave the server running
         loop.add_signal_handler(sig, on_signal, sig)
 
     http = HttpServer(RestApp(engine, settings), max_body_bytes=settings.max_body_bytes,
