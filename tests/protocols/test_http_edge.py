@@ -176,6 +176,41 @@ def test_idle_connection_is_not_timed_out_by_the_read_deadlines(strict: LiveServ
         assert s.recv(4096).startswith(b"HTTP/1.1 200")
 
 
+def test_idle_connections_are_closed_even_when_they_trickle_blank_lines() -> None:
+    settings = Settings(header_timeout_s=1.0, keepalive_timeout_s=2.0)
+    with LiveServer(settings, _echo) as live:
+        with connect(live) as fresh:  # never sends a byte: closed after the head deadline
+            assert closed_within(fresh, 30)
+        with connect(live) as kept:
+            kept.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+            # Blank lines between requests are no request: they do not keep the connection alive.
+            kept.settimeout(0.25)
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                try:
+                    kept.sendall(b"\r\n")
+                    if kept.recv(1) == b"":
+                        break
+                except TimeoutError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+            else:
+                raise AssertionError("the connection stayed open for 30 s of blank lines")
+
+
+def closed_within(s: socket.socket, deadline_s: float) -> bool:
+    """Whether the server closes ``s`` (EOF or reset) within the deadline, having sent nothing."""
+    s.settimeout(deadline_s)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
 def test_client_that_never_reads_is_dropped(strict: LiveServer) -> None:
     raw = np.zeros((1 << 20, 2), dtype=np.float32)  # 8 MB in, 8 MB out: more than any socket buffer
     header = json.dumps({
