@@ -66,12 +66,6 @@ class Settings:
                 continue
             values[f.name] = _parse(f.name, str(f.type), raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if values.get("token_file") is not None:
-            if values.get("token") is not None:
-                from modelpod.errors import UsageError
-
-                raise UsageError("set MODELPOD_TOKEN or MODELPOD_TOKEN_FILE, not both")
-            values["token"] = read_token_file(Path(values["token_file"]))
         return cls(**values)
 
 

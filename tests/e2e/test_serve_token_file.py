@@ -58,3 +58,18 @@ def test_token_file_mistakes_are_usage_errors(served_home: tuple[Path, PodRecord
                            "--port", "0", *args], capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr and TOKEN not in proc.stderr
+
+
+def test_token_file_env_is_read_by_serve_only(served_home: tuple[Path, PodRecord], tmp_path: Path) -> None:
+    home, _ = served_home
+    import os
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(PYTHON), "-m", "modelpod", "--home", str(home), *args], capture_output=True,
+                              text=True, cwd=REPO, timeout=120, check=False, env={**os.environ, **env})
+
+    # Other commands do not care where the server's token lives.
+    assert run("list", MODELPOD_TOKEN_FILE=str(tmp_path / "missing")).returncode == 0
+    both = run("serve", "lr", "--no-grpc", "--port", "0", MODELPOD_TOKEN_FILE=str(token_file(tmp_path)),
+               MODELPOD_TOKEN="x")
+    assert both.returncode == 2 and "not both" in both.stderr

@@ -57,7 +57,8 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _with_token(settings: Settings, token: str | None, token_file: str | None) -> Settings:
-    """The command line's token (``--token`` or ``--token-file``) over the environment's."""
+    """The command line's token (``--token`` or ``--token-file``) over the environment's
+    (``MODELPOD_TOKEN`` or ``MODELPOD_TOKEN_FILE``); the file is read here, when serving only."""
     if token and token_file:
         raise UsageError("give --token or --token-file, not both")
     if token_file:
@@ -65,6 +66,10 @@ def _with_token(settings: Settings, token: str | None, token_file: str | None) -
         return replace(settings, token=read_token_file(path), token_file=path)
     if token:
         return replace(settings, token=token, token_file=None)
+    if settings.token_file is not None:
+        if settings.token is not None:
+            raise UsageError("set MODELPOD_TOKEN or MODELPOD_TOKEN_FILE, not both")
+        return replace(settings, token=read_token_file(settings.token_file))
     return settings
 
 
