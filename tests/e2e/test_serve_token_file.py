@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -62,7 +63,6 @@ def test_token_file_mistakes_are_usage_errors(served_home: tuple[Path, PodRecord
 
 def test_token_file_env_is_read_by_serve_only(served_home: tuple[Path, PodRecord], tmp_path: Path) -> None:
     home, _ = served_home
-    import os
 
     def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(PYTHON), "-m", "modelpod", "--home", str(home), *args], capture_output=True,
