@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import socket
 import time
@@ -26,7 +27,7 @@ from servutil import ServeProcess, custom_serve
 
 pytestmark = pytest.mark.e2e
 
-EXAMPLES = 300
+EXAMPLES = int(os.environ.get("MODELPOD_FUZZ_EXAMPLES", "300"))  # more for a deeper run
 RSS_GROWTH_LIMIT = 100 * 2**20
 
 

@@ -121,6 +121,14 @@ def test_many_small_headers_over_the_cap_are_431(live: LiveServer) -> None:
         assert statuses(answer) == [431]
 
 
+def test_chunked_body_over_the_cap_is_413_while_it_streams() -> None:
+    with LiveServer(Settings(max_body_bytes=2048), _echo) as live, connect(live) as s:
+        head = b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        chunk = b"400\r\n" + b"x" * 1024 + b"\r\n"
+        answer = send_until_answered(s, iter([head, *([chunk] * 4096)]))  # 4 MB offered, never ended
+        assert statuses(answer) == [413], answer[:200]
+
+
 # -- read and write deadlines ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def strict() -> Iterator[LiveServer]:
