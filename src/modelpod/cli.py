@@ -313,7 +313,9 @@ def parser() -> argparse.ArgumentParser:
                    "traffic splits under 'routes:' (docs/traffic.md)")
     c.add_argument("--max-batch-rows", type=int)
     c.add_argument("--max-batch-wait-ms", type=float)
-    c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN)")
+    c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN; visible in the process list)")
+    c.add_argument("--token-file", metavar="PATH",
+                   help="read the bearer token from this file (or $MODELPOD_TOKEN_FILE)")
 
     from modelpod.serving.route_cli import add_arguments as route_arguments
 

@@ -14,7 +14,10 @@ Every inference answer carries ``modelpod-variant: NAME:VERSION`` (the version t
 
 Errors are ``{"error": "..."}`` with the status the ModelpodError carries. With a token, every
 route but the health checks needs ``Authorization: Bearer <token>``. The repository routes need
-the token whenever the server listens beyond loopback; without one they answer 401 there.
+the token whenever the server listens beyond loopback; without one they answer 401 there. On
+loopback without a token they refuse (403) a ``Host`` that is not a loopback name (DNS rebinding)
+and an ``Origin`` other than the server's own (a web page), and with or without a token they take
+JSON only (415 for any other ``Content-Type``; none at all is read as JSON, as tritonclient sends).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from urllib.parse import unquote
 import orjson
 
 from modelpod.errors import (
+    ForbiddenError,
     InvalidRequestError,
     ModelNotReadyError,
     ModelpodError,
@@ -41,6 +45,7 @@ from modelpod.errors import (
     OverloadedError,
     PayloadTooLargeError,
     UnauthorizedError,
+    UnsupportedMediaTypeError,
 )
 from modelpod.inputs import InputCheck, release
 from modelpod.protocols import bigjson, v1
@@ -65,6 +70,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_name(host: str) -> bool:
+    """Whether a ``Host`` header (name or address, with or without a port) names this machine."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    # *.localhost is loopback by RFC 6761, and browsers resolve it so without asking DNS.
+    return host.endswith(".localhost") or is_loopback(host)
 
 
 def check_depth(obj: Any, limit: int) -> None:
@@ -203,10 +219,24 @@ class RestApp:
             raise UnauthorizedError("missing or wrong bearer token")
 
     def _authorize_management(self, req: Request) -> None:
-        if self.token is None and not self.loopback:
+        """The guard of every route that changes what the server serves."""
+        ctype = req.headers.get("content-type")
+        if ctype is not None and ctype.partition(";")[0].strip().lower() != "application/json":
+            raise UnsupportedMediaTypeError(f"the repository API takes application/json bodies, not {ctype!r}")
+        if self.token is not None:
+            self._authorize(req)  # a valid token is enough, from any origin
+            return
+        if not self.loopback:
             raise UnauthorizedError(
                 "the repository API needs a token when the server listens beyond loopback: start it with --token")
-        self._authorize(req)
+        host = req.headers.get("host")
+        if host is not None and not is_loopback_name(host):
+            raise ForbiddenError(f"the repository API without a token answers only to a loopback Host, not {host!r}")
+        origin = req.headers.get("origin")
+        if origin is not None and (host is None or origin.strip().lower() not in (
+                f"http://{host.strip().lower()}", f"https://{host.strip().lower()}")):
+            raise ForbiddenError(f"the repository API refuses requests from another origin ({origin!r}) "
+                                 "unless they carry the token: start the server with --token")
 
     # -- inference --------------------------------------------------------------------------------
     async def _infer(self, req: Request, name: str, version: str | None) -> Response:
@@ -262,14 +292,23 @@ class RestApp:
             return req.body
         if encoding not in ("gzip", "deflate"):
             raise InvalidRequestError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
-        inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
-        try:
-            data = inflater.decompress(req.body, self.max_body + 1)
-        except zlib.error as exc:
-            raise InvalidRequestError(f"cannot decode the {encoding} body: {exc}") from None
-        if len(data) > self.max_body or inflater.unconsumed_tail:
-            raise PayloadTooLargeError(f"the decoded body is larger than {self.max_body} bytes")
-        return data
+        data, rest = b"", req.body
+        while True:  # gzip allows several members one after another
+            inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
+            try:
+                part = inflater.decompress(rest, self.max_body + 1 - len(data))
+            except zlib.error as exc:
+                raise InvalidRequestError(f"the {encoding} body is corrupt: {exc}") from None
+            data = data + part if data else part
+            if len(data) > self.max_body or inflater.unconsumed_tail:
+                raise PayloadTooLargeError(f"the decoded body is larger than {self.max_body} bytes")
+            if not inflater.eof:
+                raise InvalidRequestError(f"the {encoding} body is corrupt: the stream is cut short")
+            rest = inflater.unused_data
+            if not rest:
+                return data
+            if encoding != "gzip":
+                raise InvalidRequestError("the deflate body is corrupt: data after the end of the stream")
 
     def _json(self, data: bytes) -> Any:
         if not data:
