@@ -60,7 +60,7 @@ def _pack(args: argparse.Namespace, settings: Settings) -> Any:
         args.path, args.name, store,
         framework=args.framework, sample=args.sample, requirements=args.requirements,
         labels=_kv(args.label, "--label"), parent=args.parent, allow_pickle=args.allow_pickle,
-        entrypoint=args.entrypoint, options=options,
+        entrypoint=args.entrypoint, options=options, auto_lock=not args.no_auto_lock,
     )
     data = {"name": rec.name, "version": rec.version, "digest": rec.digest, "framework": rec.manifest.framework}
     _emit(args, data, lambda: print(f"packed {rec.name}:{rec.version}  {rec.digest}  ({rec.manifest.framework})"))
@@ -225,7 +225,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--name", required=True)
     c.add_argument("--framework")
     c.add_argument("--sample", help=".npy/.npz/OIP JSON sample input; gives the signature")
-    c.add_argument("--requirements", help="requirements file to resolve and lock")
+    c.add_argument("--requirements", help="requirements file (or pyproject.toml) to lock, added to the automatic lock")
+    c.add_argument("--no-auto-lock", action="store_true",
+                   help="lock only --requirements (not what loading and predicting the sample imports)")
     c.add_argument("--label", action="append", metavar="K=V")
     c.add_argument("--option", action="append", metavar="K=V", help="framework option, e.g. method=predict_proba")
     c.add_argument("--parent", metavar="NAME:VERSION")
@@ -275,6 +277,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tag", metavar="NAME:TAG", help="the name docker load gives the image")
     c.add_argument("--source", metavar="URL", help="org.opencontainers.image.source annotation")
     c.add_argument("--revision", help="org.opencontainers.image.revision annotation (default: the pod digest)")
+    c.add_argument("--no-grpc", action="store_true", help="leave grpcio out: a slimmer image serving REST only")
+    c.add_argument("--no-check", action="store_true",
+                   help="skip loading and predicting the pod's sample with only the image's packages")
     c = cmd("push", "push a pod to an OCI registry as an artifact")
     c.add_argument("ref")
     c.add_argument("target", metavar="REGISTRY/REPO[:TAG]")

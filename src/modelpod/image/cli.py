@@ -11,12 +11,14 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from modelpod.errors import UsageError
+from modelpod.errors import RegistryError, UsageError
 from modelpod.image.artifact import pull_pod, push_pod
+from modelpod.image.base import default_base
 from modelpod.image.builder import BuildOptions, BuiltImage, ImageBuilder
 from modelpod.image.oci import BlobStore
 from modelpod.image.progress import Progress, RichProgress, Silent
 from modelpod.image.registry import DOCKER_HUB, Credentials, Reference, Registry
+from modelpod.pod import Manifest
 from modelpod.settings import Settings
 from modelpod.store import Store
 
@@ -73,10 +75,16 @@ def _emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> Non
         human()
 
 
-def _source_date_epoch(env: Mapping[str, str] | None = None) -> int:
+def _source_date_epoch(env: Mapping[str, str] | None = None, manifest: Manifest | None = None,
+                       stored: float | None = None) -> int:
+    """The image's time: SOURCE_DATE_EPOCH, else when the pod was packed (recorded in its lineage,
+    so the same pod gives the same image anywhere), else when the store took it in."""
     raw = (os.environ if env is None else env).get("SOURCE_DATE_EPOCH", "").strip()
     if not raw:
-        return 0
+        packed = manifest.lineage.get("created") if manifest is not None else None
+        if isinstance(packed, int) and not isinstance(packed, bool) and packed >= 0:
+            return packed
+        return int(stored or 0)
     try:
         return int(raw)
     except ValueError:
@@ -104,12 +112,20 @@ def build_command(args: argparse.Namespace, settings: Settings) -> Any:
     pod = store.open(rec.ref)
     push = Reference.parse(args.push) if args.push else None
     kind, out, out_tag = _output(args.output, rec.name, rec.version) if args.output or not push else ("", Path(), None)
-    options = BuildOptions(base=args.base, created=_source_date_epoch(),
-                           source=getattr(args, "source", None), revision=getattr(args, "revision", None))
+    options = BuildOptions(base=args.base, created=_source_date_epoch(None, pod.manifest, rec.created),
+                           source=getattr(args, "source", None), revision=getattr(args, "revision", None),
+                           grpc=not getattr(args, "no_grpc", False), check=not getattr(args, "no_check", False))
     tag = getattr(args, "tag", None) or f"modelpod/{rec.name}:{rec.version}"
     with _progress(args) as progress:
         builder = ImageBuilder(settings.home / "cache", _registries(progress), progress)
-        built = builder.build(pod, rec.version, options)
+        try:
+            built = builder.build(pod, rec.version, options, rec.aliases)
+        except RegistryError as exc:
+            if args.base:
+                raise
+            raise RegistryError(f"{exc}\nhint: without --base the image starts from {default_base(pod.manifest.python)}"
+                                " on Docker Hub; pass a base you have: --base oci:DIR[:TAG] (an OCI layout), "
+                                "--base docker-archive:FILE (docker save), or REGISTRY/REPO:TAG") from None
         outputs: dict[str, Any] = {}
         if kind == "oci":
             builder.write_layout(built, out, out_tag or str(rec.version))
