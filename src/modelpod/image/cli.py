@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from modelpod.cli import _emit
 from modelpod.errors import RegistryError, UsageError
 from modelpod.image.artifact import pull_pod, push_pod
 from modelpod.image.base import default_base
@@ -64,15 +65,13 @@ def _progress(args: argparse.Namespace) -> Iterator[Progress]:
     if getattr(args, "json", False):
         yield Silent()
         return
-    with RichProgress() as bars:
+    try:
+        bars = RichProgress()
+    except ImportError:  # no rich (as in an image): no bars
+        yield Silent()
+        return
+    with bars:
         yield bars
-
-
-def _emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(data, sort_keys=True))
-    else:
-        human()
 
 
 def _source_date_epoch(env: Mapping[str, str] | None = None, manifest: Manifest | None = None,
@@ -144,21 +143,18 @@ def build_command(args: argparse.Namespace, settings: Settings) -> Any:
 
 
 def _print_build(built: BuiltImage, outputs: Mapping[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from modelpod.cli import print_table
 
-    table = Table("ROLE", "LAYER", "SIZE", "DIGEST", "", box=None)
-    for layer in built.layers:
-        table.add_row(layer.role, layer.title, _size(layer.descriptor.size), layer.descriptor.digest[:19],
-                      "cached" if layer.cached else "")
-    console = Console(highlight=False)
-    console.print(table)
-    console.print(f"image {built.digest}  (python {built.interpreter.path}, base {built.base.name})", soft_wrap=True)
+    print_table(("ROLE", "LAYER", "SIZE", "DIGEST", ""),
+                [(layer.role, layer.title, _size(layer.descriptor.size), layer.descriptor.digest[:19],
+                  "cached" if layer.cached else "") for layer in built.layers])
+    print(f"image {built.digest}  (python {built.interpreter.path}, base {built.base.name})")
+    print(f"load check: {built.load_check}")
     for key in ("oci", "docker-archive", "pushed"):
         if key in outputs:
-            console.print(f"{key}: {outputs[key]}", soft_wrap=True)
+            print(f"{key}: {outputs[key]}")
     if "docker-archive" in outputs:
-        console.print(f"load it with: docker load -i {outputs['docker-archive']}", soft_wrap=True)
+        print(f"load it with: docker load -i {outputs['docker-archive']}")
 
 
 def push_command(args: argparse.Namespace, settings: Settings) -> Any:
