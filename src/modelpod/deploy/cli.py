@@ -114,7 +114,7 @@ def _facts(ref: str, settings: Settings) -> tuple[PodFacts, Any, int | None]:
 
 
 def _build_and_push(pod: Any, version: int | None, repo: str, base: str | None, settings: Settings,
-                    quiet: bool) -> tuple[str, str]:
+                    quiet: bool, *, grpc: bool = True, batch: bool = False) -> tuple[str, str]:
     """(IMAGE@DIGEST, the image's python) after ``modelpod build --push REPO``."""
     from modelpod.image.builder import BuildOptions, ImageBuilder
     from modelpod.image.cli import credentials_for
@@ -130,7 +130,7 @@ def _build_and_push(pod: Any, version: int | None, repo: str, base: str | None, 
         return made[host]
 
     builder = ImageBuilder(settings.home / "cache", registry, Silent())
-    built = builder.build(pod, version, BuildOptions(base=base))
+    built = builder.build(pod, version, BuildOptions(base=base, grpc=grpc, features=("batch",) if batch else ()))
     tagged = target if target.tag else target.with_tag(str(version) if version is not None else "latest")
     builder.push(built, tagged)
     pinned = f"{target.host}/{target.repository}@{built.digest}"
@@ -148,7 +148,8 @@ def build_spec(args: argparse.Namespace, settings: Settings) -> tuple[DeploySpec
     if args.push and args.image:
         raise UsageError("give --image or --push, not both")
     if args.push:
-        image, python = _build_and_push(pod, version, args.push, args.base, settings, args.json)
+        image, python = _build_and_push(pod, version, args.push, args.base, settings, args.json,
+                                        grpc=not args.no_grpc, batch=args.job)
     if not image:
         raise UsageError("deploy kubernetes needs --image IMAGE@sha256:DIGEST or --push REGISTRY/REPO")
     canary = None
@@ -159,7 +160,8 @@ def build_spec(args: argparse.Namespace, settings: Settings) -> tuple[DeploySpec
         facts2, pod2, version2 = _facts(ref2, settings)
         image2 = args.canary_image
         if args.push and not image2:
-            image2, _ = _build_and_push(pod2, version2, args.push, args.base, settings, args.json)
+            image2, _ = _build_and_push(pod2, version2, args.push, args.base, settings, args.json,
+                                        grpc=not args.no_grpc)
         if not image2:
             raise UsageError("--canary needs --canary-image IMAGE@sha256:DIGEST (or --push to build it)")
         canary = Canary(facts2, image2, weight, args.canary_mode)
