@@ -381,3 +381,42 @@ def test_in_server_canary_template_splits_traffic(canary_rendered: dict[str, Any
         if cid:
             docker("rm", "-f", cid, check=False)
         docker("volume", "rm", "-f", volume, check=False)
+
+
+def test_indexed_job_template_scores_every_shard(rendered: dict[str, Any], base_image: Any, kit: Kit,
+                                                 tmp_path: Path) -> None:
+    """The Job's container, run once per completion index over a shared volume: the shards merge
+    into every input row scored exactly once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "pvc"  # the PersistentVolumeClaim, writable by the job's user
+    data.mkdir()
+    data.chmod(0o777)
+    x = np.arange(60, dtype=np.float32).reshape(20, 3)
+    pq.write_table(pa.table({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2]}), data / "in.parquet", row_group_size=5)
+    out = tmp_path / "job"
+    info = _cli(rendered["home"], "deploy", "kubernetes", "slow:1", "--job", "--push", rendered["repo"],
+                "--base", base_image.oci, "--input", "/data/in.parquet", "--output", "/data/out.parquet",
+                "--shards", "2", "--job-volume", "scores", "--batch-arg=--columns", "--batch-arg=a,b,c",
+                "-o", str(out), "--json")
+    job = yaml.safe_load((out / "job-slow.yaml").read_text())
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    sc = pod["securityContext"]
+    docker("pull", info["image"], timeout=600)
+    try:
+        for index in range(job["spec"]["completions"]):  # what the Job controller starts, one per index
+            args = docker_run_args(pod, f"{sc['runAsUser']}:{sc['runAsGroup']}", {"data": str(data)})
+            docker("run", "--rm", "-eJOB_COMPLETION_INDEX=" + str(index), *args, info["image"],
+                   *c["command"][1:], *c["args"], timeout=600)
+    finally:
+        docker("rmi", info["image"], check=False)
+    from modelpod.cli import main
+
+    assert main(["batch", "merge", "--output", str(data / "out.parquet")]) == 0
+    table = pq.read_table(data / "out.parquet")
+    assert table.num_rows == 20
+    got = np.asarray(table.column(table.column_names[-1]).to_pylist(), dtype=np.float32)
+    assert np.array_equal(got, x * 2)
