@@ -270,6 +270,12 @@ def test_render_only_writes_a_directory_and_prints_the_choice(tmp_path: Path, se
     assert "not pinned by digest" in err and "no PodDisruptionBudget" in err
     rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "--replicas", "0")
     assert rc == 2 and "--replicas 0" in err
+    rc, data, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "--drain-timeout", "90",
+                        "-o", "-")
+    dep = next(d for d in yaml.safe_load_all(data["yaml"]) if d["kind"] == "Deployment")
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MODELPOD_DRAIN_TIMEOUT_S"] == "90"
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 95
     rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "--canary", "lr:1:10",
                      "--canary-image", IMAGE_2)
     assert rc == 2 and "--canary names the same pod" in err

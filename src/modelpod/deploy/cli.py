@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--prometheus-url", help="Prometheus for KEDA's trigger")
     k.add_argument("--port", type=int, default=8080, help="container HTTP port (default 8080)")
     k.add_argument("--grpc-port", type=int, default=8081, help="container gRPC port (default 8081)")
+    k.add_argument("--drain-timeout", type=float, metavar="S",
+                   help="seconds the server drains on SIGTERM (default $MODELPOD_DRAIN_TIMEOUT_S or 30); "
+                   "the grace period is longer")
     k.add_argument("--no-grpc", action="store_true", help="REST only: no gRPC port in the pod or the Service")
     k.add_argument("--openshift", action="store_true", help="no fixed UID: the platform picks one (group 0)")
     k.add_argument("--pull-secret", metavar="NAME", help="imagePullSecret for a private registry")
@@ -172,6 +175,7 @@ def build_spec(args: argparse.Namespace, settings: Settings) -> tuple[DeploySpec
         job = BatchJob(args.input, args.output, args.shards, args.parallelism, args.job_volume,
                        tuple(args.batch_arg))
     extra: dict[str, Any] = {"prometheus_url": args.prometheus_url} if args.prometheus_url else {}
+    drain = args.drain_timeout if args.drain_timeout is not None else settings.drain_timeout_s
     spec = DeploySpec(
         name=args.name or default_name(facts.name), image=image, pod=facts, namespace=args.namespace,
         replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
@@ -179,7 +183,7 @@ def build_spec(args: argparse.Namespace, settings: Settings) -> tuple[DeploySpec
         cpu=args.cpu, memory=args.memory, gpu=args.gpu, token_secret=args.token_secret, canary=canary,
         kserve=args.kserve, service_monitor=args.service_monitor, job=job, gateway=args.gateway, python=python,
         http_port=args.port, grpc_port=args.grpc_port, grpc=not args.no_grpc, openshift=args.openshift,
-        pull_secret=args.pull_secret, drain_timeout_s=settings.drain_timeout_s, **extra,
+        pull_secret=args.pull_secret, drain_timeout_s=drain, **extra,
     ).check(apply=args.apply)
     if canary is not None and not args.kserve and not args.job:
         mode, why = canary.chosen(facts)
