@@ -180,6 +180,12 @@ def test_status_and_rollback_to_the_previous_image(stub: tuple[ApiStub, str], co
     assert dep["pod_digest"] == rec.digest
     assert dep["autoscaler"]["min"] == 3 and dep["autoscaler"]["max"] == 10  # the second apply's --replicas 3
 
+    capsys.readouterr()
+    assert main(["--home", str(home), "deploy", "status", "lr", *target]) == 0
+    human = capsys.readouterr().out
+    assert "Deployment lr: done" in human and f"image  {IMAGE_2}" in human
+    assert f"history (oldest first): {IMAGE_1}, {IMAGE_2}" in human and "(min 3, max 10)" in human
+
     before = len(api.patches())
     rc, data, err = cli(capsys, home, "deploy", "rollback", "lr", *target, "--wait")
     assert rc == 0, err
