@@ -276,6 +276,15 @@ def test_render_only_writes_a_directory_and_prints_the_choice(tmp_path: Path, se
     assert "not pinned by digest" in err and "no PodDisruptionBudget" in err
     rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "--replicas", "0")
     assert rc == 2 and "--replicas 0" in err
+    rc, data, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "--scale-to-zero",
+                        "-n", NS)
+    assert rc == 0, err
+    assert "ScaledObject/lr" in data["objects"] and "HorizontalPodAutoscaler/lr" not in data["objects"]
+    scaled = next(d for d in yaml.safe_load_all(data["yaml"]) if d["kind"] == "ScaledObject")
+    assert scaled["spec"]["minReplicaCount"] == 0
+    rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "--scale-to-zero",
+                     "--autoscaler", "hpa")
+    assert rc == 2 and "--scale-to-zero needs --autoscaler keda" in err
     rc, data, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "--drain-timeout", "90",
                         "-o", "-")
     dep = next(d for d in yaml.safe_load_all(data["yaml"]) if d["kind"] == "Deployment")

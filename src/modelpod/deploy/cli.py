@@ -34,8 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--max", dest="max_replicas", type=int, default=10, help="autoscaler maximum (default 10)")
     k.add_argument("--target-inflight", type=float, default=4.0,
                    help="in-flight requests per replica the autoscaler aims at (default 4)")
-    k.add_argument("--autoscaler", default="hpa", help=f"{'|'.join(AUTOSCALERS)} (default hpa: in-flight + CPU)")
-    k.add_argument("--scale-to-zero", action="store_true", help="allow 0 replicas when idle (KEDA)")
+    k.add_argument("--autoscaler", help=f"{'|'.join(AUTOSCALERS)} (default hpa: in-flight + CPU; "
+                   "keda with --scale-to-zero)")
+    k.add_argument("--scale-to-zero", action="store_true", help="KEDA, down to 0 replicas when idle (--min 0)")
     k.add_argument("--cpu", help="CPU request, e.g. 1 or 500m (default: the pod's resources, else 1)")
     k.add_argument("--memory", help="memory request and limit, e.g. 2Gi (default: the pod's, else sized from it)")
     k.add_argument("--gpu", type=int, default=0, help="nvidia.com/gpu per replica")
@@ -178,8 +179,10 @@ def build_spec(args: argparse.Namespace, settings: Settings) -> tuple[DeploySpec
     drain = args.drain_timeout if args.drain_timeout is not None else settings.drain_timeout_s
     spec = DeploySpec(
         name=args.name or default_name(facts.name), image=image, pod=facts, namespace=args.namespace,
-        replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-        target_inflight=args.target_inflight, autoscaler=args.autoscaler, scale_to_zero=args.scale_to_zero,
+        replicas=args.replicas, max_replicas=args.max_replicas,
+        min_replicas=0 if args.scale_to_zero and args.min_replicas is None else args.min_replicas,
+        target_inflight=args.target_inflight, scale_to_zero=args.scale_to_zero,
+        autoscaler=args.autoscaler or ("keda" if args.scale_to_zero else "hpa"),
         cpu=args.cpu, memory=args.memory, gpu=args.gpu, token_secret=args.token_secret, canary=canary,
         kserve=args.kserve, service_monitor=args.service_monitor, job=job, gateway=args.gateway, python=python,
         http_port=args.port, grpc_port=args.grpc_port, grpc=not args.no_grpc, openshift=args.openshift,
