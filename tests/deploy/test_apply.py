@@ -354,3 +354,37 @@ def test_bad_kubeconfig_and_output_are_refused_with_a_message(tmp_path: Path, se
     (tmp_path / "afile").write_text("")
     rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "-o", str(tmp_path / "afile"))
     assert rc == 2 and "not a directory" in err
+
+
+def _certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl, as a cluster's CA would issue one)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is not installed (.ci/setup-system.sh installs it)")
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=stub",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_apply_over_tls_trusts_the_kubeconfigs_authority(tmp_path: Path, served_home: tuple[Path, PodRecord],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    home, _ = served_home
+    cert, key = _certificate(tmp_path, "api")
+    other, _ = _certificate(tmp_path, "other")
+    api = ApiStub()
+    gen = serve(api, tls=(cert, key))
+    url = next(gen)
+    try:
+        good = kubeconfig(tmp_path / "good", url, ca=cert)
+        rc, data, err = deploy(capsys, home, good, IMAGE_1)
+        assert rc == 0, err
+        assert len(api.patches()) == len(data["apply"]["applied"]) > 0
+        bad = kubeconfig(tmp_path / "bad", url, ca=other, context="wrong-ca")
+        rc, _, err = deploy(capsys, home, bad, IMAGE_1)
+        assert rc == 1 and "context 'wrong-ca'" in err and "CERTIFICATE_VERIFY_FAILED" in err
+    finally:
+        gen.close()
