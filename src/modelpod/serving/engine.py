@@ -33,7 +33,7 @@ from modelpod.serving.metrics import ServingMetrics, outcome_of
 from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
 from modelpod.serving.traffic import TrafficSplit
 from modelpod.settings import Settings
-from modelpod.store import Ref, is_path
+from modelpod.store import Ref, directory_hint, is_path
 
 log = logging.getLogger("modelpod.serving")
 
@@ -78,7 +78,10 @@ class InferenceEngine:
         loaded by ``start`` unless lazy."""
         if is_path(ref):
             return self.registry.add_path(Path(ref).expanduser())
-        return self.registry.add_ref(ref)
+        try:
+            return self.registry.add_ref(ref)
+        except NotFoundError as exc:
+            raise NotFoundError(f"{exc}{directory_hint(ref)}") from None
 
     def add_model(self, model: Model, name: str | None = None, version: int | None = None,
                   policy: BatchPolicy | None = None) -> ModelEntry:
