@@ -58,6 +58,14 @@ class HttpLimits:
     max_pipelined_bytes: int = 1024 * 1024
     max_connections: int = 4096
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not value > 0:
+                from modelpod.errors import UsageError
+
+                raise UsageError(f"{f.name} must be positive (MODELPOD_{f.name.upper()}), got {value!r}")
+
     @classmethod
     def from_settings(cls, settings: Settings) -> HttpLimits:
         return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
