@@ -59,7 +59,7 @@ def _pack(args: argparse.Namespace, settings: Settings) -> Any:
     rec = pack(
         args.path, args.name, store,
         framework=args.framework, sample=args.sample, requirements=args.requirements,
-        labels=_kv(args.label, "--label"), parent=args.parent, allow_pickle=args.allow_pickle,
+        labels=_kv(args.label, "--label"), parent=args.parent, allow_pickle=args.allow_pickle, trust=args.trust,
         entrypoint=args.entrypoint, options=options, outputs=args.outputs,
     )
     data = {"name": rec.name, "version": rec.version, "digest": rec.digest, "framework": rec.manifest.framework}
@@ -119,6 +119,15 @@ def _rm(args: argparse.Namespace, settings: Settings) -> Any:
     _emit(args, {"removed": [r.ref for r in gone]}, lambda: print("removed " + ", ".join(r.ref for r in gone)))
 
 
+@command("gc")
+def _gc(args: argparse.Namespace, settings: Settings) -> Any:
+    rep = Store(settings.home, sweep=False).gc(dry_run=args.dry_run)  # gc sweeps, and reports it
+    verb = "would free" if rep.dry_run else "freed"
+    _emit(args, rep.to_dict(), lambda: print(
+        f"{verb} {_size(rep.freed_bytes)}: {rep.blobs} unreferenced blobs ({_size(rep.blob_bytes)}), "
+        f"{rep.pod_dirs} stray pod directories, {rep.staging} staging entries ({_size(rep.staging_bytes)})"))
+
+
 @command("verify")
 def _verify(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.api import open_pod
@@ -155,22 +164,22 @@ def _import(args: argparse.Namespace, settings: Settings) -> Any:
 def _predict(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod import table
     from modelpod.api import load
-    from modelpod.packing import read_sample
+    from modelpod.packing import sample_inputs
     from modelpod.protocols.codec import InferRequest, decode_request, encode_response
+    from modelpod.serving.worker import ModelWorker
 
     model = load(args.ref, settings=settings)
     path = Path(args.input)
     request: InferRequest
     if path.suffix == ".json":
         try:
-            request = decode_request(json.loads(path.read_text()))
+            request = decode_request(json.loads(path.read_text()), None, table.input_check(model.signature, model.name))
         except json.JSONDecodeError as exc:
             raise UsageError(f"{path}: not valid JSON: {exc}") from None
-    elif table.is_table_file(path):  # .csv / .parquet / .jsonl: the columns, or one matrix
-        request = InferRequest(table.table_inputs(table.read_table(path), model.signature))
-    else:
-        request = InferRequest(read_sample(path, [t.name for t in model.signature.inputs]))
-    outputs = model(request.inputs)
+    else:  # .npy, .npz, or a table (.csv / .parquet / .jsonl): its columns, or one matrix
+        request = InferRequest(sample_inputs(path, model.signature))
+    # The server's checks and error mapping: a model error caused by the input is exit 2, no traceback.
+    outputs = ModelWorker(model, model.name).call(model.coerce(request.inputs))
     body, _ = encode_response(model.name, None, outputs, request)
     print(json.dumps(body) if args.json else json.dumps(body, indent=2))
 
@@ -236,6 +245,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--parent", metavar="NAME:VERSION")
     c.add_argument("--entrypoint", metavar="MODULE:CLASS", help="custom Model class (python framework)")
     c.add_argument("--allow-pickle", action="store_true", help="accept pickle-based formats (still scanned)")
+    c.add_argument("--trust", action="append", metavar="TYPE[,TYPE]",
+                   help="trust these types in a skops file beyond skops' and modelpod's lists (recorded)")
 
     c = cmd("list", "list pods in the store")
     c.add_argument("name", nargs="?")
@@ -248,6 +259,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("ref")
     c.add_argument("--all", action="store_true")
     c.add_argument("--alias", dest="alias_only", action="store_true", help="remove only the alias NAME@ALIAS")
+    c = cmd("gc", "remove unreferenced blobs and what killed pack/import/pull runs left; report what it frees")
+    c.add_argument("--dry-run", action="store_true", help="only report what would be freed")
     c = cmd("verify", "re-hash every file of a pod against its manifest")
     c.add_argument("ref")
     c = cmd("export", "write a pod as a tar archive")

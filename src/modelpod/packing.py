@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,6 +35,7 @@ def pack(
     labels: Mapping[str, str] | None = None,
     parent: str | None = None,
     allow_pickle: bool = False,
+    trust: str | Sequence[str] | None = None,
     entrypoint: str | None = None,
     options: Mapping[str, Any] | None = None,
     serving: Mapping[str, Any] | None = None,
@@ -42,12 +43,18 @@ def pack(
     metrics: Mapping[str, float] | None = None,
     outputs: Sequence[str] | str | None = None,
 ) -> PodRecord:
-    """Pack a model file or directory into a new pod version in ``store``."""
+    """Pack a model file or directory into a new pod version in ``store``.
+
+    ``trust``: type names (``module.Class``, a list or one comma-separated string) to trust in a
+    skops file beyond skops' and modelpod's own lists; recorded in the manifest."""
     src = Path(path)
     if not src.exists():
         raise UsageError(f"{src}: no such file or directory")
     fw = framework or detect(src)
     adapter = require(fw)
+    trusted = trust_names(trust)
+    if trusted and not adapter.TAKES_TRUST:
+        raise UsageError(f"--trust is for skops files (scikit-learn); a {fw} model has nothing to trust")
     Manifest(name=name, framework=fw, files=())  # validates the name before any work
     parent_digest = store.get(parent).digest if parent else None
     staging = store.staging()
@@ -55,6 +62,7 @@ def pack(
         request = PackRequest(
             name=name, allow_pickle=allow_pickle, entrypoint=entrypoint, options=dict(options or {}),
             outputs=tuple(outputs.split(",") if isinstance(outputs, str) else outputs or ()),
+            trust=trusted,
         )
         packed = adapter.pack(src, staging, request)
         if request.outputs and "outputs" not in packed.options:
@@ -79,6 +87,7 @@ def pack(
             labels=dict(labels or {}),
             lineage=_lineage(parent_digest, source or str(src.resolve()), metrics),
             allow_pickle=allow_pickle,
+            trust=packed.trust,
             options={**dict(packed.options), **dict(options or {})},
             modelpod_version=__version__,
         )
@@ -89,7 +98,20 @@ def pack(
     except (ValueError, TypeError, OSError, RuntimeError, KeyError) as exc:
         raise PodError(f"{src}: cannot pack as {fw}: {type(exc).__name__}: {exc}") from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        store.discard(staging)
+
+
+_TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def trust_names(trust: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``--trust`` values as a sorted tuple of full type names (``module.Class``)."""
+    items = [trust] if isinstance(trust, str) else list(trust or ())
+    names = {n.strip() for item in items for n in str(item).split(",") if n.strip()}
+    for n in sorted(names):
+        if not _TYPE_NAME.fullmatch(n):
+            raise UsageError(f"--trust {n!r}: give full type names, e.g. sklearn.tree._tree.Tree")
+    return tuple(sorted(names))
 
 
 def _lineage(parent: str | None, source: str, metrics: Mapping[str, float] | None) -> dict[str, Any]:
@@ -178,6 +200,14 @@ def _sample_arrays(adapter: Adapter, sig: Signature, sample: Any) -> tuple[Signa
         merged = Signature(tsig.inputs, sig.outputs, {**tsig.parameters, **sig.parameters})
         return merged, table.frame_batch(frame, tsig)
     return sig, table.table_inputs(frame, sig)
+
+
+def sample_inputs(sample: Any, signature: Signature) -> dict[str, np.ndarray[Any, Any]]:
+    """A sample (or ``predict --input``) as a pod's inputs: a table as its columns or one matrix."""
+    if table.is_frame(sample) or (isinstance(sample, (str, Path)) and table.is_table_file(sample)):
+        frame = sample if table.is_frame(sample) else table.read_table(sample)
+        return table.table_inputs(frame, signature)
+    return read_sample(sample, [t.name for t in signature.inputs])
 
 
 def read_sample(sample: Any, input_names: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:

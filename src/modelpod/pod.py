@@ -250,6 +250,9 @@ class Manifest:
     lineage: Mapping[str, Any] = field(default_factory=dict)
     allow_pickle: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)  # framework-specific, e.g. task
+    # Types the user trusts (``--trust``) beyond skops' and modelpod's own lists; loaders trust
+    # exactly these, as recorded.
+    trust: tuple[str, ...] = ()
     modelpod_version: str = ""
 
     def __post_init__(self) -> None:
@@ -269,7 +272,8 @@ class Manifest:
             "serving": asdict(self.serving),
             "labels": dict(sorted(self.labels.items())),
             "lineage": dict(self.lineage),
-            "security": {"allow_pickle": self.allow_pickle},
+            "security": {"allow_pickle": self.allow_pickle,
+                         **({"trust": sorted(set(self.trust))} if self.trust else {})},
             "options": dict(self.options),
             "modelpod": self.modelpod_version,
         }
@@ -295,6 +299,7 @@ class Manifest:
                 lineage=dict(data.get("lineage") or {}),
                 allow_pickle=bool((data.get("security") or {}).get("allow_pickle", False)),
                 options=dict(data.get("options") or {}),
+                trust=tuple(str(t) for t in (data.get("security") or {}).get("trust") or ()),
                 modelpod_version=str(data.get("modelpod") or ""),
             )
         except KeyError as exc:

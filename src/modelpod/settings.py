@@ -59,11 +59,20 @@ class Settings:
         return cls(**values)
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
 def _parse(name: str, type_text: str, raw: str) -> Any:
     if "Path" in type_text:
         return Path(raw).expanduser()
     if "bool" in type_text:
-        return raw.strip().lower() in {"1", "true", "yes", "on"}
+        word = raw.strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        from modelpod.errors import UsageError
+
+        raise UsageError(f"MODELPOD_{name.upper()} must be true or false (also 1/0, yes/no, on/off), got {raw!r}")
     if "int" in type_text and "float" not in type_text:
         try:
             return int(raw)

@@ -16,12 +16,15 @@ the token whenever the server listens beyond loopback; without one they answer 4
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import logging
 import time
+import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote
 
@@ -36,8 +39,9 @@ from modelpod.errors import (
     PayloadTooLargeError,
     UnauthorizedError,
 )
-from modelpod.protocols import v1
-from modelpod.protocols.codec import decode_request, encode_response
+from modelpod.inputs import InputCheck, release
+from modelpod.protocols import bigjson, v1
+from modelpod.protocols.codec import InferRequest, decode_request, encode_response
 from modelpod.protocols.http import Request, Response, error_response
 from modelpod.serving.engine import InferenceEngine
 from modelpod.serving.metrics import CONTENT_TYPE
@@ -46,6 +50,8 @@ from modelpod.settings import Settings
 log = logging.getLogger("modelpod.serving")
 
 _EMPTY = Response(200, b"")
+# Bodies larger than this are decoded on a thread, off the event loop.
+OFF_LOOP_BYTES = 256 * 1024
 _HEALTH = ("/v2/health/live", "/v2/health/ready")
 
 
@@ -118,15 +124,15 @@ class RestApp:
         self.loopback = is_loopback(settings.host)
         self.max_depth = settings.max_json_depth
         self.max_body = settings.max_body_bytes
+        self._decoder = ThreadPoolExecutor(2, thread_name_prefix="modelpod-decode")
 
     async def __call__(self, req: Request) -> Response:
         try:
             response = await self._route(req)
         except ModelpodError as exc:
             response = self._error(exc, req)
-        except Exception:
-            log.exception("unhandled error", extra={"fields": {"path": req.path}})
-            response = error_response(500, "internal server error")
+        except Exception as exc:
+            response = self._internal(req, exc)
         rid = _safe_id(req.headers.get("x-request-id"))
         if rid is not None:
             response = Response(response.status, response.body, response.content_type,
@@ -192,16 +198,13 @@ class RestApp:
 
     # -- inference --------------------------------------------------------------------------------
     async def _infer(self, req: Request, name: str, version: str | None) -> Response:
-        body = self._decoded(req)
-        header_length = req.headers.get("inference-header-content-length")
-        tail: memoryview | None = None
-        if header_length is not None:
-            if not header_length.isdigit() or int(header_length) > len(body):
-                raise InvalidRequestError(f"Inference-Header-Content-Length {header_length!r} does not fit the body")
-            n = int(header_length)
-            tail = memoryview(body)[n:]
-            body = body[:n]
-        request = decode_request(self._json(body), tail)
+        check = self.engine.input_check(name, version)  # 404 before any decoding
+        if len(req.body) > OFF_LOOP_BYTES or "content-encoding" in req.headers:
+            # Big bodies are decoded on a thread in bounded steps, so health checks keep answering.
+            loop = asyncio.get_running_loop()
+            request = await loop.run_in_executor(self._decoder, self._decode, req, check)
+        else:
+            request = self._decode(req, check)
         if request.id is not None and "x-request-id" not in req.headers:
             req.headers["x-request-id"] = request.id  # so the response and the log line carry it
         result = await self.engine.infer(name, version, request, protocol="rest", started=req.received)
@@ -211,6 +214,31 @@ class RestApp:
             return Response(200, [data, *tails], "application/octet-stream",
                             [("inference-header-content-length", str(len(data)))])
         return Response(200, data)
+
+    def _decode(self, req: Request, check: InputCheck) -> InferRequest:
+        """The request body (inflated, JSON header, binary tail) as tensors checked against ``check``."""
+        body = self._decoded(req)
+        header_length = req.headers.get("inference-header-content-length")
+        tail: memoryview | None = None
+        if header_length is not None:
+            # ASCII digits only: "²".isdigit() is true, and int("١") is 1.
+            if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
+                raise InvalidRequestError(f"Inference-Header-Content-Length {header_length!r} does not fit the body")
+            n = int(header_length)
+            tail = memoryview(body)[n:]
+            body = body[:n]
+        if len(body) <= OFF_LOOP_BYTES:
+            return decode_request(self._json(body), tail, check)
+        # Only here (on the decoding thread): parsed in steps, object count and depth capped first.
+        n_in, n_out = len(check.signature.inputs), len(check.signature.outputs)
+        obj = bigjson.loads(body, 2 * (n_in + n_out) + 66 if check.typed else 100_000, self.max_depth)
+        del body
+        try:
+            return decode_request(obj, tail, check)
+        finally:  # free the parsed lists here, in steps, not wherever the last reference drops
+            for t in obj.get("inputs") or () if isinstance(obj, dict) else ():
+                if isinstance(t, dict):
+                    release(t.get("data"))
 
     def _decoded(self, req: Request) -> bytes:
         encoding = req.headers.get("content-encoding", "identity").strip().lower()
@@ -271,7 +299,9 @@ class RestApp:
         elif isinstance(exc, _MethodNotAllowed):
             headers.append(("allow", exc.allow))
         status = exc.http_status
-        if status >= 500 and status not in (503, 504):
+        if status == 500:
+            return self._internal(req, exc)
+        if status > 500 and status not in (503, 504):
             log.error("request failed", extra={"fields": {
                 "path": req.path, "status": status, "error": exc.message,
                 "request_id": _safe_id(req.headers.get("x-request-id"))}})
@@ -279,6 +309,24 @@ class RestApp:
             log.warning("request timed out", extra={"fields": {
                 "path": req.path, "request_id": _safe_id(req.headers.get("x-request-id"))}})
         return error_response(status, exc.message, headers=headers or None)
+
+    def _internal(self, req: Request, exc: BaseException) -> Response:
+        """A 500: the detail and traceback go to the log under the request id; the body names the id only."""
+        rid = request_id(req.headers)
+        detail = getattr(exc, "detail", "") or (exc.message if isinstance(exc, ModelpodError) else repr(exc))
+        log.error("request failed", exc_info=exc, extra={"fields": {
+            "path": req.path, "status": 500, "error": detail, "request_id": rid}})
+        what = exc.message if isinstance(exc, ModelpodError) else "internal server error"
+        return error_response(500, f"{what} (request id {rid}; the server log has the details)")
+
+
+def request_id(headers: dict[str, str]) -> str:
+    """The request's id (``X-Request-ID`` or the body's ``id``), or a new one, stored in ``headers``."""
+    rid = _safe_id(headers.get("x-request-id"))
+    if rid is None:
+        rid = uuid.uuid4().hex[:16]
+        headers["x-request-id"] = rid
+    return rid
 
 
 class _MethodNotAllowed(InvalidRequestError):

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from modelpod import __version__
+from modelpod import __version__, table
 from modelpod.errors import (
     InferenceError,
     InvalidRequestError,
@@ -22,6 +24,7 @@ from modelpod.errors import (
     NotFoundError,
     UsageError,
 )
+from modelpod.inputs import InputCheck
 from modelpod.model import Batch, Model
 from modelpod.protocols.codec import InferRequest
 from modelpod.serving.config import BatchPolicy, ServeConfig
@@ -29,7 +32,7 @@ from modelpod.serving.metrics import ServingMetrics, outcome_of
 from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
 from modelpod.serving.traffic import VersionResolver
 from modelpod.settings import Settings
-from modelpod.store import Ref
+from modelpod.store import Ref, is_path
 
 log = logging.getLogger("modelpod.serving")
 
@@ -62,10 +65,14 @@ class InferenceEngine:
         self.resolver = VersionResolver(self.registry)
         self.started = False
         self.draining = False
+        self._checks: weakref.WeakKeyDictionary[ModelEntry, InputCheck] = weakref.WeakKeyDictionary()
 
     # -- registering ------------------------------------------------------------------------------
     def add(self, ref: str) -> ModelEntry:
-        """Serve a store reference or pod directory (loaded by ``start`` unless lazy)."""
+        """Serve a store reference, or a pod directory written as a path (``./lr``, ``/abs/lr``);
+        loaded by ``start`` unless lazy."""
+        if is_path(ref):
+            return self.registry.add_path(Path(ref).expanduser())
         return self.registry.add_ref(ref)
 
     def add_model(self, model: Model, name: str | None = None, version: int | None = None,
@@ -164,7 +171,10 @@ class InferenceEngine:
             model, batcher = entry.model, entry.batcher
             if model is None or batcher is None:
                 raise ModelNotReadyError(f"model {entry.label} is not ready")
-            inputs = model.coerce(request.inputs)
+            inputs = request.inputs
+            checked = request.checked
+            if checked is None or (checked is not entry.signature and checked != entry.signature):
+                inputs = self.input_check(entry).arrays(inputs)
             if request.outputs:
                 self._check_outputs(entry, request.outputs)
             entry.last_used = t0
@@ -176,10 +186,20 @@ class InferenceEngine:
         except Exception as exc:
             if entry is not None:
                 entry.metrics.observe_request(protocol, "error", time.perf_counter() - t0)
-            log.exception("inference failed", extra={"fields": {"model": name, "id": request.id}})
-            raise InferenceError(f"inference failed: {type(exc).__name__}: {exc}") from exc
+            raise InferenceError(f"inference failed in model {name!r}",
+                                 detail=f"{type(exc).__name__}: {exc}") from exc
         entry.metrics.observe_request(protocol, "success", time.perf_counter() - t0)
         return InferResult(entry.name, entry.version_text or None, outputs, request.id)
+
+    def input_check(self, entry: ModelEntry | str, version: str | None = None) -> InputCheck:
+        """The input check of a model (an entry, or a name and version to resolve)."""
+        if isinstance(entry, str):
+            entry = self.resolver.resolve(entry, version)
+        check = self._checks.get(entry)
+        if check is None or check.signature is not entry.signature:
+            check = table.input_check(entry.signature, entry.label, self.config.nonfinite(entry.name))
+            self._checks[entry] = check
+        return check
 
     @staticmethod
     def _check_outputs(entry: ModelEntry, wanted: Mapping[str, bool]) -> None:
@@ -235,6 +255,9 @@ class InferenceEngine:
             versions = self.registry.versions(ref.name)
         except NotFoundError:
             return None
+        if ref.digest is not None:  # exactly that content, or nothing (the store may hold it)
+            return next((e for e in versions.values() if e.manifest is not None
+                         and e.manifest.digest == ref.digest), None)
         if ref.version is not None:
             return versions.get(ref.version)
         if ref.alias is not None:

@@ -19,7 +19,7 @@ class VersionResolver:
         versions = self.registry.versions(name)
         if not version:
             return self.default(name)
-        if version.isdigit():
+        if version.isascii() and version.isdigit():  # "²".isdigit() is true and int("١") is 1
             entry = versions.get(int(version))
             if entry is not None:
                 return entry
