@@ -44,7 +44,7 @@ def labels(values: np.ndarray) -> list[str]:
 def test_dataframe_sample_gives_a_table_signature(store: Store, table_model: tuple[Path, Any, str]) -> None:
     d, pipe, unknown = table_model
     train = table_frame(400)
-    rec = modelpod.pack(d / "model.skops", "churn", store=store, sample=train.head(20), allow_pickle=True,
+    rec = modelpod.pack(d / "model.skops", "churn", store=store, sample=train.head(20),
                         outputs=["label", "probabilities"])
     sig = rec.manifest.signature
     assert [(t.name, t.datatype, t.shape) for t in sig.inputs] == [
@@ -67,7 +67,7 @@ def test_dataframe_sample_gives_a_table_signature(store: Store, table_model: tup
 
 def test_strings_reach_the_model_as_str(store: Store, table_model: tuple[Path, Any, str]) -> None:
     d, _, _ = table_model
-    modelpod.pack(d / "model.skops", "churn", store=store, sample=table_frame(30), allow_pickle=True)
+    modelpod.pack(d / "model.skops", "churn", store=store, sample=table_frame(30))
     model = modelpod.load("churn", store=store)
     seen: list[Any] = []
     inner = model.method  # type: ignore[attr-defined]
@@ -94,7 +94,7 @@ def test_sample_files_via_cli(tmp_path: Path, store: Store, fmt: str, capsys: py
     else:
         np.savez(sample, **{c: train[c].to_numpy(dtype=str if c in CATEGORICAL else float) for c in train.columns})
     code = main(["--home", str(store.home), "pack", str(d / "model.skops"), "--name", "churn", "--sample",
-                 str(sample), "--allow-pickle", "--outputs", "label,probabilities", "--json"])
+                 str(sample), "--outputs", "label,probabilities", "--json"])
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()
     rec = store.get("churn")
@@ -119,7 +119,7 @@ def test_sample_files_via_cli(tmp_path: Path, store: Store, fmt: str, capsys: py
 
 def test_records_and_n_by_1_columns(store: Store, table_model: tuple[Path, Any, str]) -> None:
     d, pipe, unknown = table_model
-    modelpod.pack(d / "model.skops", "churn", store=store, sample=table_frame(30), allow_pickle=True)
+    modelpod.pack(d / "model.skops", "churn", store=store, sample=table_frame(30))
     model = modelpod.load("churn", store=store)
     rows = rows_for(unknown, 120)
     want = list(pipe.predict(rows))
@@ -138,7 +138,7 @@ def test_records_and_n_by_1_columns(store: Store, table_model: tuple[Path, Any, 
 
 def test_bad_records_are_request_errors(store: Store, table_model: tuple[Path, Any, str]) -> None:
     d, _, _ = table_model
-    modelpod.pack(d / "model.skops", "churn", store=store, sample=table_frame(30), allow_pickle=True)
+    modelpod.pack(d / "model.skops", "churn", store=store, sample=table_frame(30))
     model = modelpod.load("churn", store=store)
 
     def records(*rows: Any) -> dict[str, Any]:
@@ -162,12 +162,12 @@ def test_unsupported_columns_are_named(store: Store, table_model: tuple[Path, An
     frame = table_frame(10)
     frame["when"] = pd.to_datetime("2026-01-01")
     with pytest.raises(SignatureError, match="column 'when' has dtype datetime64"):
-        modelpod.pack(d / "model.skops", "churn", store=store, sample=frame, allow_pickle=True)
+        modelpod.pack(d / "model.skops", "churn", store=store, sample=frame)
     mixed = table_frame(10)
     mixed["city"] = mixed["city"].astype(object)
     mixed.loc[0, "city"] = 5
     with pytest.raises(SignatureError, match="column 'city' mixes strings with int"):
-        modelpod.pack(d / "model.skops", "churn", store=store, sample=mixed, allow_pickle=True)
+        modelpod.pack(d / "model.skops", "churn", store=store, sample=mixed)
 
 
 def test_only_the_trained_columns_in_the_trained_order(tmp_path: Path, store: Store,
@@ -177,16 +177,14 @@ def test_only_the_trained_columns_in_the_trained_order(tmp_path: Path, store: St
     sample.insert(0, "churned", "yes")  # a CSV often holds the target too
     sample = sample[["churned", "plan", "age", "city", "income", "score"]]
     sample.to_csv(tmp_path / "with_target.csv", index=False)
-    rec = modelpod.pack(d / "model.skops", "churn", store=store, sample=tmp_path / "with_target.csv",
-                        allow_pickle=True)
+    rec = modelpod.pack(d / "model.skops", "churn", store=store, sample=tmp_path / "with_target.csv")
     sig = rec.manifest.signature
     assert [t.name for t in sig.inputs] == ["age", "income", "score", "city", "plan"]
     assert list(sig.parameters["dtypes"]) == ["age", "income", "score", "city", "plan"]
     rows = rows_for(unknown, 50)
     assert labels(modelpod.load("churn", store=store)(rows)["output-0"]) == list(pipe.predict(rows))
     with pytest.raises(SignatureError, match="lacks column.*score"):
-        modelpod.pack(d / "model.skops", "churn", store=store, sample=table_frame(10).drop(columns="score"),
-                      allow_pickle=True)
+        modelpod.pack(d / "model.skops", "churn", store=store, sample=table_frame(10).drop(columns="score"))
 
 
 def test_every_column_type_round_trips_with_its_dtype() -> None:
@@ -220,5 +218,5 @@ def test_without_pandas_the_hint_names_the_extra(tmp_path: Path, store: Store, m
     d, _, _ = table_model
     monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas now raises ImportError
     with pytest.raises(MissingExtraError, match=r"pip install 'modelpod\[tables\]'"):
-        modelpod.pack(d / "model.skops", "churn", store=store, sample=d / "sample.csv", allow_pickle=True)
+        modelpod.pack(d / "model.skops", "churn", store=store, sample=d / "sample.csv")
     assert store.list() == []
