@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +16,12 @@ import numpy as np
 from modelpod import __version__, table
 from modelpod.errors import ModelpodError, PodError, SignatureError, UsageError
 from modelpod.frameworks import Adapter, PackRequest, detect, require
+from modelpod.frameworks._util import MODEL_DIR
 from modelpod.pod import Manifest, Pod, Serving, Signature, TensorSpec, scan_files
 from modelpod.store import PodRecord, Store
 
 CORE_DISTRIBUTIONS = ("numpy",)
+_MAX_PROBES = 8
 
 
 def pack(
@@ -42,11 +42,19 @@ def pack(
     source: str | None = None,
     metrics: Mapping[str, float] | None = None,
     outputs: Sequence[str] | str | None = None,
+    auto_lock: bool = True,
+    created: int | None = None,
 ) -> PodRecord:
     """Pack a model file or directory into a new pod version in ``store``.
 
     ``trust``: type names (``module.Class``, a list or one comma-separated string) to trust in a
-    skops file beyond skops' and modelpod's own lists; recorded in the manifest."""
+    skops file beyond skops' and modelpod's own lists; recorded in the manifest.
+
+    The lock is the automatic one (what loading and predicting the sample imports, the adapter's
+    distributions, a custom pod's own requirements.txt / pyproject.toml) plus ``requirements``;
+    with ``auto_lock=False`` it is ``requirements`` alone. ``created`` (seconds since the epoch,
+    default now) is recorded in the lineage; images built from the pod carry it as their time.
+    """
     src = Path(path)
     if not src.exists():
         raise UsageError(f"{src}: no such file or directory")
@@ -61,8 +69,8 @@ def pack(
     try:
         request = PackRequest(
             name=name, allow_pickle=allow_pickle, entrypoint=entrypoint, options=dict(options or {}),
-            outputs=tuple(outputs.split(",") if isinstance(outputs, str) else outputs or ()),
             trust=trusted,
+            outputs=tuple(outputs.split(",") if isinstance(outputs, str) else outputs or ()),
         )
         packed = adapter.pack(src, staging, request)
         if request.outputs and "outputs" not in packed.options:
@@ -77,21 +85,21 @@ def pack(
             files=tuple(files),
             signature=packed.signature or Signature(),
             python=f"{sys.version_info.major}.{sys.version_info.minor}",
-            requirements=tuple(
-                lock_requirements(requirements)
-                if requirements
-                else lock_installed((*CORE_DISTRIBUTIONS, *adapter.DISTRIBUTIONS, *packed.distributions))
-            ),
             entrypoint=packed.entrypoint,
             serving=Serving.from_dict({**_default_serving(), **dict(packed.serving), **dict(serving or {})}),
             labels=dict(labels or {}),
-            lineage=_lineage(parent_digest, source or str(src.resolve()), metrics),
+            lineage=_lineage(parent_digest, source or str(src.resolve()), metrics,
+                             int(time.time()) if created is None else created),
             allow_pickle=allow_pickle,
             trust=packed.trust,
             options={**dict(packed.options), **dict(options or {})},
             modelpod_version=__version__,
         )
         manifest = _complete_signature(adapter, staging, manifest, sample)
+        manifest = _keep_sample(staging, manifest, sample)
+        manifest = replace(manifest, requirements=tuple(
+            lock_pod(staging, manifest, (*adapter.DISTRIBUTIONS, *packed.distributions),
+                     Path(requirements) if requirements else None, auto=auto_lock)))
         return store.add(staging, manifest)
     except ModelpodError:
         raise
@@ -114,8 +122,9 @@ def trust_names(trust: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def _lineage(parent: str | None, source: str, metrics: Mapping[str, float] | None) -> dict[str, Any]:
-    lineage = {"parent": parent, "source": source, "metrics": dict(metrics or {})}
+def _lineage(parent: str | None, source: str, metrics: Mapping[str, float] | None, created: int) -> dict[str, Any]:
+    # created: seconds since the epoch when packed; built images take their time from it.
+    lineage = {"parent": parent, "source": source, "metrics": dict(metrics or {}), "created": created}
     return {k: v for k, v in lineage.items() if v}
 
 
@@ -236,51 +245,37 @@ def read_sample(sample: Any, input_names: Sequence[str]) -> dict[str, np.ndarray
 
 
 # -- requirements ------------------------------------------------------------------------------
-def lock_installed(distributions: Iterable[str]) -> list[str]:
-    """Exact versions of ``distributions`` and everything they need, from this environment."""
-    from packaging.requirements import Requirement
+def lock_pod(staging: Path, manifest: Manifest, distributions: Sequence[str], requirements: Path | None,
+             *, auto: bool = True) -> list[str]:
+    """The pod's locked requirements (see ``pack``)."""
+    from modelpod import locking, probe
 
-    seen: dict[str, str] = {}
-    todo: list[tuple[str, tuple[str, ...]]] = [(d, ()) for d in distributions]
-    while todo:
-        name, extras = todo.pop()
-        key = _norm(name)
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            continue
-        if key in seen and not extras:
-            continue
-        seen[key] = f"{dist.metadata['Name']}=={dist.version}"
-        for text in dist.requires or ():
-            req = Requirement(text)
-            env_extras: list[dict[str, str]] = [{"extra": e} for e in extras] or [{"extra": ""}]
-            if req.marker is not None and not any(req.marker.evaluate(e) for e in env_extras):
-                continue
-            if _norm(req.name) not in seen:
-                todo.append((req.name, tuple(req.extras)))
-    return sorted(seen.values(), key=str.lower)
-
-
-def lock_requirements(path: str | Path) -> list[str]:
-    """Resolve a requirements file to exact versions with pip's resolver (no install)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"requirements file {p}: no such file")
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.json"
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
-             "--report", str(report), "-r", str(p)],
-            capture_output=True, text=True, check=False,
-        )
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise UsageError(f"cannot resolve {p}: {tail}")
-        data = json.loads(report.read_text())
-    pins = (f"{i['metadata']['name']}=={i['metadata']['version']}" for i in data.get("install", []))
-    return sorted(pins, key=str.lower)
+    locks: list[Mapping[str, str]] = []
+    if auto:
+        if manifest.framework == "python":  # a code directory may say what it needs
+            for name in ("requirements.txt", "pyproject.toml"):
+                declared = staging / MODEL_DIR / name
+                if declared.is_file():
+                    locks.append(locking.lock_file(declared))
+        lock = locking.walk([*CORE_DISTRIBUTIONS, *distributions])
+        for _ in range(_MAX_PROBES):  # add the distribution of each module loading and predicting miss
+            allowed = {name for found in (lock, *locks) for name in found}
+            result = probe.run(staging, manifest, allow=allowed)
+            wanted = locking.owners(result.missing) - allowed if result.missing else set()
+            if result.ok or not wanted:
+                break
+            lock = {**lock, **locking.walk(sorted(wanted))}
+        locks.insert(0, lock)
+    if requirements is not None:
+        locks.append(locking.lock_file(requirements))
+    return locking.merge(*locks)
 
 
-def _norm(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
+def _keep_sample(staging: Path, manifest: Manifest, sample: Any) -> Manifest:
+    """The first rows of the sample as ``sample.json`` in the pod, for the image's load check."""
+    from modelpod.probe import write_sample
+
+    if sample is None:
+        return manifest
+    entry = write_sample(staging, sample_inputs(sample, manifest.signature))
+    return manifest if entry is None else replace(manifest, files=(*manifest.files, entry))

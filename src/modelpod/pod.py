@@ -20,6 +20,9 @@ import yaml
 from modelpod.errors import IntegrityError, PodError, SignatureError
 
 MANIFEST_NAME = "modelpod.yaml"
+# Beside the manifest in an image: the pod's store version and aliases when the image was built
+# (an image has no store to ask). Honoured only for the manifest digest it names.
+RECORD_NAME = "modelpod.record.json"
 SCHEMA = "modelpod/v1"
 
 # OIP v2 datatypes and their numpy equivalents. BYTES tensors are numpy object arrays of bytes.
@@ -330,7 +333,24 @@ class Manifest:
 
 
 def canonical_json(data: Any) -> bytes:
+    """The one canonical JSON encoding (manifest digests, OCI manifests and configs): sorted keys,
+    no spaces, UTF-8, so the same data always gives the same bytes and digest."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def read_record(directory: Path, manifest: Manifest) -> tuple[int | None, tuple[str, ...]]:
+    """(version, aliases) from the directory's RECORD_NAME when it is for this manifest's digest."""
+    try:
+        data = json.loads((directory / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, ()
+    if not isinstance(data, dict) or data.get("digest") != manifest.digest:
+        return None, ()
+    version = data.get("version")
+    aliases = data.get("aliases") or []
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        return None, ()
+    return version, tuple(str(a) for a in aliases if isinstance(a, str))
 
 
 def check_name(name: str) -> None:

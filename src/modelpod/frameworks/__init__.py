@@ -41,8 +41,8 @@ class PackRequest:
     allow_pickle: bool = False
     entrypoint: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
-    outputs: tuple[str, ...] = ()  # --outputs: named outputs in the adapter's words (label, probabilities, ...)
     trust: tuple[str, ...] = ()  # --trust: types to trust beyond the format's defaults
+    outputs: tuple[str, ...] = ()  # --outputs: named outputs in the adapter's words (label, probabilities, ...)
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,15 @@
 """scikit-learn: skops files (safe by default) and, with --allow-pickle, pickle/joblib files.
 
+A skops file may hold the types skops trusts by default, the types modelpod has vetted
+(``_skops_trust.VETTED``: trees, neighbour trees, kernels, ...; their content is checked at load),
+and the types the user names with ``--trust``, which the manifest records; nothing else loads.
+
 A pod answers like the estimator's ``predict`` (output ``output-0``), or another method with
 ``--option method=...``, or several named outputs with ``--outputs label,probabilities``
 (``label``: predict, ``probabilities``: predict_proba, ``scores``: decision_function,
 ``transform``). A classifier's ``classes_`` go into the signature as ``class_labels``.
 Packed with a table sample (a DataFrame, .csv, .parquet, .jsonl, or an .npz of named columns),
 the model is handed a DataFrame with the training dtypes (see ``modelpod.table``).
-
-A skops file may hold the types skops trusts by default, the types modelpod has vetted
-(``_skops_trust.VETTED``: trees, neighbour trees, kernels, ...; their content is checked at load),
-and the types the user names with ``--trust``, which the manifest records; nothing else loads.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ DISTRIBUTIONS = ("scikit-learn", "skops")
 PICKLES = (".pkl", ".pickle", ".joblib")
 EXPECTED = "a scikit-learn model (.skops, or with --allow-pickle .pkl/.joblib)"
 METHODS = ("predict", "predict_proba", "decision_function", "transform")
-TABLES = True  # a table sample makes a table signature; predict is handed a DataFrame
 TAKES_TRUST = True  # pack honours PackRequest.trust
+TABLES = True  # a table sample makes a table signature; predict is handed a DataFrame
 OUTPUTS = {"label": "predict", "probabilities": "predict_proba", "scores": "decision_function",
            "transform": "transform"}
 
