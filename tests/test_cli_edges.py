@@ -102,7 +102,7 @@ def _strict(text: str) -> object:
 
 
 def test_predict_prints_valid_json_for_nan(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    request = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [2.0, -1.0, 4.0]}]}
+    request = {"inputs": [{"name": "x", "datatype": "FP64", "shape": [3], "data": [2.0, -1.0, 4.0]}]}
     (tmp_path / "req.json").write_text(json.dumps(request))
     for flags in ((), ("--json",)):
         code, out, err = run(capsys, home, "predict", "half:1", "--input", str(tmp_path / "req.json"), *flags)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelpod import __version__
+from modelpod import __version__, table
 from modelpod.errors import (
     InferenceError,
     InvalidRequestError,
@@ -225,7 +225,7 @@ class InferenceEngine:
             entry = self.traffic.resolve(entry, version)  # a route name resolves to one of its variants
         check = self._checks.get(entry)
         if check is None or check.signature is not entry.signature:
-            check = InputCheck(entry.signature, entry.label, self.config.nonfinite(entry.name))
+            check = table.input_check(entry.signature, entry.label, self.config.nonfinite(entry.name))
             self._checks[entry] = check
         return check
 
