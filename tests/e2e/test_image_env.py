@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import textwrap
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from podcode import LAZY_IMPORT, code_dir
 
 from modelpod.image.builder import iso
 from modelpod.packing import pack
@@ -39,26 +39,6 @@ _SCRATCH = """
         def predict(self, x: list[float]) -> list[float]:
             return [v * self.k for v in x]
 """
-_NEEDS_THREADPOOLCTL = """
-    import modelpod
-
-    class Lazy(modelpod.Model):
-        def load(self) -> None:
-            import threadpoolctl  # imported at load only
-            self.n = len(threadpoolctl.__name__)
-            super().load()
-
-        def predict(self, x: list[float]) -> list[float]:
-            return [v + self.n for v in x]
-"""
-
-
-def _code(directory: Path, body: str) -> Path:
-    directory.mkdir(parents=True)
-    (directory / "model.py").write_text(textwrap.dedent(body))
-    return directory
-
-
 def docker(*args: str, timeout: float = 300, check: bool = True) -> str:
     proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
@@ -76,7 +56,7 @@ def test_build_refuses_an_image_that_would_miss_a_module(tmp_path: Path, base_im
                                                          kit: Kit) -> None:
     home = tmp_path / "home"
     kit.shared_wheels(home)
-    code = _code(tmp_path / "lazy", _NEEDS_THREADPOOLCTL)
+    code = code_dir(tmp_path / "lazy", LAZY_IMPORT)
     bare = pack(code, "lazy", Store(home), auto_lock=False)  # nothing locked: the image lacks threadpoolctl
     assert bare.manifest.requirements == ()
     rc, _, err = build(home, "lazy:1", "--base", base_image.oci, "--output", f"oci:{tmp_path / 'never'}")
@@ -98,7 +78,7 @@ def test_build_refuses_an_image_that_would_miss_a_module(tmp_path: Path, base_im
 def test_no_grpc_builds_a_slimmer_rest_only_image(tmp_path: Path, base_image: Any, build: Any, kit: Kit) -> None:
     home = tmp_path / "home"
     kit.shared_wheels(home)
-    pack(_code(tmp_path / "scratch", _SCRATCH), "scratch", Store(home))
+    pack(code_dir(tmp_path / "scratch", _SCRATCH), "scratch", Store(home))
     sizes = {}
     for flags in ((), ("--no-grpc",)):
         out = tmp_path / f"img{len(flags)}"
@@ -125,7 +105,7 @@ def scratch_image(tmp_path_factory: pytest.TempPathFactory, base_image: Any, kit
     home = root / "home"
     kit.shared_wheels(home)
     store = Store(home)
-    code = _code(root / "scratch", _SCRATCH)
+    code = code_dir(root / "scratch", _SCRATCH)
     pack(code, "scratch", store)
     rec = pack(code, "scratch", store)
     store.tag("scratch", rec.version, "production")
