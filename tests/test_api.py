@@ -3,8 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import modelpod
+from modelpod.errors import InvalidRequestError
 
 
 def test_public_api_is_pinned() -> None:
@@ -27,4 +29,7 @@ def test_pack_and_load_through_the_api(tmp_path: Path, sklearn_model: tuple[Path
     # A pod directory works as a reference too (images serve /opt/modelpod/pod this way).
     pod = modelpod.open_pod("lr", settings=settings)
     again = modelpod.load(pod.path)
-    np.testing.assert_array_equal(again(sample.astype(np.float64))["output-0"], out["output-0"])
+    np.testing.assert_array_equal(again(sample)["output-0"], out["output-0"])
+    # Datatypes match the signature exactly (or widen losslessly): float64 for FP32 is refused.
+    with pytest.raises(InvalidRequestError, match=r"expected datatype FP32, received FP64.*astype\('float32'\)"):
+        again(sample.astype(np.float64))

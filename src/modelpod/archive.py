@@ -9,7 +9,6 @@ fresh staging directory and nothing reaches the store until the whole pod verifi
 from __future__ import annotations
 
 import os
-import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -143,4 +142,4 @@ def import_archive(archive: Path, store: Store, name: str | None = None) -> PodR
         except NotFoundError:
             return store.add(staging, manifest)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        store.discard(staging)

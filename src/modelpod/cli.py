@@ -86,8 +86,9 @@ def _pack(args: argparse.Namespace, settings: Settings) -> Any:
     rec = pack(
         args.path, args.name, store,
         framework=args.framework, sample=args.sample, requirements=args.requirements,
-        labels=_kv(args.label, "--label"), parent=args.parent, allow_pickle=args.allow_pickle,
-        entrypoint=args.entrypoint, options=options, auto_lock=not args.no_auto_lock,
+        labels=_kv(args.label, "--label"), parent=args.parent, allow_pickle=args.allow_pickle, trust=args.trust,
+        entrypoint=args.entrypoint, options=options, outputs=args.outputs,
+        auto_lock=not args.no_auto_lock,
     )
     data = {"name": rec.name, "version": rec.version, "digest": rec.digest, "framework": rec.manifest.framework}
     _emit(args, data, lambda: print(f"packed {rec.name}:{rec.version}  {rec.digest}  ({rec.manifest.framework})"))
@@ -148,6 +149,15 @@ def _rm(args: argparse.Namespace, settings: Settings) -> Any:
     _emit(args, {"removed": [r.ref for r in gone]}, lambda: print("removed " + ", ".join(r.ref for r in gone)))
 
 
+@command("gc")
+def _gc(args: argparse.Namespace, settings: Settings) -> Any:
+    rep = Store(settings.home, sweep=False).gc(dry_run=args.dry_run)  # gc sweeps, and reports it
+    verb = "would free" if rep.dry_run else "freed"
+    _emit(args, rep.to_dict(), lambda: print(
+        f"{verb} {_size(rep.freed_bytes)}: {rep.blobs} unreferenced blobs ({_size(rep.blob_bytes)}), "
+        f"{rep.pod_dirs} stray pod directories, {rep.staging} staging entries ({_size(rep.staging_bytes)})"))
+
+
 @command("verify")
 def _verify(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.api import open_pod
@@ -185,23 +195,36 @@ def _import(args: argparse.Namespace, settings: Settings) -> Any:
 
 @command("predict")
 def _predict(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod import table
     from modelpod.api import load
+    from modelpod.inputs import InputCheck
     from modelpod.packing import read_sample
     from modelpod.protocols.codec import InferRequest, decode_request, encode_response
+    from modelpod.serving.worker import ModelWorker
 
     model = load(args.ref, settings=settings)
     path = Path(args.input)
     request: InferRequest
     if path.suffix == ".json":
         try:
-            request = decode_request(json.loads(path.read_text()))
+            request = decode_request(json.loads(path.read_text()), None, InputCheck(model.signature, model.name))
         except json.JSONDecodeError as exc:
             raise UsageError(f"{path}: not valid JSON: {exc}") from None
+    elif table.is_table_file(path):  # .csv / .parquet / .jsonl: the columns, or one matrix
+        request = InferRequest(table.table_inputs(table.read_table(path), model.signature))
     else:
         request = InferRequest(read_sample(path, [t.name for t in model.signature.inputs]))
-    outputs = model(request.inputs)
+    # The server's checks and error mapping: a model error caused by the input is exit 2, no traceback.
+    outputs = ModelWorker(model, model.name).call(model.coerce(request.inputs))
     body, _ = encode_response(model.name, None, outputs, request)
     print(json_text(body, indent=None if args.json else 2, sort_keys=False))
+
+
+@command("batch")
+def _batch(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.batch.cli import batch_command
+
+    return batch_command(args, settings)
 
 
 # -- serving and images (their modules own the work) ---------------------------------------------
@@ -210,6 +233,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.serving.server import serve
 
     return serve(args, settings)
+
+
+@command("route")
+def _route(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.serving.route_cli import route_command
+
+    return route_command(args, settings)
 
 
 @command("build")
@@ -231,6 +261,13 @@ def _pull(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.image.cli import pull_command
 
     return pull_command(args, settings)
+
+
+@command("deploy")
+def _deploy(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.deploy.cli import deploy_command
+
+    return deploy_command(args, settings)
 
 
 def _size(n: int) -> str:
@@ -256,7 +293,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.add_argument("--name", required=True)
     c.add_argument("--framework")
-    c.add_argument("--sample", help=".npy/.npz/OIP JSON sample input; gives the signature")
+    c.add_argument("--sample", help="sample input that gives the signature: .npy, .npz, OIP JSON, "
+                   "or a table (.csv, .parquet, .jsonl)")
+    c.add_argument("--outputs", metavar="NAME,...", help="named outputs, e.g. label,probabilities (docs/models.md)")
     c.add_argument("--requirements", help="requirements file (or pyproject.toml) to lock, added to the automatic lock")
     c.add_argument("--no-auto-lock", action="store_true",
                    help="lock only --requirements (not what loading and predicting the sample imports)")
@@ -265,6 +304,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--parent", metavar="NAME:VERSION")
     c.add_argument("--entrypoint", metavar="MODULE:CLASS", help="custom Model class (python framework)")
     c.add_argument("--allow-pickle", action="store_true", help="accept pickle-based formats (still scanned)")
+    c.add_argument("--trust", action="append", metavar="TYPE[,TYPE]",
+                   help="trust these types in a skops file beyond skops' and modelpod's lists (recorded)")
 
     c = cmd("list", "list pods in the store")
     c.add_argument("name", nargs="?")
@@ -278,6 +319,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--all", action="store_true")
     c.add_argument("--alias", dest="alias_only", action="store_true", help="remove only the alias NAME@ALIAS")
     c.add_argument("--force", action="store_true", help="remove a version even where an alias points at it")
+    c = cmd("gc", "remove unreferenced blobs and what killed pack/import/pull runs left; report what it frees")
+    c.add_argument("--dry-run", action="store_true", help="only report what would be freed")
     c = cmd("verify", "re-hash every file of a pod against its manifest")
     c.add_argument("ref")
     c = cmd("export", "write a pod as a tar archive")
@@ -286,20 +329,33 @@ def parser() -> argparse.ArgumentParser:
     c = cmd("import", "import a pod archive")
     c.add_argument("file")
     c.add_argument("--name", help="store under another name")
-    c = cmd("predict", "run one OIP v2 request (or .npy) through a pod in-process")
+    c = cmd("predict", "run one OIP v2 request (or .npy/.npz/.csv/.parquet/.jsonl) through a pod in-process")
     c.add_argument("ref")
     c.add_argument("--input", required=True)
 
+    c = cmd("batch", "score files (CSV, Parquet, JSON Lines, .npy, images) with a pod; resumable, sharded")
+    from modelpod.batch.cli import add_arguments as batch_arguments
+
+    batch_arguments(c)
+
     c = cmd("serve", "serve pods over OIP v2 REST and gRPC")
-    c.add_argument("refs", nargs="+", metavar="REF", help="NAME, NAME:VERSION, NAME@ALIAS or a pod directory")
+    c.add_argument("refs", nargs="*", metavar="REF",
+                   help="NAME, NAME:VERSION, NAME@ALIAS or a pod directory (the models of --config routes are added)")
     c.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     c.add_argument("--port", type=int, help="REST port (default 8080; 0 picks a free one)")
     c.add_argument("--grpc-port", type=int, help="gRPC port (default 8081 when grpcio is installed)")
     c.add_argument("--no-grpc", action="store_true", help="serve REST only")
-    c.add_argument("--config", help="YAML: batching keys for all models, and per model under 'models:'")
+    c.add_argument("--config", help="YAML: batching keys for all models, per model under 'models:', "
+                   "traffic splits under 'routes:' (docs/traffic.md)")
     c.add_argument("--max-batch-rows", type=int)
     c.add_argument("--max-batch-wait-ms", type=float)
-    c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN)")
+    c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN; visible in the process list)")
+    c.add_argument("--token-file", metavar="PATH",
+                   help="read the bearer token from this file (or $MODELPOD_TOKEN_FILE)")
+
+    from modelpod.serving.route_cli import add_arguments as route_arguments
+
+    route_arguments(cmd("route", "traffic splits of a running server: list, show, set, report, rollout, rollback"))
 
     c = cmd("build", "build a runnable OCI image of a pod, without a daemon")
     c.add_argument("ref")
@@ -310,6 +366,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tag", metavar="NAME:TAG", help="the name docker load gives the image")
     c.add_argument("--source", metavar="URL", help="org.opencontainers.image.source annotation")
     c.add_argument("--revision", help="org.opencontainers.image.revision annotation (default: the pod digest)")
+    c.add_argument("--with", dest="with_", action="append", choices=("batch",),
+                   help="add a feature's packages to the runtime layer: batch (pyarrow, for `docker run IMAGE batch`)")
     c.add_argument("--no-grpc", action="store_true", help="leave grpcio out: a slimmer image serving REST only")
     c.add_argument("--no-check", action="store_true",
                    help="skip loading and predicting the pod's sample with only the image's packages")
@@ -318,6 +376,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("target", metavar="REGISTRY/REPO[:TAG]")
     c = cmd("pull", "pull a pod from an OCI registry into the store")
     c.add_argument("source", metavar="REGISTRY/REPO[:TAG|@DIGEST]")
+
+    from modelpod.deploy.cli import add_arguments as deploy_arguments
+
+    deploy_arguments(sub.add_parser("deploy", help="Kubernetes: render and apply manifests, status, rollback"))
     return p
 
 

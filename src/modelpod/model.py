@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from modelpod import table
 from modelpod.errors import SignatureError
-from modelpod.pod import Pod, Signature, numpy_dtype
+from modelpod.inputs import check_inputs
+from modelpod.pod import Pod, Signature
 
 Batch = dict[str, np.ndarray[Any, Any]]
 
@@ -45,6 +47,14 @@ class Model:
         """Release memory. The model may be loaded again later."""
         self.loaded = False
 
+    def model_parameters(self) -> dict[str, Any]:
+        """Model-level metadata a loaded model knows (e.g. ``class_labels``); pack records it."""
+        return {}
+
+    def table_columns(self) -> list[str] | None:
+        """The columns a loaded table model was trained on, in order, where it knows them."""
+        return None
+
     # -- helpers for callers ----------------------------------------------------------------
     def __call__(self, inputs: Mapping[str, Any] | np.ndarray[Any, Any] | Any) -> Batch:
         """Predict from a mapping of arrays, or a single array for a single-input model."""
@@ -53,8 +63,14 @@ class Model:
         return self.predict(self.coerce(inputs))
 
     def coerce(self, inputs: Mapping[str, Any] | np.ndarray[Any, Any] | Any) -> Batch:
-        """Turn user input into a batch that fits the signature (names, datatypes, shapes)."""
+        """Turn user input into a batch that fits the signature (the one input check, ``modelpod.inputs``)."""
         sig = self.signature
+        if sig.is_table or table.is_frame(inputs):
+            # A DataFrame becomes its columns; a ``records`` input and [N, 1] columns become [N] columns.
+            if table.is_frame(inputs):
+                inputs = table.table_inputs(inputs, sig)
+            elif isinstance(inputs, Mapping):
+                inputs = table.normalize(inputs, sig)
         if not isinstance(inputs, Mapping):
             if len(sig.inputs) != 1:
                 raise SignatureError(
@@ -62,37 +78,4 @@ class Model:
                     f"({', '.join(t.name for t in sig.inputs) or 'unknown'}); pass a mapping of name to array"
                 )
             inputs = {sig.inputs[0].name: inputs}
-        batch: Batch = {}
-        for name, value in inputs.items():
-            spec = sig.input(name) if not sig.empty else None
-            if spec is None and not sig.empty:
-                raise SignatureError(
-                    f"model {self.name!r} has no input {name!r}; inputs: {', '.join(t.name for t in sig.inputs)}"
-                )
-            arr = np.asarray(value) if spec is None or spec.datatype != "BYTES" else _as_bytes(value)
-            if spec is not None:
-                if spec.datatype != "BYTES":
-                    want = numpy_dtype(spec.datatype)
-                    if arr.dtype != want:
-                        if not np.can_cast(arr.dtype, want, casting="same_kind") and arr.dtype.kind not in "iu":
-                            raise SignatureError(
-                                f"input {name!r}: {arr.dtype} cannot be converted to {spec.datatype}"
-                            )
-                        arr = arr.astype(want)
-                if not spec.accepts_shape(arr.shape):
-                    raise SignatureError(
-                        f"input {name!r}: shape {list(arr.shape)} does not match the signature's {list(spec.shape)}"
-                    )
-            batch[name] = arr
-        missing = [t.name for t in sig.inputs if t.name not in batch]
-        if missing:
-            raise SignatureError(f"model {self.name!r}: missing input(s) {', '.join(missing)}")
-        return batch
-
-
-def _as_bytes(value: Any) -> np.ndarray[Any, Any]:
-    arr = np.asarray(value, dtype=object)
-    flat = [v.encode() if isinstance(v, str) else bytes(v) for v in arr.reshape(-1)]
-    out = np.empty(len(flat), dtype=object)
-    out[:] = flat
-    return out.reshape(arr.shape)
+        return check_inputs(sig, inputs, model=self.name)

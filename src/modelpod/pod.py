@@ -121,28 +121,47 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Signature:
+    """Inputs and outputs, plus model-level ``parameters`` (shown in the OIP model metadata).
+
+    ``parameters`` holds what a tensor list cannot say: ``content_type: "pd"`` and the pandas
+    ``dtypes`` (and ``categories``) of a table signature, whose inputs are its columns in order
+    (see ``modelpod.table``), and ``class_labels``, the classes a classifier's outputs refer to.
+    """
+
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    parameters: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def empty(self) -> bool:
         return not self.inputs and not self.outputs
 
+    @property
+    def is_table(self) -> bool:
+        return self.parameters.get("content_type") == "pd"
+
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
         }
+        if self.parameters:  # only when set, so the digests of pods without them do not change
+            data["parameters"] = dict(self.parameters)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Signature:
         data = data or {}
+        params = data.get("parameters") or {}
+        if not isinstance(params, Mapping):
+            raise PodError(f"signature parameters must be a mapping, not {type(params).__name__}")
         return cls(
             tuple(TensorSpec.from_dict(t) for t in data.get("inputs") or ()),
             tuple(TensorSpec.from_dict(t) for t in data.get("outputs") or ()),
+            dict(params),
         )
 
     @classmethod
@@ -234,6 +253,9 @@ class Manifest:
     lineage: Mapping[str, Any] = field(default_factory=dict)
     allow_pickle: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)  # framework-specific, e.g. task
+    # Types the user trusts (``--trust``) beyond skops' and modelpod's own lists; loaders trust
+    # exactly these, as recorded.
+    trust: tuple[str, ...] = ()
     modelpod_version: str = ""
 
     def __post_init__(self) -> None:
@@ -253,7 +275,8 @@ class Manifest:
             "serving": asdict(self.serving),
             "labels": dict(sorted(self.labels.items())),
             "lineage": dict(self.lineage),
-            "security": {"allow_pickle": self.allow_pickle},
+            "security": {"allow_pickle": self.allow_pickle,
+                         **({"trust": sorted(set(self.trust))} if self.trust else {})},
             "options": dict(self.options),
             "modelpod": self.modelpod_version,
         }
@@ -279,6 +302,7 @@ class Manifest:
                 lineage=dict(data.get("lineage") or {}),
                 allow_pickle=bool((data.get("security") or {}).get("allow_pickle", False)),
                 options=dict(data.get("options") or {}),
+                trust=tuple(str(t) for t in (data.get("security") or {}).get("trust") or ()),
                 modelpod_version=str(data.get("modelpod") or ""),
             )
         except KeyError as exc:

@@ -49,13 +49,13 @@ class ProbeResult:
 
 def write_sample(directory: Path, arrays: Mapping[str, np.ndarray[Any, Any]]) -> FileEntry | None:
     """Keep the first rows of the pack sample in the pod as an OIP v2 request; None if it cannot be JSON."""
-    from modelpod.cli import json_text
     from modelpod.protocols.codec import decode_request, tensor_to_json
 
     kept = {n: (np.asarray(a)[:SAMPLE_ROWS] if np.ndim(a) else np.asarray(a)) for n, a in arrays.items()}
     try:
-        # valid JSON: NaN (a missing value) as null, as clients send it
-        text = json_text({"inputs": [tensor_to_json(n, a) for n, a in kept.items()]})
+        # NaN (a missing value) stays the NaN token Python's json reads back: the codec takes numbers
+        # only in FP data, and this file is read by modelpod alone
+        text = json.dumps({"inputs": [tensor_to_json(n, a) for n, a in kept.items()]}, sort_keys=True)
         back = decode_request(json.loads(text)).inputs
     except (ModelpodError, TypeError, ValueError, UnicodeDecodeError):
         return None

@@ -41,7 +41,7 @@ def test_layout_is_accepted_by_skopeo_and_umoci(sk_pod: Any, base_image: Any, tm
     assert inspect["Labels"]["dev.modelpod.digest"] == sk_pod.record.digest
     config = json.loads(kit.run("skopeo", "inspect", "--config", f"oci:{out}:v1"))["config"]
     assert config["User"] == "65532:65532"
-    assert config["Entrypoint"] == ["/usr/bin/python3.11", "-m", "modelpod", "serve", "/opt/modelpod/pod"]
+    assert config["Entrypoint"] == ["/usr/bin/python3.11", "-m", "modelpod.entry", "/opt/modelpod/pod"]
     assert "Cmd" not in config
     assert set(config["ExposedPorts"]) == {"8080/tcp", "8081/tcp"}  # REST and gRPC
     assert config["Volumes"] == {"/tmp": {}}  # writable under docker run --read-only

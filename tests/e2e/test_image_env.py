@@ -149,7 +149,7 @@ def test_image_runs_read_only_healthy_on_its_port_with_grpc_and_versions(
             meta = json.loads(resp.read())
         assert meta["versions"] == ["2"]  # as in the store
         assert kit.http_status(f"{base}/v2/models/scratch/versions/production/ready") == 200
-        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0]}]}
+        body = {"inputs": [{"name": "x", "datatype": "FP64", "shape": [2], "data": [1.0, 2.0]}]}
         req = urllib.request.Request(f"{base}/v2/models/scratch/infer", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -162,10 +162,10 @@ def test_image_runs_read_only_healthy_on_its_port_with_grpc_and_versions(
         client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{_published(cid, 8081)}")
         try:
             assert client.is_server_ready()
-            x = grpcclient.InferInput("x", [2], "FP32")
-            x.set_data_from_numpy(np.array([1.0, 4.0], np.float32))
+            x = grpcclient.InferInput("x", [2], "FP64")  # list[float]: Python floats are 64-bit
+            x.set_data_from_numpy(np.array([1.0, 4.0], np.float64))
             result = client.infer("scratch", [x])
-            np.testing.assert_array_equal(result.as_numpy("output-0"), np.array([3.0, 12.0], np.float32))
+            np.testing.assert_array_equal(result.as_numpy("output-0"), np.array([3.0, 12.0]))
             assert result.get_response().model_version == "2"
         finally:
             client.close()

@@ -78,7 +78,7 @@ def test_a_server_on_the_runtime_layer_alone_imports_every_package_of_it(tmp_pat
     argv = [sys.executable, "-I", "-S", "-B", "-X", "importtime", "-c", boot, "serve", str(pod.path),
             "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0", "--json"]
     with ServeProcess(argv, env={"MODELPOD_LOG_LEVEL": "warning"}) as server:
-        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]}]}
+        body = {"inputs": [{"name": "x", "datatype": "FP64", "shape": [2], "data": [1.0, 2.0]}]}
         req = urllib.request.Request(f"{server.url}/v2/models/twice/infer", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as resp:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from servutil import EchoModel, GatedModel, PoisonModel
 
-from modelpod.errors import InferenceError, InferenceTimeoutError, ModelNotReadyError, OverloadedError
+from modelpod.errors import InferenceTimeoutError, ModelInputError, ModelNotReadyError, OverloadedError
 from modelpod.model import Batch
 from modelpod.serving.batcher import Batcher
 from modelpod.serving.config import BatchPolicy
@@ -134,7 +134,7 @@ async def test_one_bad_request_does_not_fail_its_batch() -> None:
     await blocker
     for i, fut in enumerate(good):
         np.testing.assert_array_equal((await fut)["y"], rows(2, start=10 * i)["x"])
-    with pytest.raises(InferenceError, match="negative input"):
+    with pytest.raises(ModelInputError, match="negative input"):
         await bad
 
 

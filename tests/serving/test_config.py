@@ -49,3 +49,15 @@ def test_bad_config_is_refused_with_a_reason(tmp_path: Path, text: str, message:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--config"):
         ServeConfig.load(Settings(config=tmp_path / "absent.yaml"))
+
+
+def test_nonfinite_policy_from_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text("nonfinite: reject\nmodels:\n  lenient:\n    nonfinite: pass\n    max_batch_rows: 4\n")
+    config = ServeConfig.load(Settings(config=path))
+    assert config.nonfinite("other") == "reject" and config.nonfinite("lenient") == "pass"
+    assert config.policy("lenient").max_batch_rows == 4
+    assert ServeConfig.load(Settings()).nonfinite("any") == "pass"
+    path.write_text("nonfinite: drop\n")
+    with pytest.raises(UsageError, match="nonfinite must be one of pass, reject"):
+        ServeConfig.load(Settings(config=path))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from servutil import EchoModel, metric_value
 
-from modelpod.errors import InferenceTimeoutError, InvalidRequestError, OverloadedError, SignatureError
+from modelpod.errors import InferenceTimeoutError, InvalidRequestError, OverloadedError
 from modelpod.protocols.codec import InferRequest
 from modelpod.serving.engine import InferenceEngine
 from modelpod.serving.metrics import Counter, Histogram, MetricsRegistry, outcome_of
@@ -61,7 +61,7 @@ async def test_engine_metrics_pass_promtool() -> None:
     await engine.start()
     for n in (1, 2, 3):
         await engine.infer("echo", None, InferRequest({"x": np.zeros((n, 2), dtype=np.float32)}))
-    with pytest.raises(SignatureError):
+    with pytest.raises(InvalidRequestError):
         await engine.infer("echo", None, InferRequest({"x": np.zeros((1, 5), dtype=np.float32)}))
     text = engine.metrics.render()
     promtool_check(text)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from servutil import EchoModel, GatedModel, PoisonModel
 
-from modelpod.errors import InferenceError
+from modelpod.errors import InferenceError, ModelInputError
 from modelpod.model import Batch
 from modelpod.serving.worker import ModelWorker
 
@@ -52,7 +52,7 @@ async def test_a_model_error_fails_only_its_batch() -> None:
     good_before = asyncio.ensure_future(worker.predict(rows(2, 1)))
     bad = asyncio.ensure_future(worker.predict(rows(1, -100)))
     good_after = asyncio.ensure_future(worker.predict(rows(3, 5)))
-    with pytest.raises(InferenceError, match="negative input"):
+    with pytest.raises(ModelInputError, match="negative input"):
         await bad
     np.testing.assert_array_equal((await good_before)["y"], rows(2, 1)["x"])
     np.testing.assert_array_equal((await good_after)["y"], rows(3, 5)["x"])

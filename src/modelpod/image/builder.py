@@ -89,6 +89,7 @@ class BuildOptions:
     weights_layer_bytes: int = WEIGHTS_LAYER_BYTES
     gzip_level: int | None = GZIP_LEVEL
     arch: str = "amd64"
+    features: tuple[str, ...] = ()  # --with: extras in the runtime layer, e.g. ("batch",) adds pyarrow
     grpc: bool = True  # grpcio in the runtime layer: the image serves gRPC (port 8081) too
     check: bool = True  # load and predict the sample with only the image's packages before writing
 
@@ -147,7 +148,7 @@ class ImageBuilder:
         base = load_base(opts.base or default_base(want), self.blobs, self.registry, arch=opts.arch)
         python = find_python(base, self.blobs, want, self.cache / "bases")
         target = Target(want, python.machine, python.glibc or (2, 17))
-        runtime, pins = runtime_layer(target, self.cache / "wheels", self.progress, grpc=opts.grpc)
+        runtime, pins = runtime_layer(target, self.cache / "wheels", self.progress, opts.features, grpc=opts.grpc)
         deps = deps_layer(pod, target, pins, self.cache / "wheels", self.progress)
         record = {"digest": pod.digest, "version": version, "aliases": sorted(aliases)} if version else None
         specs = [runtime, *([deps] if deps else []), *pod_layers(pod, opts.weights_layer_bytes, record)]
@@ -229,7 +230,8 @@ class ImageBuilder:
         config = {
             "Env": env,
             "User": USER,
-            "Entrypoint": [python.path, "-m", "modelpod", "serve", f"/{POD_DIR}"],
+            # `docker run IMAGE [serve flags]` serves the pod; `docker run IMAGE batch ...` scores files.
+            "Entrypoint": [python.path, "-m", "modelpod.entry", f"/{POD_DIR}"],
             "WorkingDir": f"/{POD_DIR}",
             "ExposedPorts": ports,
             # The one writable place: an anonymous volume, so `docker run --read-only` works as is

@@ -114,7 +114,8 @@ def build_command(args: argparse.Namespace, settings: Settings) -> Any:
     options = BuildOptions(base=args.base, created=_source_date_epoch(None, pod.manifest, rec.created),
                            mtime=_source_date_epoch(None, None, 0),
                            source=getattr(args, "source", None), revision=getattr(args, "revision", None),
-                           grpc=not getattr(args, "no_grpc", False), check=not getattr(args, "no_check", False))
+                           grpc=not getattr(args, "no_grpc", False), check=not getattr(args, "no_check", False),
+                           features=tuple(sorted(set(getattr(args, "with_", None) or ()))))
     tag = getattr(args, "tag", None) or f"modelpod/{rec.name}:{rec.version}"
     with _progress(args) as progress:
         builder = ImageBuilder(settings.home / "cache", _registries(progress), progress)

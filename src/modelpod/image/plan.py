@@ -71,10 +71,14 @@ def target_environment(target: Target) -> dict[str, str]:
     return env
 
 
-def core_pins(target: Target, grpc: bool = True) -> list[Pin]:
+# ``modelpod build --with FEATURE``: distributions added to the runtime layer for that feature.
+FEATURES: dict[str, tuple[str, ...]] = {"batch": ("pyarrow",)}
+
+
+def core_pins(target: Target, grpc: bool = True, also: Sequence[str] = ()) -> list[Pin]:
     """What serving imports (``SERVING``, and ``GRPC`` unless ``grpc`` is off) and their dependencies,
-    pinned to the versions installed here."""
-    roots = [*SERVING, *(GRPC if grpc else ())]
+    pinned to the versions installed here; ``also``: more distributions (``--with``)."""
+    roots = [*SERVING, *(GRPC if grpc else ()), *also]
     try:
         found = walk(roots, target_environment(target), strict=True, needed_by="the image's modelpod runtime")
     except NotInstalledError as exc:
@@ -108,9 +112,12 @@ def _dist_info(pins: Sequence[Pin]) -> dict[str, bytes]:
 
 
 def runtime_layer(target: Target, wheel_cache: Path, progress: Progress,
-                  grpc: bool = True) -> tuple[LayerSpec, list[Pin]]:
-    """modelpod and what serving imports, as site-packages under /opt/modelpod/runtime."""
-    pins = core_pins(target, grpc)
+                  features: Sequence[str] = (), grpc: bool = True) -> tuple[LayerSpec, list[Pin]]:
+    """modelpod and what serving imports (and what ``features`` need), as site-packages under /opt/modelpod/runtime."""
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown:
+        raise ImageError(f"--with {', '.join(unknown)}: unknown; choose from {', '.join(FEATURES)}")
+    pins = core_pins(target, grpc, also=[d for f in features for d in FEATURES[f]])
     files = _package_files()
     extra = _dist_info(pins)
     digest = hashlib.sha256()

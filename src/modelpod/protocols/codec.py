@@ -8,17 +8,18 @@ in binary form are a 4-byte little-endian length before each element.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from modelpod.errors import InvalidRequestError
-from modelpod.pod import DATATYPES, datatype_of
+from modelpod.inputs import MAX_DIMS, InputCheck, bytes_from_values, check_shape, from_values
+from modelpod.pod import DATATYPES, Signature, datatype_of
 
 Batch = dict[str, np.ndarray[Any, Any]]
-_INTEGERS = frozenset(k for k in DATATYPES if "INT" in k)
+_UNCHECKED = InputCheck(Signature())
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,17 @@ class InferRequest:
     # Requested outputs: name -> wants binary; None means every output, JSON unless binary asked.
     outputs: Mapping[str, bool] | None = None
     binary_output: bool = False
+    # The signature the inputs were checked against while decoding (the engine skips checking again).
+    checked: Signature | None = None
 
 
-def decode_request(obj: Any, binary: memoryview | bytes | None = None) -> InferRequest:
-    """Decode an OIP v2 request body (already parsed JSON) plus the binary tail, if any."""
+def decode_request(obj: Any, binary: memoryview | bytes | None = None, check: InputCheck | None = None,
+                   ) -> InferRequest:
+    """Decode an OIP v2 request body (already parsed JSON) plus the binary tail, if any.
+
+    With ``check`` (the target model's signature), every input's header is checked before any
+    tensor data is decoded, and the decoded tensors are widened to the signature's datatypes.
+    """
     if not isinstance(obj, dict):
         raise InvalidRequestError("request body must be a JSON object")
     raw_inputs = obj.get("inputs")
@@ -42,31 +50,21 @@ def decode_request(obj: Any, binary: memoryview | bytes | None = None) -> InferR
     if not isinstance(params, dict):
         raise InvalidRequestError("'parameters' must be an object")
     view = memoryview(binary) if binary is not None else memoryview(b"")
+    check = check or _UNCHECKED
+    heads = _heads(raw_inputs, check, len(view))
     offset = 0
     inputs: Batch = {}
-    for i, t in enumerate(raw_inputs):
-        if not isinstance(t, dict):
-            raise InvalidRequestError(f"inputs[{i}] must be an object")
-        name, datatype, shape = _head(t, f"inputs[{i}]")
-        if name in inputs:
-            raise InvalidRequestError(f"input {name!r} given twice")
-        tparams = t.get("parameters") or {}
-        if not isinstance(tparams, dict):
-            raise InvalidRequestError(f"input {name!r}: 'parameters' must be an object")
-        size = tparams.get("binary_data_size")
+    for t, name, datatype, shape, size, n in heads:
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(view):
-                raise InvalidRequestError(f"input {name!r}: binary_data_size {size!r} runs past the body")
-            inputs[name] = tensor_from_bytes(name, datatype, shape, view[offset : offset + size])
+            arr = tensor_from_bytes(name, datatype, shape, view[offset : offset + size])
             offset += size
         else:
-            if "data" not in t:
-                raise InvalidRequestError(f"input {name!r} has neither 'data' nor binary_data_size")
-            inputs[name] = tensor_from_json(name, datatype, shape, t["data"])
+            arr = tensor_from_json(name, datatype, shape, t["data"], n)
+        inputs[name] = check.finish(name, arr)
     if offset != len(view):
         raise InvalidRequestError(f"{len(view) - offset} bytes of binary data were not claimed by any input")
     outputs: dict[str, bool] | None = None
-    binary_output = bool(params.get("binary_data_output", False))
+    binary_output = flag(params, "binary_data_output", False, "parameters")
     raw_outputs = obj.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
@@ -78,11 +76,62 @@ def decode_request(obj: Any, binary: memoryview | bytes | None = None) -> InferR
             op = o.get("parameters") or {}
             if not isinstance(op, dict):
                 raise InvalidRequestError(f"output {o['name']!r}: 'parameters' must be an object")
-            outputs[o["name"]] = bool(op.get("binary_data", binary_output))
+            outputs[o["name"]] = flag(op, "binary_data", binary_output, f"output {o['name']!r}")
     rid = obj.get("id")
     if rid is not None and not isinstance(rid, str):
         raise InvalidRequestError("'id' must be a string")
-    return InferRequest(inputs, rid, params, outputs, binary_output)
+    return InferRequest(inputs, rid, params, outputs, binary_output, check.signature if check.typed else None)
+
+
+_Head = tuple[Mapping[str, Any], str, str, tuple[int, ...], "int | None", int]
+
+
+def _heads(raw_inputs: list[Any], check: InputCheck, tail_bytes: int) -> list[_Head]:
+    """Every input's header, checked against the signature before any data is decoded."""
+    if check.typed and len(raw_inputs) > len(check.signature.inputs):
+        check.names((), len(raw_inputs))  # raises: more inputs than the model takes
+    heads: list[_Head] = []
+    seen: set[str] = set()
+    claimed = 0
+    for i, t in enumerate(raw_inputs):
+        if not isinstance(t, dict):
+            raise InvalidRequestError(f"inputs[{i}] must be an object")
+        name, datatype, shape = _head(t, f"inputs[{i}]")
+        if name in seen:
+            raise InvalidRequestError(f"input {name!r} given twice")
+        seen.add(name)
+        n = check.header(name, datatype, shape)
+        tparams = t.get("parameters") or {}
+        if not isinstance(tparams, dict):
+            raise InvalidRequestError(f"input {name!r}: 'parameters' must be an object")
+        size = tparams.get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size < 0 or claimed + size > tail_bytes:
+                raise InvalidRequestError(f"input {name!r}: binary_data_size {size!r} runs past the body")
+            itemsize = DATATYPES[datatype].itemsize
+            if datatype != "BYTES" and size != n * itemsize:
+                raise InvalidRequestError(f"input {name!r}: {size} bytes for shape {list(shape)} of {datatype} "
+                                          f"(want {n * itemsize})")
+            if datatype == "BYTES" and size < 4 * n:
+                raise InvalidRequestError(f"input {name!r}: {size} bytes cannot hold {n} BYTES elements")
+            claimed += size
+        elif "data" not in t:
+            raise InvalidRequestError(f"input {name!r} has neither 'data' nor binary_data_size")
+        else:
+            data = t["data"]
+            if isinstance(data, list) and data and not isinstance(data[0], list) and len(data) != n:
+                raise InvalidRequestError(f"input {name!r}: {len(data)} elements for shape {list(shape)}")
+        heads.append((t, name, datatype, shape, size, n))
+    check.names(seen, len(seen))
+    return heads
+
+
+def flag(params: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+    """A boolean parameter: JSON true/false only ("false" is not false, so it is refused)."""
+    value = params.get(key, default)
+    if type(value) is not bool:
+        raise InvalidRequestError(f"{where}: {key} must be true or false, not {value!r}")
+    return value
 
 
 def _head(t: Mapping[str, Any], where: str) -> tuple[str, str, tuple[int, ...]]:
@@ -93,59 +142,35 @@ def _head(t: Mapping[str, Any], where: str) -> tuple[str, str, tuple[int, ...]]:
         raise InvalidRequestError(f"input {name!r}: unknown datatype {datatype!r}")
     if not isinstance(shape, list):
         raise InvalidRequestError(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise InvalidRequestError(f"input {name!r}: {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
     for d in shape:
         if type(d) is not int or d < 0:  # JSON gives int or bool; bool is refused too
             raise InvalidRequestError(f"input {name!r}: 'shape' must be a list of non-negative integers")
     return name, datatype, tuple(shape)
 
 
-def _count(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def tensor_from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray[Any, Any]:
-    n = _count(shape)
+def tensor_from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any, n: int | None = None,
+                     ) -> np.ndarray[Any, Any]:
+    """One JSON tensor; ``n``: its element count when the header was checked already."""
+    if n is None:
+        n = check_shape(name, shape)
     if datatype == "BYTES":
         flat = _flatten(data, name)
         if len(flat) != n:
             raise InvalidRequestError(f"input {name!r}: {len(flat)} elements for shape {list(shape)}")
-        out = np.empty(n, dtype=object)
-        for i, v in enumerate(flat):
-            if isinstance(v, str):
-                out[i] = v.encode()
-            elif isinstance(v, (bytes, bytearray)):
-                out[i] = bytes(v)
-            else:
-                raise InvalidRequestError(f"input {name!r}: BYTES elements must be strings")
-        return out.reshape(shape)
-    try:
-        # numpy turns 1.5 (or true) into the integer 1 without a word: integer tensors take integers only.
-        if datatype in _INTEGERS and np.asarray(data).dtype.kind not in "iu":
-            raise InvalidRequestError(f"input {name!r}: {datatype} data must be integers")
-        # Values out of range (1e300 as FP32) are refused rather than turned into inf.
-        with np.errstate(over="raise", invalid="raise"):
-            arr = np.asarray(data, dtype=DATATYPES[datatype])
-    except (ValueError, TypeError, OverflowError, FloatingPointError):
-        raise InvalidRequestError(f"input {name!r}: data does not fit datatype {datatype}") from None
+        return bytes_from_values(name, flat).reshape(shape)
+    arr = from_values(name, datatype, data)
     if arr.size != n:
         raise InvalidRequestError(f"input {name!r}: {arr.size} elements for shape {list(shape)}")
-    if datatype == "BOOL" and not _all_bools(data):
-        raise InvalidRequestError(f"input {name!r}: BOOL data must be true/false")
     return arr.reshape(shape)
-
-
-def _all_bools(data: Any) -> bool:
-    if isinstance(data, list):
-        return all(_all_bools(d) for d in data)
-    return isinstance(data, bool)
 
 
 def _flatten(data: Any, name: str) -> list[Any]:
     if not isinstance(data, list):
         return [data]
+    if data and not isinstance(data[0], list) and not isinstance(data[-1], list):
+        return data  # flat already (a list inside is refused as a non-string element)
     out: list[Any] = []
     stack = [iter(data)]
     while stack:
@@ -160,7 +185,7 @@ def _flatten(data: Any, name: str) -> list[Any]:
 
 
 def tensor_from_bytes(name: str, datatype: str, shape: tuple[int, ...], buf: memoryview) -> np.ndarray[Any, Any]:
-    n = _count(shape)
+    n = check_shape(name, shape)
     if datatype == "BYTES":
         items: list[bytes] = []
         pos = 0

@@ -2,16 +2,21 @@
 
 Inputs arrive as typed ``contents`` or as ``raw_input_contents``; the answer uses the same form
 (raw whenever the request was raw, or an output is FP16/BF16, which only travel raw). Errors map
-to status codes through ``ModelpodError.grpc_code``. gRPC is an optional extra: importing this
-module without grpcio raises MissingExtraError with the install hint.
+to status codes through ``ModelpodError.grpc_code``. Every answer carries the trailing
+metadata ``modelpod-variant: NAME:VERSION``; a route's sticky key is read from the invocation
+metadata. gRPC is an optional extra: importing this module without grpcio raises
+MissingExtraError with the install hint.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -24,7 +29,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised where grpcio is missing
     raise MissingExtraError("grpc", "grpcio", "the gRPC endpoint") from exc
 
-from modelpod.pod import DATATYPES, datatype_of
+from modelpod.inputs import MAX_DIMS, STEP, InputCheck, check_shape
+from modelpod.pod import DATATYPES, Signature, datatype_of
 from modelpod.protocols._generated import open_inference_pb2 as pb
 from modelpod.protocols.codec import InferRequest, tensor_from_bytes, tensor_to_bytes
 from modelpod.serving.engine import InferenceEngine, InferResult
@@ -41,11 +47,10 @@ _CONTENTS = {
 Rpc = Callable[[Any, "aio.ServicerContext[Any, Any]"], Awaitable[Any]]
 
 
-def _count(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+# The numpy type each typed-contents field arrives as (protobuf's own scalar types).
+_WIRE = {"bool_contents": np.bool_, "int_contents": np.int32, "int64_contents": np.int64,
+         "uint_contents": np.uint32, "uint64_contents": np.uint64, "fp32_contents": np.float32,
+         "fp64_contents": np.float64}
 
 
 def _parameter(p: Any) -> Any:
@@ -53,31 +58,59 @@ def _parameter(p: Any) -> Any:
     return getattr(p, which) if which else None
 
 
-def decode_infer(msg: Any) -> InferRequest:
-    """A ModelInferRequest as the engine's InferRequest."""
+def decode_infer(msg: Any, check: InputCheck | None = None) -> InferRequest:
+    """A ModelInferRequest as the engine's InferRequest; with ``check``, headers are checked first."""
     raw = msg.raw_input_contents
     if raw and len(raw) != len(msg.inputs):
         raise InvalidRequestError(f"{len(raw)} raw_input_contents for {len(msg.inputs)} inputs")
     if not msg.inputs:
         raise InvalidRequestError("the request has no inputs")
-    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    check = check or InputCheck(Signature())
+    if check.typed and len(msg.inputs) > len(check.signature.inputs):
+        check.names((), len(msg.inputs))  # raises: more inputs than the model takes
+    heads: list[tuple[str, str, tuple[int, ...]]] = []
+    seen: set[str] = set()
     for i, t in enumerate(msg.inputs):
-        name, datatype, shape = t.name, t.datatype, tuple(int(d) for d in t.shape)
+        name, datatype = t.name, t.datatype
         if not name:
             raise InvalidRequestError(f"inputs[{i}] has no name")
-        if name in inputs:
+        if name in seen:
             raise InvalidRequestError(f"input {name!r} given twice")
+        seen.add(name)
         if datatype not in DATATYPES:
             raise InvalidRequestError(f"input {name!r}: unknown datatype {datatype!r}")
+        if len(t.shape) > MAX_DIMS:
+            raise InvalidRequestError(f"input {name!r}: {len(t.shape)} dimensions; at most {MAX_DIMS} are allowed")
+        shape = tuple(int(d) for d in t.shape)
         if any(d < 0 for d in shape):
             raise InvalidRequestError(f"input {name!r}: negative dimension in shape {list(shape)}")
+        check.header(name, datatype, shape)
+        heads.append((name, datatype, shape))
+    check.names(seen, len(seen))
+    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    for i, (name, datatype, shape) in enumerate(heads):
         if raw:
-            inputs[name] = tensor_from_bytes(name, datatype, shape, memoryview(raw[i]))
+            arr = tensor_from_bytes(name, datatype, shape, memoryview(raw[i]))
         else:
-            inputs[name] = _from_contents(name, datatype, shape, t.contents)
+            arr = _from_contents(name, datatype, shape, msg.inputs[i].contents)
+        inputs[name] = check.finish(name, arr)
     outputs = {o.name: True for o in msg.outputs} or None
     params = {k: _parameter(v) for k, v in msg.parameters.items()}
-    return InferRequest(inputs, msg.id or None, params, outputs, binary_output=bool(raw))
+    return InferRequest(inputs, msg.id or None, params, outputs, binary_output=bool(raw),
+                        checked=check.signature if check.typed else None)
+
+
+def _big(msg: Any) -> bool:
+    """Whether decoding ``msg`` is worth a thread: raw tensors over 256 kB, or many typed values."""
+    if sum(len(r) for r in msg.raw_input_contents) > 256 * 1024:
+        return True
+    for t in msg.inputs:
+        n = 1
+        for d in t.shape:
+            n *= max(int(d), 0)
+        if n > STEP:
+            return True
+    return False
 
 
 def _from_contents(name: str, datatype: str, shape: tuple[int, ...], contents: Any) -> np.ndarray[Any, Any]:
@@ -85,17 +118,24 @@ def _from_contents(name: str, datatype: str, shape: tuple[int, ...], contents: A
     if field is None:
         raise InvalidRequestError(f"input {name!r}: {datatype} travels only as raw_input_contents")
     values = getattr(contents, field)
-    n = _count(shape)
+    n = check_shape(name, shape)
     if len(values) != n:
         raise InvalidRequestError(f"input {name!r}: {len(values)} values for shape {list(shape)}")
     if datatype == "BYTES":
         arr = np.empty(n, dtype=object)
-        arr[:] = list(values)
+        for i in range(0, n, STEP):
+            arr[i:i + STEP] = list(values[i:i + STEP])
         return arr.reshape(shape)
-    try:
-        return np.array(values, dtype=DATATYPES[datatype]).reshape(shape)
-    except (OverflowError, ValueError):
-        raise InvalidRequestError(f"input {name!r}: values do not fit {datatype}") from None
+    # int_contents carries INT8/INT16 as int32: values must fit the declared type, never wrap.
+    wide: np.ndarray[Any, Any] = np.empty(n, dtype=_WIRE[field])
+    for i in range(0, n, STEP):  # in steps: each numpy call holds the GIL
+        wide[i:i + STEP] = values[i:i + STEP]
+    want = DATATYPES[datatype]
+    if want != wide.dtype and wide.size:
+        info = np.iinfo(want)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise InvalidRequestError(f"input {name!r}: values do not fit {datatype}")
+    return wide.astype(want).reshape(shape)
 
 
 def encode_infer(result: InferResult, request: InferRequest) -> Any:
@@ -128,6 +168,7 @@ class GrpcService:
     def __init__(self, engine: InferenceEngine, settings: Settings) -> None:
         self.engine = engine
         self.token = settings.token.encode() if settings.token else None
+        self._decoder = ThreadPoolExecutor(2, thread_name_prefix="modelpod-grpc-decode")
 
     def _authorize(self, context: Any) -> None:
         if self.token is None:
@@ -151,11 +192,10 @@ class GrpcService:
                 if isinstance(exc, OverloadedError):
                     context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
                 if exc.grpc_code == "INTERNAL":
-                    log.error("grpc request failed", extra={"fields": {"error": exc.message}})
+                    await context.abort(grpc.StatusCode.INTERNAL, _internal(request, exc))
                 await context.abort(getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL), exc.message)
-            except Exception:
-                log.exception("unhandled error in a gRPC call")
-                await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+            except Exception as exc:
+                await context.abort(grpc.StatusCode.INTERNAL, _internal(request, exc))
         return call
 
     async def server_live(self, request: Any, context: Any) -> Any:
@@ -180,10 +220,22 @@ class GrpcService:
 
     async def model_infer(self, request: Any, context: Any) -> Any:
         started = time.perf_counter()
-        decoded = decode_infer(request)
+        check = self.engine.input_check(request.model_name, request.model_version or None)
+        if _big(request):  # decoded on a thread, in steps, so the event loop keeps answering
+            loop = asyncio.get_running_loop()
+            decoded = await loop.run_in_executor(self._decoder, decode_infer, request, check)
+        else:
+            decoded = decode_infer(request, check)
+        headers = None
+        if self.engine.traffic.routes:  # a route's sticky key may be in the metadata
+            headers = {str(k): str(v) for k, v in context.invocation_metadata() or ()}
         result = await self.engine.infer(request.model_name, request.model_version or None, decoded,
-                                         protocol="grpc", started=started)
-        return encode_infer(result, decoded)
+                                         protocol="grpc", started=started, headers=headers)
+        context.set_trailing_metadata((("modelpod-variant", result.variant or result.model_name),))
+        msg = encode_infer(result, decoded)
+        if result.id:  # a routed answer always has one, for feedback
+            msg.id = result.id
+        return msg
 
     def handler(self) -> Any:
         def unary(fn: Rpc, req: Any, resp: Any, public: bool = False) -> Any:
@@ -199,6 +251,15 @@ class GrpcService:
             "ModelMetadata": unary(self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
             "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
         })
+
+
+def _internal(request: Any, exc: BaseException) -> str:
+    """An INTERNAL status: details and traceback to the log under a request id; the message names the id."""
+    rid = getattr(request, "id", "") or uuid.uuid4().hex[:16]
+    detail = getattr(exc, "detail", "") or (exc.message if isinstance(exc, ModelpodError) else repr(exc))
+    log.error("grpc request failed", exc_info=exc, extra={"fields": {"error": detail, "request_id": rid}})
+    what = exc.message if isinstance(exc, ModelpodError) else "internal server error"
+    return f"{what} (request id {rid}; the server log has the details)"
 
 
 class _Unauthenticated(Exception):

@@ -5,28 +5,39 @@ Routes (each ``/v2/models/{m}`` route also takes ``/versions/{v}``, an integer o
     GET  /v2/health/live  /v2/health/ready  /v2  /v2/
     GET  /v2/models/{m}  /v2/models/{m}/ready  /v2/models/{m}/config   (Triton's model configuration)
     POST /v2/models/{m}/infer
-    POST /v2/repository/index  /v2/repository/models/{m}/load  /v2/repository/models/{m}/unload
+    POST /v2/repository/index  /v2/repository/models/{m}[/versions/{v}]/load  .../unload
     GET  /metrics
+    /v1/models/...  the KServe v1 / TensorFlow Serving REST protocol (modelpod.protocols.v1)
+    /v2/routes[/{r}[/report|/rollout|/rollback]]  POST /v2/models/{r}/feedback   (protocols/routes.py)
+
+Every inference answer carries ``modelpod-variant: NAME:VERSION`` (the version that answered).
 
 Errors are ``{"error": "..."}`` with the status the ModelpodError carries. With a token, every
 route but the health checks needs ``Authorization: Bearer <token>``. The repository routes need
-the token whenever the server listens beyond loopback; without one they answer 401 there.
+the token whenever the server listens beyond loopback; without one they answer 401 there. On
+loopback without a token they refuse (403) a ``Host`` that is not a loopback name (DNS rebinding)
+and an ``Origin`` other than the server's own (a web page), and with or without a token they take
+JSON only (415 for any other ``Content-Type``; none at all is read as JSON, as tritonclient sends).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import logging
 import time
+import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote
 
 import orjson
 
 from modelpod.errors import (
+    ForbiddenError,
     InvalidRequestError,
     ModelNotReadyError,
     ModelpodError,
@@ -34,8 +45,11 @@ from modelpod.errors import (
     OverloadedError,
     PayloadTooLargeError,
     UnauthorizedError,
+    UnsupportedMediaTypeError,
 )
-from modelpod.protocols.codec import decode_request, encode_response
+from modelpod.inputs import InputCheck, release
+from modelpod.protocols import bigjson, v1
+from modelpod.protocols.codec import InferRequest, decode_request, encode_response
 from modelpod.protocols.http import Request, Response, error_response
 from modelpod.serving.engine import InferenceEngine
 from modelpod.serving.metrics import CONTENT_TYPE
@@ -44,6 +58,8 @@ from modelpod.settings import Settings
 log = logging.getLogger("modelpod.serving")
 
 _EMPTY = Response(200, b"")
+# Bodies larger than this are decoded on a thread, off the event loop.
+OFF_LOOP_BYTES = 256 * 1024
 _HEALTH = ("/v2/health/live", "/v2/health/ready")
 
 
@@ -54,6 +70,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_name(host: str) -> bool:
+    """Whether a ``Host`` header (name or address, with or without a port) names this machine."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    # *.localhost is loopback by RFC 6761, and browsers resolve it so without asking DNS.
+    return host.endswith(".localhost") or is_loopback(host)
 
 
 def check_depth(obj: Any, limit: int) -> None:
@@ -116,15 +143,15 @@ class RestApp:
         self.loopback = is_loopback(settings.host)
         self.max_depth = settings.max_json_depth
         self.max_body = settings.max_body_bytes
+        self._decoder = ThreadPoolExecutor(2, thread_name_prefix="modelpod-decode")
 
     async def __call__(self, req: Request) -> Response:
         try:
             response = await self._route(req)
         except ModelpodError as exc:
             response = self._error(exc, req)
-        except Exception:
-            log.exception("unhandled error", extra={"fields": {"path": req.path}})
-            response = error_response(500, "internal server error")
+        except Exception as exc:
+            response = self._internal(req, exc)
         rid = _safe_id(req.headers.get("x-request-id"))
         if rid is not None:
             response = Response(response.status, response.body, response.content_type,
@@ -144,6 +171,10 @@ class RestApp:
                 _allow(method, "POST")
                 self._authorize(req)
                 return await self._infer(req, name, version)
+            if action == "feedback" and version is None:
+                _allow(method, "POST")
+                self._authorize(req)
+                return _json(self.engine.traffic.feedback(name, self._json(req.body)))
             _allow(method, "GET")
             self._authorize(req)
             if action == "":
@@ -166,6 +197,13 @@ class RestApp:
             _allow(method, "GET")
             self._authorize(req)
             return Response(200, self.engine.metrics.render(), CONTENT_TYPE)
+        if path.startswith("/v1/"):  # KServe v1 / TensorFlow Serving REST, onto the same engine
+            return await v1.handle(self, req)
+        if path == "/v2/routes" or path.startswith("/v2/routes/"):
+            from modelpod.protocols.routes import routes_api
+
+            self._authorize_management(req)
+            return await routes_api(self.engine, req, self._json)
         if path.startswith("/v2/repository/"):
             _allow(method, "POST")
             self._authorize_management(req)
@@ -181,32 +219,72 @@ class RestApp:
             raise UnauthorizedError("missing or wrong bearer token")
 
     def _authorize_management(self, req: Request) -> None:
-        if self.token is None and not self.loopback:
+        """The guard of every route that changes what the server serves."""
+        ctype = req.headers.get("content-type")
+        if ctype is not None and ctype.partition(";")[0].strip().lower() != "application/json":
+            raise UnsupportedMediaTypeError(f"the repository API takes application/json bodies, not {ctype!r}")
+        if self.token is not None:
+            self._authorize(req)  # a valid token is enough, from any origin
+            return
+        if not self.loopback:
             raise UnauthorizedError(
                 "the repository API needs a token when the server listens beyond loopback: start it with --token")
-        self._authorize(req)
+        host = req.headers.get("host")
+        if host is not None and not is_loopback_name(host):
+            raise ForbiddenError(f"the repository API without a token answers only to a loopback Host, not {host!r}")
+        origin = req.headers.get("origin")
+        if origin is not None and (host is None or origin.strip().lower() not in (
+                f"http://{host.strip().lower()}", f"https://{host.strip().lower()}")):
+            raise ForbiddenError(f"the repository API refuses requests from another origin ({origin!r}) "
+                                 "unless they carry the token: start the server with --token")
 
     # -- inference --------------------------------------------------------------------------------
     async def _infer(self, req: Request, name: str, version: str | None) -> Response:
+        check = self.engine.input_check(name, version)  # 404 before any decoding
+        if len(req.body) > OFF_LOOP_BYTES or "content-encoding" in req.headers:
+            # Big bodies are decoded on a thread in bounded steps, so health checks keep answering.
+            loop = asyncio.get_running_loop()
+            request = await loop.run_in_executor(self._decoder, self._decode, req, check)
+        else:
+            request = self._decode(req, check)
+        if request.id is not None and "x-request-id" not in req.headers:
+            req.headers["x-request-id"] = request.id  # so the response and the log line carry it
+        result = await self.engine.infer(name, version, request, protocol="rest", started=req.received,
+                                         headers=req.headers)
+        out, tails = encode_response(result.model_name, result.model_version, result.outputs, request)
+        if result.id is not None:  # a routed answer always has one (made here if need be), for feedback
+            out["id"] = result.id
+        data = orjson.dumps(out)
+        variant = ("modelpod-variant", result.variant or result.model_name)
+        if tails:
+            return Response(200, [data, *tails], "application/octet-stream",
+                            [("inference-header-content-length", str(len(data))), variant])
+        return Response(200, data, headers=[variant])
+
+    def _decode(self, req: Request, check: InputCheck) -> InferRequest:
+        """The request body (inflated, JSON header, binary tail) as tensors checked against ``check``."""
         body = self._decoded(req)
         header_length = req.headers.get("inference-header-content-length")
         tail: memoryview | None = None
         if header_length is not None:
-            if not header_length.isdigit() or int(header_length) > len(body):
+            # ASCII digits only: "²".isdigit() is true, and int("١") is 1.
+            if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
                 raise InvalidRequestError(f"Inference-Header-Content-Length {header_length!r} does not fit the body")
             n = int(header_length)
             tail = memoryview(body)[n:]
             body = body[:n]
-        request = decode_request(self._json(body), tail)
-        if request.id is not None and "x-request-id" not in req.headers:
-            req.headers["x-request-id"] = request.id  # so the response and the log line carry it
-        result = await self.engine.infer(name, version, request, protocol="rest", started=req.received)
-        out, tails = encode_response(result.model_name, result.model_version, result.outputs, request)
-        data = orjson.dumps(out)
-        if tails:
-            return Response(200, [data, *tails], "application/octet-stream",
-                            [("inference-header-content-length", str(len(data)))])
-        return Response(200, data)
+        if len(body) <= OFF_LOOP_BYTES:
+            return decode_request(self._json(body), tail, check)
+        # Only here (on the decoding thread): parsed in steps, object count and depth capped first.
+        n_in, n_out = len(check.signature.inputs), len(check.signature.outputs)
+        obj = bigjson.loads(body, 2 * (n_in + n_out) + 66 if check.typed else 100_000, self.max_depth)
+        del body
+        try:
+            return decode_request(obj, tail, check)
+        finally:  # free the parsed lists here, in steps, not wherever the last reference drops
+            for t in obj.get("inputs") or () if isinstance(obj, dict) else ():
+                if isinstance(t, dict):
+                    release(t.get("data"))
 
     def _decoded(self, req: Request) -> bytes:
         encoding = req.headers.get("content-encoding", "identity").strip().lower()
@@ -214,14 +292,23 @@ class RestApp:
             return req.body
         if encoding not in ("gzip", "deflate"):
             raise InvalidRequestError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
-        inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
-        try:
-            data = inflater.decompress(req.body, self.max_body + 1)
-        except zlib.error as exc:
-            raise InvalidRequestError(f"cannot decode the {encoding} body: {exc}") from None
-        if len(data) > self.max_body or inflater.unconsumed_tail:
-            raise PayloadTooLargeError(f"the decoded body is larger than {self.max_body} bytes")
-        return data
+        data, rest = b"", req.body
+        while True:  # gzip allows several members one after another
+            inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
+            try:
+                part = inflater.decompress(rest, self.max_body + 1 - len(data))
+            except zlib.error as exc:
+                raise InvalidRequestError(f"the {encoding} body is corrupt: {exc}") from None
+            data = data + part if data else part
+            if len(data) > self.max_body or inflater.unconsumed_tail:
+                raise PayloadTooLargeError(f"the decoded body is larger than {self.max_body} bytes")
+            if not inflater.eof:
+                raise InvalidRequestError(f"the {encoding} body is corrupt: the stream is cut short")
+            rest = inflater.unused_data
+            if not rest:
+                return data
+            if encoding != "gzip":
+                raise InvalidRequestError("the deflate body is corrupt: data after the end of the stream")
 
     def _json(self, data: bytes) -> Any:
         if not data:
@@ -253,6 +340,13 @@ class RestApp:
             else:
                 await self.engine.unload_model(name)
             return _EMPTY
+        if len(parts) == 5 and parts[0] == "models" and parts[2] == "versions" and parts[4] in ("load", "unload"):
+            name, version = unquote(parts[1]), unquote(parts[3])  # one version (a route's old variant)
+            if parts[4] == "load":
+                await self.engine.load_model(f"{name}:{version}" if version.isdigit() else f"{name}@{version}")
+            else:
+                await self.engine.unload_model(name, version)
+            return _EMPTY
         raise NotFoundError(f"no route /v2/repository/{rest}")
 
     # -- errors -----------------------------------------------------------------------------------
@@ -267,7 +361,9 @@ class RestApp:
         elif isinstance(exc, _MethodNotAllowed):
             headers.append(("allow", exc.allow))
         status = exc.http_status
-        if status >= 500 and status not in (503, 504):
+        if status == 500:
+            return self._internal(req, exc)
+        if status > 500 and status not in (503, 504):
             log.error("request failed", extra={"fields": {
                 "path": req.path, "status": status, "error": exc.message,
                 "request_id": _safe_id(req.headers.get("x-request-id"))}})
@@ -275,6 +371,24 @@ class RestApp:
             log.warning("request timed out", extra={"fields": {
                 "path": req.path, "request_id": _safe_id(req.headers.get("x-request-id"))}})
         return error_response(status, exc.message, headers=headers or None)
+
+    def _internal(self, req: Request, exc: BaseException) -> Response:
+        """A 500: the detail and traceback go to the log under the request id; the body names the id only."""
+        rid = request_id(req.headers)
+        detail = getattr(exc, "detail", "") or (exc.message if isinstance(exc, ModelpodError) else repr(exc))
+        log.error("request failed", exc_info=exc, extra={"fields": {
+            "path": req.path, "status": 500, "error": detail, "request_id": rid}})
+        what = exc.message if isinstance(exc, ModelpodError) else "internal server error"
+        return error_response(500, f"{what} (request id {rid}; the server log has the details)")
+
+
+def request_id(headers: dict[str, str]) -> str:
+    """The request's id (``X-Request-ID`` or the body's ``id``), or a new one, stored in ``headers``."""
+    rid = _safe_id(headers.get("x-request-id"))
+    if rid is None:
+        rid = uuid.uuid4().hex[:16]
+        headers["x-request-id"] = rid
+    return rid
 
 
 class _MethodNotAllowed(InvalidRequestError):

@@ -3,6 +3,7 @@
 Precedence, lowest first: the manifest's ``serving`` section, the config file's global keys, the
 settings (``--max-batch-rows``/``--max-batch-wait-ms``/``MODELPOD_*``, which apply to every model),
 then the config file's ``models: {name: {...}}`` entry, which is the most specific.
+The file's ``routes:`` section (traffic splits; see ``serving/routes.py``) is parsed here too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 import yaml
 
 from modelpod.errors import PodError, UsageError
+from modelpod.inputs import NONFINITE
 from modelpod.pod import Serving
+from modelpod.serving.routes import RouteSpec, parse_routes
 from modelpod.settings import Settings
 
 # The server's policy for a model is the same record a pod carries as its defaults.
@@ -38,6 +41,16 @@ def _checked(values: Mapping[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+def _nonfinite(values: dict[str, Any], name: str, where: str) -> dict[str, str]:
+    """Pop ``nonfinite`` from ``values``: {name: policy} when given."""
+    if "nonfinite" not in values:
+        return {}
+    policy = values.pop("nonfinite")
+    if policy not in NONFINITE:
+        raise UsageError(f"{where}: nonfinite must be one of {', '.join(NONFINITE)}, got {policy!r}")
+    return {name: str(policy)}
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """The parsed ``--config`` file plus the settings that override every model."""
@@ -45,6 +58,13 @@ class ServeConfig:
     global_keys: Mapping[str, Any] = field(default_factory=dict)
     settings_keys: Mapping[str, Any] = field(default_factory=dict)
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # NaN/Infinity policy (``nonfinite: pass|reject``): the global key, then per model.
+    nonfinite_keys: Mapping[str, str] = field(default_factory=dict)
+
+    def nonfinite(self, name: str) -> str:
+        """``pass`` (the default: NaN/Infinity reach the model) or ``reject`` (refused with a 400)."""
+        return self.nonfinite_keys.get(name) or self.nonfinite_keys.get("", "pass")
+    routes: Mapping[str, RouteSpec] = field(default_factory=dict)
 
     def policy(self, name: str, serving: Serving | None = None) -> BatchPolicy:
         base = asdict(serving) if serving is not None else {}
@@ -67,15 +87,19 @@ class ServeConfig:
         }
         settings_keys = _checked({k: v for k, v in overrides.items() if v is not None}, "settings")
         data = dict(data or {})
+        routes = parse_routes(data.pop("routes", None))
         raw_models = data.pop("models", None) or {}
         if not isinstance(raw_models, Mapping):
             raise UsageError("config: 'models' must map model names to settings")
+        nonfinite = _nonfinite(data, "", "config")
         models: dict[str, dict[str, Any]] = {}
         for name, values in raw_models.items():
             if not isinstance(values, Mapping):
                 raise UsageError(f"config: models.{name} must be a mapping")
+            values = dict(values)
+            nonfinite.update(_nonfinite(values, str(name), f"config: models.{name}"))
             models[str(name)] = _checked(values, f"config: models.{name}")
-        return cls(_checked(data, "config"), settings_keys, models)
+        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes)
 
     @classmethod
     def load(cls, settings: Settings) -> ServeConfig:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from modelpod.errors import InferenceError, ModelpodError
+from modelpod.errors import InferenceError, ModelInputError, ModelpodError
 from modelpod.model import Batch, Model
 
 log = logging.getLogger("modelpod.serving")
@@ -97,7 +98,7 @@ class ModelWorker:
         except ModelpodError:
             raise
         except Exception as exc:  # the model's own failure: report it, keep serving
-            raise InferenceError(f"model {self.label} failed: {type(exc).__name__}: {exc}") from exc
+            raise model_error(self.label, exc, batch) from exc
         if not isinstance(out, dict):
             raise InferenceError(f"model {self.label} returned {type(out).__name__}, not a dict of arrays")
         for k, v in out.items():
@@ -119,6 +120,47 @@ class ModelWorker:
 
     def __repr__(self) -> str:
         return f"ModelWorker({self.label})"
+
+
+# What a model raises on input it cannot take (the client's mistake, 400) rather than on a bug
+# (500): ValueError (ragged columns in pandas, NaN in scikit-learn, bad UTF-8), IndexError (an
+# embedding index out of range in torch), and the frameworks' own invalid-argument errors.
+CLIENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, IndexError)
+CLIENT_ERROR_NAMES = frozenset({"InvalidArgument", "InvalidArgumentError"})  # onnxruntime, tensorflow
+_CLIENT_NAMES = frozenset({c.__name__ for c in CLIENT_ERRORS} | CLIENT_ERROR_NAMES)
+_INNER = re.compile(r"\n\s*(\w+): ([^\n]*)\s*\Z")
+_OUT_OF_RANGE = re.compile(r"\bindex\b.*\bout of (range|bounds)\b", re.IGNORECASE)
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,()]+){2,}")
+
+
+def model_error(label: str, exc: BaseException, batch: Batch | None = None) -> ModelpodError:
+    """The one mapping of a model's exception: ModelInputError (400) when the input caused it, else
+    InferenceError (500) whose message holds no detail (the detail is for the server log)."""
+    # TorchScript: the op's error is the last line of a traceback, and IndexError became RuntimeError.
+    inner = _INNER.search(str(exc))
+    if inner is not None and (inner.group(1) in _CLIENT_NAMES or _OUT_OF_RANGE.search(inner.group(2))):
+        return ModelInputError(f"model {label} refused the input: {inner.group(1)}: {_scrub(inner.group(2))}")
+    if (isinstance(exc, CLIENT_ERRORS) or type(exc).__name__ in CLIENT_ERROR_NAMES
+            or (batch is not None and _nonfinite(batch))):
+        return ModelInputError(f"model {label} refused the input: {short_reason(exc)}")
+    return InferenceError(f"model {label} failed", detail=f"{type(exc).__name__}: {exc}")
+
+
+def short_reason(exc: BaseException) -> str:
+    """One line of an exception's message, without server paths, short enough for a client."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = _scrub(lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _scrub(text: str) -> str:
+    text = _PATH.sub(lambda m: m.group(0).replace("\\", "/").rsplit("/", 1)[-1], text.strip())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _nonfinite(batch: Batch) -> bool:
+    """Whether a float input holds NaN or Infinity (then the model's failure is blamed on them)."""
+    return any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in batch.values())
 
 
 def rows_of(batch: Batch) -> int | None:
