@@ -4,7 +4,6 @@ gRPC by default (--no-grpc to leave it out), the store's version and aliases, th
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -39,13 +38,6 @@ _SCRATCH = """
         def predict(self, x: list[float]) -> list[float]:
             return [v * self.k for v in x]
 """
-def docker(*args: str, timeout: float = 300, check: bool = True) -> str:
-    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed: {proc.stderr.strip()[-2000:]}")
-    return proc.stdout.strip()
-
-
 @pytest.fixture
 def build(kit: Kit, capsys: pytest.CaptureFixture[str]) -> Any:
     return lambda home, *args: kit.cli(capsys, home, "build", *args)
@@ -114,15 +106,11 @@ def scratch_image(tmp_path_factory: pytest.TempPathFactory, base_image: Any, kit
     rc = main(["--home", str(home), "build", "scratch@production", "--base", base_image.oci,
                "--output", f"docker-archive:{archive}", "--tag", tag, "--json"])
     assert rc == 0
-    docker("load", "-i", str(archive))
+    kit.docker("load", "-i", str(archive))
     try:
         yield tag, store, store.get("scratch:2")
     finally:
-        docker("rmi", tag, check=False)
-
-
-def _published(cid: str, port: int) -> int:
-    return int(docker("port", cid, f"{port}/tcp").splitlines()[0].rsplit(":", 1)[1])
+        kit.docker("rmi", tag, check=False)
 
 
 @pytest.mark.docker
@@ -131,20 +119,16 @@ def test_image_runs_read_only_healthy_on_its_port_with_grpc_and_versions(
     tag, _, rec = scratch_image
     # As the docs say: read-only, the image's own user, the server's port given after the image name.
     # Only the health interval is shortened, so the test need not wait 30 s for the first probe.
-    cid = docker("run", "-d", "--read-only", "--health-interval", "2s", "-p", "127.0.0.1::9000",
-                 "-p", "127.0.0.1::8081", "--name", f"modelpod-test-{uuid.uuid4().hex[:12]}", tag, "--port", "9000")
+    cid = kit.docker("run", "-d", "--read-only", "--health-interval", "2s", "-p", "127.0.0.1::9000",
+                     "-p", "127.0.0.1::8081", "--name", f"modelpod-test-{uuid.uuid4().hex[:12]}", tag,
+                     "--port", "9000")
     try:
         def healthy() -> bool:
-            state = json.loads(docker("inspect", cid))[0]["State"]
-            if not state["Running"]:
-                raise AssertionError(f"the container exited ({state['ExitCode']}): {docker('logs', cid)[-3000:]}")
+            state = json.loads(kit.docker("inspect", cid))[0]["State"]
             return bool(state.get("Health", {}).get("Status") == "healthy")
 
-        try:
-            kit.wait_for(healthy, 180, "the container to be healthy")
-        except TimeoutError:
-            raise AssertionError(f"not healthy: {docker('logs', cid, check=False)[-3000:]}") from None
-        base = f"http://127.0.0.1:{_published(cid, 9000)}"
+        kit.wait_container(cid, healthy, 180, "the container to be healthy")
+        base = f"http://127.0.0.1:{kit.published(cid, 9000)}"
         with urllib.request.urlopen(f"{base}/v2/models/scratch", timeout=30) as resp:
             meta = json.loads(resp.read())
         assert meta["versions"] == ["2"]  # as in the store
@@ -159,7 +143,7 @@ def test_image_runs_read_only_healthy_on_its_port_with_grpc_and_versions(
 
         import tritonclient.grpc as grpcclient
 
-        client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{_published(cid, 8081)}")
+        client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{kit.published(cid, 8081)}")
         try:
             assert client.is_server_ready()
             x = grpcclient.InferInput("x", [2], "FP64")  # list[float]: Python floats are 64-bit
@@ -170,13 +154,13 @@ def test_image_runs_read_only_healthy_on_its_port_with_grpc_and_versions(
         finally:
             client.close()
     finally:
-        docker("rm", "-f", cid, check=False)
+        kit.docker("rm", "-f", cid, check=False)
 
 
 @pytest.mark.docker
-def test_image_time_is_the_pack_time(scratch_image: tuple[str, Store, Any]) -> None:
+def test_image_time_is_the_pack_time(scratch_image: tuple[str, Store, Any], kit: Kit) -> None:
     tag, _, rec = scratch_image
-    created = json.loads(docker("image", "inspect", tag))[0]["Created"]
+    created = json.loads(kit.docker("image", "inspect", tag))[0]["Created"]
     assert created.startswith(iso(rec.manifest.lineage["created"])[:19])
     assert not created.startswith("1970")
 
@@ -204,23 +188,15 @@ def test_torch_export_pod_loads_under_read_only(tmp_path: Path, base_image: Any,
     archive = tmp_path / "image.tar"
     assert main(["--home", str(home), "build", "mlp:1", "--base", base_image.oci,
                  "--output", f"docker-archive:{archive}", "--tag", tag, "--json"]) == 0
-    docker("load", "-i", str(archive), timeout=900)
+    kit.docker("load", "-i", str(archive), timeout=900)
     cid = ""
     try:
-        cid = docker("run", "-d", "--read-only", "-p", "127.0.0.1::8080", "--name",
+        cid = kit.docker("run", "-d", "--read-only", "-p", "127.0.0.1::8080", "--name",
                      f"modelpod-test-{uuid.uuid4().hex[:12]}", tag)
-        base = f"http://127.0.0.1:{_published(cid, 8080)}"
+        base = f"http://127.0.0.1:{kit.published(cid, 8080)}"
 
-        def ready() -> bool:
-            state = json.loads(docker("inspect", cid))[0]["State"]
-            if not state["Running"]:
-                raise AssertionError(f"the container exited: {docker('logs', cid)[-3000:]}")
-            return bool(kit.http_status(f"{base}/v2/models/mlp/ready") == 200)
-
-        try:
-            kit.wait_for(ready, 240, "the torch.export pod to load")
-        except TimeoutError:
-            raise AssertionError(f"not ready: {docker('logs', cid, check=False)[-3000:]}") from None
+        kit.wait_container(cid, lambda: kit.http_status(f"{base}/v2/models/mlp/ready") == 200, 240,
+                           "the torch.export pod to load")
         with urllib.request.urlopen(f"{base}/v2/models/mlp", timeout=30) as resp:
             name = json.loads(resp.read())["inputs"][0]["name"]
         body = {"inputs": [{"name": name, "datatype": "FP32", "shape": [5, 4], "data": x.ravel().tolist()}]}
@@ -232,5 +208,5 @@ def test_torch_export_pod_loads_under_read_only(tmp_path: Path, base_image: Any,
                                    rtol=1e-5, atol=1e-6)
     finally:
         if cid:
-            docker("rm", "-f", cid, check=False)
-        docker("rmi", tag, check=False)
+            kit.docker("rm", "-f", cid, check=False)
+        kit.docker("rmi", tag, check=False)

@@ -9,7 +9,6 @@ build-time load check, and runs read-only as documented.
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,13 +22,6 @@ from modelpod.store import Store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 Kit = Any  # the ``kit`` fixture's class (tests/e2e/conftest.py)
-
-
-def docker(*args: str, timeout: float = 600, check: bool = True) -> str:
-    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed: {proc.stderr.strip()[-2000:]}")
-    return proc.stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -60,29 +52,19 @@ def table_container(tmp_path_factory: pytest.TempPathFactory, base_image: Any, k
     assert rc == 0
     built = json.loads(buf.getvalue())
     out.write_text(buf.getvalue())
-    docker("load", "-i", str(archive))
+    kit.docker("load", "-i", str(archive))
     cid = ""
     try:
-        cid = docker("run", "-d", "--read-only", "-p", "127.0.0.1::8080", "--name",
+        cid = kit.docker("run", "-d", "--read-only", "-p", "127.0.0.1::8080", "--name",
                      f"modelpod-test-{uuid.uuid4().hex[:12]}", tag)
-        port = int(docker("port", cid, "8080/tcp").splitlines()[0].rsplit(":", 1)[1])
-        url = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            state = json.loads(docker("inspect", cid))[0]["State"]
-            if not state["Running"]:
-                raise AssertionError(f"the container exited: {docker('logs', cid)[-3000:]}")
-            return bool(kit.http_status(f"{url}/v2/models/churn/ready") == 200)
-
-        try:
-            kit.wait_for(ready, 240, "the table pod's image to be ready")
-        except TimeoutError:
-            raise AssertionError(f"not ready: {docker('logs', cid, check=False)[-3000:]}") from None
+        url = f"http://127.0.0.1:{kit.published(cid, 8080)}"
+        kit.wait_container(cid, lambda: kit.http_status(f"{url}/v2/models/churn/ready") == 200, 240,
+                           "the table pod's image to be ready")
         yield url, pipe, built
     finally:
         if cid:
-            docker("rm", "-f", cid, check=False)
-        docker("rmi", tag, check=False)
+            kit.docker("rm", "-f", cid, check=False)
+        kit.docker("rmi", tag, check=False)
 
 
 def test_table_image_answers_like_the_pipeline_on_500_rows(table_container: tuple[str, Any, dict[str, Any]]) -> None:

@@ -62,7 +62,7 @@ def port():
             args = open("/proc/%s/cmdline" % pid, "rb").read().decode(errors="replace").split("\\0")
         except OSError:
             continue
-        if "modelpod" not in args or "serve" not in args:
+        if not any(a == "modelpod" or a.startswith("modelpod.") for a in args):  # -m modelpod[.entry]
             continue
         for i, arg in enumerate(args):
             if arg == "--port" and i + 1 < len(args):
