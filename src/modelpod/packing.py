@@ -96,7 +96,7 @@ def pack(
             modelpod_version=__version__,
         )
         manifest = _complete_signature(adapter, staging, manifest, sample)
-        manifest = _keep_sample(staging, manifest, sample)
+        manifest = _keep_sample(adapter, staging, manifest, sample)
         manifest = replace(manifest, requirements=tuple(
             lock_pod(staging, manifest, (*adapter.DISTRIBUTIONS, *packed.distributions),
                      Path(requirements) if requirements else None, auto=auto_lock)))
@@ -271,7 +271,7 @@ def lock_pod(staging: Path, manifest: Manifest, distributions: Sequence[str], re
     return locking.merge(*locks)
 
 
-def _keep_sample(staging: Path, manifest: Manifest, sample: Any) -> Manifest:
+def _keep_sample(adapter: Adapter, staging: Path, manifest: Manifest, sample: Any) -> Manifest:
     """The first rows of the sample as ``sample.json`` in the pod, for the image's load check."""
     from modelpod.probe import write_sample
 
