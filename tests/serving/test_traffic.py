@@ -53,6 +53,10 @@ def test_version_path_and_model_name_bypass_the_split() -> None:
         assert set(variants_of(c, "/v2/models/scorer/versions/1/infer", 10)) == {"other:1"}
         assert c.get("/v2/models/scorer").status_code == 200
         assert c.get("/v2/models/scorer/ready").status_code == 200
+        # KServe v1 / TF-Serving predict goes through the same split.
+        v1 = {c.post("/v1/models/scorer:predict", json={"instances": [[1.0, 2.0]]}).headers["modelpod-variant"]
+              for _ in range(60)}
+        assert v1 == {"churn:2", "other:1"}
         # Unrouted answers carry the header too.
         r = c.post("/v2/models/other/versions/1/infer", json=body())
         assert r.headers["modelpod-variant"] == "other:1" and r.json()["model_version"] == "1"
