@@ -234,14 +234,14 @@ def test_grpc_answers_carry_the_variant_as_trailing_metadata() -> None:
             req = pb.ModelInferRequest(model_name="churn")
             t = req.inputs.add(name="x", datatype="FP32", shape=[1, 2])
             t.contents.fp32_contents.extend([1.0, 2.0])
-            key = f"k{i % 30}"
+            key = f"k{i % 60}"  # 60 keys: all on churn:2 has a chance of 0.9^60 = 0.2 %
             resp, info = call.with_call(req, metadata=(("x-user-id", key),), timeout=30)
             variant = dict(info.trailing_metadata())["modelpod-variant"]
             assert variant == f"churn:{resp.model_version}" and resp.id
             seen[variant] += 1
             by_key.setdefault(key, set()).add(variant)
         assert all(len(v) == 1 for v in by_key.values())
-        assert set(seen) == {"churn:2", "churn:3"} or seen["churn:2"] == 300
+        assert set(seen) == {"churn:2", "churn:3"}
 
 
 def test_a_variant_that_cannot_serve_leaves_the_route_on_the_others() -> None:
