@@ -178,6 +178,8 @@ def test_feedback_joins_the_answering_variant_and_refuses_unknown_ids(monkeypatc
         assert rid  # generated: the request had none
         r2 = c.post("/v2/models/churn/infer", json=body(id="my-id-1"))
         assert r2.json()["id"] == "my-id-1"
+        r3 = c.post("/v2/models/churn/infer", json=body(), headers={"x-request-id": "trace-7"})
+        assert r3.json()["id"] == "trace-7" and r3.headers["x-request-id"] == "trace-7"
         fb = c.post("/v2/models/churn/feedback", json={"id": rid, "reward": 0.75})
         assert fb.status_code == 200 and fb.json() == {"id": rid, "route": "churn", "variant": variant, "reward": 0.75}
         again = c.post("/v2/models/churn/feedback", json={"id": rid, "reward": 1})
@@ -194,8 +196,9 @@ def test_feedback_joins_the_answering_variant_and_refuses_unknown_ids(monkeypatc
         # Ids past the limit are forgotten, and said to be expired.
         monkeypatch.setattr(feedback_module, "FEEDBACK_IDS", 5)
         ids = [c.post("/v2/models/churn/infer", json=body()).json()["id"] for _ in range(12)]
-        gone = c.post("/v2/models/churn/feedback", json={"id": ids[0], "reward": 1})
-        assert gone.status_code == 404 and "expired" in gone.json()["error"]
+        old = [c.post("/v2/models/churn/feedback", json={"id": i, "reward": 1}) for i in ids[:7]]
+        assert all(r.status_code == 404 for r in old)
+        assert any("has expired" in r.json()["error"] for r in old)
         assert c.post("/v2/models/churn/feedback", json={"id": ids[-1], "reward": 1}).status_code == 200
 
 
