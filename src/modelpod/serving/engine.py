@@ -53,6 +53,12 @@ class InferResult:
     variant: str = ""  # NAME:VERSION of the version that answered (the ``modelpod-variant`` header)
 
 
+def _header_id(headers: Mapping[str, str] | None) -> str | None:
+    """A routed request without an id takes its ``x-request-id`` (if sane) before one is made up."""
+    value = headers.get("x-request-id") if headers is not None else None
+    return value if value and len(value) <= 256 and value.isprintable() else None
+
+
 class InferenceEngine:
     def __init__(self, settings: Settings | None = None, config: ServeConfig | None = None) -> None:
         self.settings = settings or Settings()
@@ -213,8 +219,8 @@ class InferenceEngine:
             raise InferenceError(f"inference failed in model {name!r}",
                                  detail=f"{type(exc).__name__}: {exc}") from exc
         if variant is not None:
-            rid = self.traffic.answered(variant, protocol, time.perf_counter() - t0, request.id, request.inputs,
-                                        outputs)
+            rid = self.traffic.answered(variant, protocol, time.perf_counter() - t0, request.id or _header_id(headers),
+                                        request.inputs, outputs)
             return InferResult(entry.name, entry.version_text or None, outputs, rid, variant.route, variant.name)
         entry.metrics.observe_request(protocol, "success", time.perf_counter() - t0)
         return InferResult(entry.name, entry.version_text or None, outputs, request.id, None, entry.label)
