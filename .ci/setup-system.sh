@@ -22,6 +22,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# kubectl (for `kubectl kustomize` in tests/deploy): Debian's kubernetes-client, unless one is installed.
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "setup-system: installing kubernetes-client (kubectl)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null; }
+fi
+
 mkdir -p "$STATE" "$LOGS"
 
 wait_for() {  # wait_for SECONDS WHAT COMMAND...: poll until COMMAND succeeds

@@ -15,6 +15,8 @@
     │   ├── PayloadTooLargeError       413 / RESOURCE_EXHAUSTED
     │   └── ModelInputError                                             (the model raised on the client's input)
     ├── UnauthorizedError              401 / UNAUTHENTICATED   exit 2
+    ├── ForbiddenError                 403 / PERMISSION_DENIED exit 2   (a foreign Origin/Host on management)
+    ├── UnsupportedMediaTypeError      415 / INVALID_ARGUMENT  exit 2   (management bodies are JSON only)
     ├── ModelNotReadyError             503 / UNAVAILABLE       exit 1
     ├── OverloadedError                503 / UNAVAILABLE       exit 1   (carries Retry-After)
     ├── InferenceTimeoutError          504 / DEADLINE_EXCEEDED exit 1
@@ -117,6 +119,14 @@ class UnauthorizedError(ModelpodError):
     http_status, grpc_code, exit_code = 401, "UNAUTHENTICATED", 2
 
 
+class ForbiddenError(ModelpodError):
+    http_status, grpc_code, exit_code = 403, "PERMISSION_DENIED", 2
+
+
+class UnsupportedMediaTypeError(ModelpodError):
+    http_status, grpc_code, exit_code = 415, "INVALID_ARGUMENT", 2
+
+
 class ModelNotReadyError(ModelpodError):
     http_status, grpc_code = 503, "UNAVAILABLE"
 
@@ -159,3 +169,9 @@ class BatchError(ModelpodError):
 
 class TooManyErrorsError(BatchError):
     exit_code = 1
+
+
+class ClusterError(ModelpodError):
+    """A Kubernetes cluster could not be reached, or refused what was sent; the message names what."""
+
+    http_status, grpc_code, exit_code = 502, "UNAVAILABLE", 1

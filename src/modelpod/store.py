@@ -12,9 +12,9 @@ version is given in the same SQLite transaction that records the pod.
 
 Blob references across processes: ``add`` first *claims* every blob it will use (a row naming
 its staging directory, committed before it looks at the blob), records the pod and its file
-references in one transaction, builds the pod directory, and drops its claims last. A blob is unlinked only inside a write
-transaction that sees neither a reference nor a live claim, so no other process can take a
-reference between the decision and the unlink. A claim whose owner died (its staging lock is
+references in one transaction, builds the pod directory, and drops its claims last. A blob is
+unlinked only inside a write transaction that sees neither a reference nor a live claim, so no
+other process can take a reference between the decision and the unlink. A claim whose owner died (its staging lock is
 free) counts for nothing; what a killed ``pack``/``import``/``pull`` left is removed by the next
 ``Store`` opened on the home (its staging) and by ``gc`` (unreferenced blobs, stray pod dirs).
 """

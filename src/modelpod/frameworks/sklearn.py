@@ -3,6 +3,13 @@
 A skops file may hold the types skops trusts by default, the types modelpod has vetted
 (``_skops_trust.VETTED``: trees, neighbour trees, kernels, ...; their content is checked at load),
 and the types the user names with ``--trust``, which the manifest records; nothing else loads.
+
+A pod answers like the estimator's ``predict`` (output ``output-0``), or another method with
+``--option method=...``, or several named outputs with ``--outputs label,probabilities``
+(``label``: predict, ``probabilities``: predict_proba, ``scores``: decision_function,
+``transform``). A classifier's ``classes_`` go into the signature as ``class_labels``.
+Packed with a table sample (a DataFrame, .csv, .parquet, .jsonl, or an .npz of named columns),
+the model is handed a DataFrame with the training dtypes (see ``modelpod.table``).
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from modelpod import table
 from modelpod.errors import FrameworkError, UnsafeModelError, UsageError
 from modelpod.frameworks import Packed, PackRequest
 from modelpod.frameworks._skops_trust import VETTED, check_loaded
-from modelpod.frameworks._util import one_line, pick_file, unreadable
+from modelpod.frameworks._util import chosen_outputs, one_line, pick_file, text_output, unreadable
 from modelpod.model import Batch, Model
 from modelpod.pod import Pod
 from modelpod.safety import check_load_allowed, refuse_pickle, scan_pickle
@@ -35,6 +43,9 @@ PICKLES = (".pkl", ".pickle", ".joblib")
 EXPECTED = "a scikit-learn model (.skops, or with --allow-pickle .pkl/.joblib)"
 METHODS = ("predict", "predict_proba", "decision_function", "transform")
 TAKES_TRUST = True  # pack honours PackRequest.trust
+TABLES = True  # a table sample makes a table signature; predict is handed a DataFrame
+OUTPUTS = {"label": "predict", "probabilities": "predict_proba", "scores": "decision_function",
+           "transform": "transform"}
 
 
 def detect(path: Path) -> bool:
@@ -68,6 +79,8 @@ def pack(src: Path, dest: Path, request: PackRequest) -> Packed:
     if method not in METHODS:
         raise FrameworkError(f"sklearn method {method!r} not supported; use one of {', '.join(METHODS)}")
     options["method"] = method
+    if request.outputs:
+        options["outputs"] = chosen_outputs(request.outputs, OUTPUTS, NAME)
     (dest / "model").mkdir()
     shutil.copyfile(file, dest / "model" / file.name)
     return Packed(options=options, trust=trust)
@@ -115,22 +128,39 @@ class SklearnModel(Model):
             except UnsafeModelError as exc:
                 self.__dict__.pop("estimator", None)
                 raise UnsafeModelError(f"{path.name}: {exc}") from None
-        self.method = getattr(self.estimator, str(opts.get("method", "predict")))
+        self.method = self._method(str(opts.get("method", "predict")))
+        self.outputs = [(str(n), self._method(OUTPUTS[str(n)])) for n in opts.get("outputs") or ()]
         super().load()
 
+    def _method(self, name: str) -> Any:
+        fn = getattr(self.estimator, name, None)
+        if fn is None:
+            raise FrameworkError(f"{type(self.estimator).__name__} has no {name}(); it cannot answer that output")
+        return fn
+
     def predict(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Batch:
-        (x,) = inputs.values() if len(inputs) == 1 else (self._frame(inputs),)
-        return {"output-0": np.asarray(self.method(x))}
+        if self.signature.is_table or len(inputs) > 1:
+            x: Any = table.to_frame(inputs, self.signature)  # a table: named columns, str strings
+        else:
+            (x,) = inputs.values()
+        if not self.outputs:
+            return {"output-0": text_output(np.asarray(self.method(x)))}
+        return {name: text_output(np.asarray(fn(x))) for name, fn in self.outputs}
 
-    def _frame(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Any:
-        # Several named inputs: a column-per-input table (needs pandas, as sklearn does then).
-        import pandas as pd
+    def table_columns(self) -> list[str] | None:
+        names = getattr(self.estimator, "feature_names_in_", None)
+        return None if names is None else [str(n) for n in names]
 
-        return pd.DataFrame({k: v.reshape(len(v), -1)[:, 0] for k, v in inputs.items()})
+    def model_parameters(self) -> dict[str, Any]:
+        classes = getattr(self.estimator, "classes_", None)
+        if classes is None:
+            return {}
+        return {"class_labels": np.asarray(classes).tolist()}
 
     def unload(self) -> None:
         self.__dict__.pop("estimator", None)
         self.__dict__.pop("method", None)
+        self.__dict__.pop("outputs", None)
         super().unload()
 
 

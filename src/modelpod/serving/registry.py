@@ -31,7 +31,7 @@ from typing import TypeVar
 from modelpod.errors import ConflictError, ModelNotReadyError, NotFoundError, OverloadedError, UsageError
 from modelpod.frameworks import require
 from modelpod.model import Model
-from modelpod.pod import MANIFEST_NAME, Manifest, Pod, Signature
+from modelpod.pod import MANIFEST_NAME, Manifest, Pod, Signature, read_record
 from modelpod.serving.batcher import Batcher
 from modelpod.serving.config import BatchPolicy, ServeConfig
 from modelpod.serving.metrics import ModelMetrics, ServingMetrics
@@ -167,6 +167,9 @@ class ModelRegistry:
                 version, aliases = rec.version, frozenset(rec.aliases)
             except NotFoundError:
                 pass
+        if version is None:  # an image's pod: its store record was written beside the manifest
+            version, recorded = read_record(path, manifest)
+            aliases = frozenset(recorded)
         return self._add_manifest(manifest, version, ModelSource(path=path.resolve()), aliases)
 
     def _add_manifest(self, manifest: Manifest, version: int | None, source: ModelSource,
