@@ -269,5 +269,10 @@ def _keep_sample(staging: Path, manifest: Manifest, sample: Any) -> Manifest:
 
     if sample is None:
         return manifest
-    entry = write_sample(staging, read_sample(sample, [t.name for t in manifest.signature.inputs]))
+    if table.is_frame(sample) or (isinstance(sample, (str, Path)) and table.is_table_file(sample)):
+        frame = sample if table.is_frame(sample) else table.read_table(sample)  # a table sample: its columns
+        arrays = table.table_inputs(frame, manifest.signature)
+    else:
+        arrays = read_sample(sample, [t.name for t in manifest.signature.inputs])
+    entry = write_sample(staging, arrays)
     return manifest if entry is None else replace(manifest, files=(*manifest.files, entry))

@@ -159,15 +159,22 @@ def _arrow_of(datatype: str) -> str:
 
 
 # -- converting a batch -----------------------------------------------------------------------------
-def convert(raw: RawBatch, fmt: str, bindings: Sequence[Binding], cast: bool) -> Converted:
-    """The good rows of a batch as input arrays, and the reason each bad row was left out."""
+def convert(raw: RawBatch, fmt: str, bindings: Sequence[Binding], cast: bool, missing_nan: bool = False
+            ) -> Converted:
+    """The good rows of a batch as input arrays, and the reason each bad row was left out.
+
+    ``missing_nan``: an empty cell, null or missing key of a float column is NaN, a missing value the
+    model handles (table signatures: pandas' NaN), rather than a bad row."""
     bad = dict(raw.bad)
     arrays: Arrays = {}
     for b in bindings:
         inner = _inner(b.spec, len(b.columns))
         parts = []
         for col in b.columns:
-            values, why = _column(raw.columns[col], fmt, b.spec, col, inner, cast, raw.rows)
+            data = raw.columns[col]
+            if missing_nan and b.spec.datatype in _FLOATS and not inner:
+                data = _missing_as_nan(data, fmt)
+            values, why = _column(data, fmt, b.spec, col, inner, cast, raw.rows)
             for k, reason in why.items():
                 bad.setdefault(k, reason)
             parts.append(values)
@@ -182,6 +189,22 @@ def convert(raw: RawBatch, fmt: str, bindings: Sequence[Binding], cast: bool) ->
     else:
         good = np.arange(raw.rows, dtype=np.int64)
     return Converted(arrays, good, bad)
+
+
+_FLOATS = frozenset(("FP16", "FP32", "FP64"))
+
+
+def _missing_as_nan(data: Any, fmt: str) -> Any:
+    if isinstance(data, list):
+        return [float("nan") if v is None else v for v in data]
+    if isinstance(data, np.ndarray) or not data.null_count and fmt != "csv":
+        return data
+    pa = pyarrow()
+    import pyarrow.compute as pc
+
+    if fmt == "csv":
+        return pc.if_else(pc.equal(data, ""), pa.scalar("nan"), data)
+    return pc.fill_null(data, float("nan")) if pa.types.is_floating(data.type) else data
 
 
 def _column(data: Any, fmt: str, spec: TensorSpec, col: str, inner: tuple[int, ...], cast: bool,
