@@ -36,7 +36,7 @@ def main(model: str, src: str, out: str, batch_size: int) -> None:
     t0 = time.perf_counter()
     ds = ray.data.read_parquet(src)
     ds = ds.map_batches(Predict, fn_constructor_args=(model,), batch_size=batch_size, batch_format="numpy",
-                        concurrency=1, num_cpus=1)
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
     ds.write_parquet(out)
     seconds = time.perf_counter() - t0
     rows = ray.data.read_parquet(out).count()
