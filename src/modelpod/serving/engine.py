@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +63,6 @@ class InferenceEngine:
         self.resolver = VersionResolver(self.registry)
         self.started = False
         self.draining = False
-        self._checks: weakref.WeakKeyDictionary[ModelEntry, InputCheck] = weakref.WeakKeyDictionary()
 
     # -- registering ------------------------------------------------------------------------------
     def add(self, ref: str) -> ModelEntry:
@@ -188,10 +186,9 @@ class InferenceEngine:
         """The input check of a model (an entry, or a name and version to resolve)."""
         if isinstance(entry, str):
             entry = self.resolver.resolve(entry, version)
-        check = self._checks.get(entry)
+        check = entry.input_check
         if check is None or check.signature is not entry.signature:
-            check = InputCheck(entry.signature, entry.label, self.config.nonfinite(entry.name))
-            self._checks[entry] = check
+            check = entry.input_check = InputCheck(entry.signature, entry.label, self.config.nonfinite(entry.name))
         return check
 
     @staticmethod
