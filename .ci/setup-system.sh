@@ -6,7 +6,8 @@
 #  - starts a registry on 127.0.0.1:5000 when nothing answers there (the tests use it, or their own).
 set -euo pipefail
 
-PACKAGES=(ca-certificates curl openssl python3-venv docker.io docker-registry skopeo umoci debootstrap prometheus)
+PACKAGES=(ca-certificates curl openssl python3-venv docker.io docker-registry skopeo umoci debootstrap prometheus
+          openjdk-17-jre-headless)  # the JDK: pyspark local mode (modelpod.batch.spark_udf tests)
 STATE=/var/lib/modelpod-ci
 LOGS=/var/log/modelpod-ci
 
@@ -19,6 +20,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# kubectl (for `kubectl kustomize` in tests/deploy): Debian's kubernetes-client, unless one is installed.
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "setup-system: installing kubernetes-client (kubectl)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null; }
 fi
 
 mkdir -p "$STATE" "$LOGS"

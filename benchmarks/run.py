@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import loadgen, modelpod, perf, procs, report, venvs
+from bench import floors, loadgen, modelpod, perf, procs, report, venvs
 from bench.config import (
     ALL_PEERS,
     ALL_WORKLOADS,
@@ -373,7 +373,12 @@ def main(argv: list[str] | None = None) -> int:
             if note is not None and note not in notes:
                 log(note)
                 notes.append(note)
-        measured[key] = {"inprocess": inproc[key], "servers": servers}
+        # The floors: the same wrk runs against bare uvloop+httptools, and the framework's own cold start.
+        servers[floors.HTTP_FLOOR] = bench_server(
+            floors.HTTP_FLOOR, functools.partial(floors.http_floor_launch, workload), workload, opts)
+        framework_floor = floors.framework_cold_start(workload)
+        log(f"framework floor {key}: {framework_floor}")
+        measured[key] = {"inprocess": inproc[key], "servers": servers, "framework_floor": framework_floor}
         if opts.with_modelpod and key == "A" and key not in modelpod_reasons:
             measured[key]["small_pod"] = bench_small_pod(workload, opts)
     if perf_reason:

@@ -19,6 +19,7 @@ DISPLAY = {
     "bentoml": "BentoML",
     "ray": "Ray Serve",
     "modelpod": "modelpod",
+    "http-floor": "HTTP floor (uvloop+httptools)",
 }
 # The distributions whose versions the results file records, per venv.
 VERSION_KEYS = {

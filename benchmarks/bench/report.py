@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import COLD_STARTS, CONCURRENCIES
+from .floors import HTTP_FLOOR
 from .peers import DISPLAY
 
 WORKLOAD_TITLES = {
@@ -120,9 +121,13 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
             peers: dict[str, float] = {}
             for name, server in servers.items():
                 rps = ok_rps(server, concurrency) if server.get("status") == "ok" else None
-                if name != "modelpod" and rps:
+                if name not in ("modelpod", HTTP_FLOOR) and rps:
                     peers[name] = rps
             point: dict[str, Any] = {}
+            floor = servers.get(HTTP_FLOOR, {})
+            floor_rps = ok_rps(floor, concurrency) if floor.get("status") == "ok" else None
+            if own is not None and floor_rps:
+                point["vs_http_floor"] = {"ratio": own / floor_rps, "floor_rps": floor_rps}
             if own is not None and peers:
                 best = max(peers, key=lambda n: peers[n])
                 point["vs_best_peer"] = {"peer": best, "ratio": own / peers[best]}
@@ -140,6 +145,10 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         cold = mine.get("cold_start_s")
         if cold is not None:
             entry["cold_start_s"] = cold
+        framework = workload.get("framework_floor", {})
+        if cold is not None and framework.get("status") == "ok":
+            entry["framework_floor_cold_start_s"] = framework["cold_start_s"]
+            entry["cold_start_vs_framework_floor"] = cold / framework["cold_start_s"]
         small = workload.get("small_pod", {})
         if small.get("status") == "ok":
             entry["small_pod_cold_start_s"] = small["cold_start_s"]
@@ -159,7 +168,10 @@ def ratio_lines(table: dict[str, Any]) -> list[str]:
             best_text = f"{best['ratio']:.2f}x vs best peer ({DISPLAY[best['peer']]})" if best else "no peer"
             fast = point.get("vs_fastapi")
             fast_text = f"{fast:.2f}x vs FastAPI" if fast is not None else "FastAPI n/a"
-            lines.append(f"  {key} c={concurrency}: {best_text}; {fast_text}")
+            floor = point.get("vs_http_floor")
+            floor_text = (f"; {floor['ratio']:.3f}x of the HTTP floor ({floor['floor_rps']:,.0f} req/s)"
+                          if floor else "")
+            lines.append(f"  {key} c={concurrency}: {best_text}; {fast_text}{floor_text}")
         if "c64_vs_inprocess_batch32" in entry:
             lines.append(
                 f"  {key} c=64 vs in-process batch-32 rows/s: {entry['c64_vs_inprocess_batch32']:.2f}x"
@@ -168,6 +180,10 @@ def ratio_lines(table: dict[str, Any]) -> list[str]:
             lines.append(f"  {key} modelpod RSS over the model's own process: {entry['rss_over_model_mb']:+.0f} MB")
         if "cold_start_s" in entry:
             lines.append(f"  {key} modelpod cold start (median of {COLD_STARTS}): {entry['cold_start_s']:.2f} s")
+        if "cold_start_vs_framework_floor" in entry:
+            floor_s, ratio = entry["framework_floor_cold_start_s"], entry["cold_start_vs_framework_floor"]
+            lines.append(f"  {key} cold start vs the framework floor (python -c: import, load, predict once; "
+                         f"{floor_s:.2f} s): {ratio:.2f}x")
         if "small_pod_cold_start_s" in entry:
             lines.append(f"  {key} modelpod cold start of a small pod (the same model as ONNX, median of "
                          f"{COLD_STARTS}): {entry['small_pod_cold_start_s']:.2f} s")

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from modelpod.errors import UsageError
 from modelpod.frameworks import require
 from modelpod.model import Model
 from modelpod.pod import MANIFEST_NAME, Pod
 from modelpod.settings import Settings
-from modelpod.store import PodRecord, Store
+from modelpod.store import PodRecord, Store, is_path
 
 
 def _store(store: Store | None, settings: Settings | None) -> Store:
@@ -28,15 +29,19 @@ def pack(path: str | Path, name: str, *, store: Store | None = None, settings: S
 
 def open_pod(ref: str | Path, *, store: Store | None = None, settings: Settings | None = None,
              verify: bool = True) -> Pod:
-    """A verified pod: a directory holding modelpod.yaml, or a store reference."""
-    p = Path(ref)
-    if (p / MANIFEST_NAME).is_file():
+    """A verified pod: a store reference, or a pod directory given as a ``Path`` or written as a
+    path (``./lr``, ``/abs/lr``); a bare name is always looked up in the store."""
+    if isinstance(ref, Path) or is_path(ref):
+        p = Path(ref).expanduser()
+        if not (p / MANIFEST_NAME).is_file():
+            raise UsageError(f"{ref}: no pod directory there (no {MANIFEST_NAME})")
         return Pod.open(p, verify=verify)
-    return _store(store, settings).open(str(ref), verify=verify)
+    return _store(store, settings).open(ref, verify=verify)
 
 
 def load(ref: str | Path, *, store: Store | None = None, settings: Settings | None = None) -> Model:
-    """A loaded Model for a pod reference (NAME, NAME:VERSION, NAME@ALIAS, digest or directory)."""
+    """A loaded Model for a store reference (NAME, NAME:VERSION, NAME@ALIAS, NAME@sha256:...) or a
+    pod directory (a ``Path``, or a string written as a path)."""
     pod = open_pod(ref, store=store, settings=settings)
     model: Model = require(pod.manifest.framework).load(pod)
     model.load()

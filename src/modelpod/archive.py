@@ -9,15 +9,14 @@ fresh staging directory and nothing reaches the store until the whole pod verifi
 from __future__ import annotations
 
 import os
-import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from modelpod.errors import PodError, UnsafeArchiveError
+from modelpod.errors import NotFoundError, PodError, UnsafeArchiveError
 from modelpod.pod import MANIFEST_NAME, Pod
-from modelpod.store import PodRecord, Store
+from modelpod.store import PodRecord, Ref, Store
 
 MAX_MEMBERS = 100_000
 MAX_BYTES = 64 * 1024**3
@@ -118,7 +117,8 @@ def _copy_capped(src: IO[bytes], out: IO[bytes], size: int, name: str) -> None:
 
 
 def import_archive(archive: Path, store: Store, name: str | None = None) -> PodRecord:
-    """Import a pod archive into the store as a new version; refuses anything unsafe or tampered."""
+    """Import a pod archive into the store as a new version (or return the version already holding
+    the same digest under that name); refuses anything unsafe or tampered."""
     if not archive.is_file():
         raise PodError(f"{archive}: no such file")
     staging = store.staging()
@@ -137,6 +137,9 @@ def import_archive(archive: Path, store: Store, name: str | None = None) -> PodR
             from dataclasses import replace
 
             manifest = replace(manifest, name=name)
-        return store.add(staging, manifest)
+        try:  # the same pod again: the version it already is, not a new one of an identical digest
+            return store.get(Ref(manifest.name, digest=manifest.digest))
+        except NotFoundError:
+            return store.add(staging, manifest)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        store.discard(staging)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from modelpod import __version__
-from modelpod.errors import ModelpodError, UsageError
+from modelpod.errors import ConflictError, ModelpodError, UsageError
 from modelpod.settings import Settings
 from modelpod.store import Ref, Store
 
@@ -36,17 +38,42 @@ def _kv(items: Sequence[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+def json_text(data: Any, indent: int | None = None, sort_keys: bool = True) -> str:
+    """Valid JSON for any output: NaN and infinities become null (as the REST API writes them)."""
+    return json.dumps(_finite(data), indent=indent, sort_keys=sort_keys, default=str, allow_nan=False)
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
 def _emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=None, sort_keys=True, default=str))
+        print(json_text(data))
     else:
         human()
 
 
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console(highlight=False)
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A table on stdout: rich's where it is installed (not in images), plain columns otherwise."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+        for line in (headers, *rows):
+            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+        return
+    table = Table(*headers, box=None)
+    for row in rows:
+        table.add_row(*row)
+    Console(highlight=False).print(table)
 
 
 # -- pods and the store ------------------------------------------------------------------------
@@ -59,8 +86,9 @@ def _pack(args: argparse.Namespace, settings: Settings) -> Any:
     rec = pack(
         args.path, args.name, store,
         framework=args.framework, sample=args.sample, requirements=args.requirements,
-        labels=_kv(args.label, "--label"), parent=args.parent, allow_pickle=args.allow_pickle,
-        entrypoint=args.entrypoint, options=options,
+        labels=_kv(args.label, "--label"), parent=args.parent, allow_pickle=args.allow_pickle, trust=args.trust,
+        entrypoint=args.entrypoint, options=options, outputs=args.outputs,
+        auto_lock=not args.no_auto_lock,
     )
     data = {"name": rec.name, "version": rec.version, "digest": rec.digest, "framework": rec.manifest.framework}
     _emit(args, data, lambda: print(f"packed {rec.name}:{rec.version}  {rec.digest}  ({rec.manifest.framework})"))
@@ -72,14 +100,9 @@ def _list(args: argparse.Namespace, settings: Settings) -> Any:
     data = [r.to_dict() for r in recs]
 
     def human() -> None:
-        from rich.table import Table
-
-        table = Table("NAME", "VERSION", "ALIASES", "FRAMEWORK", "SIZE", "DIGEST", box=None)
-        for r in recs:
-            d = r.to_dict()
-            table.add_row(r.name, str(r.version), ",".join(r.aliases), r.manifest.framework,
-                          _size(d["size"]), r.digest[:19])
-        _console().print(table)
+        print_table(("NAME", "VERSION", "ALIASES", "FRAMEWORK", "SIZE", "DIGEST"),
+                    [(r.name, str(r.version), ",".join(r.aliases), r.manifest.framework,
+                      _size(r.to_dict()["size"]), r.digest[:19]) for r in recs])
 
     _emit(args, data, human)
 
@@ -115,8 +138,24 @@ def _rm(args: argparse.Namespace, settings: Settings) -> Any:
         store.untag(ref.name, ref.alias)
         _emit(args, {"untagged": args.ref}, lambda: print(f"untagged {args.ref}"))
         return
+    if not args.force:
+        # Removing what an alias points at (churn@production) changes what that alias serves: say so first.
+        targets = store.list(ref.name) if args.all else [store.get(ref)]
+        held = [f"{r.name}@{a} -> {r.ref}" for r in targets for a in r.aliases]
+        if held:
+            raise ConflictError(f"{', '.join(held)}: an alias points at it; remove the alias (rm --alias "
+                                f"NAME@ALIAS), or pass --force to remove the version and its aliases")
     gone = store.remove(args.ref, all_versions=args.all)
     _emit(args, {"removed": [r.ref for r in gone]}, lambda: print("removed " + ", ".join(r.ref for r in gone)))
+
+
+@command("gc")
+def _gc(args: argparse.Namespace, settings: Settings) -> Any:
+    rep = Store(settings.home, sweep=False).gc(dry_run=args.dry_run)  # gc sweeps, and reports it
+    verb = "would free" if rep.dry_run else "freed"
+    _emit(args, rep.to_dict(), lambda: print(
+        f"{verb} {_size(rep.freed_bytes)}: {rep.blobs} unreferenced blobs ({_size(rep.blob_bytes)}), "
+        f"{rep.pod_dirs} stray pod directories, {rep.staging} staging entries ({_size(rep.staging_bytes)})"))
 
 
 @command("verify")
@@ -138,7 +177,10 @@ def _export(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.archive import export
 
     pod = Store(settings.home).open(args.ref)
-    out = export(pod, Path(args.output))
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise UsageError(f"--output {out}: directory {out.parent} does not exist")
+    out = export(pod, out)
     _emit(args, {"path": str(out), "digest": pod.digest}, lambda: print(f"exported {args.ref} to {out}"))
 
 
@@ -153,6 +195,7 @@ def _import(args: argparse.Namespace, settings: Settings) -> Any:
 
 @command("predict")
 def _predict(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod import table
     from modelpod.api import load
     from modelpod.inputs import InputCheck
     from modelpod.packing import read_sample
@@ -167,12 +210,21 @@ def _predict(args: argparse.Namespace, settings: Settings) -> Any:
             request = decode_request(json.loads(path.read_text()), None, InputCheck(model.signature, model.name))
         except json.JSONDecodeError as exc:
             raise UsageError(f"{path}: not valid JSON: {exc}") from None
+    elif table.is_table_file(path):  # .csv / .parquet / .jsonl: the columns, or one matrix
+        request = InferRequest(table.table_inputs(table.read_table(path), model.signature))
     else:
         request = InferRequest(read_sample(path, [t.name for t in model.signature.inputs]))
     # The server's checks and error mapping: a model error caused by the input is exit 2, no traceback.
     outputs = ModelWorker(model, model.name).call(model.coerce(request.inputs))
     body, _ = encode_response(model.name, None, outputs, request)
-    print(json.dumps(body) if args.json else json.dumps(body, indent=2))
+    print(json_text(body, indent=None if args.json else 2, sort_keys=False))
+
+
+@command("batch")
+def _batch(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.batch.cli import batch_command
+
+    return batch_command(args, settings)
 
 
 # -- serving and images (their modules own the work) ---------------------------------------------
@@ -181,6 +233,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.serving.server import serve
 
     return serve(args, settings)
+
+
+@command("route")
+def _route(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.serving.route_cli import route_command
+
+    return route_command(args, settings)
 
 
 @command("build")
@@ -202,6 +261,13 @@ def _pull(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.image.cli import pull_command
 
     return pull_command(args, settings)
+
+
+@command("deploy")
+def _deploy(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.deploy.cli import deploy_command
+
+    return deploy_command(args, settings)
 
 
 def _size(n: int) -> str:
@@ -227,13 +293,19 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.add_argument("--name", required=True)
     c.add_argument("--framework")
-    c.add_argument("--sample", help=".npy/.npz/OIP JSON sample input; gives the signature")
-    c.add_argument("--requirements", help="requirements file to resolve and lock")
+    c.add_argument("--sample", help="sample input that gives the signature: .npy, .npz, OIP JSON, "
+                   "or a table (.csv, .parquet, .jsonl)")
+    c.add_argument("--outputs", metavar="NAME,...", help="named outputs, e.g. label,probabilities (docs/models.md)")
+    c.add_argument("--requirements", help="requirements file (or pyproject.toml) to lock, added to the automatic lock")
+    c.add_argument("--no-auto-lock", action="store_true",
+                   help="lock only --requirements (not what loading and predicting the sample imports)")
     c.add_argument("--label", action="append", metavar="K=V")
     c.add_argument("--option", action="append", metavar="K=V", help="framework option, e.g. method=predict_proba")
     c.add_argument("--parent", metavar="NAME:VERSION")
     c.add_argument("--entrypoint", metavar="MODULE:CLASS", help="custom Model class (python framework)")
     c.add_argument("--allow-pickle", action="store_true", help="accept pickle-based formats (still scanned)")
+    c.add_argument("--trust", action="append", metavar="TYPE[,TYPE]",
+                   help="trust these types in a skops file beyond skops' and modelpod's lists (recorded)")
 
     c = cmd("list", "list pods in the store")
     c.add_argument("name", nargs="?")
@@ -246,6 +318,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("ref")
     c.add_argument("--all", action="store_true")
     c.add_argument("--alias", dest="alias_only", action="store_true", help="remove only the alias NAME@ALIAS")
+    c.add_argument("--force", action="store_true", help="remove a version even where an alias points at it")
+    c = cmd("gc", "remove unreferenced blobs and what killed pack/import/pull runs left; report what it frees")
+    c.add_argument("--dry-run", action="store_true", help="only report what would be freed")
     c = cmd("verify", "re-hash every file of a pod against its manifest")
     c.add_argument("ref")
     c = cmd("export", "write a pod as a tar archive")
@@ -254,20 +329,33 @@ def parser() -> argparse.ArgumentParser:
     c = cmd("import", "import a pod archive")
     c.add_argument("file")
     c.add_argument("--name", help="store under another name")
-    c = cmd("predict", "run one OIP v2 request (or .npy) through a pod in-process")
+    c = cmd("predict", "run one OIP v2 request (or .npy/.npz/.csv/.parquet/.jsonl) through a pod in-process")
     c.add_argument("ref")
     c.add_argument("--input", required=True)
 
+    c = cmd("batch", "score files (CSV, Parquet, JSON Lines, .npy, images) with a pod; resumable, sharded")
+    from modelpod.batch.cli import add_arguments as batch_arguments
+
+    batch_arguments(c)
+
     c = cmd("serve", "serve pods over OIP v2 REST and gRPC")
-    c.add_argument("refs", nargs="+", metavar="REF", help="NAME, NAME:VERSION, NAME@ALIAS or a pod directory")
+    c.add_argument("refs", nargs="*", metavar="REF",
+                   help="NAME, NAME:VERSION, NAME@ALIAS or a pod directory (the models of --config routes are added)")
     c.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     c.add_argument("--port", type=int, help="REST port (default 8080; 0 picks a free one)")
     c.add_argument("--grpc-port", type=int, help="gRPC port (default 8081 when grpcio is installed)")
     c.add_argument("--no-grpc", action="store_true", help="serve REST only")
-    c.add_argument("--config", help="YAML: batching keys for all models, and per model under 'models:'")
+    c.add_argument("--config", help="YAML: batching keys for all models, per model under 'models:', "
+                   "traffic splits under 'routes:' (docs/traffic.md)")
     c.add_argument("--max-batch-rows", type=int)
     c.add_argument("--max-batch-wait-ms", type=float)
-    c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN)")
+    c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN; visible in the process list)")
+    c.add_argument("--token-file", metavar="PATH",
+                   help="read the bearer token from this file (or $MODELPOD_TOKEN_FILE)")
+
+    from modelpod.serving.route_cli import add_arguments as route_arguments
+
+    route_arguments(cmd("route", "traffic splits of a running server: list, show, set, report, rollout, rollback"))
 
     c = cmd("build", "build a runnable OCI image of a pod, without a daemon")
     c.add_argument("ref")
@@ -278,11 +366,20 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tag", metavar="NAME:TAG", help="the name docker load gives the image")
     c.add_argument("--source", metavar="URL", help="org.opencontainers.image.source annotation")
     c.add_argument("--revision", help="org.opencontainers.image.revision annotation (default: the pod digest)")
+    c.add_argument("--with", dest="with_", action="append", choices=("batch",),
+                   help="add a feature's packages to the runtime layer: batch (pyarrow, for `docker run IMAGE batch`)")
+    c.add_argument("--no-grpc", action="store_true", help="leave grpcio out: a slimmer image serving REST only")
+    c.add_argument("--no-check", action="store_true",
+                   help="skip loading and predicting the pod's sample with only the image's packages")
     c = cmd("push", "push a pod to an OCI registry as an artifact")
     c.add_argument("ref")
     c.add_argument("target", metavar="REGISTRY/REPO[:TAG]")
     c = cmd("pull", "pull a pod from an OCI registry into the store")
     c.add_argument("source", metavar="REGISTRY/REPO[:TAG|@DIGEST]")
+
+    from modelpod.deploy.cli import add_arguments as deploy_arguments
+
+    deploy_arguments(sub.add_parser("deploy", help="Kubernetes: render and apply manifests, status, rollback"))
     return p
 
 
@@ -297,6 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`modelpod list --json | head`): stop quietly, as other tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

@@ -15,12 +15,16 @@
     │   ├── PayloadTooLargeError       413 / RESOURCE_EXHAUSTED
     │   └── ModelInputError                                             (the model raised on the client's input)
     ├── UnauthorizedError              401 / UNAUTHENTICATED   exit 2
+    ├── ForbiddenError                 403 / PERMISSION_DENIED exit 2   (a foreign Origin/Host on management)
+    ├── UnsupportedMediaTypeError      415 / INVALID_ARGUMENT  exit 2   (management bodies are JSON only)
     ├── ModelNotReadyError             503 / UNAVAILABLE       exit 1
     ├── OverloadedError                503 / UNAVAILABLE       exit 1   (carries Retry-After)
     ├── InferenceTimeoutError          504 / DEADLINE_EXCEEDED exit 1
     ├── InferenceError                 500 / INTERNAL          exit 1   (the model itself failed; a bug)
     ├── ImageError                     400 / FAILED_PRECONDITION exit 2 (base image, wheels, platform)
-    └── RegistryError                  502 / UNAVAILABLE       exit 2   (OCI registry unreachable / auth)
+    ├── RegistryError                  502 / UNAVAILABLE       exit 2   (OCI registry unreachable / auth)
+    └── BatchError                     400 / FAILED_PRECONDITION exit 2 (batch input/output: names file and fix)
+        └── TooManyErrorsError                                 exit 1   (more bad rows than --max-errors)
 """
 
 from __future__ import annotations
@@ -115,6 +119,14 @@ class UnauthorizedError(ModelpodError):
     http_status, grpc_code, exit_code = 401, "UNAUTHENTICATED", 2
 
 
+class ForbiddenError(ModelpodError):
+    http_status, grpc_code, exit_code = 403, "PERMISSION_DENIED", 2
+
+
+class UnsupportedMediaTypeError(ModelpodError):
+    http_status, grpc_code, exit_code = 415, "INVALID_ARGUMENT", 2
+
+
 class ModelNotReadyError(ModelpodError):
     http_status, grpc_code = 503, "UNAVAILABLE"
 
@@ -147,3 +159,19 @@ class ImageError(ModelpodError):
 
 class RegistryError(ModelpodError):
     http_status, grpc_code, exit_code = 502, "UNAVAILABLE", 2
+
+
+class BatchError(ModelpodError):
+    """A batch job's input or output is unusable: unreadable file, missing column, output exists, disk full."""
+
+    http_status, grpc_code, exit_code = 400, "FAILED_PRECONDITION", 2
+
+
+class TooManyErrorsError(BatchError):
+    exit_code = 1
+
+
+class ClusterError(ModelpodError):
+    """A Kubernetes cluster could not be reached, or refused what was sent; the message names what."""
+
+    http_status, grpc_code, exit_code = 502, "UNAVAILABLE", 1

@@ -122,8 +122,12 @@ def from_values(name: str, datatype: str, data: Any) -> np.ndarray[Any, Any]:
         raise InvalidRequestError(f"input {name!r}: data does not fit datatype {datatype}") from None
 
 
-def bytes_from_values(name: str, flat: Sequence[Any]) -> np.ndarray[Any, Any]:
-    """A 1-D BYTES tensor from strings (encoded as UTF-8) or bytes; anything else is refused."""
+def bytes_from_values(name: str, flat: Sequence[Any], missing: bool = False) -> np.ndarray[Any, Any]:
+    """A 1-D BYTES tensor from strings (encoded as UTF-8) or bytes; anything else is refused.
+
+    ``missing``: ``None`` stays (a missing value in a table's string column)."""
+    if missing and any(v is None for v in flat):
+        return _with_missing(name, flat)
     if len(flat) > 16 * STEP:
         # np.empty of millions of objects holds the GIL for as long as it fills them with None;
         # fromiter runs the generator's bytecode, so other threads get their turns meanwhile.
@@ -138,6 +142,14 @@ def bytes_from_values(name: str, flat: Sequence[Any]) -> np.ndarray[Any, Any]:
             out[i:i + len(part)] = [v.encode() if isinstance(v, str) else bytes(v) for v in part]
         else:
             raise InvalidRequestError(f"input {name!r}: BYTES elements must be strings")
+    return out
+
+
+def _with_missing(name: str, flat: Sequence[Any]) -> np.ndarray[Any, Any]:
+    present = [i for i, v in enumerate(flat) if v is not None]
+    out = np.full(len(flat), None, dtype=object)
+    if present:
+        out[present] = bytes_from_values(name, [flat[i] for i in present])
     return out
 
 
@@ -262,7 +274,8 @@ class InputCheck:
             if arr.dtype.kind not in "OUS":
                 raise InvalidRequestError(
                     f"input {name!r}: expected datatype BYTES, received {datatype_of(arr)}")
-            return bytes_from_values(name, arr.reshape(-1).tolist()).reshape(arr.shape)
+            flat = arr.reshape(-1).tolist()
+            return bytes_from_values(name, flat, self.signature.is_table).reshape(arr.shape)
         if isinstance(value, np.ndarray) and value.dtype.kind != "O":
             return value  # typed: its datatype must fit (header)
         # Untyped values: converted like JSON numbers, when they fit the signature's datatype.

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from modelpod import table
 from modelpod.errors import SignatureError
 from modelpod.inputs import check_inputs
 from modelpod.pod import Pod, Signature
@@ -46,6 +47,14 @@ class Model:
         """Release memory. The model may be loaded again later."""
         self.loaded = False
 
+    def model_parameters(self) -> dict[str, Any]:
+        """Model-level metadata a loaded model knows (e.g. ``class_labels``); pack records it."""
+        return {}
+
+    def table_columns(self) -> list[str] | None:
+        """The columns a loaded table model was trained on, in order, where it knows them."""
+        return None
+
     # -- helpers for callers ----------------------------------------------------------------
     def __call__(self, inputs: Mapping[str, Any] | np.ndarray[Any, Any] | Any) -> Batch:
         """Predict from a mapping of arrays, or a single array for a single-input model."""
@@ -56,6 +65,12 @@ class Model:
     def coerce(self, inputs: Mapping[str, Any] | np.ndarray[Any, Any] | Any) -> Batch:
         """Turn user input into a batch that fits the signature (the one input check, ``modelpod.inputs``)."""
         sig = self.signature
+        if sig.is_table or table.is_frame(inputs):
+            # A DataFrame becomes its columns; a ``records`` input and [N, 1] columns become [N] columns.
+            if table.is_frame(inputs):
+                inputs = table.table_inputs(inputs, sig)
+            elif isinstance(inputs, Mapping):
+                inputs = table.normalize(inputs, sig)
         if not isinstance(inputs, Mapping):
             if len(sig.inputs) != 1:
                 raise SignatureError(

@@ -20,6 +20,9 @@ import yaml
 from modelpod.errors import IntegrityError, PodError, SignatureError
 
 MANIFEST_NAME = "modelpod.yaml"
+# Beside the manifest in an image: the pod's store version and aliases when the image was built
+# (an image has no store to ask). Honoured only for the manifest digest it names.
+RECORD_NAME = "modelpod.record.json"
 SCHEMA = "modelpod/v1"
 
 # OIP v2 datatypes and their numpy equivalents. BYTES tensors are numpy object arrays of bytes.
@@ -118,28 +121,47 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Signature:
+    """Inputs and outputs, plus model-level ``parameters`` (shown in the OIP model metadata).
+
+    ``parameters`` holds what a tensor list cannot say: ``content_type: "pd"`` and the pandas
+    ``dtypes`` (and ``categories``) of a table signature, whose inputs are its columns in order
+    (see ``modelpod.table``), and ``class_labels``, the classes a classifier's outputs refer to.
+    """
+
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    parameters: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def empty(self) -> bool:
         return not self.inputs and not self.outputs
 
+    @property
+    def is_table(self) -> bool:
+        return self.parameters.get("content_type") == "pd"
+
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
         }
+        if self.parameters:  # only when set, so the digests of pods without them do not change
+            data["parameters"] = dict(self.parameters)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Signature:
         data = data or {}
+        params = data.get("parameters") or {}
+        if not isinstance(params, Mapping):
+            raise PodError(f"signature parameters must be a mapping, not {type(params).__name__}")
         return cls(
             tuple(TensorSpec.from_dict(t) for t in data.get("inputs") or ()),
             tuple(TensorSpec.from_dict(t) for t in data.get("outputs") or ()),
+            dict(params),
         )
 
     @classmethod
@@ -231,6 +253,9 @@ class Manifest:
     lineage: Mapping[str, Any] = field(default_factory=dict)
     allow_pickle: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)  # framework-specific, e.g. task
+    # Types the user trusts (``--trust``) beyond skops' and modelpod's own lists; loaders trust
+    # exactly these, as recorded.
+    trust: tuple[str, ...] = ()
     modelpod_version: str = ""
 
     def __post_init__(self) -> None:
@@ -250,7 +275,8 @@ class Manifest:
             "serving": asdict(self.serving),
             "labels": dict(sorted(self.labels.items())),
             "lineage": dict(self.lineage),
-            "security": {"allow_pickle": self.allow_pickle},
+            "security": {"allow_pickle": self.allow_pickle,
+                         **({"trust": sorted(set(self.trust))} if self.trust else {})},
             "options": dict(self.options),
             "modelpod": self.modelpod_version,
         }
@@ -276,6 +302,7 @@ class Manifest:
                 lineage=dict(data.get("lineage") or {}),
                 allow_pickle=bool((data.get("security") or {}).get("allow_pickle", False)),
                 options=dict(data.get("options") or {}),
+                trust=tuple(str(t) for t in (data.get("security") or {}).get("trust") or ()),
                 modelpod_version=str(data.get("modelpod") or ""),
             )
         except KeyError as exc:
@@ -306,7 +333,24 @@ class Manifest:
 
 
 def canonical_json(data: Any) -> bytes:
+    """The one canonical JSON encoding (manifest digests, OCI manifests and configs): sorted keys,
+    no spaces, UTF-8, so the same data always gives the same bytes and digest."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def read_record(directory: Path, manifest: Manifest) -> tuple[int | None, tuple[str, ...]]:
+    """(version, aliases) from the directory's RECORD_NAME when it is for this manifest's digest."""
+    try:
+        data = json.loads((directory / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, ()
+    if not isinstance(data, dict) or data.get("digest") != manifest.digest:
+        return None, ()
+    version = data.get("version")
+    aliases = data.get("aliases") or []
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        return None, ()
+    return version, tuple(str(a) for a in aliases if isinstance(a, str))
 
 
 def check_name(name: str) -> None:

@@ -24,12 +24,22 @@ class Settings:
     # Auth: a bearer token; when set every data-plane call needs it. Management calls need it
     # always when the server listens beyond loopback.
     token: str | None = None
+    # A file holding the token (``--token-file``/``MODELPOD_TOKEN_FILE``): not in the process list.
+    token_file: Path | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     max_json_depth: int = 64
     # Per-request deadline for every model (None: each pod's ``serving.timeout_s``).
     request_timeout_s: float | None = None
     drain_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
+    # HTTP connection bounds (protocols/http.py): bytes counted as they arrive, deadlines per request.
+    max_request_line_bytes: int = 8 * 1024
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 10.0  # request line and headers, from the request's first byte
+    body_timeout_s: float = 60.0  # the whole request, from its first byte
+    write_timeout_s: float = 30.0  # a client that stops reading our answer is dropped after this
+    max_pipelined_bytes: int = 1024 * 1024  # bodies queued behind a busy request, per connection
+    max_connections: int = 4096
     # YAML file with batching overrides: global keys plus ``models: {name: {...}}``.
     config: Path | None = None
     # Batching overrides for every model (None: the manifest's default).
@@ -59,11 +69,34 @@ class Settings:
         return cls(**values)
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def read_token_file(path: Path) -> str:
+    """The bearer token in ``path``: its content without surrounding whitespace; never empty."""
+    from modelpod.errors import UsageError
+
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"token file {path}: cannot read it: {reason}") from None
+    if not token:
+        raise UsageError(f"token file {path}: the file is empty")
+    return token
+
+
 def _parse(name: str, type_text: str, raw: str) -> Any:
     if "Path" in type_text:
         return Path(raw).expanduser()
     if "bool" in type_text:
-        return raw.strip().lower() in {"1", "true", "yes", "on"}
+        word = raw.strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        from modelpod.errors import UsageError
+
+        raise UsageError(f"MODELPOD_{name.upper()} must be true or false (also 1/0, yes/no, on/off), got {raw!r}")
     if "int" in type_text and "float" not in type_text:
         try:
             return int(raw)

@@ -5,10 +5,18 @@ Layout::
     HOME/blobs/sha256/<hex>       every file once, read-only, whatever pods share it
     HOME/pods/<digest-hex>/       a pod materialised from hard links to its blobs
     HOME/index.db                 pods (name, version, digest), aliases, counters, file refs
-    HOME/tmp/                     staging; anything here is garbage after a crash
+    HOME/tmp/                     staging, each directory locked by its owner (``staging``)
 
 Nothing half-written becomes visible: blobs and pod directories are renamed into place, and the
 version is given in the same SQLite transaction that records the pod.
+
+Blob references across processes: ``add`` first *claims* every blob it will use (a row naming
+its staging directory, committed before it looks at the blob), records the pod and its file
+references in one transaction, builds the pod directory, and drops its claims last. A blob is
+unlinked only inside a write transaction that sees neither a reference nor a live claim, so no
+other process can take a reference between the decision and the unlink. A claim whose owner died (its staging lock is
+free) counts for nothing; what a killed ``pack``/``import``/``pull`` left is removed by the next
+``Store`` opened on the home (its staging) and by ``gc`` (unreferenced blobs, stray pod dirs).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelpod import staging as _staging
 from modelpod.errors import ConflictError, IntegrityError, NotFoundError, UsageError
 from modelpod.pod import MANIFEST_NAME, Manifest, Pod, sha256_file, write_manifest
 
@@ -41,12 +50,20 @@ CREATE TABLE IF NOT EXISTS aliases (
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, last INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS pod_files (digest TEXT NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (digest, sha256));
+CREATE INDEX IF NOT EXISTS pod_files_sha ON pod_files(sha256);
+CREATE TABLE IF NOT EXISTS blob_claims (sha256 TEXT NOT NULL, owner TEXT NOT NULL, PRIMARY KEY (sha256, owner));
 """
 
 _REF = re.compile(
     r"^(?P<name>[a-z0-9][a-z0-9._-]*)(?::(?P<version>[0-9]+)|@(?P<alias>[A-Za-z][A-Za-z0-9._-]*)|@(?P<digest>sha256:[0-9a-f]{64}))?$"
 )
 _ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
+
+
+def is_path(text: str) -> bool:
+    """True when a reference is written as a path (``./lr``, ``/abs/lr``, ``~/lr``, anything with a
+    ``/``); a bare word is always a store name, whatever directory happens to share it."""
+    return "/" in text or "\\" in text or text.startswith((".", "~"))
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,27 @@ class PodRecord:
 
 
 @dataclass(frozen=True)
+class GcReport:
+    """What ``Store.gc`` freed (or, with ``dry_run``, would free)."""
+
+    blobs: int
+    blob_bytes: int
+    pod_dirs: int
+    staging: int
+    staging_bytes: int
+    dry_run: bool = False
+
+    @property
+    def freed_bytes(self) -> int:
+        return self.blob_bytes + self.staging_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"blobs": self.blobs, "blob_bytes": self.blob_bytes, "pod_dirs": self.pod_dirs,
+                "staging": self.staging, "staging_bytes": self.staging_bytes,
+                "freed_bytes": self.freed_bytes, "dry_run": self.dry_run}
+
+
+@dataclass(frozen=True)
 class Ref:
     name: str
     version: int | None = None
@@ -101,7 +139,8 @@ class Ref:
 class Store:
     """The local pod store. Safe for concurrent use by several processes."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, sweep: bool = True) -> None:
+        """Open (or create) the store; ``sweep``: first remove what dead owners left in staging."""
         self.home = Path(home)
         self.blobs = self.home / "blobs" / "sha256"
         self.pods = self.home / "pods"
@@ -110,6 +149,8 @@ class Store:
             d.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
             db.executescript(_SCHEMA)
+        if sweep:
+            self._drop_owners([s.owner for s in _staging.sweep(self.tmp) if s.owner])
 
     # -- database -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -141,8 +182,46 @@ class Store:
 
     # -- staging --------------------------------------------------------------------------------
     def staging(self) -> Path:
-        """A fresh empty directory on the store's filesystem (so renames into place are atomic)."""
-        return Path(tempfile.mkdtemp(prefix="stage-", dir=self.tmp))
+        """A fresh empty directory on the store's filesystem (so renames into place are atomic),
+        locked by this process; give it back with ``discard``."""
+        return _staging.create(self.tmp)
+
+    def discard(self, path: Path) -> None:
+        """Remove a directory ``staging`` gave, and its lock."""
+        _staging.release(path)
+
+    def _drop_owners(self, owners: list[str]) -> None:
+        """Forget the claims of dead (or finished) owners, and the blobs only they claimed."""
+        if not owners:
+            return
+        with self._db(write=True) as db:
+            shas: set[str] = set()
+            for owner in owners:
+                shas |= {s for (s,) in db.execute("SELECT sha256 FROM blob_claims WHERE owner=?", (owner,))}
+                db.execute("DELETE FROM blob_claims WHERE owner=?", (owner,))
+            self._unlink_unreferenced(db, shas)
+
+    def _unlink_unreferenced(self, db: sqlite3.Connection, shas: set[str], dry_run: bool = False) -> list[int]:
+        """Inside a write transaction: unlink each blob of ``shas`` that no pod references and no
+        live owner claims (stale claims are dropped on the way); the sizes of those unlinked."""
+        gone: list[int] = []
+        for sha in sorted(shas):
+            if db.execute("SELECT 1 FROM pod_files WHERE sha256=? LIMIT 1", (sha,)).fetchone():
+                continue
+            owners = [o for (o,) in db.execute("SELECT owner FROM blob_claims WHERE sha256=?", (sha,))]
+            live = [o for o in owners if _staging.alive(self.tmp, o)]
+            if live:
+                continue
+            path = self.blobs / sha
+            try:
+                gone.append(path.stat().st_size)
+            except FileNotFoundError:
+                continue
+            if not dry_run:
+                db.executemany("DELETE FROM blob_claims WHERE sha256=? AND owner=?", [(sha, o) for o in owners])
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        return gone
 
     # -- writing --------------------------------------------------------------------------------
     def add(self, directory: Path, manifest: Manifest) -> PodRecord:
@@ -151,11 +230,26 @@ class Store:
             src = directory / entry.path
             if not src.is_file() or src.is_symlink():
                 raise IntegrityError(f"{entry.path}: listed in the manifest but missing", entry.path)
-            # _put_blob hashes the copy it makes; hashing the source first as well would read every
-            # (possibly multi-GB) weights file one more time for nothing.
-            self._put_blob(src, entry.sha256, entry.path)
+        work = self.staging()  # room for blob copies, and the owner of this add's claims
+        owner = work.name
+        try:
+            with self._db(write=True) as db:
+                db.executemany("INSERT OR IGNORE INTO blob_claims(sha256, owner) VALUES(?, ?)",
+                               [(f.sha256, owner) for f in manifest.files])
+            for entry in manifest.files:
+                # _put_blob hashes the copy it makes; hashing the source first as well would read
+                # every (possibly multi-GB) weights file one more time for nothing.
+                self._put_blob(directory / entry.path, entry.sha256, entry.path, work)
+            rec = self._record_new(manifest)
+            # After the record: a pod directory never outlives a killed add (open() builds it again).
+            self._materialise(manifest)
+        finally:
+            self.discard(work)
+            self._drop_owners([owner])  # the claims; after a failure, also the blobs only they held
+        return rec
+
+    def _record_new(self, manifest: Manifest) -> PodRecord:
         digest = manifest.digest
-        self._materialise(manifest)
         text = manifest.to_yaml()
         with self._db(write=True) as db:
             row = db.execute("SELECT last FROM counters WHERE name=?", (manifest.name,)).fetchone()
@@ -175,11 +269,13 @@ class Store:
             )
         return PodRecord(manifest.name, version, digest, created, manifest)
 
-    def _put_blob(self, src: Path, sha: str, rel: str) -> Path:
+    def _put_blob(self, src: Path, sha: str, rel: str, work: Path) -> Path:
+        """Put one file in place as a blob; the caller has claimed ``sha`` (committed) already, so an
+        existing blob cannot be unlinked under it."""
         dest = self.blobs / sha
         if dest.exists():
             return dest
-        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
+        fd, tmp = tempfile.mkstemp(dir=work, prefix="blob-")
         os.close(fd)
         try:
             shutil.copyfile(src, tmp)
@@ -214,8 +310,7 @@ class Store:
                 if not (final / MANIFEST_NAME).exists():
                     raise
         finally:
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
+            self.discard(work)
         return final
 
     def tag(self, name: str, version: int, alias: str) -> PodRecord:
@@ -247,20 +342,45 @@ class Store:
         targets = self.list(parsed.name) if (all_versions and parsed.name) else [self.get(parsed)]
         if not targets:
             raise NotFoundError(f"no pod named {parsed.name!r}")
-        with self._db(write=True) as db:
-            for rec in targets:
-                db.execute("DELETE FROM pods WHERE name=? AND version=?", (rec.name, rec.version))
-                db.execute("DELETE FROM aliases WHERE name=? AND version=?", (rec.name, rec.version))
-                if not db.execute("SELECT 1 FROM pods WHERE digest=?", (rec.digest,)).fetchone():
-                    db.execute("DELETE FROM pod_files WHERE digest=?", (rec.digest,))
-                    shutil.rmtree(self.pods / rec.digest.removeprefix("sha256:"), ignore_errors=True)
-            live = {s for (s,) in db.execute("SELECT sha256 FROM pod_files")}
-        for rec in targets:
-            for f in rec.manifest.files:
-                if f.sha256 not in live:
-                    with contextlib.suppress(FileNotFoundError):
-                        (self.blobs / f.sha256).unlink()
+        trash = self.staging()
+        try:
+            with self._db(write=True) as db:
+                for rec in targets:
+                    db.execute("DELETE FROM pods WHERE name=? AND version=?", (rec.name, rec.version))
+                    db.execute("DELETE FROM aliases WHERE name=? AND version=?", (rec.name, rec.version))
+                    if not db.execute("SELECT 1 FROM pods WHERE digest=?", (rec.digest,)).fetchone():
+                        db.execute("DELETE FROM pod_files WHERE digest=?", (rec.digest,))
+                        self._move_away(rec.digest.removeprefix("sha256:"), trash)
+                # Unlinked before COMMIT: no other process can reference these blobs in between.
+                self._unlink_unreferenced(db, {f.sha256 for rec in targets for f in rec.manifest.files})
+        finally:
+            self.discard(trash)
         return targets
+
+    def _move_away(self, hexdigest: str, trash: Path) -> None:
+        """Move a pod directory out of ``pods/`` in one rename: a reader sees all of it or none."""
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.pods / hexdigest, trash / hexdigest)
+
+    def gc(self, dry_run: bool = False) -> GcReport:
+        """Remove what no pod references: blobs, stray pod directories, dead owners' staging."""
+        swept = _staging.sweep(self.tmp, dry_run=dry_run)
+        trash = self.staging()
+        try:
+            with self._db(write=True) as db:
+                if not dry_run:
+                    for owner in {s.owner for s in swept if s.owner}:
+                        db.execute("DELETE FROM blob_claims WHERE owner=?", (owner,))
+                sizes = self._unlink_unreferenced(db, {p.name for p in self.blobs.iterdir()}, dry_run=dry_run)
+                digests = {d.removeprefix("sha256:") for (d,) in db.execute("SELECT DISTINCT digest FROM pods")}
+                stray = sorted(d.name for d in self.pods.iterdir() if d.name not in digests)
+                if not dry_run:
+                    for name in stray:
+                        self._move_away(name, trash)
+        finally:
+            self.discard(trash)
+        return GcReport(blobs=len(sizes), blob_bytes=sum(sizes), pod_dirs=len(stray),
+                        staging=len(swept), staging_bytes=sum(s.bytes for s in swept), dry_run=dry_run)
 
     # -- reading --------------------------------------------------------------------------------
     def get(self, ref: Ref | str) -> PodRecord:
@@ -314,4 +434,4 @@ def _describe(r: Ref) -> str:
     return repr(r.name)
 
 
-__all__ = ["ConflictError", "PodRecord", "Ref", "Store"]
+__all__ = ["ConflictError", "GcReport", "PodRecord", "Ref", "Store", "is_path"]

@@ -39,7 +39,7 @@ def test_layout_is_accepted_by_skopeo_and_umoci(sk_pod: Any, base_image: Any, tm
     assert inspect["Labels"]["dev.modelpod.digest"] == sk_pod.record.digest
     config = json.loads(kit.run("skopeo", "inspect", "--config", f"oci:{out}:v1"))["config"]
     assert config["User"] == "65532:65532"
-    assert config["Entrypoint"] == ["/usr/bin/python3.11", "-m", "modelpod", "serve", "/opt/modelpod/pod"]
+    assert config["Entrypoint"] == ["/usr/bin/python3.11", "-m", "modelpod.entry", "/opt/modelpod/pod"]
     assert "Cmd" not in config
     assert "8080/tcp" in config["ExposedPorts"]
     env = dict(e.split("=", 1) for e in config["Env"])

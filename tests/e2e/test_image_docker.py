@@ -71,7 +71,7 @@ def test_loaded_image_config(loaded: tuple[str, dict[str, Any]]) -> None:
     assert info["Id"] == data["config"]
     config = info["Config"]
     assert config["User"] == "65532:65532"
-    assert config["Entrypoint"][1:] == ["-m", "modelpod", "serve", "/opt/modelpod/pod"]
+    assert config["Entrypoint"][1:] == ["-m", "modelpod.entry", "/opt/modelpod/pod"]
     assert config["Healthcheck"]["Test"][0] == "CMD"
     assert "8080/tcp" in config["ExposedPorts"]
     assert config["Labels"]["dev.modelpod.digest"] == data["pod_digest"]

@@ -9,7 +9,7 @@ import pytest
 from fwutil import Check, mlp_numpy, onnx_mlp, sig
 
 from modelpod.cli import main
-from modelpod.errors import FrameworkError
+from modelpod.errors import FrameworkError, UsageError
 from modelpod.frameworks import detect
 from modelpod.packing import pack
 from modelpod.store import Store
@@ -94,4 +94,12 @@ def test_damaged_model_is_one_line_naming_the_file(tmp_path: Path, store: Store)
     with pytest.raises(FrameworkError) as info:
         pack(bad, "m", store)
     assert "broken.onnx" in str(info.value) and "\n" not in str(info.value)
+    assert store.list() == []
+
+
+def test_outputs_flag_is_refused_where_the_model_names_its_outputs(tmp_path: Path, store: Store) -> None:
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(onnx_mlp().SerializeToString())
+    with pytest.raises(UsageError, match="--outputs is not supported for onnx pods"):
+        pack(path, "mlp", store, outputs=["label"])
     assert store.list() == []

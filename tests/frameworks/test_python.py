@@ -79,9 +79,11 @@ def test_type_hints_are_the_schema(tmp_path: Path, store: Store, check_pod: Chec
     assert detect(d) == "python"
     rec = pack(d, "lengths", store)  # no sample: the hints give the signature
     assert rec.manifest.entrypoint == "predict:Lengths"
-    assert sig(rec) == {"inputs": [("text", "BYTES", [-1])], "outputs": [("output-0", "FP32", [-1])]}
+    # list[float] is FP64: Python floats are 64-bit.
+    assert sig(rec) == {"inputs": [("text", "BYTES", [-1])], "outputs": [("output-0", "FP64", [-1])]}
     assert {f.role for f in rec.manifest.files} == {"code"}
-    check_pod(rec, np.array(["a", "héllo", ""]), {"output-0": np.array([2.0, 10.0, 0.0], np.float32)})
+    out = check_pod(rec, np.array(["a", "héllo", ""]), {"output-0": np.array([2.0, 10.0, 0.0], np.float64)})
+    assert out["output-0"].dtype == np.float64
 
 
 def test_annotated_arrays_and_typeddict_outputs(tmp_path: Path, store: Store, check_pod: Check,

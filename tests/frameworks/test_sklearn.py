@@ -129,22 +129,3 @@ def test_skops_is_imported_without_torch_or_pytest() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
-
-
-def test_extra_trusted_types_need_the_recorded_opt_in(tmp_path: Path, store: Store,
-                                                      sklearn_model: tuple[Path, np.ndarray, Any]) -> None:
-    # A pod made by hand can name any type in trusted_types; skops would then trust it. Only a
-    # manifest that records --allow-pickle may widen skops' trust.
-    import shutil
-
-    from modelpod.pod import write_manifest
-
-    path, x, _ = sklearn_model
-    rec = pack(path, "lr", store, sample=x)
-    crafted = tmp_path / "crafted"
-    shutil.copytree(store.open(rec.ref).path, crafted)
-    manifest = rec.manifest
-    options = {**manifest.options, "trusted_types": ["builtins.eval"]}
-    write_manifest(crafted, replace(manifest, options=options, allow_pickle=False))
-    with pytest.raises(UnsafeModelError, match=r"model\.skops.*--allow-pickle"):
-        adapter.load(Pod.open(crafted)).load()

@@ -47,6 +47,9 @@ def tf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     functional = keras.Model(inp, keras.layers.Dense(2)(keras.layers.Dense(8, activation="relu")(inp)))
     functional.save(d / "functional.keras")
 
+    named = keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="prob")(inp))
+    named.save(d / "named.keras")
+
     lam = keras.Sequential([keras.Input((4,), name="x"), keras.layers.Lambda(lambda v: v * 2, name="double"),
                             keras.layers.Dense(1)])
     lam.save(d / "lambda.keras")
@@ -54,6 +57,7 @@ def tf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {
         "dir": d, "saved": saved_expected,
         "functional": np.asarray(functional.predict_on_batch(X)), "lambda": np.asarray(lam.predict_on_batch(X)),
+        "named": np.asarray(named.predict_on_batch(X)),
     }
 
 
@@ -83,6 +87,13 @@ def test_keras_file(store: Store, check_pod: Check, tf_models: dict[str, Any]) -
     rec = pack(path, "dense", store)  # input specs give the signature
     assert sig(rec) == {"inputs": [("x", "FP32", [-1, 4])], "outputs": [("output-0", "FP32", [-1, 2])]}
     check_pod(rec, X, {"output-0": tf_models["functional"]})
+
+
+def test_keras_output_layer_names_are_the_output_names(store: Store, check_pod: Check,
+                                                       tf_models: dict[str, Any]) -> None:
+    rec = pack(tf_models["dir"] / "named.keras", "named", store)
+    assert sig(rec)["outputs"] == [("prob", "FP32", [-1, 3])]  # the layer's name, not output-0
+    check_pod(rec, X, {"prob": tf_models["named"]})
 
 
 def test_keras_lambda_refused_without_opt_in(tmp_path: Path, capsys: pytest.CaptureFixture[str],

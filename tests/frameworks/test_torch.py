@@ -5,6 +5,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fwutil import Check, assert_store_empty, sig
 
@@ -43,6 +44,30 @@ def test_exported_program_carries_its_signature(tmp_path: Path, capsys: pytest.C
     # Exported with Dim("batch"): the first dimension is free.
     assert sig(rec) == {"inputs": [("input", "FP32", [-1, 4])], "outputs": [("output-0", "FP32", [-1, 2])]}
     check_pod(rec, torch_models["x"], {"output-0": torch_models["expected"]})
+
+
+def test_exported_dict_outputs_keep_their_names(tmp_path: Path, store: Store, check_pod: Check) -> None:
+    import torch
+
+    class Scores(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            z = self.lin(x)
+            return {"logits": z, "prob": torch.softmax(z, -1)}
+
+    torch.manual_seed(0)
+    net = Scores().eval()
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    program = torch.export.export(net, (torch.from_numpy(x),), dynamic_shapes={"x": {0: torch.export.Dim("b")}})
+    torch.export.save(program, str(tmp_path / "scores.pt2"))
+    rec = pack(tmp_path / "scores.pt2", "scores", store)
+    assert sig(rec)["outputs"] == [("logits", "FP32", [-1, 3]), ("prob", "FP32", [-1, 3])]
+    with torch.inference_mode():
+        want = {k: v.numpy() for k, v in net(torch.from_numpy(x)).items()}
+    check_pod(rec, x, want)
 
 
 def test_threads_option(store: Store, torch_models: dict[str, Any]) -> None:

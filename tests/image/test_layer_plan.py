@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from modelpod.errors import ImageError
 from modelpod.image.artifact import file_groups
 from modelpod.image.plan import core_pins, pod_layers
 from modelpod.image.wheels import Pin, Target, WheelSet, find_cached
-from modelpod.pod import FileEntry, Manifest, Pod
+from modelpod.pod import FileEntry, Manifest, Pod, read_record
 
 
 def _pod(tmp_path: Path, files: list[tuple[str, int, str]]) -> Pod:
@@ -33,7 +34,19 @@ def test_large_weights_get_their_own_layers(tmp_path: Path) -> None:
         ("weights", "weights (1 files)"), ("pod", "manifest + code (2 files)")]
     with specs[-1].entries() as entries:
         assert sorted(e.path for e in entries) == [
-            "opt/modelpod/pod/code/m.py", "opt/modelpod/pod/model/config.json", "opt/modelpod/pod/modelpod.yaml"]
+            "opt/modelpod/pod/code/m.py", "opt/modelpod/pod/model/config.json", "opt/modelpod/pod/modelpod.yaml",
+            "tmp"]
+        assert next(e for e in entries if e.path == "tmp").mode == 0o1777  # the image's writable place
+    with pod_layers(pod, 1000, {"digest": pod.digest, "version": 3, "aliases": ["production"]})[-1].entries() as got:
+        record = next(e for e in got if e.path == "opt/modelpod/pod/modelpod.record.json")
+        assert record.source is not None
+        with record.source.open() as fh:
+            assert json.loads(fh.read()) == {"digest": pod.digest, "version": 3, "aliases": ["production"]}
+    assert read_record(tmp_path, pod.manifest) == (None, ())
+    (tmp_path / "modelpod.record.json").write_text(json.dumps({"digest": pod.digest, "version": 3, "aliases": ["a"]}))
+    assert read_record(tmp_path, pod.manifest) == (3, ("a",))
+    (tmp_path / "modelpod.record.json").write_text(json.dumps({"digest": "sha256:" + "0" * 64, "version": 3}))
+    assert read_record(tmp_path, pod.manifest) == (None, ())  # another pod's record is ignored
     groups = file_groups(pod.manifest.files, threshold=1000)
     assert [title for title, _ in groups] == ["model/big.bin", "model/vocab.txt", "weights", "files"]
 
@@ -62,10 +75,13 @@ def test_pins_must_be_exact() -> None:
         Pin.parse("numpy>=1")
 
 
-def test_core_pins_come_from_modelpod_metadata() -> None:
+def test_core_pins_are_what_serving_imports() -> None:
     names = {p.name for p in core_pins(Target("3.11"))}
-    assert {"numpy", "pyyaml", "rich", "uvicorn", "httptools", "uvloop", "orjson", "packaging"} <= names
-    assert "scikit-learn" not in names and "modelpod" not in names
+    assert {"numpy", "pyyaml", "httptools", "uvloop", "orjson", "grpcio", "protobuf"} <= names
+    # the CLI's table printer, the old ASGI server and pack/build's requirement parser stay out
+    assert not names & {"rich", "uvicorn", "packaging", "scikit-learn", "modelpod"}
+    slim = {p.name for p in core_pins(Target("3.11"), grpc=False)}
+    assert "grpcio" not in slim and "protobuf" not in slim and "numpy" in slim
 
 
 def test_wheels_unpack_into_site_packages_without_scripts_or_bytecode(tmp_path: Path) -> None:

@@ -198,12 +198,14 @@ class LiveServer:
             self._ready.set()
 
     async def _serve(self) -> None:
-        from modelpod.protocols.http import HttpServer
+        from modelpod.protocols.http import HttpLimits, HttpServer
         from modelpod.protocols.rest import RestApp
 
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.http = HttpServer(RestApp(self.engine, self.settings), max_body_bytes=self.settings.max_body_bytes)
+        self.http = HttpServer(RestApp(self.engine, self.settings), max_body_bytes=self.settings.max_body_bytes,
+                               keepalive_timeout_s=self.settings.keepalive_timeout_s,
+                               limits=HttpLimits.from_settings(self.settings))
         port = await self.http.start("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{port}"
         grpc_server = None

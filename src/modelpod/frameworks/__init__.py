@@ -1,15 +1,16 @@
-"""Framework adapters: one small module per framework, all with the same four functions.
+"""Framework adapters: one small module per framework, each meeting the ``Adapter`` protocol.
 
-Each module ``modelpod.frameworks.<name>`` defines:
+Each module ``modelpod.frameworks.<name>`` defines (mypy checks every module against ``Adapter``):
 
 - ``NAME``, ``EXTRA`` (the pip extra), ``IMPORTS`` (modules the extra provides, to check
-  it is installed) and ``DISTRIBUTIONS`` (the pip distributions to lock into the manifest);
+  it is installed), ``DISTRIBUTIONS`` (the pip distributions to lock into the manifest) and
+  ``TABLES`` (whether a table sample makes a table signature, the model then taking a DataFrame);
 - ``detect(path) -> bool``: cheap, never imports the framework;
 - ``pack(src, dest, request) -> Packed``: copy the model's files into the staging directory
   ``dest`` (under ``model/``), refuse unsafe formats, read the signature where the format carries it;
 - ``load(pod) -> Model``: a ``Model`` (not yet loaded) for a verified pod.
 
-This file holds the registry and the records that cross between ``pack`` and the adapters.
+This file holds the protocol, the registry and the records that cross between ``pack`` and the adapters.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 from modelpod.errors import FrameworkError, MissingExtraError
+
+if TYPE_CHECKING:
+    from modelpod.model import Model
+    from modelpod.pod import Pod
 
 # Order matters for detection: the most specific formats first.
 FRAMEWORKS = ("python", "transformers", "tensorflow", "onnx", "torch", "xgboost", "lightgbm", "sklearn")
@@ -36,6 +40,8 @@ class PackRequest:
     allow_pickle: bool = False
     entrypoint: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    trust: tuple[str, ...] = ()  # --trust: types to trust beyond the format's defaults
+    outputs: tuple[str, ...] = ()  # --outputs: named outputs in the adapter's words (label, probabilities, ...)
 
 
 @dataclass(frozen=True)
@@ -48,18 +54,42 @@ class Packed:
     roles: Mapping[str, str] = field(default_factory=dict)  # path prefix -> file role
     distributions: tuple[str, ...] = ()  # extra distributions to lock (beyond the adapter's own)
     serving: Mapping[str, Any] = field(default_factory=dict)
+    trust: tuple[str, ...] = ()  # the requested --trust types the model needs (recorded in the manifest)
 
 
-def module(name: str) -> ModuleType:
+@runtime_checkable
+class Adapter(Protocol):
+    """The contract of a framework adapter module (constants read-only, three functions)."""
+
+    @property
+    def NAME(self) -> str: ...
+    @property
+    def EXTRA(self) -> str: ...
+    @property
+    def IMPORTS(self) -> tuple[str, ...]: ...
+    @property
+    def DISTRIBUTIONS(self) -> tuple[str, ...]: ...
+    @property
+    def TABLES(self) -> bool: ...
+
+    def detect(self, path: Path) -> bool: ...
+
+    def pack(self, src: Path, dest: Path, request: PackRequest) -> Packed: ...
+
+    def load(self, pod: Pod) -> Model: ...
+
+
+def module(name: str) -> Adapter:
     if name not in FRAMEWORKS:
         raise FrameworkError(f"unknown framework {name!r}; known: {', '.join(FRAMEWORKS)}")
-    return importlib.import_module(f"modelpod.frameworks.{name}")
+    # Checked statically below: every adapter module meets the protocol.
+    return cast(Adapter, importlib.import_module(f"modelpod.frameworks.{name}"))
 
 
-def require(name: str) -> ModuleType:
+def require(name: str) -> Adapter:
     """The adapter module, after checking its extra is installed (one-line hint if not)."""
     mod = module(name)
-    for imp in getattr(mod, "IMPORTS", ()):
+    for imp in mod.IMPORTS:
         if importlib.util.find_spec(imp) is None:
             raise MissingExtraError(mod.EXTRA, imp, f"{name} models")
     return mod
@@ -75,3 +105,17 @@ def detect(path: Path) -> str:
     raise FrameworkError(
         f"cannot tell the framework of {path}; pass --framework ({', '.join(FRAMEWORKS)})"
     )
+
+
+if TYPE_CHECKING:  # mypy checks each module against the protocol; nothing is imported at run time
+    from modelpod.frameworks import lightgbm, onnx, python, sklearn, tensorflow, transformers, xgboost
+    from modelpod.frameworks import torch as torch_adapter
+
+    _python: Adapter = python
+    _transformers: Adapter = transformers
+    _tensorflow: Adapter = tensorflow
+    _onnx: Adapter = onnx
+    _torch: Adapter = torch_adapter
+    _xgboost: Adapter = xgboost
+    _lightgbm: Adapter = lightgbm
+    _sklearn: Adapter = sklearn

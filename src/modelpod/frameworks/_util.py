@@ -148,3 +148,55 @@ def bytes_array(values: Iterable[Any]) -> np.ndarray[Any, Any]:
 def as_text(array: np.ndarray[Any, Any]) -> list[str]:
     """A BYTES tensor's elements as str, row order kept."""
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.reshape(-1).tolist()]
+
+
+def chosen_outputs(request_outputs: Sequence[str], known: Mapping[str, str], framework: str) -> list[str]:
+    """The ``--outputs`` names, checked against what the adapter can answer (``known``: name -> meaning)."""
+    names = [n.strip() for n in request_outputs if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise FrameworkError(f"--outputs {','.join(unknown)}: {framework} pods can answer "
+                             + ", ".join(f"{k} ({v})" for k, v in known.items()))
+    if len(set(names)) != len(names):
+        raise FrameworkError(f"--outputs {','.join(names)}: each output can be named once")
+    return names
+
+
+def text_output(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Strings (class labels) as a BYTES tensor; other arrays as they are."""
+    if array.dtype.kind in "OU" and all(isinstance(v, str) for v in array.reshape(-1).tolist()):
+        return bytes_array(array.reshape(-1).tolist()).reshape(array.shape)
+    return array
+
+
+def class_outputs(names: Sequence[str], value: Callable[[], np.ndarray[Any, Any]],
+                  raw: Callable[[], np.ndarray[Any, Any]], probabilities: bool) -> Batch:
+    """The named outputs of a booster: ``label``, ``probabilities``, ``value`` and raw scores.
+
+    ``value`` is the booster's own prediction; for a classifier (``probabilities``) that is the
+    positive class's probability (binary, shape [N]) or one column per class. ``label`` is then
+    what the libraries' scikit-learn classifiers answer: p > 0.5, or the most likely class;
+    ``probabilities`` has one column per class, as their ``predict_proba``.
+    """
+    out: Batch = {}
+    cached: dict[str, np.ndarray[Any, Any]] = {}
+
+    def val() -> np.ndarray[Any, Any]:
+        if "v" not in cached:
+            cached["v"] = np.asarray(value())
+        return cached["v"]
+
+    for name in names:
+        if name in ("margin", "raw"):
+            out[name] = np.asarray(raw())
+        elif name == "value":
+            out[name] = val()
+        elif not probabilities:
+            out[name] = val().astype(np.int64) if name == "label" else val()
+        elif name == "label":
+            v = val()
+            out[name] = (v > 0.5).astype(np.int64) if v.ndim == 1 else v.argmax(axis=1).astype(np.int64)
+        else:  # probabilities
+            v = val()
+            out[name] = np.stack([1 - v, v], axis=1) if v.ndim == 1 else v
+    return out

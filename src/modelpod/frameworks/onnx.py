@@ -27,6 +27,7 @@ NAME = "onnx"
 EXTRA = "onnx"
 IMPORTS = ("onnx", "onnxruntime")
 DISTRIBUTIONS = ("onnx", "onnxruntime")
+TABLES = False  # takes arrays, not a DataFrame
 EXPECTED = "an ONNX model (.onnx)"
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 

@@ -1,7 +1,7 @@
 """Custom code: a directory holding a ``modelpod.Model`` subclass, whose type hints are its schema.
 
 ``def predict(self, text: list[str]) -> list[float]`` serves input ``text`` (BYTES, [-1]) and
-output ``output-0`` (FP32, [-1]). Supported hints: ``list[str]``, ``list[bytes]``,
+output ``output-0`` (FP64, [-1]: Python floats are 64-bit). Supported hints: ``list[str]``, ``list[bytes]``,
 ``list[float]``, ``list[int]``, ``list[bool]`` (nested lists add dimensions), and
 ``Annotated[np.ndarray, Tensor("FP32", (-1, 4))]``; a ``TypedDict`` return names several outputs
 (a ``dict[str, ...]`` return does too, with the signature then taken from ``--sample``). A class
@@ -43,6 +43,7 @@ NAME = "python"
 EXTRA = ""
 IMPORTS: tuple[str, ...] = ()
 DISTRIBUTIONS: tuple[str, ...] = ()
+TABLES = False  # takes arrays, not a DataFrame
 EXPECTED = "a directory of Python code holding a modelpod.Model subclass"
 PICKLED = "a pickle in the code directory"
 # Files that hold weights go to their own image layer even in a code directory.
@@ -53,7 +54,7 @@ WEIGHT_SUFFIXES = (
 LARGE = 1 << 20
 _LEAVES: dict[Any, tuple[str, str]] = {
     str: ("BYTES", "text"), bytes: ("BYTES", "bytes"), bool: ("BOOL", "list"),
-    int: ("INT64", "list"), float: ("FP32", "list"),
+    int: ("INT64", "list"), float: ("FP64", "list"),  # Python floats are 64-bit
 }
 _LISTS = (list, collections.abc.Sequence)
 _MAPPINGS = (dict, collections.abc.Mapping)
@@ -378,4 +379,4 @@ def load(pod: Pod) -> Model:
     return PythonModel(pod)
 
 
-__all__ = ["Tensor", "detect", "load", "pack"]
+__all__ = ["DISTRIBUTIONS", "EXTRA", "IMPORTS", "NAME", "TABLES", "Tensor", "detect", "load", "pack"]

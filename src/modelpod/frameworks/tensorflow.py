@@ -8,6 +8,7 @@ the manifest), and Keras loads every other file with ``safe_mode=True``.
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +36,7 @@ NAME = "tensorflow"
 EXTRA = "tensorflow"
 IMPORTS = ("tensorflow",)
 DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "keras")
+TABLES = False  # takes arrays, not a DataFrame
 EXPECTED = "a TensorFlow SavedModel directory (saved_model.pb) or a Keras .keras file"
 DEFAULT_SIGNATURE = "serving_default"
 LAMBDA_OPT_IN = "a Keras model with Lambda layers (Python bytecode)"
@@ -150,10 +152,23 @@ def _keras_signature(model: Any, path: Path) -> Signature | None:
 
 
 def _keras_output_names(model: Any, count: int) -> list[str]:
-    if count == 1:
-        return ["output-0"]
+    """The output layers' names (``prob``); a lone output keeps ``output-0`` unless its name was given."""
     names = [str(n) for n in getattr(model, "output_names", None) or ()]
-    return names if len(set(names)) == count else [f"output-{i}" for i in range(count)]
+    if len(set(names)) != count:
+        return [f"output-{i}" for i in range(count)]
+    if count == 1 and not _given_name(model, names[0]):
+        return ["output-0"]
+    return names
+
+
+def _given_name(model: Any, name: str) -> bool:
+    """Whether a layer's name was chosen by the user (Keras makes ``dense``, ``dense_3``, ... itself)."""
+    try:
+        layer = model.get_layer(name)
+    except (ValueError, AttributeError):
+        return False
+    auto = re.sub(r"(?<!^)(?=[A-Z])", "_", type(layer).__name__).lower()
+    return re.fullmatch(rf"{re.escape(auto)}(_\d+)?", name) is None
 
 
 # -- the adapter -------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ NAME = "torch"
 EXTRA = "torch"
 IMPORTS = ("torch",)
 DISTRIBUTIONS = ("torch",)
+TABLES = False  # takes arrays, not a DataFrame
 SUFFIXES = (".pt", ".pth", ".pt2", ".bin", ".ckpt", ".torchscript")
 EXPECTED = "a PyTorch model (TorchScript .pt, torch.export .pt2, or with --allow-pickle a torch.save file)"
 PICKLED = "a torch.save pickle"
@@ -99,14 +100,23 @@ def _export_signature(program: Any, path: Path) -> Signature | None:
     kinds = [s.kind for s in program.graph_signature.output_specs]
     user = [v for v, k in zip(values, kinds, strict=True) if k == OutputKind.USER_OUTPUT]
     outputs = []
-    for i, node in enumerate(user):
+    names = _export_output_names(program, len(user))
+    for name, node in zip(names, user, strict=True):
         val = getattr(node, "meta", {}).get("val")
         if val is None or not hasattr(val, "dtype"):
             return Signature(tuple(inputs))
-        name = "output-0" if len(user) == 1 else f"output-{i}"
         datatype = "FP32" if str(val.dtype) == "torch.bfloat16" else _datatype(val.dtype, path, name)
         outputs.append(TensorSpec(name, datatype, _shape(val)))
     return Signature(tuple(inputs), tuple(outputs))
+
+
+def _export_output_names(program: Any, count: int) -> list[str]:
+    """The keys of a dict the module returns (``{"logits": ..., "prob": ...}``), else output-0, output-1, ..."""
+    spec = getattr(getattr(program, "call_spec", None), "out_spec", None)
+    keys = list(getattr(spec, "context", None) or ()) if getattr(spec, "type", None) is dict else []
+    if len(keys) == count and len(set(map(str, keys))) == count:
+        return [str(k) for k in keys]
+    return [f"output-{i}" for i in range(count)]
 
 
 def _load_pickle(path: Path, weights_only: bool | None) -> tuple[Any, bool]:

@@ -34,6 +34,7 @@ NAME = "transformers"
 EXTRA = "transformers"
 IMPORTS = ("transformers", "torch")
 DISTRIBUTIONS = ("transformers", "torch", "tokenizers", "safetensors")
+TABLES = False  # takes arrays, not a DataFrame
 EXPECTED = "a Hugging Face model directory (config.json and safetensors weights)"
 TASKS = ("text-classification", "feature-extraction")
 POOLING = ("mean", "cls")
@@ -91,7 +92,10 @@ def _signature(task: str, config: Mapping[str, Any]) -> Signature:
     if task == "text-classification":
         labels = config.get("id2label") or {}
         width = len(labels) or int(config.get("num_labels") or -1)
-        return Signature(text, (TensorSpec("logits", "FP32", (-1, width)), TensorSpec("label", "BYTES", (-1,))))
+        names = [str(labels.get(str(i), labels.get(i, i))) for i in range(len(labels))]
+        params = {"class_labels": names} if names else {}
+        outputs = (TensorSpec("logits", "FP32", (-1, width)), TensorSpec("label", "BYTES", (-1,)))
+        return Signature(text, outputs, params)
     hidden = config.get("hidden_size") or config.get("d_model") or config.get("dim") or -1
     return Signature(text, (TensorSpec("embedding", "FP32", (-1, int(hidden))),))
 

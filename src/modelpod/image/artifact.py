@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +146,7 @@ def pull_pod(source: Reference, client: Registry, store: Store) -> PodRecord:
         Pod.open(pod_dir, verify=True, expected_digest=manifest.digest)
         return store.add(pod_dir, manifest)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        store.discard(staging)
 
 
 def _manifest(config: bytes, digest: str, source: Reference) -> Manifest:

@@ -50,6 +50,30 @@ from modelpod.pod import Pod
 
 USER = "65532:65532"
 PORT = 8080
+GRPC_PORT = 8081
+# The healthcheck runs beside the server, so it cannot see the server's arguments: it reads them
+# from /proc (``IMAGE --port 9000`` is probed on 9000), then $MODELPOD_PORT, then 8080.
+HEALTH_PROBE = """\
+import os, sys, urllib.request
+def port():
+    pids = ["1"] + sorted(p for p in os.listdir("/proc") if p.isdigit() and p != "1")
+    for pid in pids:
+        try:
+            args = open("/proc/%s/cmdline" % pid, "rb").read().decode(errors="replace").split("\\0")
+        except OSError:
+            continue
+        if "modelpod" not in args or "serve" not in args:
+            continue
+        for i, arg in enumerate(args):
+            if arg == "--port" and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith("--port="):
+                return arg[7:]
+        break
+    return os.environ.get("MODELPOD_PORT") or "8080"
+urllib.request.urlopen("http://127.0.0.1:%s/v2/health/ready" % port(), timeout=4)
+sys.exit(0)
+"""
 ANNOTATION_DIGEST = "dev.modelpod.digest"
 
 
@@ -62,6 +86,9 @@ class BuildOptions:
     weights_layer_bytes: int = WEIGHTS_LAYER_BYTES
     gzip_level: int | None = GZIP_LEVEL
     arch: str = "amd64"
+    features: tuple[str, ...] = ()  # --with: extras in the runtime layer, e.g. ("batch",) adds pyarrow
+    grpc: bool = True  # grpcio in the runtime layer: the image serves gRPC (port 8081) too
+    check: bool = True  # load and predict the sample with only the image's packages before writing
 
 
 @dataclass(frozen=True)
@@ -84,6 +111,7 @@ class BuiltImage:
     interpreter: Interpreter
     base: BaseImage
     annotations: Mapping[str, str] = field(default_factory=dict)
+    load_check: str = "not run"
 
     @property
     def digest(self) -> str:
@@ -92,7 +120,7 @@ class BuiltImage:
     def to_dict(self) -> dict[str, Any]:
         return {"digest": self.digest, "config": self.image.config.digest,
                 "size": sum(d.size for d in self.image.layers) + self.image.config.size + len(self.image.manifest),
-                "base": self.base.name, "python": self.interpreter.path,
+                "base": self.base.name, "python": self.interpreter.path, "load_check": self.load_check,
                 "layers": [layer.to_dict() for layer in self.layers]}
 
 
@@ -107,7 +135,9 @@ class ImageBuilder:
         self.progress = progress or Silent()
 
     # -- build ----------------------------------------------------------------------------------
-    def build(self, pod: Pod, version: int | None = None, options: BuildOptions | None = None) -> BuiltImage:
+    def build(self, pod: Pod, version: int | None = None, options: BuildOptions | None = None,
+              aliases: Sequence[str] = ()) -> BuiltImage:
+        """The image of ``pod``; ``version`` and ``aliases`` (its store record) are served as such."""
         opts = options or BuildOptions()
         want = pod.manifest.python or ""
         if not want:
@@ -115,9 +145,17 @@ class ImageBuilder:
         base = load_base(opts.base or default_base(want), self.blobs, self.registry, arch=opts.arch)
         python = find_python(base, self.blobs, want, self.cache / "bases")
         target = Target(want, python.machine, python.glibc or (2, 17))
-        runtime, pins = runtime_layer(target, self.cache / "wheels", self.progress)
+        runtime, pins = runtime_layer(target, self.cache / "wheels", self.progress, opts.features, grpc=opts.grpc)
         deps = deps_layer(pod, target, pins, self.cache / "wheels", self.progress)
-        specs = [runtime, *([deps] if deps else []), *pod_layers(pod, opts.weights_layer_bytes)]
+        record = {"digest": pod.digest, "version": version, "aliases": sorted(aliases)} if version else None
+        specs = [runtime, *([deps] if deps else []), *pod_layers(pod, opts.weights_layer_bytes, record)]
+        load_check = "off (--no-check)"
+        if opts.check:
+            from modelpod.image.check import check
+
+            task = self.progress.task("load check (the pod with only the image's packages)", 1)
+            load_check = check(pod, specs, target, self.cache / "trees")
+            task.done()
         diff_ids = list((base.config.get("rootfs") or {}).get("diff_ids") or [])
         built = [BuiltLayer("base", f"base layer {i + 1}", d, diff_ids[i]) for i, d in enumerate(base.layers)]
         # zlib and hashing release the GIL: the big layers (runtime, deps) compress side by side.
@@ -131,7 +169,7 @@ class ImageBuilder:
             "layers": [b.descriptor.to_dict() for b in built], "annotations": annotations,
         }
         image = Image(to_json(manifest), OCI_MANIFEST, config_desc, tuple(b.descriptor for b in built))
-        return BuiltImage(image, tuple(built), python, base, annotations)
+        return BuiltImage(image, tuple(built), python, base, annotations, load_check)
 
     def _layer(self, spec: LayerSpec, opts: BuildOptions) -> BuiltLayer:
         key = hashlib.sha256(f"{spec.key}:{opts.created}:{opts.gzip_level}".encode()).hexdigest()
@@ -185,19 +223,21 @@ class ImageBuilder:
         }
         env = [e for e in inherited.get("Env") or [] if e.partition("=")[0] not in ours]
         env += [f"{k}={v}" for k, v in sorted(ours.items())]
-        probe = ("import os,sys,urllib.request as u; "
-                 "u.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('MODELPOD_PORT', '8080'), "
-                 "timeout=4); sys.exit(0)")
+        ports: dict[str, dict[str, Any]] = {f"{PORT}/tcp": {}, **({f"{GRPC_PORT}/tcp": {}} if opts.grpc else {})}
         config = {
             "Env": env,
             "User": USER,
-            "Entrypoint": [python.path, "-m", "modelpod", "serve", f"/{POD_DIR}"],
+            # `docker run IMAGE [serve flags]` serves the pod; `docker run IMAGE batch ...` scores files.
+            "Entrypoint": [python.path, "-m", "modelpod.entry", f"/{POD_DIR}"],
             "WorkingDir": f"/{POD_DIR}",
-            "ExposedPorts": {f"{PORT}/tcp": {}},
+            "ExposedPorts": ports,
+            # The one writable place: an anonymous volume, so `docker run --read-only` works as is
+            # (torch.export and others need a temporary directory to load).
+            "Volumes": {"/tmp": {}},
             "Labels": {**dict(inherited.get("Labels") or {}), **annotations},
             "StopSignal": "SIGTERM",
             # Docker's extension (OCI runtimes ignore it); durations in nanoseconds.
-            "Healthcheck": {"Test": ["CMD", python.path, "-c", probe], "Interval": 30 * 10**9,
+            "Healthcheck": {"Test": ["CMD", python.path, "-c", HEALTH_PROBE], "Interval": 30 * 10**9,
                             "Timeout": 5 * 10**9, "StartPeriod": 30 * 10**9, "Retries": 3},
         }
         history = list(base.config.get("history") or [])

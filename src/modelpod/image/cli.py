@@ -11,12 +11,15 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from modelpod.errors import UsageError
+from modelpod.cli import _emit
+from modelpod.errors import RegistryError, UsageError
 from modelpod.image.artifact import pull_pod, push_pod
+from modelpod.image.base import default_base
 from modelpod.image.builder import BuildOptions, BuiltImage, ImageBuilder
 from modelpod.image.oci import BlobStore
 from modelpod.image.progress import Progress, RichProgress, Silent
 from modelpod.image.registry import DOCKER_HUB, Credentials, Reference, Registry
+from modelpod.pod import Manifest
 from modelpod.settings import Settings
 from modelpod.store import Store
 
@@ -62,21 +65,25 @@ def _progress(args: argparse.Namespace) -> Iterator[Progress]:
     if getattr(args, "json", False):
         yield Silent()
         return
-    with RichProgress() as bars:
+    try:
+        bars = RichProgress()
+    except ImportError:  # no rich (as in an image): no bars
+        yield Silent()
+        return
+    with bars:
         yield bars
 
 
-def _emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(data, sort_keys=True))
-    else:
-        human()
-
-
-def _source_date_epoch(env: Mapping[str, str] | None = None) -> int:
+def _source_date_epoch(env: Mapping[str, str] | None = None, manifest: Manifest | None = None,
+                       stored: float | None = None) -> int:
+    """The image's time: SOURCE_DATE_EPOCH, else when the pod was packed (recorded in its lineage,
+    so the same pod gives the same image anywhere), else when the store took it in."""
     raw = (os.environ if env is None else env).get("SOURCE_DATE_EPOCH", "").strip()
     if not raw:
-        return 0
+        packed = manifest.lineage.get("created") if manifest is not None else None
+        if isinstance(packed, int) and not isinstance(packed, bool) and packed >= 0:
+            return packed
+        return int(stored or 0)
     try:
         return int(raw)
     except ValueError:
@@ -104,12 +111,21 @@ def build_command(args: argparse.Namespace, settings: Settings) -> Any:
     pod = store.open(rec.ref)
     push = Reference.parse(args.push) if args.push else None
     kind, out, out_tag = _output(args.output, rec.name, rec.version) if args.output or not push else ("", Path(), None)
-    options = BuildOptions(base=args.base, created=_source_date_epoch(),
-                           source=getattr(args, "source", None), revision=getattr(args, "revision", None))
+    options = BuildOptions(base=args.base, created=_source_date_epoch(None, pod.manifest, rec.created),
+                           source=getattr(args, "source", None), revision=getattr(args, "revision", None),
+                           grpc=not getattr(args, "no_grpc", False), check=not getattr(args, "no_check", False),
+                           features=tuple(sorted(set(getattr(args, "with_", None) or ()))))
     tag = getattr(args, "tag", None) or f"modelpod/{rec.name}:{rec.version}"
     with _progress(args) as progress:
         builder = ImageBuilder(settings.home / "cache", _registries(progress), progress)
-        built = builder.build(pod, rec.version, options)
+        try:
+            built = builder.build(pod, rec.version, options, rec.aliases)
+        except RegistryError as exc:
+            if args.base:
+                raise
+            raise RegistryError(f"{exc}\nhint: without --base the image starts from {default_base(pod.manifest.python)}"
+                                " on Docker Hub; pass a base you have: --base oci:DIR[:TAG] (an OCI layout), "
+                                "--base docker-archive:FILE (docker save), or REGISTRY/REPO:TAG") from None
         outputs: dict[str, Any] = {}
         if kind == "oci":
             builder.write_layout(built, out, out_tag or str(rec.version))
@@ -128,21 +144,18 @@ def build_command(args: argparse.Namespace, settings: Settings) -> Any:
 
 
 def _print_build(built: BuiltImage, outputs: Mapping[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from modelpod.cli import print_table
 
-    table = Table("ROLE", "LAYER", "SIZE", "DIGEST", "", box=None)
-    for layer in built.layers:
-        table.add_row(layer.role, layer.title, _size(layer.descriptor.size), layer.descriptor.digest[:19],
-                      "cached" if layer.cached else "")
-    console = Console(highlight=False)
-    console.print(table)
-    console.print(f"image {built.digest}  (python {built.interpreter.path}, base {built.base.name})", soft_wrap=True)
+    print_table(("ROLE", "LAYER", "SIZE", "DIGEST", ""),
+                [(layer.role, layer.title, _size(layer.descriptor.size), layer.descriptor.digest[:19],
+                  "cached" if layer.cached else "") for layer in built.layers])
+    print(f"image {built.digest}  (python {built.interpreter.path}, base {built.base.name})")
+    print(f"load check: {built.load_check}")
     for key in ("oci", "docker-archive", "pushed"):
         if key in outputs:
-            console.print(f"{key}: {outputs[key]}", soft_wrap=True)
+            print(f"{key}: {outputs[key]}")
     if "docker-archive" in outputs:
-        console.print(f"load it with: docker load -i {outputs['docker-archive']}", soft_wrap=True)
+        print(f"load it with: docker load -i {outputs['docker-archive']}")
 
 
 def push_command(args: argparse.Namespace, settings: Settings) -> Any:

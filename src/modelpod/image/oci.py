@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from modelpod.errors import ImageError, IntegrityError
 from modelpod.image.tarball import Entry, FileSource, file_entry, write_layer
+from modelpod.pod import canonical_json
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -42,13 +43,11 @@ POD_LAYER = "application/vnd.modelpod.pod.layer.v1.tar"
 MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEXES = (OCI_INDEX, DOCKER_LIST)
 REF_NAME = "org.opencontainers.image.ref.name"
+# Manifests, configs and index files use the one canonical JSON encoding, the pod digest's.
+to_json = canonical_json
+
 # Docker's layer types mapped onto the OCI equivalents: same bytes, so the same digests.
 _TO_OCI_LAYER = {DOCKER_LAYER_GZIP: OCI_LAYER_GZIP, "application/vnd.docker.image.rootfs.diff.tar": OCI_LAYER}
-
-
-def to_json(data: Any) -> bytes:
-    """The one JSON encoding for manifests and configs: sorted keys, no spaces, so digests repeat."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def sha256_digest(data: bytes) -> str:

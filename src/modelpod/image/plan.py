@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from packaging.markers import default_environment
-from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import modelpod
@@ -26,7 +25,8 @@ from modelpod.errors import ImageError
 from modelpod.image.progress import Progress
 from modelpod.image.tarball import Entry, FileSource, file_entry, skipped
 from modelpod.image.wheels import Pin, Target, WheelSet, ensure_wheels
-from modelpod.pod import MANIFEST_NAME, FileEntry, Pod
+from modelpod.locking import NotInstalledError, walk
+from modelpod.pod import MANIFEST_NAME, RECORD_NAME, FileEntry, Pod, canonical_json
 
 ROOT = "opt/modelpod"
 RUNTIME_DIR = f"{ROOT}/runtime"
@@ -36,6 +36,11 @@ POD_DIR = f"{ROOT}/pod"
 PYTHONPATH = f"/{DEPS_DIR}:/{RUNTIME_DIR}"
 WEIGHTS_LAYER_BYTES = 16 * 1024 * 1024  # a weights/data file this big gets a layer of its own
 _FORMAT = "modelpod-layer-v1"  # bump when the layout of any layer changes
+# What a serving process imports beyond modelpod and the standard library (a test runs the server
+# and compares): the runtime layer holds these and their dependencies, nothing the CLI, pack or
+# build need (rich, packaging). Each is one of modelpod's core requirements (a test checks that).
+SERVING = ("numpy", "pyyaml", "httptools", "uvloop; sys_platform != 'win32'", "orjson")
+GRPC = ("grpcio", "protobuf")  # the gRPC endpoint, in images unless built with --no-grpc
 
 EntryFactory = Callable[[], contextlib.AbstractContextManager[list[Entry]]]
 
@@ -66,37 +71,22 @@ def target_environment(target: Target) -> dict[str, str]:
     return env
 
 
-def core_pins(target: Target, dist: str = "modelpod") -> list[Pin]:
-    """modelpod's core requirements and theirs, pinned to the versions installed here."""
-    env = target_environment(target)
-    pins: dict[str, Pin] = {}
-    todo: list[tuple[str, tuple[str, ...]]] = [
-        (req.name, tuple(req.extras)) for req in _requires(dist) if _applies(req, env, ())
-    ]
-    while todo:
-        name, extras = todo.pop()
-        key = canonicalize_name(name)
-        if key in pins and not extras:
-            continue
-        try:
-            found = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            raise ImageError(f"{dist} needs {name}, which is not installed here; reinstall {dist}") from None
-        pins[key] = Pin(key, found.version, f"{found.metadata['Name']}=={found.version}")
-        for req in _requires(name):
-            if _applies(req, env, extras) and canonicalize_name(req.name) not in pins:
-                todo.append((req.name, tuple(req.extras)))
-    return sorted(pins.values(), key=lambda p: p.name)
+# ``modelpod build --with FEATURE``: distributions added to the runtime layer for that feature.
+FEATURES: dict[str, tuple[str, ...]] = {"batch": ("pyarrow",)}
 
 
-def _requires(dist: str) -> list[Requirement]:
-    return [Requirement(r) for r in metadata.distribution(dist).requires or ()]
-
-
-def _applies(req: Requirement, env: dict[str, str], extras: Sequence[str]) -> bool:
-    if req.marker is None:
-        return True
-    return any(req.marker.evaluate({**env, "extra": e}) for e in (extras or ("",)))
+def core_pins(target: Target, grpc: bool = True, also: Sequence[str] = ()) -> list[Pin]:
+    """What serving imports (``SERVING``, and ``GRPC`` unless ``grpc`` is off) and their dependencies,
+    pinned to the versions installed here; ``also``: more distributions (``--with``)."""
+    roots = [*SERVING, *(GRPC if grpc else ()), *also]
+    try:
+        found = walk(roots, target_environment(target), strict=True, needed_by="the image's modelpod runtime")
+    except NotInstalledError as exc:
+        if grpc and canonicalize_name(exc.name) in GRPC:
+            raise ImageError(f"images serve gRPC by default, and {exc.name} is not installed here: "
+                             "pip install 'modelpod[grpc]', or build with --no-grpc") from None
+        raise ImageError(f"{exc}; reinstall modelpod") from None
+    return sorted((Pin.parse(text) for text in found.values()), key=lambda p: p.name)
 
 
 def _package_files() -> list[tuple[str, Path]]:
@@ -121,9 +111,13 @@ def _dist_info(pins: Sequence[Pin]) -> dict[str, bytes]:
             f"{info}/top_level.txt": b"modelpod\n"}
 
 
-def runtime_layer(target: Target, wheel_cache: Path, progress: Progress) -> tuple[LayerSpec, list[Pin]]:
-    """modelpod and its core dependencies, as site-packages under /opt/modelpod/runtime."""
-    pins = core_pins(target)
+def runtime_layer(target: Target, wheel_cache: Path, progress: Progress,
+                  features: Sequence[str] = (), grpc: bool = True) -> tuple[LayerSpec, list[Pin]]:
+    """modelpod and what serving imports (and what ``features`` need), as site-packages under /opt/modelpod/runtime."""
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown:
+        raise ImageError(f"--with {', '.join(unknown)}: unknown; choose from {', '.join(FEATURES)}")
+    pins = core_pins(target, grpc, also=[d for f in features for d in FEATURES[f]])
     files = _package_files()
     extra = _dist_info(pins)
     digest = hashlib.sha256()
@@ -140,7 +134,8 @@ def runtime_layer(target: Target, wheel_cache: Path, progress: Progress) -> tupl
             own += [file_entry(f"{RUNTIME_DIR}/{rel}", data) for rel, data in extra.items()]
             yield [*ws.entries(RUNTIME_DIR), *own]
 
-    return LayerSpec("runtime", f"runtime (modelpod {__version__})", key, entries), pins
+    title = f"runtime (modelpod {__version__}{', gRPC' if grpc else ''})"
+    return LayerSpec("runtime", title, key, entries), pins
 
 
 def deps_layer(pod: Pod, target: Target, runtime: Sequence[Pin], wheel_cache: Path,
@@ -163,8 +158,10 @@ def deps_layer(pod: Pod, target: Target, runtime: Sequence[Pin], wheel_cache: Pa
 
 
 # -- the pod ------------------------------------------------------------------------------------
-def pod_layers(pod: Pod, threshold: int = WEIGHTS_LAYER_BYTES) -> list[LayerSpec]:
-    """Large weights/data files one layer each, the other weights/data together, then manifest + code."""
+def pod_layers(pod: Pod, threshold: int = WEIGHTS_LAYER_BYTES,
+               record: Mapping[str, Any] | None = None) -> list[LayerSpec]:
+    """Large weights/data files one layer each, the other weights/data together, then manifest + code
+    (and ``record``: the pod's version and aliases in the store, beside the manifest)."""
     heavy = [f for f in pod.manifest.files if f.role in ("weights", "data")]
     alone = sorted((f for f in heavy if f.size >= threshold), key=lambda f: f.path)
     together = sorted((f for f in heavy if f.size < threshold), key=lambda f: f.path)
@@ -173,11 +170,15 @@ def pod_layers(pod: Pod, threshold: int = WEIGHTS_LAYER_BYTES) -> list[LayerSpec
     if together:
         specs.append(_files_layer(pod, "weights", f"weights ({len(together)} files)", together))
     manifest = pod.manifest.to_yaml().encode()
-    key = _key("pod", pod.digest, [(f.path, f.sha256, f.size) for f in rest])
+    extra = {RECORD_NAME: canonical_json(dict(record))} if record else {}
+    key = _key("pod", pod.digest, [(f.path, f.sha256, f.size) for f in rest], sorted(extra.items()), "tmp")
 
     @contextlib.contextmanager
     def entries() -> Iterator[list[Entry]]:
-        yield [*_pod_entries(pod, rest), file_entry(f"{POD_DIR}/{MANIFEST_NAME}", manifest)]
+        # /tmp, world-writable and sticky, is the image's one writable place (a volume in the config,
+        # so it stays writable under ``docker run --read-only``).
+        yield [*_pod_entries(pod, rest), file_entry(f"{POD_DIR}/{MANIFEST_NAME}", manifest),
+               *(file_entry(f"{POD_DIR}/{name}", data) for name, data in extra.items()), Entry("tmp", "dir", 0o1777)]
 
     specs.append(LayerSpec("pod", f"manifest + code ({len(rest)} files)", key, entries))
     return specs

@@ -2,8 +2,10 @@
 
 Inputs arrive as typed ``contents`` or as ``raw_input_contents``; the answer uses the same form
 (raw whenever the request was raw, or an output is FP16/BF16, which only travel raw). Errors map
-to status codes through ``ModelpodError.grpc_code``. gRPC is an optional extra: importing this
-module without grpcio raises MissingExtraError with the install hint.
+to status codes through ``ModelpodError.grpc_code``. Every answer carries the trailing
+metadata ``modelpod-variant: NAME:VERSION``; a route's sticky key is read from the invocation
+metadata. gRPC is an optional extra: importing this module without grpcio raises
+MissingExtraError with the install hint.
 """
 
 from __future__ import annotations
@@ -224,9 +226,16 @@ class GrpcService:
             decoded = await loop.run_in_executor(self._decoder, decode_infer, request, check)
         else:
             decoded = decode_infer(request, check)
+        headers = None
+        if self.engine.traffic.routes:  # a route's sticky key may be in the metadata
+            headers = {str(k): str(v) for k, v in context.invocation_metadata() or ()}
         result = await self.engine.infer(request.model_name, request.model_version or None, decoded,
-                                         protocol="grpc", started=started)
-        return encode_infer(result, decoded)
+                                         protocol="grpc", started=started, headers=headers)
+        context.set_trailing_metadata((("modelpod-variant", result.variant or result.model_name),))
+        msg = encode_infer(result, decoded)
+        if result.id:  # a routed answer always has one, for feedback
+            msg.id = result.id
+        return msg
 
     def handler(self) -> Any:
         def unary(fn: Rpc, req: Any, resp: Any, public: bool = False) -> Any:

@@ -3,36 +3,76 @@
 Why not an ASGI server: the inference hot path is a small JSON body in and out, and the ASGI
 message dance costs more than the inference itself for small models. This keeps keep-alive,
 pipelining (answered in order), ``Expect: 100-continue``, a body cap that answers 413 before
-reading the body, header limits, idle timeouts and graceful draining, and nothing else.
+reading the body, and graceful draining, and it bounds what one client can hold (``HttpLimits``):
+
+- request-line and header bytes are counted as they arrive (414, 431), not when a line ends;
+- a request's head must arrive within ``header_timeout_s`` of its first byte and the whole request
+  within ``body_timeout_s`` (408), so a client sending a byte every few seconds is cut off;
+- an answer the client does not read for ``write_timeout_s`` drops the connection;
+- bodies queued behind a busy request are capped per connection (reading pauses, as uvicorn does,
+  and resumes once they drain); connections over ``max_connections`` get 503 + Retry-After.
+
+Every refusal is answered in order after what was pipelined before it, says ``connection: close``,
+then the server half-closes and reads and drops the rest of the input for a while (closing with
+unread input would reset the connection and could lose the answer). A client that half-closes
+after its request still gets every answer. The deadlines cost no timer per request: one sweep a
+second compares each connection's two deadlines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, fields
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
+if TYPE_CHECKING:
+    from modelpod.settings import Settings
+
 log = logging.getLogger("modelpod.serving")
 
-MAX_HEADER_BYTES = 64 * 1024
-MAX_PIPELINED = 32
+MAX_PIPELINED = 32  # requests queued behind a busy one before reading pauses
+LINGER_S = 5.0  # after a refusal: how long the rest of the input is read and dropped
+_NEVER = math.inf
+_IDLE, _HEAD, _BODY = 0, 1, 2
+# Headers a request may carry once: two are ambiguous (which host? whose credentials? which length?).
+_SINGLE = frozenset({"host", "authorization", "content-length", "content-type", "content-encoding",
+                     "inference-header-content-length", "origin", "expect"})
 _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one connection (and all of them together) may hold; see the module docstring."""
+
+    max_request_line_bytes: int = 8 * 1024
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    write_timeout_s: float = 30.0
+    max_pipelined_bytes: int = 1024 * 1024
+    max_connections: int = 4096
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HttpLimits:
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 class Request:
     """One parsed request. Header names are lower case; the body is complete."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "received", "reject")
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "reason", "received", "reject")
 
     def __init__(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
-                 keep_alive: bool, received: float, reject: int = 0) -> None:
+                 keep_alive: bool, received: float, reject: int = 0, reason: str = "") -> None:
         self.method = method
         self.path = path
         self.query = query
@@ -40,7 +80,8 @@ class Request:
         self.body = body
         self.keep_alive = keep_alive
         self.received = received
-        self.reject = reject  # an HTTP status decided while parsing (413, 431): answer it, close
+        self.reject = reject  # an HTTP status decided by the connection (408, 413, 431...): answer it, close
+        self.reason = reason
 
 
 class Response:
@@ -59,11 +100,15 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class HttpServer:
-    def __init__(self, handler: Handler, *, max_body_bytes: int, keepalive_timeout_s: float = 75.0) -> None:
+    def __init__(self, handler: Handler, *, max_body_bytes: int, keepalive_timeout_s: float = 75.0,
+                 limits: HttpLimits | None = None) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
         self.keepalive_timeout_s = keepalive_timeout_s
+        self.limits = limits or HttpLimits()
         self.connections: set[_Connection] = set()
+        self.open = 0  # connections within max_connections
+        self.refused = 0  # connections over the cap since the last tick
         self.active = 0  # requests handed to the handler and not yet written back
         self.draining = False
         self.date = b""
@@ -80,13 +125,16 @@ class HttpServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     def _tick(self) -> None:
-        """Once a second: refresh the Date header, close connections idle past the keep-alive timeout."""
+        """Once a second: refresh the Date header and check every connection's deadlines."""
         loop = asyncio.get_running_loop()
         self.date = f"date: {formatdate(usegmt=True)}\r\nserver: modelpod\r\n".encode()
         now = loop.time()
         for conn in list(self.connections):
-            if not conn.busy and now - conn.last_active > self.keepalive_timeout_s:
-                conn.close()
+            conn.sweep(now)
+        if self.refused:
+            log.warning("connections refused: over the cap", extra={"fields": {
+                "refused": self.refused, "max_connections": self.limits.max_connections}})
+            self.refused = 0
         self._ticker = loop.call_later(1.0, self._tick)
 
     def begin_drain(self) -> None:
@@ -118,174 +166,281 @@ class HttpServer:
         self.connections.clear()
 
 
+class _Stop(Exception):
+    """Raised from a parser callback: stop parsing this connection and answer ``status``."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+_NO_REQUEST = Request("GET", "/", "", {}, b"", False, 0.0)
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self.server = server
+        self.limits = server.limits
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.url = b""
         self.headers: dict[str, str] = {}
-        self.header_bytes = 0
+        self.head_bytes = 0
         self.body: list[bytes] = []
         self.size = 0
-        self.started = 0.0
-        # An early answer (413/431): the rest of that message is read and dropped, then we close.
-        self.rejected = False
-        self.reject_written = False
-        self.reject_read = False
+        self.started = 0.0  # perf_counter at the request's first byte (for latency)
+        self.began = 0.0  # loop time at the request's first byte (for deadlines)
+        self.phase = _IDLE
+        self.seq = 0  # requests begun on this connection
+        self.read_deadline = _NEVER
+        self.write_deadline = _NEVER
+        self.stop: _Stop | None = None
+        self.discard = False  # after a refusal: read and drop all further input
+        self.counted = False
         self.pending: deque[Request] = deque()
+        self.pending_bytes = 0
         self.busy = False
         self.closed = False
+        self.eof = False
         self.paused_reading = False
-        self.last_active = self.loop.time()
         self.writable: asyncio.Future[None] | None = None
 
     # -- transport callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        self.server.connections.add(self)
+        server = self.server
+        server.connections.add(self)
+        now = self.loop.time()
+        if server.open >= self.limits.max_connections:
+            server.refused += 1
+            self._write(_NO_REQUEST, error_response(503, "too many connections; try again shortly",
+                                                    headers=[("retry-after", "1")], close=True))
+            self._linger(1.0)
+            return
+        self.counted = True
+        server.open += 1
+        # A new connection gets the head deadline for its first byte, a kept-alive one the idle timeout.
+        self.read_deadline = now + min(self.limits.header_timeout_s, server.keepalive_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        if self.counted:
+            self.counted = False
+            self.server.open -= 1
+        self.pending.clear()
         if self.writable is not None and not self.writable.done():
             self.writable.set_result(None)
 
+    def eof_received(self) -> bool | None:
+        """The client half-closed: answer what it sent (True keeps our side open), then close."""
+        self.eof = True
+        if self.busy and not self.closed:
+            return True
+        self.closed = True
+        return None
+
     def pause_writing(self) -> None:
         self.writable = self.loop.create_future()
+        self.write_deadline = self.loop.time() + self.limits.write_timeout_s
 
     def resume_writing(self) -> None:
         if self.writable is not None and not self.writable.done():
             self.writable.set_result(None)
         self.writable = None
+        if not self.closed:
+            self.write_deadline = _NEVER
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = self.loop.time()
-        if self.reject_read:
+        if self.discard:
             return
+        phase, seq, before = self.phase, self.seq, self.head_bytes
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            stop, self.stop = self.stop, None
+            if stop is None:  # one of our callbacks failed: a bug, not the client's fault
+                log.exception("HTTP parser callback failed")
+                self._refuse(500, "internal server error")
+            else:
+                self._refuse(stop.status, stop.reason)
+            return
         except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
+            self._refuse(400, "protocol upgrades are not supported")
+            return
         except httptools.HttpParserError as exc:
-            self._fail(400, f"malformed HTTP request: {exc}")
+            self._refuse(400, f"malformed HTTP request: {exc}")
+            return
+        if self.phase == _HEAD and phase == _HEAD and self.seq == seq:
+            # All of this chunk is part of a head begun earlier; httptools holds an unfinished header
+            # line inside, unseen, so count the chunk here.
+            self.head_bytes = before + len(data)
+            if self.head_bytes > self.limits.max_header_bytes:
+                self._refuse(431, f"the request headers are larger than {self.limits.max_header_bytes} bytes")
 
     # -- parser callbacks -------------------------------------------------------------------------
+    def _halt(self, status: int, reason: str) -> None:
+        self.stop = _Stop(status, reason)
+        raise self.stop
+
     def on_message_begin(self) -> None:
+        self.seq += 1
+        self.phase = _HEAD
         self.url = b""
         self.headers = {}
-        self.header_bytes = 0
+        self.head_bytes = 0
         self.body = []
         self.size = 0
-        self.rejected = False
         self.started = time.perf_counter()
+        self.began = now = self.loop.time()
+        self.read_deadline = now + self.limits.header_timeout_s
 
     def on_url(self, url: bytes) -> None:
-        self.url += url
-        self.header_bytes += len(url)
+        self.head_bytes += len(url)
+        if self.url:
+            url = self.url + url
+        if len(url) > self.limits.max_request_line_bytes:
+            self._halt(414, f"the request target is longer than {self.limits.max_request_line_bytes} bytes")
+        self.url = url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_bytes += len(name) + len(value)
-        if self.header_bytes > MAX_HEADER_BYTES:
-            if not self.rejected:
-                self._reject(431)
-            return
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.limits.max_header_bytes:
+            self._halt(431, f"the request headers are larger than {self.limits.max_header_bytes} bytes")
+        key = name.decode("latin-1").lower()
+        headers = self.headers
+        if key in headers:
+            if key in _SINGLE:
+                self._halt(400, f"more than one {key} header")
+            headers[key] += ", " + value.decode("latin-1")
+        else:
+            headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
-        if self.rejected:
-            return
-        length = self.headers.get("content-length")
+        self.phase = _BODY
+        self.read_deadline = self.began + self.limits.body_timeout_s
+        headers = self.headers
+        if "host" not in headers and self.parser.get_http_version() not in ("1.0", "0.9"):
+            self._halt(400, "an HTTP/1.1 request needs a Host header")
+        length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body_bytes:
-            self._reject(413)
-        elif self.headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
+            self._halt(413, f"the body is larger than {self.server.max_body_bytes} bytes")
+        expect = headers.get("expect")
+        # 100 Continue: only to HTTP/1.1 clients, and not while an earlier answer is still to come
+        # (it would land in the middle of that answer; the client sends its body after a wait).
+        if (expect is not None and expect.lower() == "100-continue" and not self.busy
+                and self.transport is not None and self.parser.get_http_version() == "1.1"):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
-        if self.rejected:
-            return
-        self.size += len(body)
-        if self.size > self.server.max_body_bytes:
+        size = self.size + len(body)
+        if size > self.server.max_body_bytes:
             self.body = []
-            self._reject(413)
-            return
+            self._halt(413, f"the body is larger than {self.server.max_body_bytes} bytes")
+        self.size = size
         self.body.append(body)
+        if self.busy and not self.paused_reading and size + self.pending_bytes > self.limits.max_pipelined_bytes:
+            self._pause()
 
     def on_message_complete(self) -> None:
-        if self.rejected:
-            self.reject_read = True
-            if self.reject_written:
-                self.close()
-            return
+        self.phase = _IDLE
+        self.read_deadline = _NEVER
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self._dispatch(self._request(body))
 
     # -- answering --------------------------------------------------------------------------------
-    def _request(self, body: bytes, reject: int = 0) -> Request:
+    def _request(self, body: bytes) -> Request:
         url = self.url
         if url[:1] != b"/":
-            url = httptools.parse_url(url).path or b"/"
+            try:
+                url = httptools.parse_url(url).path or b"/"
+            except httptools.HttpParserInvalidURLError:
+                self._halt(400, "malformed request target")
         path, _, query = url.partition(b"?")
         return Request(self.parser.get_method().decode("ascii", "replace"), path.decode("latin-1"),
-                       query.decode("latin-1"), self.headers, body,
-                       self.parser.should_keep_alive() and not reject, self.started, reject)
+                       query.decode("latin-1"), self.headers, body, self.parser.should_keep_alive(),
+                       self.started)
 
-    def _reject(self, status: int) -> None:
-        """Answer now (in order after anything pipelined), discard the rest of the message, close."""
-        self.rejected = True
-        self._dispatch(self._request(b"", reject=status))
-        # Stop reading a body nobody wants after a while; the client has its answer by then.
-        self.loop.call_later(10.0, self.close)
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer ``status`` in order after what is pipelined, read nothing more, close after."""
+        if self.discard or self.closed:
+            return
+        self.discard = True
+        self.read_deadline = _NEVER  # until the answer is out; then the linger deadline
+        self._dispatch(Request("GET", "/", "", {}, b"", False, self.started, status, reason))
 
     def _dispatch(self, request: Request) -> None:
         if self.busy:
             self.pending.append(request)
-            if len(self.pending) > MAX_PIPELINED and self.transport is not None and not self.paused_reading:
-                self.transport.pause_reading()
-                self.paused_reading = True
+            self.pending_bytes += len(request.body)
+            if not self.paused_reading and (len(self.pending) > MAX_PIPELINED
+                                            or self.pending_bytes > self.limits.max_pipelined_bytes):
+                self._pause()
             return
         self.busy = True
         self.server.active += 1
         self.loop.create_task(self._serve(request))
 
+    def _pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+            self.paused_reading = True
+
+    def _resume(self) -> None:
+        self.paused_reading = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+            if self.phase != _IDLE:  # the client waited on us: its request gets time again
+                self.read_deadline = max(self.read_deadline, self.loop.time() + self.limits.header_timeout_s)
+
     async def _serve(self, request: Request) -> None:
         while True:
-            try:
-                if request.reject:
-                    response = error_response(request.reject, HTTPStatus(request.reject).phrase.lower(), close=True)
-                else:
+            if request.reject:
+                headers = [("retry-after", "1")] if request.reject == 503 else None
+                response = error_response(request.reject, request.reason or HTTPStatus(request.reject).phrase,
+                                          headers=headers, close=True)
+            else:
+                try:
                     response = await self.server.handler(request)
-            except Exception:
-                log.exception("unhandled error in the HTTP handler")
-                response = error_response(500, "internal server error")
+                except Exception:
+                    log.exception("unhandled error in the HTTP handler")
+                    response = error_response(500, "internal server error")
             if self.writable is not None:
                 await self.writable
             keep = self._write(request, response)
             self.server.request_done()
             if request.reject:
-                self.reject_written = True
+                self._linger(LINGER_S)
+                break
             if not keep:
-                # After an early answer, close once the unwanted body is read, or the client
-                # may never see the answer (a close with unread data resets the connection).
-                if not request.reject or self.reject_read:
-                    self.close()
-                self.pending.clear()
+                self.close()
                 break
             if not self.pending:
                 break
             request = self.pending.popleft()
+            self.pending_bytes -= len(request.body)
             self.server.active += 1
-            if self.paused_reading and len(self.pending) < MAX_PIPELINED // 2 and self.transport is not None:
-                self.transport.resume_reading()
-                self.paused_reading = False
+            if (self.paused_reading and not self.discard and len(self.pending) <= MAX_PIPELINED // 2
+                    and self.pending_bytes <= self.limits.max_pipelined_bytes // 2):
+                self._resume()
         self.busy = False
-        self.last_active = self.loop.time()
+        if self.closed or self.discard:
+            return
+        if self.eof:
+            self.close()
+            return
+        if self.paused_reading:
+            self._resume()
+        if self.phase == _IDLE:
+            self.read_deadline = self.loop.time() + self.server.keepalive_timeout_s
 
     def _write(self, request: Request, response: Response) -> bool:
-        keep = request.keep_alive and not response.close and not self.server.draining and not self.closed
         if self.closed or self.transport is None:
             return False
+        keep = (request.keep_alive and not response.close and not self.server.draining
+                and not (self.eof and not self.pending))
         body = response.body
         length = len(body) if isinstance(body, bytes) else sum(len(b) for b in body)
         head = [
@@ -307,16 +462,50 @@ class _Connection(asyncio.Protocol):
         self.transport.write(b"".join(head))
         return keep
 
-    def _fail(self, status: int, message: str) -> None:
-        if self.transport is not None and not self.closed:
-            response = error_response(status, message, close=True)
-            self._write(Request("GET", "/", "", {}, b"", False, 0.0), response)
-        self.close()
+    def _linger(self, seconds: float) -> None:
+        """After a refusal: half-close, read and drop what still comes, close after ``seconds``."""
+        self.pending.clear()
+        self.pending_bytes = 0
+        if self.closed or self.transport is None:
+            return
+        if self.eof:
+            self.close()
+            return
+        self.discard = True
+        try:
+            self.transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            self.close()
+            return
+        self.read_deadline = self.loop.time() + seconds
+        if self.paused_reading:
+            self._resume()
+
+    def sweep(self, now: float) -> None:
+        """The once-a-second check of this connection's deadlines."""
+        if now > self.write_deadline:  # the client has not read our answer for write_timeout_s
+            self.abort()
+        elif now > self.read_deadline and not self.closed and not (self.paused_reading and not self.discard):
+            if self.discard or self.phase == _IDLE:
+                self.close()  # idle past the keep-alive timeout, or the linger after a refusal is over
+            else:
+                self._refuse(408, "the request did not arrive in time")
+
+    def abort(self) -> None:
+        self.closed = True
+        self.pending.clear()
+        if self.transport is not None:
+            self.transport.abort()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             self.closed = True
+            self.pending.clear()
+            self.pending_bytes = 0
             self.transport.close()
+            # close() waits for the write buffer to drain; a client that never reads is aborted.
+            if self.write_deadline == _NEVER:
+                self.write_deadline = self.loop.time() + self.limits.write_timeout_s
 
 
 def error_response(status: int, message: str, *, headers: list[tuple[str, str]] | None = None,
@@ -325,4 +514,3 @@ def error_response(status: int, message: str, *, headers: list[tuple[str, str]] 
     import orjson
 
     return Response(status, orjson.dumps({"error": message}), headers=headers, close=close)
-

@@ -5,12 +5,19 @@ Routes (each ``/v2/models/{m}`` route also takes ``/versions/{v}``, an integer o
     GET  /v2/health/live  /v2/health/ready  /v2  /v2/
     GET  /v2/models/{m}  /v2/models/{m}/ready  /v2/models/{m}/config   (Triton's model configuration)
     POST /v2/models/{m}/infer
-    POST /v2/repository/index  /v2/repository/models/{m}/load  /v2/repository/models/{m}/unload
+    POST /v2/repository/index  /v2/repository/models/{m}[/versions/{v}]/load  .../unload
     GET  /metrics
+    /v1/models/...  the KServe v1 / TensorFlow Serving REST protocol (modelpod.protocols.v1)
+    /v2/routes[/{r}[/report|/rollout|/rollback]]  POST /v2/models/{r}/feedback   (protocols/routes.py)
+
+Every inference answer carries ``modelpod-variant: NAME:VERSION`` (the version that answered).
 
 Errors are ``{"error": "..."}`` with the status the ModelpodError carries. With a token, every
 route but the health checks needs ``Authorization: Bearer <token>``. The repository routes need
-the token whenever the server listens beyond loopback; without one they answer 401 there.
+the token whenever the server listens beyond loopback; without one they answer 401 there. On
+loopback without a token they refuse (403) a ``Host`` that is not a loopback name (DNS rebinding)
+and an ``Origin`` other than the server's own (a web page), and with or without a token they take
+JSON only (415 for any other ``Content-Type``; none at all is read as JSON, as tritonclient sends).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from urllib.parse import unquote
 import orjson
 
 from modelpod.errors import (
+    ForbiddenError,
     InvalidRequestError,
     ModelNotReadyError,
     ModelpodError,
@@ -37,9 +45,10 @@ from modelpod.errors import (
     OverloadedError,
     PayloadTooLargeError,
     UnauthorizedError,
+    UnsupportedMediaTypeError,
 )
 from modelpod.inputs import InputCheck, release
-from modelpod.protocols import bigjson
+from modelpod.protocols import bigjson, v1
 from modelpod.protocols.codec import InferRequest, decode_request, encode_response
 from modelpod.protocols.http import Request, Response, error_response
 from modelpod.serving.engine import InferenceEngine
@@ -61,6 +70,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_name(host: str) -> bool:
+    """Whether a ``Host`` header (name or address, with or without a port) names this machine."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    # *.localhost is loopback by RFC 6761, and browsers resolve it so without asking DNS.
+    return host.endswith(".localhost") or is_loopback(host)
 
 
 def check_depth(obj: Any, limit: int) -> None:
@@ -151,6 +171,10 @@ class RestApp:
                 _allow(method, "POST")
                 self._authorize(req)
                 return await self._infer(req, name, version)
+            if action == "feedback" and version is None:
+                _allow(method, "POST")
+                self._authorize(req)
+                return _json(self.engine.traffic.feedback(name, self._json(req.body)))
             _allow(method, "GET")
             self._authorize(req)
             if action == "":
@@ -173,6 +197,13 @@ class RestApp:
             _allow(method, "GET")
             self._authorize(req)
             return Response(200, self.engine.metrics.render(), CONTENT_TYPE)
+        if path.startswith("/v1/"):  # KServe v1 / TensorFlow Serving REST, onto the same engine
+            return await v1.handle(self, req)
+        if path == "/v2/routes" or path.startswith("/v2/routes/"):
+            from modelpod.protocols.routes import routes_api
+
+            self._authorize_management(req)
+            return await routes_api(self.engine, req, self._json)
         if path.startswith("/v2/repository/"):
             _allow(method, "POST")
             self._authorize_management(req)
@@ -188,10 +219,24 @@ class RestApp:
             raise UnauthorizedError("missing or wrong bearer token")
 
     def _authorize_management(self, req: Request) -> None:
-        if self.token is None and not self.loopback:
+        """The guard of every route that changes what the server serves."""
+        ctype = req.headers.get("content-type")
+        if ctype is not None and ctype.partition(";")[0].strip().lower() != "application/json":
+            raise UnsupportedMediaTypeError(f"the repository API takes application/json bodies, not {ctype!r}")
+        if self.token is not None:
+            self._authorize(req)  # a valid token is enough, from any origin
+            return
+        if not self.loopback:
             raise UnauthorizedError(
                 "the repository API needs a token when the server listens beyond loopback: start it with --token")
-        self._authorize(req)
+        host = req.headers.get("host")
+        if host is not None and not is_loopback_name(host):
+            raise ForbiddenError(f"the repository API without a token answers only to a loopback Host, not {host!r}")
+        origin = req.headers.get("origin")
+        if origin is not None and (host is None or origin.strip().lower() not in (
+                f"http://{host.strip().lower()}", f"https://{host.strip().lower()}")):
+            raise ForbiddenError(f"the repository API refuses requests from another origin ({origin!r}) "
+                                 "unless they carry the token: start the server with --token")
 
     # -- inference --------------------------------------------------------------------------------
     async def _infer(self, req: Request, name: str, version: str | None) -> Response:
@@ -204,13 +249,17 @@ class RestApp:
             request = self._decode(req, check)
         if request.id is not None and "x-request-id" not in req.headers:
             req.headers["x-request-id"] = request.id  # so the response and the log line carry it
-        result = await self.engine.infer(name, version, request, protocol="rest", started=req.received)
+        result = await self.engine.infer(name, version, request, protocol="rest", started=req.received,
+                                         headers=req.headers)
         out, tails = encode_response(result.model_name, result.model_version, result.outputs, request)
+        if result.id is not None:  # a routed answer always has one (made here if need be), for feedback
+            out["id"] = result.id
         data = orjson.dumps(out)
+        variant = ("modelpod-variant", result.variant or result.model_name)
         if tails:
             return Response(200, [data, *tails], "application/octet-stream",
-                            [("inference-header-content-length", str(len(data)))])
-        return Response(200, data)
+                            [("inference-header-content-length", str(len(data))), variant])
+        return Response(200, data, headers=[variant])
 
     def _decode(self, req: Request, check: InputCheck) -> InferRequest:
         """The request body (inflated, JSON header, binary tail) as tensors checked against ``check``."""
@@ -243,14 +292,23 @@ class RestApp:
             return req.body
         if encoding not in ("gzip", "deflate"):
             raise InvalidRequestError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
-        inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
-        try:
-            data = inflater.decompress(req.body, self.max_body + 1)
-        except zlib.error as exc:
-            raise InvalidRequestError(f"cannot decode the {encoding} body: {exc}") from None
-        if len(data) > self.max_body or inflater.unconsumed_tail:
-            raise PayloadTooLargeError(f"the decoded body is larger than {self.max_body} bytes")
-        return data
+        data, rest = b"", req.body
+        while True:  # gzip allows several members one after another
+            inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
+            try:
+                part = inflater.decompress(rest, self.max_body + 1 - len(data))
+            except zlib.error as exc:
+                raise InvalidRequestError(f"the {encoding} body is corrupt: {exc}") from None
+            data = data + part if data else part
+            if len(data) > self.max_body or inflater.unconsumed_tail:
+                raise PayloadTooLargeError(f"the decoded body is larger than {self.max_body} bytes")
+            if not inflater.eof:
+                raise InvalidRequestError(f"the {encoding} body is corrupt: the stream is cut short")
+            rest = inflater.unused_data
+            if not rest:
+                return data
+            if encoding != "gzip":
+                raise InvalidRequestError("the deflate body is corrupt: data after the end of the stream")
 
     def _json(self, data: bytes) -> Any:
         if not data:
@@ -281,6 +339,13 @@ class RestApp:
                 await self.engine.load_model(name)
             else:
                 await self.engine.unload_model(name)
+            return _EMPTY
+        if len(parts) == 5 and parts[0] == "models" and parts[2] == "versions" and parts[4] in ("load", "unload"):
+            name, version = unquote(parts[1]), unquote(parts[3])  # one version (a route's old variant)
+            if parts[4] == "load":
+                await self.engine.load_model(f"{name}:{version}" if version.isdigit() else f"{name}@{version}")
+            else:
+                await self.engine.unload_model(name, version)
             return _EMPTY
         raise NotFoundError(f"no route /v2/repository/{rest}")
 

@@ -3,6 +3,7 @@
 Precedence, lowest first: the manifest's ``serving`` section, the config file's global keys, the
 settings (``--max-batch-rows``/``--max-batch-wait-ms``/``MODELPOD_*``, which apply to every model),
 then the config file's ``models: {name: {...}}`` entry, which is the most specific.
+The file's ``routes:`` section (traffic splits; see ``serving/routes.py``) is parsed here too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import yaml
 from modelpod.errors import PodError, UsageError
 from modelpod.inputs import NONFINITE
 from modelpod.pod import Serving
+from modelpod.serving.routes import RouteSpec, parse_routes
 from modelpod.settings import Settings
 
 # The server's policy for a model is the same record a pod carries as its defaults.
@@ -62,6 +64,7 @@ class ServeConfig:
     def nonfinite(self, name: str) -> str:
         """``pass`` (the default: NaN/Infinity reach the model) or ``reject`` (refused with a 400)."""
         return self.nonfinite_keys.get(name) or self.nonfinite_keys.get("", "pass")
+    routes: Mapping[str, RouteSpec] = field(default_factory=dict)
 
     def policy(self, name: str, serving: Serving | None = None) -> BatchPolicy:
         base = asdict(serving) if serving is not None else {}
@@ -84,6 +87,7 @@ class ServeConfig:
         }
         settings_keys = _checked({k: v for k, v in overrides.items() if v is not None}, "settings")
         data = dict(data or {})
+        routes = parse_routes(data.pop("routes", None))
         raw_models = data.pop("models", None) or {}
         if not isinstance(raw_models, Mapping):
             raise UsageError("config: 'models' must map model names to settings")
@@ -95,7 +99,7 @@ class ServeConfig:
             values = dict(values)
             nonfinite.update(_nonfinite(values, str(name), f"config: models.{name}"))
             models[str(name)] = _checked(values, f"config: models.{name}")
-        return cls(_checked(data, "config"), settings_keys, models, nonfinite)
+        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes)
 
     @classmethod
     def load(cls, settings: Settings) -> ServeConfig:

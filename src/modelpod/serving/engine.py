@@ -1,7 +1,8 @@
 """InferenceEngine: the one protocol-neutral facade. REST, gRPC and batch jobs only translate to it.
 
-It answers health and metadata, runs inference through the resolver, the registry and each model's
-batcher, counts every answered request in the metrics, and runs the model repository extension.
+It answers health and metadata, runs inference through the traffic split (routes), the registry and
+each model's batcher, counts every answered request in the metrics, and runs the model repository
+extension.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from modelpod import __version__
@@ -28,9 +30,9 @@ from modelpod.protocols.codec import InferRequest
 from modelpod.serving.config import BatchPolicy, ServeConfig
 from modelpod.serving.metrics import ServingMetrics, outcome_of
 from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
-from modelpod.serving.traffic import VersionResolver
+from modelpod.serving.traffic import TrafficSplit
 from modelpod.settings import Settings
-from modelpod.store import Ref
+from modelpod.store import Ref, is_path
 
 log = logging.getLogger("modelpod.serving")
 
@@ -46,6 +48,8 @@ class InferResult:
     model_version: str | None
     outputs: Batch
     id: str | None = None
+    route: str | None = None  # the route that chose this variant, if one did
+    variant: str = ""  # NAME:VERSION of the version that answered (the ``modelpod-variant`` header)
 
 
 class InferenceEngine:
@@ -60,13 +64,18 @@ class InferenceEngine:
             ready=lambda: self.registry.gauge("ready"),
         )
         self.registry = ModelRegistry(self.settings, self.config, self.metrics)
-        self.resolver = VersionResolver(self.registry)
+        self.traffic = TrafficSplit(self.registry, self.metrics)
+        self.resolver = self.traffic.resolver
+        self._routes_configured = False
         self.started = False
         self.draining = False
 
     # -- registering ------------------------------------------------------------------------------
     def add(self, ref: str) -> ModelEntry:
-        """Serve a store reference or pod directory (loaded by ``start`` unless lazy)."""
+        """Serve a store reference, or a pod directory written as a path (``./lr``, ``/abs/lr``);
+        loaded by ``start`` unless lazy."""
+        if is_path(ref):
+            return self.registry.add_path(Path(ref).expanduser())
         return self.registry.add_ref(ref)
 
     def add_model(self, model: Model, name: str | None = None, version: int | None = None,
@@ -74,14 +83,22 @@ class InferenceEngine:
         """Serve a ready ``Model`` object."""
         return self.registry.add_model(model, name, version, policy)
 
+    def configure_routes(self) -> None:
+        """Register the config file's routes and the models they name (checked all at once)."""
+        if not self._routes_configured:
+            self.traffic.configure(self.config.routes)
+            self._routes_configured = True
+
     async def start(self) -> None:
         """Load every registered model (unless lazy); a failed load leaves only that model unready."""
+        self.configure_routes()
         if not self.settings.lazy_load:
             for entry in list(self.registry):
                 if entry.state is ModelState.UNAVAILABLE and entry.available:
                     try:
                         await self.registry.load(entry)
                     except Exception:
+                        self.traffic.load_failed(entry)
                         continue
         self.started = True
 
@@ -90,14 +107,15 @@ class InferenceEngine:
         return True
 
     def ready(self) -> bool:
-        """Started, not draining, and no model stuck after a failed load."""
-        return self.started and not self.draining and not any(e.failed for e in self.registry)
+        """Started, not draining, no model stuck after a failed load, and every route able to serve."""
+        return (self.started and not self.draining and not any(e.failed for e in self.registry)
+                and self.traffic.serving())
 
     def metadata(self) -> dict[str, Any]:
         return {"name": "modelpod", "version": __version__, "extensions": list(EXTENSIONS)}
 
     def resolve(self, name: str, version: str | None = None) -> ModelEntry:
-        return self.resolver.resolve(name, version)
+        return self.traffic.resolve(name, version)
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
         entry = self.resolve(name, version)
@@ -109,15 +127,18 @@ class InferenceEngine:
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         entry = self.resolve(name, version)
         versions = sorted(
-            e.version for e in self.registry.versions(name).values() if e.version is not None)
+            e.version for e in self.registry.versions(entry.name).values() if e.version is not None)
         sig = entry.signature
-        return {
+        meta: dict[str, Any] = {
             "name": entry.name,
             "versions": [str(v) for v in versions] or ([entry.version_text] if entry.version_text else []),
             "platform": entry.platform,
             "inputs": [t.to_dict() for t in sig.inputs],
             "outputs": [t.to_dict() for t in sig.outputs],
         }
+        if sig.parameters:  # a table's content_type and dtypes, a classifier's class_labels
+            meta["parameters"] = dict(sig.parameters)
+        return meta
 
     def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
         """Triton's model configuration (what perf_analyzer reads): batch size and tensor dims."""
@@ -147,14 +168,17 @@ class InferenceEngine:
 
     # -- inference --------------------------------------------------------------------------------
     async def infer(self, name: str, version: str | None, request: InferRequest, *, protocol: str = "rest",
-                    started: float | None = None) -> InferResult:
-        """Run one request; every answered request (ok or not) is counted under its model."""
+                    started: float | None = None, headers: Mapping[str, str] | None = None) -> InferResult:
+        """Run one request; every answered request (ok or not) is counted under its model (and, when a
+        route chose the model, under the route and variant). ``headers``: where sticky keys are read."""
         t0 = started if started is not None else time.perf_counter()
         entry: ModelEntry | None = None
+        variant = None
         try:
             if self.draining:
                 raise ModelNotReadyError("the server is shutting down")
-            entry = self.resolver.resolve(name, version)
+            variant = self.traffic.pick(name, version, headers) if self.traffic.routes else None
+            entry = variant.entry if variant is not None else self.traffic.resolve(name, version)
             if entry.state is not ModelState.READY:
                 if entry.state is ModelState.UNLOADING:
                     raise ModelNotReadyError(f"model {entry.label} is being unloaded")
@@ -171,21 +195,29 @@ class InferenceEngine:
             entry.last_used = t0
             outputs = await batcher.submit(inputs)
         except ModelpodError as exc:
-            if entry is not None:
+            if variant is not None:
+                self.traffic.failed(variant, protocol, outcome_of(exc), time.perf_counter() - t0)
+            elif entry is not None:
                 entry.metrics.observe_request(protocol, outcome_of(exc), time.perf_counter() - t0)
             raise
         except Exception as exc:
-            if entry is not None:
+            if variant is not None:
+                self.traffic.failed(variant, protocol, "error", time.perf_counter() - t0)
+            elif entry is not None:
                 entry.metrics.observe_request(protocol, "error", time.perf_counter() - t0)
             raise InferenceError(f"inference failed in model {name!r}",
                                  detail=f"{type(exc).__name__}: {exc}") from exc
+        if variant is not None:
+            rid = self.traffic.answered(variant, protocol, time.perf_counter() - t0, request.id, request.inputs,
+                                        outputs)
+            return InferResult(entry.name, entry.version_text or None, outputs, rid, variant.route, variant.name)
         entry.metrics.observe_request(protocol, "success", time.perf_counter() - t0)
-        return InferResult(entry.name, entry.version_text or None, outputs, request.id)
+        return InferResult(entry.name, entry.version_text or None, outputs, request.id, None, entry.label)
 
     def input_check(self, entry: ModelEntry | str, version: str | None = None) -> InputCheck:
         """The input check of a model (an entry, or a name and version to resolve)."""
         if isinstance(entry, str):
-            entry = self.resolver.resolve(entry, version)
+            entry = self.traffic.resolve(entry, version)  # a route name resolves to one of its variants
         check = entry.input_check
         if check is None or check.signature is not entry.signature:
             check = entry.input_check = InputCheck(entry.signature, entry.label, self.config.nonfinite(entry.name))
@@ -241,19 +273,13 @@ class InferenceEngine:
         return entry
 
     def _served(self, ref: Ref) -> ModelEntry | None:
-        try:
-            versions = self.registry.versions(ref.name)
-        except NotFoundError:
-            return None
-        if ref.version is not None:
-            return versions.get(ref.version)
-        if ref.alias is not None:
-            return next((e for e in versions.values() if ref.alias in e.aliases), None)
-        return self.resolver.default(ref.name)
+        return self.resolver.served(ref)
 
-    async def unload_model(self, name: str) -> list[ModelEntry]:
-        """Unload every version of ``name``; it stays listed, UNAVAILABLE, until loaded again."""
-        entries = list(self.registry.versions(name).values())
+    async def unload_model(self, name: str, version: str | None = None) -> list[ModelEntry]:
+        """Unload every version of ``name`` (or only ``version``); it stays listed, UNAVAILABLE, until
+        loaded again. Refused while a route would be left with no variant to serve."""
+        entries = [self.resolver.resolve(name, version)] if version else list(self.registry.versions(name).values())
+        self.traffic.check_unload(entries)
         await asyncio.gather(*(self.registry.unload(e, reason="unloaded") for e in entries))
         return entries
 
@@ -271,5 +297,6 @@ class InferenceEngine:
     async def close(self, *, collect: bool = True) -> None:
         """Unload every model (after their requests). ``collect=False``: leave what the models left
         to the process's exit instead of a full collection per model."""
+        self.traffic.close()
         for entry in list(self.registry):
             await self.registry.unload(entry, reason="server stopped", collect=collect)

@@ -1,9 +1,10 @@
 """Prometheus text exposition (format 0.0.4), written by hand: counters, gauges, histograms.
 
-Names are ``modelpod_*`` in base units (seconds, bytes); labels are ``model`` and ``version`` plus
-``outcome``/``protocol`` where they apply. Children are created once per model and kept by the
-caller, so the hot path is an attribute increment. Everything is updated from the event loop
-thread only, so there are no locks.
+Names are ``modelpod_*`` in base units (seconds, bytes); labels are ``model`` and ``version``
+plus ``outcome``/``protocol`` where they apply, and ``route``/``variant`` on the requests a route
+chose (left out of a sample where empty, which Prometheus reads the same as absent). Children
+are created once per model and kept by the caller, so the hot path is an attribute increment.
+Everything is updated from the event loop thread only, so there are no locks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 ROW_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
 OUTCOMES = ("success", "client_error", "overloaded", "timeout", "error")
 LabelValues = tuple[str, ...]
+OPTIONAL_LABELS = frozenset({"route", "variant"})
 
 
 def outcome_of(exc: BaseException | None) -> str:
@@ -47,7 +49,8 @@ def _number(value: float) -> str:
 
 
 def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)
+             if v or n not in OPTIONAL_LABELS]
     if extra:
         parts.append(extra)
     return "{" + ",".join(parts) + "}" if parts else ""
@@ -164,6 +167,12 @@ class GaugeFunc(_Family):
         return [f"{self.name}{_labels(self.labelnames, k)} {_number(v)}" for k, v in sorted(self.read())]
 
 
+class CounterFunc(GaugeFunc):
+    """A counter read at scrape time from a callback that only ever grows."""
+
+    kind = "counter"
+
+
 class MetricsRegistry:
     def __init__(self) -> None:
         self.families: list[_Family] = []
@@ -186,11 +195,13 @@ class MetricsRegistry:
 class ModelMetrics:
     """The children one model version updates on the hot path (created on first use)."""
 
-    __slots__ = ("_families", "batch_requests", "batch_rows", "evictions", "key", "latency", "loads", "requests")
+    __slots__ = ("_families", "batch_requests", "batch_rows", "evictions", "key", "latency", "loads", "requests",
+                 "rkey")
 
-    def __init__(self, metrics: ServingMetrics, model: str, version: str) -> None:
+    def __init__(self, metrics: ServingMetrics, model: str, version: str, route: str = "", variant: str = "") -> None:
         self._families = metrics
         self.key: LabelValues = (model, version)
+        self.rkey: LabelValues = (model, version, route, variant)
         self.requests: dict[tuple[str, str], CounterChild] = {}
         self.latency: dict[str, HistogramChild] = {}
         self.batch_rows = metrics.batch_rows.labels(model, version)
@@ -202,11 +213,11 @@ class ModelMetrics:
         counter = self.requests.get((protocol, outcome))
         if counter is None:
             counter = self.requests[(protocol, outcome)] = self._families.requests.labels(
-                *self.key, protocol, outcome)
+                *self.rkey, protocol, outcome)
         counter.value += 1
         histogram = self.latency.get(outcome)
         if histogram is None:
-            histogram = self.latency[outcome] = self._families.latency.labels(*self.key, outcome)
+            histogram = self.latency[outcome] = self._families.latency.labels(*self.rkey, outcome)
         histogram.observe(seconds)
 
     def observe_batch(self, rows: int, requests: int) -> None:
@@ -225,10 +236,10 @@ class ServingMetrics:
         labels = ("model", "version")
         self.registry = MetricsRegistry()
         self.requests = Counter("modelpod_requests_total", "Inference requests answered, by protocol and outcome.",
-                                (*labels, "protocol", "outcome"))
+                                (*labels, "route", "variant", "protocol", "outcome"))
         self.latency = Histogram("modelpod_request_duration_seconds",
                                  "Time from receiving an inference request to its answer, by outcome.",
-                                 (*labels, "outcome"), LATENCY_BUCKETS)
+                                 (*labels, "route", "variant", "outcome"), LATENCY_BUCKETS)
         self.batch_rows = Histogram("modelpod_batch_rows", "Rows per batch run by the model.", labels, ROW_BUCKETS)
         self.batch_requests = Histogram("modelpod_batch_requests", "Requests merged into each batch.", labels,
                                         ROW_BUCKETS)
@@ -249,8 +260,9 @@ class ServingMetrics:
         ):
             self.registry.add(family)
 
-    def for_model(self, model: str, version: str) -> ModelMetrics:
-        return ModelMetrics(self, model, version)
+    def for_model(self, model: str, version: str, route: str = "", variant: str = "") -> ModelMetrics:
+        """The children of one model version; with ``route``/``variant``, those of its requests a route chose."""
+        return ModelMetrics(self, model, version, route, variant)
 
     def render(self) -> bytes:
         return self.registry.render()

@@ -32,7 +32,7 @@ from modelpod.errors import ConflictError, ModelNotReadyError, NotFoundError, Ov
 from modelpod.frameworks import require
 from modelpod.inputs import InputCheck
 from modelpod.model import Model
-from modelpod.pod import MANIFEST_NAME, Manifest, Pod, Signature
+from modelpod.pod import MANIFEST_NAME, Manifest, Pod, Signature, read_record
 from modelpod.serving.batcher import Batcher
 from modelpod.serving.config import BatchPolicy, ServeConfig
 from modelpod.serving.metrics import ModelMetrics, ServingMetrics
@@ -148,27 +148,34 @@ class ModelRegistry:
         return self._store
 
     def add_ref(self, ref: str) -> ModelEntry:
-        """Register a store reference (NAME, NAME:V, NAME@ALIAS) or a pod directory; no load yet."""
-        path = Path(ref)
-        if (path / MANIFEST_NAME).is_file():
-            manifest = Pod.open(path, verify=False).manifest
-            version, aliases = None, frozenset[str]()
-            store = self.store()
-            if store is not None:
-                try:
-                    rec = store.get(Ref(name="", digest=manifest.digest))
-                    version, aliases = rec.version, frozenset(rec.aliases)
-                except NotFoundError:
-                    pass
-            source = ModelSource(path=path.resolve())
-        else:
-            if "/" in ref or "\\" in ref or ref.startswith("."):
-                raise UsageError(f"{ref}: no pod directory there (no {MANIFEST_NAME})")
-            store = self.store(create=True)
-            assert store is not None
-            rec = store.get(ref)
-            manifest, version, aliases = rec.manifest, rec.version, frozenset(rec.aliases)
-            source = ModelSource(ref=rec.ref)
+        """Register a store reference (NAME, NAME:V, NAME@ALIAS, NAME@sha256:...); no load yet.
+
+        Never a directory, whatever the working directory holds: only ``add_path`` reads one."""
+        store = self.store(create=True)
+        assert store is not None
+        rec = store.get(ref)
+        return self._add_manifest(rec.manifest, rec.version, ModelSource(ref=rec.ref), frozenset(rec.aliases))
+
+    def add_path(self, path: Path) -> ModelEntry:
+        """Register the pod directory ``path`` (the command line names it as a path); no load yet."""
+        if not (path / MANIFEST_NAME).is_file():
+            raise UsageError(f"{path}: no pod directory there (no {MANIFEST_NAME})")
+        manifest = Pod.open(path, verify=False).manifest
+        version, aliases = None, frozenset[str]()
+        store = self.store()
+        if store is not None:
+            try:
+                rec = store.get(Ref(name="", digest=manifest.digest))
+                version, aliases = rec.version, frozenset(rec.aliases)
+            except NotFoundError:
+                pass
+        if version is None:  # an image's pod: its store record was written beside the manifest
+            version, recorded = read_record(path, manifest)
+            aliases = frozenset(recorded)
+        return self._add_manifest(manifest, version, ModelSource(path=path.resolve()), aliases)
+
+    def _add_manifest(self, manifest: Manifest, version: int | None, source: ModelSource,
+                      aliases: frozenset[str]) -> ModelEntry:
         return self._add(manifest.name, version, source, manifest.signature, manifest.framework,
                          self.config.policy(manifest.name, manifest.serving), manifest, aliases)
 

@@ -1,9 +1,10 @@
 """The serving process: REST and gRPC on one uvloop event loop, signals, and a graceful drain.
 
 Start: bind REST (and gRPC), so liveness answers while models load; load; print where we listen.
-SIGTERM/SIGINT: readiness turns false and new requests get 503 (gRPC UNAVAILABLE) while the
-requests already in flight finish, for at most ``drain_timeout_s``; then everything closes and the
-process exits 0. A second signal skips the rest of the drain.
+SIGTERM, SIGHUP or SIGINT: readiness turns false and new requests get 503 (gRPC UNAVAILABLE) while
+the requests already in flight finish, for at most ``drain_timeout_s``; then everything closes and
+the process exits 0. A second SIGTERM/SIGHUP is logged and ignored (orchestrators and wrappers may
+send one twice); a third, or a second Ctrl-C (SIGINT), ends the drain at once.
 
 gRPC: ``--grpc-port N`` needs grpcio (one-line install hint otherwise). Without the flag, gRPC
 listens on 8081 when grpcio is installed and that port is free, and is skipped otherwise.
@@ -18,17 +19,18 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from modelpod import __version__
 from modelpod.errors import MissingExtraError, ModelpodError, UsageError
-from modelpod.protocols.http import HttpServer
+from modelpod.protocols.http import HttpLimits, HttpServer
 from modelpod.protocols.rest import RestApp, is_loopback
 from modelpod.serving import logs
 from modelpod.serving.config import ServeConfig
 from modelpod.serving.engine import InferenceEngine
-from modelpod.settings import Settings
+from modelpod.settings import Settings, read_token_file
 
 log = logging.getLogger("modelpod.serving")
 DEFAULT_GRPC_PORT = 8081
@@ -37,18 +39,41 @@ DEFAULT_GRPC_PORT = 8081
 def serve(args: argparse.Namespace, settings: Settings) -> int:
     """``modelpod serve``: build the engine from the command line and run until signalled."""
     settings = settings.with_(
-        host=args.host, port=args.port, grpc_port=args.grpc_port, token=args.token,
+        host=args.host, port=args.port, grpc_port=args.grpc_port,
         max_batch_rows=args.max_batch_rows, max_batch_wait_ms=args.max_batch_wait_ms,
         config=Path(args.config) if args.config else None,
     )
+    settings = _with_token(settings, args.token, getattr(args, "token_file", None))
     logs.configure(settings.log_level, settings.log_json)
+    if args.token:
+        log.warning("--token is visible in the process list; prefer --token-file or MODELPOD_TOKEN_FILE")
     grpc_mode = "off" if getattr(args, "no_grpc", False) else ("required" if settings.grpc_port is not None else "auto")
     if grpc_mode == "required" and not _have_grpc():
         raise MissingExtraError("grpc", "grpcio", "the gRPC endpoint (--grpc-port)")
     engine = InferenceEngine(settings, ServeConfig.load(settings))
+    if not args.refs and not engine.config.routes:
+        raise UsageError("nothing to serve: name at least one REF, or routes in --config")
     for ref in args.refs:
         engine.add(ref)
+    engine.configure_routes()  # a bad route stops the start here (exit 2), before anything listens
     return run(engine, settings, grpc=grpc_mode, as_json=bool(getattr(args, "json", False)))
+
+
+def _with_token(settings: Settings, token: str | None, token_file: str | None) -> Settings:
+    """The command line's token (``--token`` or ``--token-file``) over the environment's
+    (``MODELPOD_TOKEN`` or ``MODELPOD_TOKEN_FILE``); the file is read here, when serving only."""
+    if token and token_file:
+        raise UsageError("give --token or --token-file, not both")
+    if token_file:
+        path = Path(token_file).expanduser()
+        return replace(settings, token=read_token_file(path), token_file=path)
+    if token:
+        return replace(settings, token=token, token_file=None)
+    if settings.token_file is not None:
+        if settings.token is not None:
+            raise UsageError("set MODELPOD_TOKEN or MODELPOD_TOKEN_FILE, not both")
+        return replace(settings, token=read_token_file(settings.token_file))
+    return settings
 
 
 def run(engine: InferenceEngine, settings: Settings, *, grpc: str = "auto", as_json: bool = False,
@@ -69,18 +94,28 @@ async def _main(engine: InferenceEngine, settings: Settings, grpc_mode: str, as_
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     hurry = asyncio.Event()
+    received: list[int] = []
 
     def on_signal(signum: int) -> None:
-        if stop.is_set():
+        received.append(signum)
+        fields = {"signal": signal.Signals(signum).name, "count": len(received)}
+        if len(received) == 1:
+            log.info("signal received: draining", extra={"fields": fields})
+            stop.set()
+        elif len(received) >= 3 or (signum == signal.SIGINT and received[-2] == signal.SIGINT):
+            log.warning("signal received again: ending the drain now", extra={"fields": fields})
             hurry.set()
-        stop.set()
-        log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})
+        else:
+            log.warning("signal received while draining: ignored, the drain goes on (a third one ends it)",
+                        extra={"fields": fields})
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue  # started under nohup: a hang-up is meant to leave the server running
         loop.add_signal_handler(sig, on_signal, sig)
 
     http = HttpServer(RestApp(engine, settings), max_body_bytes=settings.max_body_bytes,
-                      keepalive_timeout_s=settings.keepalive_timeout_s)
+                      keepalive_timeout_s=settings.keepalive_timeout_s, limits=HttpLimits.from_settings(settings))
     try:
         port = await http.start(settings.host, settings.port)
     except OSError as exc:
@@ -90,16 +125,20 @@ async def _main(engine: InferenceEngine, settings: Settings, grpc_mode: str, as_
         log.warning("listening beyond loopback without a token: inference is open to the network and the "
                     "repository API (load/unload) is refused; set --token or MODELPOD_TOKEN",
                     extra={"fields": {"host": settings.host}})
+    drained = False
     try:
         await engine.start()
         _announce(engine, settings, port, grpc_port, as_json, out)
         await stop.wait()
-        await _drain(engine, http, grpc_server, settings, hurry)
+        drained = await _drain(engine, http, grpc_server, settings, hurry)
     finally:
         await http.close()
         if grpc_server is not None:
             await grpc_server.stop(0)
-        await engine.close(collect=False)  # the process exits next: no collection per model
+        if drained or not stop.is_set():
+            await engine.close(collect=False)  # the process exits next: no collection per model
+        # A drain cut short leaves the requests still in the models to the process's exit: unloading
+        # would wait for them (the model threads are daemons and end with the process).
     log.info("stopped")
     return 0
 
@@ -129,7 +168,8 @@ async def _start_grpc(engine: InferenceEngine, settings: Settings, mode: str) ->
 
 
 async def _drain(engine: InferenceEngine, http: HttpServer, grpc_server: Any, settings: Settings,
-                 hurry: asyncio.Event) -> None:
+                 hurry: asyncio.Event) -> bool:
+    """Finish what is in flight, for at most the drain timeout; True when everything finished."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.drain_timeout_s
     engine.begin_drain()
@@ -138,12 +178,15 @@ async def _drain(engine: InferenceEngine, http: HttpServer, grpc_server: Any, se
     idle = asyncio.ensure_future(asyncio.gather(engine.wait_idle(), http.wait_idle()))
     hurried = asyncio.ensure_future(hurry.wait())
     await asyncio.wait((idle, hurried), timeout=settings.drain_timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    if not idle.done():
-        log.warning("drain cut short", extra={"fields": {"inflight": engine.inflight()}})
+    finished = idle.done()
+    if not finished:
+        log.warning("drain cut short", extra={"fields": {
+            "inflight": engine.inflight(), "why": "signal" if hurry.is_set() else "drain timeout"}})
     for fut in (idle, hurried):
         fut.cancel()
     if grpc_server is not None:
-        await grpc_server.stop(max(0.0, deadline - loop.time()) if not hurry.is_set() else 0)
+        await grpc_server.stop(max(0.0, deadline - loop.time()) if finished else 0)
+    return finished
 
 
 def _announce(engine: InferenceEngine, settings: Settings, port: int, grpc_port: int | None, as_json: bool,
