@@ -88,7 +88,7 @@ _Head = tuple[Mapping[str, Any], str, str, tuple[int, ...], "int | None", int]
 
 def _heads(raw_inputs: list[Any], check: InputCheck, tail_bytes: int) -> list[_Head]:
     """Every input's header, checked against the signature before any data is decoded."""
-    if check.typed and len(raw_inputs) > len(check.signature.inputs):
+    if check.typed and len(raw_inputs) > len(check.signature.inputs):  # before reading any of them
         check.names((), len(raw_inputs))  # raises: more inputs than the model takes
     heads: list[_Head] = []
     seen: set[str] = set()

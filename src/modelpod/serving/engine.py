@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +75,6 @@ class InferenceEngine:
         self._routes_configured = False
         self.started = False
         self.draining = False
-        self._checks: weakref.WeakKeyDictionary[ModelEntry, InputCheck] = weakref.WeakKeyDictionary()
 
     # -- registering ------------------------------------------------------------------------------
     def add(self, ref: str) -> ModelEntry:
@@ -229,10 +227,10 @@ class InferenceEngine:
         """The input check of a model (an entry, or a name and version to resolve)."""
         if isinstance(entry, str):
             entry = self.traffic.resolve(entry, version)  # a route name resolves to one of its variants
-        check = self._checks.get(entry)
+        check = entry.input_check
         if check is None or check.signature is not entry.signature:
-            check = table.input_check(entry.signature, entry.label, self.config.nonfinite(entry.name))
-            self._checks[entry] = check
+            check = entry.input_check = table.input_check(entry.signature, entry.label,
+                                                          self.config.nonfinite(entry.name))
         return check
 
     @staticmethod
