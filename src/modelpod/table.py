@@ -220,13 +220,9 @@ class TableCheck(InputCheck):
     """The input check of a table signature, which also takes the table's conveniences.
 
     A ``records`` input (expanded to the columns), ``[N, 1]`` columns, and missing values (None)
-    in string columns and in float ones (as NaN). Decoding checks only each input's header, so
-    ``typed`` is False: the engine then runs ``arrays`` on the decoded inputs, which expands them.
+    in string columns and in float ones (as NaN). Decoding checks each input as it comes; the
+    engine then runs ``arrays`` on the decoded inputs of a table model, which expands records.
     """
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "typed", False)
 
     def _records(self, name: str) -> bool:
         return name == RECORDS and RECORDS not in self._specs
@@ -260,9 +256,8 @@ class TableCheck(InputCheck):
         return super().arrays(normalize(inputs, self.signature))
 
     def _array(self, name: str, value: Any, spec: TensorSpec | None) -> np.ndarray[Any, Any]:
-        if spec is not None and spec.datatype == "BYTES":
-            return _text_column(name, value)
-        if spec is not None and not (isinstance(value, np.ndarray) and value.dtype != object):
+        if spec is not None and spec.datatype != "BYTES" and not (isinstance(value, np.ndarray)
+                                                                  and value.dtype != object):
             return _typed(spec, value.tolist() if isinstance(value, np.ndarray) else value)
         return super()._array(name, value, spec)
 
@@ -271,14 +266,6 @@ def input_check(signature: Signature, model: str = "model", nonfinite: str = "pa
     """The input check for a signature: a ``TableCheck`` for a table, else the plain one."""
     kind = TableCheck if signature.is_table else InputCheck
     return kind(signature, model, nonfinite)
-
-
-def _text_column(name: str, value: Any) -> np.ndarray[Any, Any]:
-    items = value.reshape(-1).tolist() if isinstance(value, np.ndarray) else list(value)
-    odd = next((v for v in items if v is not None and not isinstance(v, (str, bytes))), None)
-    if odd is not None:
-        raise InvalidRequestError(f"column {name!r}: {odd!r} is not a string")
-    return _bytes_column(items)
 
 
 def records_batch(value: Any, signature: Signature) -> Batch:

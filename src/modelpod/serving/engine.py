@@ -197,7 +197,9 @@ class InferenceEngine:
                 raise ModelNotReadyError(f"model {entry.label} is not ready")
             inputs = request.inputs
             checked = request.checked
-            if checked is None or (checked is not entry.signature and checked != entry.signature):
+            # A table's records input (decoded as one BYTES input) becomes its columns in arrays().
+            if checked is None or entry.signature.is_table or (
+                    checked is not entry.signature and checked != entry.signature):
                 inputs = self.input_check(entry).arrays(inputs)
             if request.outputs:
                 self._check_outputs(entry, request.outputs)
