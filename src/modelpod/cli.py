@@ -83,6 +83,7 @@ def _pack(args: argparse.Namespace, settings: Settings) -> Any:
 
     store = Store(settings.home)
     options: dict[str, Any] = _kv(args.option, "--option")
+    options.update({k: v for k in ("task", "classes", "imgsz") if (v := getattr(args, k, None))})
     rec = pack(
         args.path, args.name, store,
         framework=args.framework, sample=args.sample, requirements=args.requirements,
@@ -302,6 +303,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--label", action="append", metavar="K=V")
     c.add_argument("--option", action="append", metavar="K=V", help="framework option, e.g. method=predict_proba")
     c.add_argument("--parent", metavar="NAME:VERSION")
+    c.add_argument("--task", choices=("detect", "classify"), help="an ONNX detector or classifier (docs/vision.md)")
+    c.add_argument("--classes", metavar="FILE", help="class names, one a line (with --task)")
+    c.add_argument("--imgsz", metavar="N|H,W", help="the model's input size (with --task)")
     c.add_argument("--entrypoint", metavar="MODULE:CLASS", help="custom Model class (python framework)")
     c.add_argument("--allow-pickle", action="store_true", help="accept pickle-based formats (still scanned)")
     c.add_argument("--trust", action="append", metavar="TYPE[,TYPE]",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import warnings
 from dataclasses import dataclass
@@ -16,6 +18,22 @@ DEFAULT_MAX_PIXELS = 40_000_000  # about 8000 x 5000: far above any detector's i
 PAD = 114  # Ultralytics' grey
 
 Array = np.ndarray[Any, Any]
+
+
+def unwrap(data: bytes) -> bytes:
+    """Raw image bytes from a BYTES element: raw already (the binary extension), or base64 text
+    (OIP JSON carries strings), optionally as a ``data:image/...;base64,`` URL."""
+    if data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return data
+    text = data.strip()
+    if text[:5] == b"data:":
+        text = text.partition(b",")[2]
+    try:
+        return base64.b64decode(text, validate=True) if text else data
+    except (binascii.Error, ValueError):
+        return data
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> Array:

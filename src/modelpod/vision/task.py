@@ -19,7 +19,7 @@ from modelpod.errors import FrameworkError, InvalidRequestError
 from modelpod.pod import Signature, TensorSpec
 from modelpod.vision import TASKS
 from modelpod.vision.boxes import LAYOUTS, Options, detect, guess_layout, to_original
-from modelpod.vision.image import DEFAULT_MAX_PIXELS, center_crop, decode, letterbox, to_tensor
+from modelpod.vision.image import DEFAULT_MAX_PIXELS, center_crop, decode, letterbox, to_tensor, unwrap
 
 Array = np.ndarray[Any, Any]
 Run = Callable[[Array], Array]  # NCHW float32 batch -> the model's first output
@@ -119,7 +119,7 @@ def _imgsz(value: Any, input_shape: Sequence[int], where: str) -> list[int]:
 class Pipeline:
     """Images in, detections or top-k classes out, around one ``run`` of the model."""
 
-    def __init__(self, cfg: Mapping[str, Any], run: Run, *, free_hw: bool = False,
+    def __init__(self, cfg: Mapping[str, Any], run: Run, *, free_hw: bool = False, free_batch: bool = False,
                  max_pixels: int | None = None, max_images: int | None = None, top_k: int | None = None) -> None:
         self.task = str(cfg["task"])
         self.names = [str(n) for n in cfg.get("names") or ()]
@@ -128,6 +128,7 @@ class Pipeline:
         self.layout = str(cfg.get("layout") or "")
         self.run = run
         self.auto = free_hw  # a model with free height/width takes minimal (stride) padding
+        self.free_batch = free_batch  # the model takes several images in one run
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
         self.max_images = max_images or DEFAULT_MAX_IMAGES
         self.top_k = top_k or DEFAULT_TOP_K
@@ -136,7 +137,7 @@ class Pipeline:
         items = images.reshape(-1).tolist()
         if len(items) > self.max_images:
             raise InvalidRequestError(f"{len(items)} images in one request; the limit is {self.max_images}")
-        decoded = [decode(b if isinstance(b, bytes) else bytes(b), self.max_pixels, f"images[{i}]")
+        decoded = [decode(unwrap(b if isinstance(b, bytes) else bytes(b)), self.max_pixels, f"images[{i}]")
                    for i, b in enumerate(items)]
         if self.task == "classify":
             return self._classify(decoded, parameters)
@@ -163,8 +164,10 @@ class Pipeline:
 
     def _classify(self, decoded: list[Array], parameters: Mapping[str, Any]) -> dict[str, Array]:
         k = _int_param(parameters, "top_k", self.top_k, 1, 1000)
-        probs = self.run(to_tensor([center_crop(img, self.size[0]) for img in decoded]))
-        probs = np.asarray(probs, dtype=np.float64).reshape(len(decoded), -1)
+        crops = [center_crop(img, self.size[0]) for img in decoded]
+        groups = [crops] if self.free_batch else [[c] for c in crops]  # one run, or one per image
+        probs = np.concatenate([np.asarray(self.run(to_tensor(g)), dtype=np.float64).reshape(len(g), -1)
+                                for g in groups])
         if (probs < 0).any() or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
             e = np.exp(probs - probs.max(axis=1, keepdims=True))  # logits: softmax them
             probs = e / e.sum(axis=1, keepdims=True)

@@ -1,0 +1,130 @@
+"""Detector and classifier pods end to end in-process: pack (Ultralytics metadata or --task
+options), images in, boxes in the original image's pixels out, for each output layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from graphs import classifier, detector
+from imgutil import canvas, encode
+
+from modelpod import api
+from modelpod.errors import FrameworkError, InvalidRequestError
+from modelpod.model import Model, with_parameters
+from modelpod.store import Store
+
+# (height, width, rectangle x1, y1, x2, y2): odd aspect ratios, each scaled up into 64x64.
+CASES = [(25, 40, 3, 4, 17, 20), (50, 30, 10, 31, 27, 45), (41, 41, 0, 0, 9, 13), (13, 57, 40, 2, 57, 12)]
+
+
+def _bytes_array(items: list[bytes]) -> np.ndarray[Any, Any]:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+@pytest.fixture
+def packed(tmp_path: Path, store: Store) -> Any:
+    def make(layout: str, **options: str) -> Model:
+        path = detector(tmp_path / f"{layout}.onnx", layout, metadata=not options)
+        if "classes" in options:
+            (tmp_path / "names.txt").write_text("dim\nbright\n")
+            options["classes"] = str(tmp_path / "names.txt")
+        api.pack(path, f"det-{layout}", store=store, options=options)
+        return api.load(f"det-{layout}", store=store)
+    return make
+
+
+@pytest.mark.parametrize(("layout", "options"), [
+    ("yolov8", {}), ("end2end", {}), ("yolov5", {"task": "detect", "classes": "", "imgsz": "64"}),
+])
+def test_boxes_come_back_in_original_pixels(packed: Any, layout: str, options: dict[str, str]) -> None:
+    model = packed(layout, **options)
+    sig = model.signature
+    assert [t.name for t in sig.inputs] == ["images"] and sig.inputs[0].datatype == "BYTES"
+    assert sig.parameters["task"] == "detect" and sig.parameters["class_labels"] == ["dim", "bright"]
+    assert model.pod is not None and model.pod.manifest.options["vision"]["layout"] == layout
+    images = [encode(canvas(h, w, (x1, y1, x2, y2))) for h, w, x1, y1, x2, y2 in CASES]
+    out = model({"images": _bytes_array(images)})
+    assert out["detections"].tolist() == [2] * len(CASES)  # the box as class 1, and again as class 0
+    start = 0
+    for (h, w, x1, y1, x2, y2), n in zip(CASES, out["detections"].tolist(), strict=True):
+        boxes, ids = out["boxes"][start:start + n], out["class_ids"][start:start + n]
+        names = out["class_names"][start:start + n]
+        start += n
+        assert ids.tolist() == [1, 0] and names.tolist() == [b"bright", b"dim"]
+        for box in boxes:
+            assert np.abs(box - np.array([x1, y1, x2, y2])).max() <= 1.0, (h, w, box)
+            assert 0 <= box[0] <= box[2] <= w and 0 <= box[1] <= box[3] <= h
+    assert out["scores"][:2].tolist() == pytest.approx([0.9, 0.5] if layout != "end2end" else [0.9, 0.4], abs=0.01)
+
+
+def test_request_parameters_filter(packed: Any) -> None:
+    model = packed("yolov8")
+    img = _bytes_array([encode(canvas(30, 60, (5, 5, 20, 25)), "JPEG", quality=95)])
+    only_dim = model.predict(with_parameters({"images": img}, {"classes": [0]}))
+    assert only_dim["class_ids"].tolist() == [0]
+    strict = model.predict(with_parameters({"images": img}, {"conf": 0.8}))
+    assert strict["class_ids"].tolist() == [1] and strict["detections"].tolist() == [1]
+    loose = model.predict(with_parameters({"images": img}, {"conf": 0.05, "iou": 0.99, "max_det": 10}))
+    # the shifted copy survives now; the low-score row equals the class-0 box (IoU 1) and goes
+    assert loose["scores"].tolist() == pytest.approx([0.9, 0.6, 0.5])
+    assert model.predict(with_parameters({"images": img}, {"max_det": 1}))["detections"].tolist() == [1]
+    for bad in ({"conf": 2}, {"iou": "x"}, {"max_det": 0}, {"classes": ["a"]}):
+        with pytest.raises(InvalidRequestError, match="parameter"):
+            model.predict(with_parameters({"images": img}, bad))
+
+
+def test_no_detection_gives_empty_rows(packed: Any) -> None:
+    model = packed("end2end")
+    out = model({"images": _bytes_array([encode(canvas(20, 20, (2, 2, 10, 10)))])})
+    empty = model.predict(with_parameters({"images": _bytes_array([encode(canvas(20, 20, (2, 2, 10, 10)))])},
+                                          {"conf": 0.95}))
+    assert out["boxes"].shape == (2, 4)
+    assert empty["boxes"].shape == (0, 4) and empty["detections"].tolist() == [0] and empty["class_names"].size == 0
+
+
+def test_base64_elements_are_accepted(packed: Any) -> None:
+    import base64
+
+    model = packed("end2end")
+    raw = encode(canvas(20, 40, (4, 4, 12, 16)))
+    out = model({"images": _bytes_array([base64.b64encode(raw), b"data:image/png;base64," + base64.b64encode(raw)])})
+    assert out["detections"].tolist() == [2, 2]
+
+
+def test_image_limits(tmp_path: Path, store: Store) -> None:
+    path = detector(tmp_path / "d.onnx", "yolov8")
+    api.pack(path, "lim", store=store, options={"max_images": "2", "max_pixels": "1000"})
+    model = api.load("lim", store=store)
+    small = encode(canvas(20, 20))
+    with pytest.raises(InvalidRequestError, match="3 images in one request; the limit is 2"):
+        model({"images": _bytes_array([small] * 3)})
+    with pytest.raises(InvalidRequestError, match=r"images\[1\]: 40x40 is 1600 pixels"):
+        model({"images": _bytes_array([small, encode(canvas(40, 40))])})
+
+
+def test_classifier_top_k(tmp_path: Path, store: Store) -> None:
+    api.pack(classifier(tmp_path / "c.onnx"), "colour", store=store)
+    model = api.load("colour", store=store)
+    red, blue = np.zeros((20, 50, 3), np.uint8), np.zeros((40, 30, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 255, 200
+    out = model({"images": _bytes_array([encode(red), encode(blue)])})
+    assert out["class_names"][:, 0].tolist() == [b"red", b"blue"]
+    assert out["class_ids"].shape == (2, 3) and out["probabilities"][0, 0] > 0.99
+    top1 = model.predict(with_parameters({"images": _bytes_array([encode(red)])}, {"top_k": 1}))
+    assert top1["class_ids"].tolist() == [[0]]
+
+
+def test_pack_refuses_what_it_cannot_read(tmp_path: Path, store: Store) -> None:
+    path = detector(tmp_path / "d.onnx", "yolov8", metadata=False)
+    with pytest.raises(FrameworkError, match="task 'segment' is not supported"):
+        api.pack(path, "x", store=store, options={"task": "segment"})
+    with pytest.raises(FrameworkError, match="--classes"):
+        api.pack(path, "x", store=store, options={"task": "detect", "classes": str(tmp_path / "missing.txt")})
+    plain = api.pack(path, "plain", store=store)  # no task: a plain tensor model, as before
+    assert plain.manifest.signature.inputs[0].name == "images"
+    assert plain.manifest.signature.inputs[0].datatype == "FP32"
