@@ -128,3 +128,26 @@ def test_pack_refuses_what_it_cannot_read(tmp_path: Path, store: Store) -> None:
     plain = api.pack(path, "plain", store=store)  # no task: a plain tensor model, as before
     assert plain.manifest.signature.inputs[0].name == "images"
     assert plain.manifest.signature.inputs[0].datatype == "FP32"
+
+
+def test_annotate_draws_each_box_in_its_class_colour(packed: Any) -> None:
+    import base64
+
+    from modelpod.vision.draw import color
+    from modelpod.vision.image import decode
+
+    model = packed("end2end")
+    img = encode(canvas(60, 100, (20, 30, 70, 55)))
+    plain = model.predict(with_parameters({"images": _bytes_array([img])}, {}))
+    assert "annotated" not in plain
+    out = model.predict(with_parameters({"images": _bytes_array([img, img])}, {"annotate": True}))
+    assert out["annotated"].shape == (2,)
+    drawn = decode(base64.b64decode(out["annotated"][0]))
+    assert drawn.shape == (60, 100, 3)
+    # The last box drawn (class 0, the same place) outlines the rectangle (found within a pixel);
+    # its inside stays as it was.
+    assert any(tuple(drawn[42, x]) == color(0) for x in range(19, 22))
+    assert any(tuple(drawn[y, 45]) == color(0) for y in range(53, 57))
+    assert tuple(drawn[45, 45]) == (255, 255, 255) and tuple(drawn[5, 90]) == (0, 0, 0)
+    with pytest.raises(InvalidRequestError, match="parameter 'annotate'"):
+        model.predict(with_parameters({"images": _bytes_array([img])}, {"annotate": "maybe"}))

@@ -50,7 +50,8 @@ def _outputs(resp: httpx.Response) -> dict[str, Any]:
 def test_metadata_says_detect(server: ServeProcess) -> None:
     meta = httpx.get(f"{server.url}/v2/models/det", timeout=30).json()
     assert meta["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": [-1]}]
-    assert {o["name"] for o in meta["outputs"]} == {"boxes", "scores", "class_ids", "class_names", "detections"}
+    assert {o["name"] for o in meta["outputs"]} == {"boxes", "scores", "class_ids", "class_names", "detections",
+                                                   "annotated"}
     assert meta["parameters"]["task"] == "detect" and meta["parameters"]["class_labels"] == ["dim", "bright"]
 
 
@@ -76,6 +77,12 @@ def test_binary_request_and_parameters(server: ServeProcess) -> None:
                                "Content-Type": "application/octet-stream"})
     out = _outputs(resp)
     assert out["class_ids"]["data"] == [1] and out["detections"]["data"] == [1]
+
+
+def test_annotate_returns_a_png(server: ServeProcess) -> None:
+    out = _outputs(_infer(server, [encode(canvas(40, 40, (5, 5, 30, 30)))], {"annotate": True}))
+    png = base64.b64decode(out["annotated"]["data"][0])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_concurrent_requests_keep_their_own_parameters(server: ServeProcess) -> None:

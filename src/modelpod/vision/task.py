@@ -9,6 +9,7 @@ Classification outputs are ``[I, k]``: one row of top-k per image.
 from __future__ import annotations
 
 import ast
+import base64
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ DETECT_OUTPUTS = (
     TensorSpec("boxes", "FP32", (-1, 4)), TensorSpec("scores", "FP32", (-1,)),
     TensorSpec("class_ids", "INT64", (-1,)), TensorSpec("class_names", "BYTES", (-1,)),
     TensorSpec("detections", "INT64", (-1,)),
+    TensorSpec("annotated", "BYTES", (-1,)),  # only with annotate: true; base64 PNG (JSON carries text)
 )
 CLASSIFY_OUTPUTS = (
     TensorSpec("class_ids", "INT64", (-1, -1)), TensorSpec("class_names", "BYTES", (-1, -1)),
@@ -141,7 +143,22 @@ class Pipeline:
                    for i, b in enumerate(items)]
         if self.task == "classify":
             return self._classify(decoded, parameters)
-        return self._detect(decoded, request_options(parameters, len(self.names)))
+        out = self._detect(decoded, request_options(parameters, len(self.names)))
+        if _flag(parameters, "annotate"):
+            out["annotated"] = self._annotate(decoded, out)
+        return out
+
+    def _annotate(self, decoded: list[Array], out: Mapping[str, Array]) -> Array:
+        from modelpod.vision.draw import annotate
+
+        pngs = np.empty(len(decoded), dtype=object)
+        start = 0
+        for i, (img, n) in enumerate(zip(decoded, out["detections"].tolist(), strict=True)):
+            rows = slice(start, start + n)
+            png = annotate(img, out["boxes"][rows], out["class_ids"][rows], out["scores"][rows], self.names)
+            pngs[i] = base64.b64encode(png)
+            start += n
+        return pngs
 
     def _detect(self, decoded: list[Array], opts: Options) -> dict[str, Array]:
         boxes, scores, ids, counts = [], [], [], []
@@ -203,6 +220,15 @@ def request_options(parameters: Mapping[str, Any], nc: int) -> Options:
         except (TypeError, ValueError):
             raise InvalidRequestError(f"parameter 'classes' {raw!r}: expected class ids, e.g. [0, 2]") from None
     return Options(conf, iou, max_det, classes)
+
+
+def _flag(parameters: Mapping[str, Any], key: str) -> bool:
+    value = parameters.get(key, False)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", ""):
+        return value.lower() in ("true", "1")
+    raise InvalidRequestError(f"parameter {key!r} {value!r}: expected true or false")
 
 
 def _float_param(parameters: Mapping[str, Any], key: str, default: float) -> float:
