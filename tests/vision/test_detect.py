@@ -151,3 +151,25 @@ def test_annotate_draws_each_box_in_its_class_colour(packed: Any) -> None:
     assert tuple(drawn[45, 45]) == (255, 255, 255) and tuple(drawn[5, 90]) == (0, 0, 0)
     with pytest.raises(InvalidRequestError, match="parameter 'annotate'"):
         model.predict(with_parameters({"images": _bytes_array([img])}, {"annotate": "maybe"}))
+
+
+def test_predict_command_on_image_files(tmp_path: Path, store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from modelpod.cli import main
+    from modelpod.vision.image import decode
+
+    api.pack(detector(tmp_path / "d.onnx", "yolov8"), "det", store=store)
+    (tmp_path / "a.png").write_bytes(encode(canvas(25, 40, (3, 4, 17, 20))))
+    (tmp_path / "b.jpg").write_bytes(encode(canvas(50, 30, (10, 31, 27, 45)), "JPEG", quality=95))
+    home = str(store.home)
+    argv = ["--home", home, "predict", "det", "--image", str(tmp_path / "a.png"), "--image", str(tmp_path / "b.jpg"),
+            "--annotate", str(tmp_path / "out.png")]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    first = out["images"][0]["detections"][0]
+    assert first["class_name"] == "bright" and np.abs(np.array(first["box"]) - [3, 4, 17, 20]).max() <= 1
+    assert [len(i["detections"]) for i in out["images"]] == [2, 2]
+    assert decode((tmp_path / "out-2.png").read_bytes()).shape == (50, 30, 3)
+    assert main(["--home", home, "predict", "det", "--image", str(tmp_path / "missing.png")]) == 2
+    assert "cannot read it" in capsys.readouterr().err
