@@ -30,7 +30,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     subprocess.run([str(PYTHON), "-m", "modelpod", "--home", str(home), "pack", str(model), "--name", "det",
                     "--task", "detect", "--classes", str(d / "names.txt"), "--imgsz", "64",
                     "--option", "max_images=4"], check=True, cwd=REPO, capture_output=True, timeout=120)
-    with modelpod_serve(home, "det") as proc:
+    with modelpod_serve(home, "det", "--grpc-port", "0") as proc:
         yield proc
 
 
@@ -126,3 +126,19 @@ def test_a_decompression_bomb_is_refused(server: ServeProcess, tmp_path: Path) -
             + chunk(b"IDAT", zlib.compress(bytes(1 << 20))) + chunk(b"IEND", b""))
     resp = _infer(server, [bomb])
     assert resp.status_code == 400 and "decompression bomb" in resp.json()["error"]
+
+
+def test_grpc_with_raw_image_bytes(server: ServeProcess) -> None:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc)
+    images = np.array([encode(canvas(25, 40, (3, 4, 17, 20))), encode(canvas(41, 41, (0, 0, 9, 13)))], dtype=object)
+    inp = grpcclient.InferInput("images", [2], "BYTES")
+    inp.set_data_from_numpy(images)
+    res = client.infer("det", [inp], parameters={"classes": "1", "annotate": True})
+    assert res.as_numpy("detections").tolist() == [1, 1]
+    boxes = res.as_numpy("boxes")
+    assert np.abs(boxes - np.array([[3, 4, 17, 20], [0, 0, 9, 13]])).max() <= 1.0
+    assert base64.b64decode(res.as_numpy("annotated")[1])[:4] == b"\x89PNG"
+    client.close()
