@@ -69,6 +69,13 @@ def test_guess_layout() -> None:
     assert guess_layout((1, 6, 8400), 2) == "yolov8"
     with pytest.raises(FrameworkError, match="layout"):
         guess_layout((1, 10, 10), 80)
+    # No class names: the boxes run along the longer axis.
+    assert guess_layout((1, 84, 8400), None) == "yolov8"
+    assert guess_layout((1, 25200, 85), None) == "yolov5"
+    assert guess_layout((1, 300, 6), None) == "end2end"
+    assert guess_layout((1, -1, 6), None) == "end2end"
+    with pytest.raises(FrameworkError, match="--classes"):
+        guess_layout((1, -1, -1), None)
 
 
 def test_boxes_map_back_and_clip() -> None:

@@ -173,3 +173,14 @@ def test_predict_command_on_image_files(tmp_path: Path, store: Store, capsys: py
     assert decode((tmp_path / "out-2.png").read_bytes()).shape == (50, 30, 3)
     assert main(["--home", home, "predict", "det", "--image", str(tmp_path / "missing.png")]) == 2
     assert "cannot read it" in capsys.readouterr().err
+
+
+def test_without_class_names_ids_name_themselves(tmp_path: Path, store: Store) -> None:
+    path = detector(tmp_path / "d.onnx", "yolov5", metadata=False)
+    api.pack(path, "anon", store=store, options={"task": "detect", "layout": "yolov5"})  # imgsz from the input
+    model = api.load("anon", store=store)
+    assert model.signature.parameters["imgsz"] == [64, 64] and model.signature.parameters["class_labels"] == []
+    out = model({"images": _bytes_array([encode(canvas(30, 30, (5, 5, 20, 20)))])})
+    assert out["class_names"].tolist() == [b"1", b"0"]
+    with pytest.raises(FrameworkError, match="layout 'yolov9' unknown"):
+        api.pack(path, "anon", store=store, options={"task": "detect", "layout": "yolov9"})

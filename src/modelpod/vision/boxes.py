@@ -28,11 +28,21 @@ class Options:
     classes: tuple[int, ...] | None = None
 
 
-def guess_layout(shape: tuple[int, ...], nc: int) -> str:
-    """The layout of a detector's output of ``shape`` ([1, 4+nc, N], [1, N, 5+nc] or [1, K, 6])."""
+def guess_layout(shape: tuple[int, ...], nc: int | None) -> str:
+    """The layout of a detector's output of ``shape`` ([1, 4+nc, N], [1, N, 5+nc] or [1, K, 6]).
+    Without class names (``nc`` None): the boxes run along the longer axis, as in every YOLO export."""
     if len(shape) != 3:
         raise FrameworkError(f"detector output has shape {list(shape)}; expected 3 dimensions")
     _, a, b = shape
+    if nc is None:
+        if b == 6:
+            return "end2end"
+        if 0 < a < b:
+            return "yolov8"
+        if 0 < b < a:
+            return "yolov5"
+        raise FrameworkError(f"cannot tell the layout of a detector output {list(shape)}; "
+                             f"pass --classes FILE or --option layout={'|'.join(LAYOUTS)}")
     if a == 4 + nc and b != 6:
         return "yolov8"
     if b == 5 + nc:

@@ -58,8 +58,7 @@ def config(metadata: Mapping[str, str], options: Mapping[str, Any], input_shape:
         if not layout and str(metadata.get("end2end", "")).lower() == "true":
             layout = "end2end"
         if not layout:
-            nc = len(names) if names else (int(output_shape[1]) - 4 if len(output_shape) == 3 else 0)
-            layout = guess_layout(tuple(int(d) for d in output_shape), nc)
+            layout = guess_layout(tuple(int(d) for d in output_shape), len(names) if names else None)
         if layout not in LAYOUTS:
             raise FrameworkError(f"{where}: layout {layout!r} unknown; known: {', '.join(LAYOUTS)}")
         cfg["layout"] = layout
