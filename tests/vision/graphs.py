@@ -96,6 +96,41 @@ def detector(path: Path, layout: str, height: int = 64, width: int = 64, metadat
     return path
 
 
+def batched_detector(path: Path, size: int = 64) -> Path:
+    """The yolov8-layout detector with a free batch dimension: each image's box found on its own."""
+    g = _Graph()
+    grey = g.op("ReduceMean", "images", axes=[1], keepdims=0)  # [B, H, W]
+    mask = g.op("Cast", g.op("Greater", grey, g.const(0.5)), to=TensorProto.FLOAT)
+    idx = g.const(np.arange(size, dtype=np.float32))
+
+    def edges(any_: str) -> tuple[str, str]:  # any_: [B, size] -> first index, one past the last: [B, 1]
+        big = g.op("Mul", g.op("Sub", g.const(1.0), any_), g.const(1e6))
+        lo = g.op("ReduceMin", g.op("Add", idx, big), axes=[1], keepdims=1)
+        hi = g.op("ReduceMax", g.op("Sub", g.op("Add", idx, g.const(1.0)), big), axes=[1], keepdims=1)
+        return lo, hi
+
+    x1, x2 = edges(g.op("ReduceMax", mask, axes=[1], keepdims=0))
+    y1, y2 = edges(g.op("ReduceMax", mask, axes=[2], keepdims=0))
+    half = g.const(0.5)
+    cx, cy = g.op("Mul", g.op("Add", x1, x2), half), g.op("Mul", g.op("Add", y1, y2), half)
+    zero = g.op("Mul", x1, g.const(0.0))
+    vec = g.op("Concat", cx, cy, g.op("Sub", x2, x1), g.op("Sub", y2, y1), zero, zero, axis=1)  # [B, 6]
+    col = g.op("Unsqueeze", vec, g.const_int([2]))  # [B, 6, 1]
+    mask_, add = np.zeros((6, 4), np.float32), np.zeros((6, 4), np.float32)
+    mask_[:4] = 1
+    add[0, 1] = 1.0
+    add[4:, 0], add[4:, 1], add[4:, 2], add[4:, 3] = [0, 0.9], [0, 0.6], [0.5, 0], [0.1, 0]
+    g.nodes.append(helper.make_node("Add", [g.op("Mul", col, g.const(mask_)), g.const(add)], ["output0"]))
+    graph = helper.make_graph(
+        g.nodes, "finder", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 6, 4])], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    helper.set_model_props(model, {"task": "detect", "names": repr(NAMES), "imgsz": repr([size, size])})
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 def classifier(path: Path, size: int = 32) -> Path:
     """Classes red, green, blue: softmax of 10x each channel's mean brightness."""
     g = _Graph()

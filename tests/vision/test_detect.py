@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from graphs import classifier, detector
+from graphs import batched_detector, classifier, detector
 from imgutil import canvas, encode
 
 from modelpod import api
@@ -184,3 +184,21 @@ def test_without_class_names_ids_name_themselves(tmp_path: Path, store: Store) -
     assert out["class_names"].tolist() == [b"1", b"0"]
     with pytest.raises(FrameworkError, match="layout 'yolov9' unknown"):
         api.pack(path, "anon", store=store, options={"task": "detect", "layout": "yolov9"})
+
+
+def test_a_free_batch_model_runs_the_request_images_together(tmp_path: Path, store: Store) -> None:
+    api.pack(batched_detector(tmp_path / "b.onnx"), "batched", store=store)
+    model = api.load("batched", store=store)
+    runs: list[int] = []
+    run = model.pipeline.run  # type: ignore[attr-defined]
+
+    def counted(batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        runs.append(len(batch))
+        return run(batch)  # type: ignore[no-any-return]
+
+    model.pipeline.run = counted  # type: ignore[attr-defined]
+    out = model({"images": _bytes_array([encode(canvas(h, w, (x1, y1, x2, y2))) for h, w, x1, y1, x2, y2 in CASES])})
+    assert runs == [len(CASES)]
+    assert out["detections"].tolist() == [2] * len(CASES)
+    for i, (_, _, x1, y1, x2, y2) in enumerate(CASES):
+        assert np.abs(out["boxes"][2 * i] - np.array([x1, y1, x2, y2])).max() <= 1.0

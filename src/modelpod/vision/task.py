@@ -161,10 +161,13 @@ class Pipeline:
 
     def _detect(self, decoded: list[Array], opts: Options) -> dict[str, Array]:
         boxes, scores, ids, counts = [], [], [], []
-        for img in decoded:  # one run per image: sizes differ when the model takes free sizes
-            padded, lb = letterbox(img, self.size, self.stride, auto=self.auto)
-            pred = self.run(to_tensor([padded]))
-            b, s, c = detect(pred[0], self.layout, opts)
+        boxed = [letterbox(img, self.size, self.stride, auto=self.auto) for img in decoded]
+        if self.free_batch and not self.auto and boxed:  # one size: the request's images in one run
+            preds = list(self.run(to_tensor([p for p, _ in boxed])))
+        else:  # one run per image (a fixed batch of 1, or sizes that differ with free height/width)
+            preds = [self.run(to_tensor([p]))[0] for p, _ in boxed]
+        for pred, (_, lb) in zip(preds, boxed, strict=True):
+            b, s, c = detect(pred, self.layout, opts)
             boxes.append(to_original(b, lb))
             scores.append(s.astype(np.float32))
             ids.append(c.astype(np.int64))
