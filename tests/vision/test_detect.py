@@ -47,6 +47,7 @@ def test_boxes_come_back_in_original_pixels(packed: Any, layout: str, options: d
     assert [t.name for t in sig.inputs] == ["images"] and sig.inputs[0].datatype == "BYTES"
     assert sig.parameters["task"] == "detect" and sig.parameters["class_labels"] == ["dim", "bright"]
     assert model.pod is not None and model.pod.manifest.options["vision"]["layout"] == layout
+    assert any(r.lower().startswith("pillow==") for r in model.pod.manifest.requirements)
     images = [encode(canvas(h, w, (x1, y1, x2, y2))) for h, w, x1, y1, x2, y2 in CASES]
     out = model({"images": _bytes_array(images)})
     assert out["detections"].tolist() == [2] * len(CASES)  # the box as class 1, and again as class 0
