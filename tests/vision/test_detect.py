@@ -126,6 +126,8 @@ def test_pack_refuses_what_it_cannot_read(tmp_path: Path, store: Store) -> None:
         api.pack(path, "x", store=store, options={"task": "segment"})
     with pytest.raises(FrameworkError, match="--classes"):
         api.pack(path, "x", store=store, options={"task": "detect", "classes": str(tmp_path / "missing.txt")})
+    with pytest.raises(FrameworkError, match="stride 'x' is not an integer"):
+        api.pack(path, "x", store=store, options={"task": "detect", "imgsz": "64", "stride": "x"})
     plain = api.pack(path, "plain", store=store)  # no task: a plain tensor model, as before
     assert plain.manifest.signature.inputs[0].name == "images"
     assert plain.manifest.signature.inputs[0].datatype == "FP32"
@@ -203,3 +205,14 @@ def test_a_free_batch_model_runs_the_request_images_together(tmp_path: Path, sto
     assert out["detections"].tolist() == [2] * len(CASES)
     for i, (_, _, x1, y1, x2, y2) in enumerate(CASES):
         assert np.abs(out["boxes"][2 * i] - np.array([x1, y1, x2, y2])).max() <= 1.0
+
+
+def test_an_ultralytics_segment_export_packs_as_a_plain_model(tmp_path: Path, store: Store) -> None:
+    import onnx
+
+    path = detector(tmp_path / "seg.onnx", "yolov8")
+    proto = onnx.load(str(path))
+    next(p for p in proto.metadata_props if p.key == "task").value = "segment"
+    onnx.save(proto, str(path))
+    rec = api.pack(path, "seg", store=store)
+    assert "vision" not in rec.manifest.options and rec.manifest.signature.inputs[0].datatype == "FP32"

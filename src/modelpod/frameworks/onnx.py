@@ -148,8 +148,10 @@ def pack(src: Path, dest: Path, request: PackRequest) -> Packed:
 def _vision_config(session: Any, outputs: Sequence[Any], options: Mapping[str, Any], file: Path
                    ) -> dict[str, Any] | None:
     """The detector/classifier config (Ultralytics metadata, or --task), or None for a plain model."""
+    from modelpod.vision import TASKS
+
     metadata = dict(session.get_modelmeta().custom_metadata_map or {})
-    if not (options.get("task") or metadata.get("task")):
+    if not (options.get("task") or metadata.get("task") in TASKS):
         return None
     if importlib.util.find_spec("PIL") is None:
         raise MissingExtraError("vision", "PIL", "detector and classifier pods")

@@ -44,14 +44,19 @@ def config(metadata: Mapping[str, str], options: Mapping[str, Any], input_shape:
            output_shape: Sequence[int], where: str) -> dict[str, Any] | None:
     """The ``vision`` manifest option of an ONNX model, or None when it is neither a detector nor a
     classifier. Options (``task``, ``classes``, ``imgsz``, ``stride``, ``layout``) win over metadata."""
-    task = str(options.get("task") or metadata.get("task") or "")
-    if not task or task == "none":
-        return None
+    asked = str(options.get("task") or "")
+    task = asked or str(metadata.get("task") or "")
+    if not task or task == "none" or (not asked and task not in TASKS):
+        return None  # an Ultralytics segment/pose/obb export packs as a plain tensor model
     if task not in TASKS:
         raise FrameworkError(f"{where}: task {task!r} is not supported; use --task {'|'.join(TASKS)}")
     names = _names(options.get("classes"), metadata.get("names"), where)
     imgsz = _imgsz(options.get("imgsz") or _literal(metadata.get("imgsz")), input_shape, where)
-    stride = int(options.get("stride") or metadata.get("stride") or 32)
+    try:
+        stride = int(options.get("stride") or metadata.get("stride") or 32)
+    except ValueError:
+        raise FrameworkError(f"{where}: stride {options.get('stride') or metadata.get('stride')!r} "
+                             "is not an integer") from None
     cfg: dict[str, Any] = {"task": task, "names": names, "imgsz": imgsz, "stride": stride}
     if task == "detect":
         layout = str(options.get("layout") or "")
