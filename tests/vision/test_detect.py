@@ -126,6 +126,8 @@ def test_pack_refuses_what_it_cannot_read(tmp_path: Path, store: Store) -> None:
         api.pack(path, "x", store=store, options={"task": "segment"})
     with pytest.raises(FrameworkError, match="--classes"):
         api.pack(path, "x", store=store, options={"task": "detect", "classes": str(tmp_path / "missing.txt")})
+    with pytest.raises(FrameworkError, match="--imgsz 320,320 does not fit the model's input"):
+        api.pack(path, "x", store=store, options={"task": "detect", "imgsz": "320"})
     with pytest.raises(FrameworkError, match="stride 'x' is not an integer"):
         api.pack(path, "x", store=store, options={"task": "detect", "imgsz": "64", "stride": "x"})
     plain = api.pack(path, "plain", store=store)  # no task: a plain tensor model, as before

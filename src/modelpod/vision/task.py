@@ -57,6 +57,10 @@ def config(metadata: Mapping[str, str], options: Mapping[str, Any], input_shape:
     except ValueError:
         raise FrameworkError(f"{where}: stride {options.get('stride') or metadata.get('stride')!r} "
                              "is not an integer") from None
+    if len(input_shape) == 4 and input_shape[2] > 0 and input_shape[3] > 0 and \
+            [int(input_shape[2]), int(input_shape[3])] != imgsz:
+        raise FrameworkError(f"{where}: --imgsz {imgsz[0]},{imgsz[1]} does not fit the model's input "
+                             f"{list(input_shape)}")
     cfg: dict[str, Any] = {"task": task, "names": names, "imgsz": imgsz, "stride": stride}
     if task == "detect":
         layout = str(options.get("layout") or "")
