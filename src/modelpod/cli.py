@@ -83,6 +83,7 @@ def _pack(args: argparse.Namespace, settings: Settings) -> Any:
 
     store = Store(settings.home)
     options: dict[str, Any] = _kv(args.option, "--option")
+    options.update({k: v for k in ("task", "classes", "imgsz") if (v := getattr(args, k, None))})
     rec = pack(
         args.path, args.name, store,
         framework=args.framework, sample=args.sample, requirements=args.requirements,
@@ -202,6 +203,14 @@ def _predict(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.serving.worker import ModelWorker
 
     model = load(args.ref, settings=settings)
+    if args.image:
+        from modelpod.vision.cli import predict_images
+
+        print(json_text(predict_images(model, args.image, args.annotate), indent=None if args.json else 2,
+                        sort_keys=False))
+        return None
+    if not args.input:
+        raise UsageError("predict needs --input FILE (or --image FILE for a vision pod)")
     path = Path(args.input)
     request: InferRequest
     if path.suffix == ".json":
@@ -212,7 +221,12 @@ def _predict(args: argparse.Namespace, settings: Settings) -> Any:
     else:  # .npy, .npz, or a table (.csv / .parquet / .jsonl): its columns, or one matrix
         request = InferRequest(sample_inputs(path, model.signature))
     # The server's checks and error mapping: a model error caused by the input is exit 2, no traceback.
-    outputs = ModelWorker(model, model.name).call(model.coerce(request.inputs))
+    inputs = model.coerce(request.inputs)
+    if model.takes_parameters:  # the request's parameters (conf, iou, ...), as the server passes them
+        from modelpod.model import with_parameters
+
+        inputs = with_parameters(inputs, request.parameters)
+    outputs = ModelWorker(model, model.name).call(inputs)
     body, _ = encode_response(model.name, None, outputs, request)
     print(json_text(body, indent=None if args.json else 2, sort_keys=False))
 
@@ -299,6 +313,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--label", action="append", metavar="K=V")
     c.add_argument("--option", action="append", metavar="K=V", help="framework option, e.g. method=predict_proba")
     c.add_argument("--parent", metavar="NAME:VERSION")
+    c.add_argument("--task", choices=("detect", "classify"), help="an ONNX detector or classifier (docs/vision.md)")
+    c.add_argument("--classes", metavar="FILE", help="class names, one a line (with --task)")
+    c.add_argument("--imgsz", metavar="N|H,W", help="the model's input size (with --task)")
     c.add_argument("--entrypoint", metavar="MODULE:CLASS", help="custom Model class (python framework)")
     c.add_argument("--allow-pickle", action="store_true", help="accept pickle-based formats (still scanned)")
     c.add_argument("--trust", action="append", metavar="TYPE[,TYPE]",
@@ -328,7 +345,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--name", help="store under another name")
     c = cmd("predict", "run one OIP v2 request (or .npy/.npz/.csv/.parquet/.jsonl) through a pod in-process")
     c.add_argument("ref")
-    c.add_argument("--input", required=True)
+    c.add_argument("--input")
+    c.add_argument("--image", action="append", metavar="FILE", help="an image for a vision pod (repeatable)")
+    c.add_argument("--annotate", metavar="OUT.png", help="with --image: write the image with the boxes drawn")
 
     c = cmd("batch", "score files (CSV, Parquet, JSON Lines, .npy, images) with a pod; resumable, sharded")
     from modelpod.batch.cli import add_arguments as batch_arguments

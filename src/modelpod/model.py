@@ -20,11 +20,31 @@ from modelpod.pod import Pod, Signature
 
 Batch = dict[str, np.ndarray[Any, Any]]
 
+# The batch key under which the engine hands a request's ``parameters`` (a 0-d object array holding
+# a dict) to a model whose ``takes_parameters`` is true. A 0-d entry keeps the request out of merged
+# batches, so each such request runs with its own parameters.
+PARAMETERS = "__parameters__"
+
+
+def with_parameters(batch: Batch, parameters: Mapping[str, Any]) -> Batch:
+    """``batch`` plus the request's parameters under ``PARAMETERS``."""
+    holder = np.empty((), dtype=object)
+    holder[()] = dict(parameters)
+    return {**batch, PARAMETERS: holder}
+
+
+def parameters_of(batch: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, Any]:
+    """The request parameters ``with_parameters`` put in a batch ({} when none: a direct call)."""
+    holder = batch.get(PARAMETERS)
+    value = holder[()] if holder is not None and holder.ndim == 0 else None
+    return dict(value) if isinstance(value, Mapping) else {}
+
 
 class Model:
     """Base class: ``load()``, ``predict(batch) -> batch``, ``unload()``."""
 
     signature: Signature = Signature()
+    takes_parameters: bool = False  # the engine passes request parameters in the batch (``PARAMETERS``)
 
     def __init__(self, pod: Pod | None = None) -> None:
         self.pod = pod

@@ -1,7 +1,12 @@
-"""ONNX: ``.onnx`` files (with any external-data files beside them), run by onnxruntime."""
+"""ONNX: ``.onnx`` files (with any external-data files beside them), run by onnxruntime.
+
+A detector or classifier (an Ultralytics export's metadata ``task``, or ``--task detect|classify``)
+becomes an images-in pod: encoded images in, boxes or top-k classes out (``modelpod.vision``).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -9,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from modelpod.errors import FrameworkError
+from modelpod.errors import FrameworkError, MissingExtraError
 from modelpod.frameworks import Packed, PackRequest
 from modelpod.frameworks._util import (
     MODEL_DIR,
@@ -20,7 +25,7 @@ from modelpod.frameworks._util import (
     pick_file,
     unreadable,
 )
-from modelpod.model import Batch, Model
+from modelpod.model import Batch, Model, parameters_of
 from modelpod.pod import Pod, Signature, TensorSpec
 
 NAME = "onnx"
@@ -128,11 +133,41 @@ def pack(src: Path, dest: Path, request: PackRequest) -> Packed:
     outputs = _tensor_outputs(session)
     if not outputs:
         raise FrameworkError(f"{file.name}: the model has no tensor outputs")
+    vision = _vision_config(session, outputs, request.options, file)
+    if vision is not None:
+        from modelpod.vision.task import signature as vision_signature
+
+        return Packed(signature=vision_signature(vision), options={"file": rel, "vision": vision},
+                      distributions=("pillow",))
     signature = Signature(
         tuple(_spec(i, file) for i in session.get_inputs()),
         tuple(_spec(o, file) for o in outputs),
     )
     return Packed(signature=signature, options={"file": rel})
+
+
+def _vision_config(session: Any, outputs: Sequence[Any], options: Mapping[str, Any], file: Path
+                   ) -> dict[str, Any] | None:
+    """The detector/classifier config (Ultralytics metadata, or --task), or None for a plain model."""
+    from modelpod.vision import TASKS
+
+    metadata = dict(session.get_modelmeta().custom_metadata_map or {})
+    if not (options.get("task") or metadata.get("task") in TASKS):
+        return None
+    if importlib.util.find_spec("PIL") is None:
+        raise MissingExtraError("vision", "PIL", "detector and classifier pods")
+    from modelpod.vision.task import config
+
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise FrameworkError(f"{file.name}: a {options.get('task') or metadata.get('task')} model takes one "
+                             f"image tensor, this one takes {len(inputs)} inputs")
+    shape = _dims(inputs[0].shape)
+    return config(metadata, options, shape, _dims(outputs[0].shape), file.name)
+
+
+def _dims(shape: Any) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (shape or ()))
 
 
 class OnnxModel(Model):
@@ -142,9 +177,16 @@ class OnnxModel(Model):
         self.session = _session(self.pod.file(str(opts["file"])), opts)
         self.outputs = [o.name for o in _tensor_outputs(self.session)]
         self.strings = {i.name for i in self.session.get_inputs() if i.type == "tensor(string)"}
+        self.pipeline = _pipeline(self.session, opts) if opts.get("vision") else None
+        self.takes_parameters = self.pipeline is not None
         super().load()
 
     def predict(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Batch:
+        if self.pipeline is not None:
+            from modelpod.vision.task import INPUT
+
+            out: Batch = self.pipeline(inputs[INPUT], parameters_of(inputs))
+            return out
         feeds = {k: (_strings(v) if k in self.strings else v) for k, v in inputs.items()}
         results: Sequence[Any] = self.session.run(self.outputs, feeds)
         return {name: _bytes(np.asarray(r)) for name, r in zip(self.outputs, results, strict=True)}
@@ -152,6 +194,24 @@ class OnnxModel(Model):
     def unload(self) -> None:
         self.__dict__.pop("session", None)
         super().unload()
+
+
+def _pipeline(session: Any, opts: Mapping[str, Any]) -> Any:
+    """The vision pipeline around the session: one image tensor in, the first output out."""
+    from modelpod.vision.task import Pipeline
+
+    image = session.get_inputs()[0]
+    first = session.get_outputs()[0].name
+    dtype = np.float16 if image.type == "tensor(float16)" else np.float32
+    shape = _dims(image.shape)
+
+    def run(batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        return np.asarray(session.run([first], {image.name: batch.astype(dtype, copy=False)})[0])
+
+    return Pipeline(opts["vision"], run, free_hw=len(shape) == 4 and (shape[2] < 0 or shape[3] < 0),
+                    free_batch=bool(shape) and shape[0] < 0,
+                    max_pixels=int_option(opts, "max_pixels"), max_images=int_option(opts, "max_images"),
+                    top_k=int_option(opts, "top_k"))
 
 
 def _strings(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

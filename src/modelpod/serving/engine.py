@@ -25,7 +25,7 @@ from modelpod.errors import (
     UsageError,
 )
 from modelpod.inputs import InputCheck
-from modelpod.model import Batch, Model
+from modelpod.model import Batch, Model, with_parameters
 from modelpod.protocols.codec import InferRequest
 from modelpod.serving.config import BatchPolicy, ServeConfig
 from modelpod.serving.metrics import ServingMetrics, outcome_of
@@ -204,6 +204,8 @@ class InferenceEngine:
             if request.outputs:
                 self._check_outputs(entry, request.outputs)
             entry.last_used = t0
+            if model.takes_parameters:
+                inputs = with_parameters(inputs, request.parameters)
             outputs = await batcher.submit(inputs)
         except ModelpodError as exc:
             if variant is not None:
