@@ -102,7 +102,7 @@ def _strict(text: str) -> object:
 
 
 def test_predict_prints_valid_json_for_nan(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    request = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [2.0, -1.0, 4.0]}]}
+    request = {"inputs": [{"name": "x", "datatype": "FP64", "shape": [3], "data": [2.0, -1.0, 4.0]}]}
     (tmp_path / "req.json").write_text(json.dumps(request))
     for flags in ((), ("--json",)):
         code, out, err = run(capsys, home, "predict", "half:1", "--input", str(tmp_path / "req.json"), *flags)
@@ -121,3 +121,16 @@ def test_build_without_base_on_an_unreachable_registry_gives_a_hint(
     assert "without --base the image starts from python:3.11-slim" in err
     assert "--base oci:DIR" in err and "--base docker-archive:FILE" in err
     assert "Traceback" not in err
+
+
+def test_list_prints_a_table_without_rich(home: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Images hold no rich (it is the CLI's, not serving's): the CLI still prints its tables there.
+    for name in [m for m in sys.modules if m == "rich" or m.startswith("rich.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ImportError
+    code, out, err = run(capsys, home, "list")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "VERSION", "ALIASES", "FRAMEWORK", "SIZE", "DIGEST"]
+    assert [ln.split()[:3] for ln in lines[1:]] == [["half", "1", "production"], ["half", "2", "python"]]

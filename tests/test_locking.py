@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from podcode import LAZY_IMPORT, code_dir
 
 from modelpod.locking import lock_file, walk
 from modelpod.packing import pack
@@ -107,18 +108,7 @@ def test_custom_pod_pyproject_dependencies_are_locked(store: Store, tmp_path: Pa
 
 
 def test_what_the_custom_code_imports_at_load_is_locked(store: Store, tmp_path: Path) -> None:
-    code = _custom(tmp_path / "lazy", """
-        import modelpod
-
-        class Lazy(modelpod.Model):
-            def load(self) -> None:
-                import threadpoolctl  # only at load, never at module import
-                self.n = len(threadpoolctl.__name__)
-                super().load()
-
-            def predict(self, x: list[float]) -> list[float]:
-                return [v + self.n for v in x]
-    """)
+    code = code_dir(tmp_path / "lazy", LAZY_IMPORT)
     rec = pack(code, "lazy", store)
     assert "threadpoolctl" in _names(rec.manifest.requirements)
 

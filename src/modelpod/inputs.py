@@ -250,6 +250,10 @@ class InputCheck:
                 f"input {name!r}: shape {list(shape)} does not match the signature's {list(self._specs[name].shape)}")
         return n
 
+    def json_data(self, name: str, datatype: str, data: Any) -> Any:
+        """One input's JSON ``data`` before it is decoded (a table check reads ``null`` as NaN)."""
+        return data
+
     def finish(self, name: str, arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """After decoding one input (already checked by ``header``): widened, non-finite policy applied."""
         fast = self._fast.get(name)

@@ -1,7 +1,7 @@
 """The probe: load a pod and predict its sample in a fresh interpreter, and say what that took.
 
-``pack`` runs it with this process's ``sys.path`` but only the distributions of the lock so far
-importable (top-level modules of any other installed distribution look absent), adding the
+``pack`` runs it on a site directory of links to only the distributions of the lock so far
+(any other installed distribution is absent, as in the image), adding the
 distribution of each missing module until load and predict pass: the adapter's lazy imports,
 pandas for a DataFrame, the custom code's libraries go into the lock, and optional imports that
 merely happen to be installed here (pyarrow for pandas, say) stay out, as in the image.
@@ -15,16 +15,14 @@ pod has none, one row made from the signature.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import json
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -53,8 +51,9 @@ def write_sample(directory: Path, arrays: Mapping[str, np.ndarray[Any, Any]]) ->
 
     kept = {n: (np.asarray(a)[:SAMPLE_ROWS] if np.ndim(a) else np.asarray(a)) for n, a in arrays.items()}
     try:
-        text = json.dumps({"inputs": [tensor_to_json(n, a) for n, a in kept.items()]}, sort_keys=True,
-                          ensure_ascii=False)
+        # NaN (a missing value) stays the NaN token Python's json reads back: the codec takes numbers
+        # only in FP data, and this file is read by modelpod alone
+        text = json.dumps({"inputs": [tensor_to_json(n, a) for n, a in kept.items()]}, sort_keys=True)
         back = decode_request(json.loads(text)).inputs
     except (ModelpodError, TypeError, ValueError, UnicodeDecodeError):
         return None
@@ -82,11 +81,13 @@ def run(pod_dir: Path, manifest: Manifest, *, path: Sequence[str] | None = None,
     """Probe in a child interpreter. ``path``: the only package directories it sees (isolated mode);
     None: this process's ``sys.path``, of whose distributions only ``allow`` (canonical names) can be
     imported when given."""
+    if allow is not None and path is None:
+        with tempfile.TemporaryDirectory(prefix="modelpod-probe-") as tree:
+            return run(pod_dir, manifest, path=[site_of(allow, Path(tree))], python=python, timeout_s=timeout_s)
     isolated = path is not None
     cmd = [python or sys.executable, "-B", *(["-I", "-S"] if isolated else []), "-c", _CHILD]
     # isolated: the given directories before the standard library; else exactly this sys.path
     payload = {"pod": str(pod_dir), "manifest": manifest.to_dict(), "prepend": isolated,
-               "allow": sorted(allow) if allow is not None else None,
                "path": list(path) if path is not None else [p for p in sys.path if p]}
     try:
         proc = subprocess.run(cmd, input=json.dumps(payload), capture_output=True, text=True,
@@ -105,11 +106,35 @@ def run(pod_dir: Path, manifest: Manifest, *, path: Sequence[str] | None = None,
                        bool(data.get("synthetic")))
 
 
+def site_of(allow: Collection[str], tree: Path) -> str:
+    """A site directory in ``tree`` holding only the allowed installed distributions (and modelpod
+    with its own), as links to their top-level files: anything else is absent there, as in an image."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    import modelpod
+    from modelpod.locking import walk
+
+    allowed = {canonicalize_name(a) for a in allow} | set(walk(["modelpod"]))
+    for dist in metadata.distributions():
+        name = canonicalize_name(dist.metadata["Name"] or "")
+        if name not in allowed or name == "modelpod":
+            continue
+        root = Path(str(dist.locate_file("")))
+        for top in {f.parts[0] for f in dist.files or () if f.parts and f.parts[0] != ".."}:
+            src, link = root / top, tree / top
+            if src.exists() and not link.exists() and not link.is_symlink():
+                link.symlink_to(src)
+    own = Path(modelpod.__file__).parent
+    if not (tree / "modelpod").exists():
+        (tree / "modelpod").symlink_to(own)
+    return str(tree)
+
+
 def child(payload: Mapping[str, Any]) -> None:
     """The child's side: load, predict, print one JSON line (``{"probe": ...}``) on stdout."""
     result: dict[str, Any] = {"ok": True}
-    if payload.get("allow") is not None:
-        sys.meta_path.insert(0, _Only(payload["allow"]))
     try:
         from modelpod.frameworks import module
 
@@ -124,27 +149,6 @@ def child(payload: Mapping[str, Any]) -> None:
         result.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000], missing=missing_module(exc))
     sys.stdout.write("\n" + json.dumps({"probe": result}) + "\n")
     sys.stdout.flush()
-
-
-class _Only(importlib.abc.MetaPathFinder):
-    """Top-level modules of installed distributions outside ``allow`` look absent (not yet imported ones)."""
-
-    def __init__(self, allow: Collection[str]) -> None:
-        from importlib import metadata
-
-        from packaging.utils import canonicalize_name
-
-        from modelpod.locking import walk
-
-        allowed = {canonicalize_name(a) for a in allow} | set(walk(["modelpod"])) | {"modelpod"}
-        self.blocked = {top for top, dists in metadata.packages_distributions().items()
-                        if not {canonicalize_name(d) for d in dists} & allowed}
-
-    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None,
-                  ) -> importlib.machinery.ModuleSpec | None:
-        if fullname in self.blocked:
-            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
-        return None
 
 
 def sample_inputs(pod: Pod) -> tuple[dict[str, np.ndarray[Any, Any]], bool]:

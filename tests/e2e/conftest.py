@@ -320,9 +320,40 @@ def sk_pod(tmp_path_factory: pytest.TempPathFactory, sklearn_model: tuple[Path, 
     return PodHome(home, rec, sample)
 
 
+def docker(*args: str, timeout: float = 600, check: bool = True) -> str:
+    """Run the docker CLI; its stdout, or a failed assertion with its stderr."""
+    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {proc.stderr.strip()[-2000:]}")
+    return proc.stdout.strip()
+
+
+def published(cid: str, port: int) -> int:
+    """The loopback port Docker published a container's ``port`` on (``-p 127.0.0.1::PORT``)."""
+    return int(docker("port", cid, f"{port}/tcp").splitlines()[0].rsplit(":", 1)[1])
+
+
+def wait_container(cid: str, check: Any, deadline_s: float, what: str) -> None:
+    """Poll ``check()`` while the container runs; a failed assertion with its logs if it exits or times out."""
+    def ready() -> bool:
+        state = json.loads(docker("inspect", cid))[0]["State"]
+        if not state["Running"]:
+            raise AssertionError(f"the container exited ({state['ExitCode']}): {docker('logs', cid)[-3000:]}")
+        return bool(check())
+
+    try:
+        wait_for(ready, deadline_s, what)
+    except TimeoutError:
+        raise AssertionError(f"gave up waiting for {what}: {docker('logs', cid, check=False)[-3000:]}") from None
+
+
 class Kit:
     """Helpers the image tests share, handed out by the ``kit`` fixture (test modules here are not a
     package, so they cannot import from this file)."""
+
+    docker = staticmethod(docker)
+    published = staticmethod(published)
+    wait_container = staticmethod(wait_container)
 
     unavailable = staticmethod(unavailable)
     free_port = staticmethod(free_port)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from modelpod.archive import export, import_archive
+from modelpod.image.builder import iso
 from modelpod.store import Store
 
 pytestmark = pytest.mark.e2e
@@ -31,6 +32,7 @@ def test_layout_is_accepted_by_skopeo_and_umoci(sk_pod: Any, base_image: Any, tm
     assert rc == 0, err
     roles = [layer["role"] for layer in data["layers"]]
     assert roles == ["base", "runtime", "deps", "weights", "pod"]
+    assert "gRPC" in data["layers"][1]["title"]
     assert data["python"] == "/usr/bin/python3.11"
 
     inspect = json.loads(kit.run("skopeo", "inspect", f"oci:{out}:v1"))
@@ -41,14 +43,18 @@ def test_layout_is_accepted_by_skopeo_and_umoci(sk_pod: Any, base_image: Any, tm
     assert config["User"] == "65532:65532"
     assert config["Entrypoint"] == ["/usr/bin/python3.11", "-m", "modelpod.entry", "/opt/modelpod/pod"]
     assert "Cmd" not in config
-    assert "8080/tcp" in config["ExposedPorts"]
+    assert set(config["ExposedPorts"]) == {"8080/tcp", "8081/tcp"}  # REST and gRPC
+    assert config["Volumes"] == {"/tmp": {}}  # writable under docker run --read-only
     env = dict(e.split("=", 1) for e in config["Env"])
     assert env["MODELPOD_PORT"] == "8080" and env["MODELPOD_HOST"] == "0.0.0.0"
     assert env["PYTHONPATH"] == "/opt/modelpod/deps:/opt/modelpod/runtime"
 
     manifest = json.loads((out / "blobs" / "sha256" / data["digest"][7:]).read_bytes())
     notes = manifest["annotations"]
-    assert notes["org.opencontainers.image.created"] == "1970-01-01T00:00:00Z"
+    # the pod's pack time (in its lineage, so reproducible), not the epoch: no "created 56 years ago"
+    packed = sk_pod.record.manifest.lineage["created"]
+    assert notes["org.opencontainers.image.created"] == iso(packed) != "1970-01-01T00:00:00Z"
+    assert data["load_check"] == "passed"
     assert notes["org.opencontainers.image.title"] == "sk-lr"
     assert notes["org.opencontainers.image.version"] == "1"
     assert notes["org.opencontainers.image.revision"] == sk_pod.record.digest
@@ -64,6 +70,10 @@ def test_layout_is_accepted_by_skopeo_and_umoci(sk_pod: Any, base_image: Any, tm
         assert (pod / f.path).stat().st_size == f.size
     assert (rootfs / "opt/modelpod/runtime/modelpod/__main__.py").is_file()
     assert (rootfs / "opt/modelpod/deps/sklearn").is_dir()
+    assert (rootfs / "opt/modelpod/runtime/grpc").is_dir()
+    assert not (rootfs / "opt/modelpod/runtime/rich").exists()
+    assert json.loads((pod / "modelpod.record.json").read_text()) == {
+        "aliases": [], "digest": sk_pod.record.digest, "version": 1}
     assert not list((rootfs / "opt/modelpod").rglob("*.pyc"))
     assert not list((rootfs / "opt/modelpod").rglob("__pycache__"))
     runtime = json.loads((bundle / "config.json").read_text())

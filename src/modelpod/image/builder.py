@@ -62,7 +62,7 @@ def port():
             args = open("/proc/%s/cmdline" % pid, "rb").read().decode(errors="replace").split("\\0")
         except OSError:
             continue
-        if "modelpod" not in args or "serve" not in args:
+        if not any(a == "modelpod" or a.startswith("modelpod.") for a in args):  # -m modelpod[.entry]
             continue
         for i, arg in enumerate(args):
             if arg == "--port" and i + 1 < len(args):
@@ -80,7 +80,10 @@ ANNOTATION_DIGEST = "dev.modelpod.digest"
 @dataclass(frozen=True)
 class BuildOptions:
     base: str | None = None  # None: python:<the pod's python>-slim from Docker Hub
-    created: int = 0  # seconds since the epoch (SOURCE_DATE_EPOCH), for every timestamp
+    created: int = 0  # the image's time, seconds since the epoch (SOURCE_DATE_EPOCH, else the pack time)
+    # Time of every file in the new layers (SOURCE_DATE_EPOCH, else 0): not the pack time, so the
+    # runtime and deps layers of pods packed at different times stay the same blobs.
+    mtime: int = 0
     source: str | None = None  # org.opencontainers.image.source
     revision: str | None = None  # org.opencontainers.image.revision (default: the pod digest)
     weights_layer_bytes: int = WEIGHTS_LAYER_BYTES
@@ -172,7 +175,7 @@ class ImageBuilder:
         return BuiltImage(image, tuple(built), python, base, annotations, load_check)
 
     def _layer(self, spec: LayerSpec, opts: BuildOptions) -> BuiltLayer:
-        key = hashlib.sha256(f"{spec.key}:{opts.created}:{opts.gzip_level}".encode()).hexdigest()
+        key = hashlib.sha256(f"{spec.key}:{opts.mtime}:{opts.gzip_level}".encode()).hexdigest()
         record = self.cache / "layers" / f"{key}.json"
         if record.is_file():
             data = json.loads(record.read_text())
@@ -182,7 +185,7 @@ class ImageBuilder:
         with spec.entries() as entries:
             task = self.progress.task(f"layer {spec.title}", sum(e.size for e in entries))
             with self.blobs.writer() as w:
-                got = write_layer(entries, w, mtime=opts.created, gzip_level=opts.gzip_level, on_bytes=task.advance)
+                got = write_layer(entries, w, mtime=opts.mtime, gzip_level=opts.gzip_level, on_bytes=task.advance)
                 w.finish(got.digest)
             task.done()
         media = OCI_LAYER_GZIP if got.compressed else OCI_LAYER

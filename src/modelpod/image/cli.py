@@ -112,6 +112,7 @@ def build_command(args: argparse.Namespace, settings: Settings) -> Any:
     push = Reference.parse(args.push) if args.push else None
     kind, out, out_tag = _output(args.output, rec.name, rec.version) if args.output or not push else ("", Path(), None)
     options = BuildOptions(base=args.base, created=_source_date_epoch(None, pod.manifest, rec.created),
+                           mtime=_source_date_epoch(None, None, 0),
                            source=getattr(args, "source", None), revision=getattr(args, "revision", None),
                            grpc=not getattr(args, "no_grpc", False), check=not getattr(args, "no_check", False),
                            features=tuple(sorted(set(getattr(args, "with_", None) or ()))))

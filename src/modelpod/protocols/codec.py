@@ -59,7 +59,7 @@ def decode_request(obj: Any, binary: memoryview | bytes | None = None, check: In
             arr = tensor_from_bytes(name, datatype, shape, view[offset : offset + size])
             offset += size
         else:
-            arr = tensor_from_json(name, datatype, shape, t["data"], n)
+            arr = tensor_from_json(name, datatype, shape, check.json_data(name, datatype, t["data"]), n)
         inputs[name] = check.finish(name, arr)
     if offset != len(view):
         raise InvalidRequestError(f"{len(view) - offset} bytes of binary data were not claimed by any input")

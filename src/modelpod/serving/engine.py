@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelpod import __version__
+from modelpod import __version__, table
 from modelpod.errors import (
     InferenceError,
     InvalidRequestError,
@@ -32,7 +32,7 @@ from modelpod.serving.metrics import ServingMetrics, outcome_of
 from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
 from modelpod.serving.traffic import TrafficSplit
 from modelpod.settings import Settings
-from modelpod.store import Ref, is_path
+from modelpod.store import Ref, directory_hint, is_path
 
 log = logging.getLogger("modelpod.serving")
 
@@ -50,6 +50,12 @@ class InferResult:
     id: str | None = None
     route: str | None = None  # the route that chose this variant, if one did
     variant: str = ""  # NAME:VERSION of the version that answered (the ``modelpod-variant`` header)
+
+
+def _header_id(headers: Mapping[str, str] | None) -> str | None:
+    """A routed request without an id takes its ``x-request-id`` (if sane) before one is made up."""
+    value = headers.get("x-request-id") if headers is not None else None
+    return value if value and len(value) <= 256 and value.isprintable() else None
 
 
 class InferenceEngine:
@@ -76,7 +82,10 @@ class InferenceEngine:
         loaded by ``start`` unless lazy."""
         if is_path(ref):
             return self.registry.add_path(Path(ref).expanduser())
-        return self.registry.add_ref(ref)
+        try:
+            return self.registry.add_ref(ref)
+        except NotFoundError as exc:
+            raise NotFoundError(f"{exc}{directory_hint(ref)}") from None
 
     def add_model(self, model: Model, name: str | None = None, version: int | None = None,
                   policy: BatchPolicy | None = None) -> ModelEntry:
@@ -208,8 +217,8 @@ class InferenceEngine:
             raise InferenceError(f"inference failed in model {name!r}",
                                  detail=f"{type(exc).__name__}: {exc}") from exc
         if variant is not None:
-            rid = self.traffic.answered(variant, protocol, time.perf_counter() - t0, request.id, request.inputs,
-                                        outputs)
+            rid = self.traffic.answered(variant, protocol, time.perf_counter() - t0, request.id or _header_id(headers),
+                                        request.inputs, outputs)
             return InferResult(entry.name, entry.version_text or None, outputs, rid, variant.route, variant.name)
         entry.metrics.observe_request(protocol, "success", time.perf_counter() - t0)
         return InferResult(entry.name, entry.version_text or None, outputs, request.id, None, entry.label)
@@ -220,7 +229,8 @@ class InferenceEngine:
             entry = self.traffic.resolve(entry, version)  # a route name resolves to one of its variants
         check = entry.input_check
         if check is None or check.signature is not entry.signature:
-            check = entry.input_check = InputCheck(entry.signature, entry.label, self.config.nonfinite(entry.name))
+            check = entry.input_check = table.input_check(entry.signature, entry.label,
+                                                          self.config.nonfinite(entry.name))
         return check
 
     @staticmethod
