@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from modelpod import table
 from modelpod.errors import InvalidRequestError, SignatureError
 from modelpod.pod import DATATYPES, Signature, TensorSpec, datatype_of
 
@@ -185,8 +184,7 @@ class InputCheck:
     _fast: Mapping[str, tuple[str, int, tuple[tuple[int, int], ...], np.dtype[Any]]] = field(
         init=False, repr=False, compare=False)
     _names: frozenset[str] = field(init=False, repr=False, compare=False)
-    typed: bool = field(init=False, repr=False, compare=False)  # the signature names its inputs
-    table: bool = field(init=False, repr=False, compare=False)
+    _typed: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE:
@@ -198,9 +196,12 @@ class InputCheck:
                                                     DATATYPES[t.datatype])
                                            for t in self.signature.inputs})
         object.__setattr__(self, "_names", frozenset(self._specs))
-        object.__setattr__(self, "typed", bool(self._specs))
-        # A table (one [N] column per input) also takes [N, 1] columns or one ``records`` input.
-        object.__setattr__(self, "table", self.signature.is_table)
+        object.__setattr__(self, "_typed", bool(self._specs))
+
+    @property
+    def typed(self) -> bool:
+        """Whether the signature names its inputs (decoding then checks them all)."""
+        return self._typed
 
     def names(self, names: Iterable[str], count: int) -> None:
         """The number of inputs, unknown names and missing ones (before decoding, from the headers)."""
@@ -209,8 +210,6 @@ class InputCheck:
         given = names if isinstance(names, (set, frozenset)) else set(names)
         if count == len(self._names) and given == self._names:
             return  # the common case: exactly the signature's inputs
-        if self.table and given == {table.RECORDS} and count == 1:
-            return
         unknown = [n for n in given if n not in self._specs]
         if unknown:
             raise InvalidRequestError(
@@ -228,10 +227,6 @@ class InputCheck:
         n = check_shape(name, shape, max_elements)
         fast = self._fast.get(name)
         if fast is None:
-            if self.table and name == table.RECORDS:
-                if datatype != "BYTES":
-                    raise InvalidRequestError(f"input {name!r}: the records of a table are BYTES (JSON objects)")
-                return n
             if self._specs:
                 raise InvalidRequestError(
                     f"model {self.model!r} has no input {name!r}; inputs: {', '.join(self._specs)}")
@@ -240,7 +235,7 @@ class InputCheck:
         if datatype != want and not accepts(want, datatype):
             raise InvalidRequestError(f"input {name!r}: expected datatype {want}, received {datatype}"
                                       + _widening_hint(want))
-        fits = len(shape) == rank or (self.table and len(shape) == 2 and shape[1] == 1)
+        fits = len(shape) == rank
         if fits:
             for i, d in fixed:
                 if shape[i] != d:
@@ -264,15 +259,8 @@ class InputCheck:
                 f"input {name!r} holds NaN or Infinity, which model {self.model!r} refuses (nonfinite: reject)")
         return arr
 
-    def complete(self, batch: Batch) -> Batch:
-        """After every input is decoded: a table's columns as [N] arrays of one length (a ``records``
-        input expanded into them); other batches as they are."""
-        return self.arrays(batch) if self.table else batch
-
     def arrays(self, inputs: Mapping[str, Any]) -> Batch:
         """Arrays or plain values (in-process predict, batch jobs): the whole check in one call."""
-        if self.table:
-            inputs = table.normalize(inputs, self.signature)
         self.names(inputs, len(inputs))
         batch: Batch = {}
         for name, value in inputs.items():
@@ -285,8 +273,6 @@ class InputCheck:
                     f"convert it first, e.g. array.astype({DATATYPES[spec.datatype].name!r})")
             self.header(name, received, arr.shape)
             batch[name] = self.finish(name, arr)
-        if self.table:
-            table.same_length(batch, self.model)
         return batch
 
     def _array(self, name: str, value: Any, spec: TensorSpec | None) -> np.ndarray[Any, Any]:

@@ -63,8 +63,6 @@ def decode_request(obj: Any, binary: memoryview | bytes | None = None, check: In
         inputs[name] = check.finish(name, arr)
     if offset != len(view):
         raise InvalidRequestError(f"{len(view) - offset} bytes of binary data were not claimed by any input")
-    if check.table:
-        inputs = check.complete(inputs)
     outputs: dict[str, bool] | None = None
     binary_output = flag(params, "binary_data_output", False, "parameters")
     raw_outputs = obj.get("outputs")

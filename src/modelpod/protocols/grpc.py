@@ -94,8 +94,6 @@ def decode_infer(msg: Any, check: InputCheck | None = None) -> InferRequest:
         else:
             arr = _from_contents(name, datatype, shape, msg.inputs[i].contents)
         inputs[name] = check.finish(name, arr)
-    if check.table:
-        inputs = check.complete(inputs)
     outputs = {o.name: True for o in msg.outputs} or None
     params = {k: _parameter(v) for k, v in msg.parameters.items()}
     return InferRequest(inputs, msg.id or None, params, outputs, binary_output=bool(raw),
