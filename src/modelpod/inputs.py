@@ -184,7 +184,7 @@ class InputCheck:
     _fast: Mapping[str, tuple[str, int, tuple[tuple[int, int], ...], np.dtype[Any]]] = field(
         init=False, repr=False, compare=False)
     _names: frozenset[str] = field(init=False, repr=False, compare=False)
-    _typed: bool = field(init=False, repr=False, compare=False)
+    typed: bool = field(init=False, repr=False, compare=False)  # the signature names its inputs
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE:
@@ -196,12 +196,7 @@ class InputCheck:
                                                     DATATYPES[t.datatype])
                                            for t in self.signature.inputs})
         object.__setattr__(self, "_names", frozenset(self._specs))
-        object.__setattr__(self, "_typed", bool(self._specs))
-
-    @property
-    def typed(self) -> bool:
-        """Whether the signature names its inputs (decoding then checks them all)."""
-        return self._typed
+        object.__setattr__(self, "typed", bool(self._specs))
 
     def names(self, names: Iterable[str], count: int) -> None:
         """The number of inputs, unknown names and missing ones (before decoding, from the headers)."""
