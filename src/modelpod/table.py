@@ -299,8 +299,17 @@ def records_batch(value: Any, signature: Signature) -> Batch:
 
 
 # -- batch -> frame ----------------------------------------------------------------------------
+def same_length(inputs: Mapping[str, Any], model: str = "model") -> None:
+    """Refuse columns of different lengths (pandas would pad the short ones with NaN)."""
+    lengths = {name: len(arr) for name, arr in inputs.items() if np.ndim(arr)}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{n} has {k}" for n, k in lengths.items())
+        raise InvalidRequestError(f"model {model!r}: the columns must have the same length ({listed})")
+
+
 def to_frame(inputs: Mapping[str, np.ndarray[Any, Any]], signature: Signature) -> Any:
     """The DataFrame a table model is given: columns in signature order, trained dtypes, str strings."""
+    same_length(inputs)
     pd = pandas()
     params = signature.parameters
     dtypes: Mapping[str, str] = params.get("dtypes") or {}
