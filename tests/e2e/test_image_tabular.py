@@ -25,6 +25,7 @@ Kit = Any  # the ``kit`` fixture's class (tests/e2e/conftest.py)
 
 
 @pytest.fixture(scope="module")
+@pytest.mark.timeout(1500)
 def table_container(tmp_path_factory: pytest.TempPathFactory, base_image: Any, kit: Kit,
                     docker_engine: bool) -> Iterator[tuple[str, Any, dict[str, Any]]]:
     """The churn pipeline packed from its CSV sample, built, loaded and run; (REST URL, pipeline, build)."""
