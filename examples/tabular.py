@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         home = ["--home", args.home] if args.home else []
         return cli([*home, "pack", str(args.out / "model.skops"), "--name", "churn-table", "--sample",
-                    str(args.out / "train.csv"), "--outputs", "label,probabilities", "--allow-pickle"])
+                    str(args.out / "train.csv"), "--outputs", "label,probabilities"])
     return 0
 
 

@@ -30,11 +30,13 @@ class Predict:
 
 
 def main(model: str, src: str, out: str, batch_size: int) -> None:
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs only: the process is pinned to one core by taskset. With one logical CPU the
+    # predicting actor would hold it and the read tasks would never be scheduled.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
     ds = ray.data.read_parquet(src)
     ds = ds.map_batches(Predict, fn_constructor_args=(model,), batch_size=batch_size, batch_format="numpy",
-                        concurrency=1)
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
     ds.write_parquet(out)
     seconds = time.perf_counter() - t0
     rows = ray.data.read_parquet(out).count()

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from modelpod.errors import UsageError
+from modelpod.errors import NotFoundError, UsageError
 from modelpod.frameworks import require
 from modelpod.model import Model
 from modelpod.pod import MANIFEST_NAME, Pod
 from modelpod.settings import Settings
-from modelpod.store import PodRecord, Store, is_path
+from modelpod.store import PodRecord, Store, directory_hint, is_path
 
 
 def _store(store: Store | None, settings: Settings | None) -> Store:
@@ -36,7 +36,10 @@ def open_pod(ref: str | Path, *, store: Store | None = None, settings: Settings 
         if not (p / MANIFEST_NAME).is_file():
             raise UsageError(f"{ref}: no pod directory there (no {MANIFEST_NAME})")
         return Pod.open(p, verify=verify)
-    return _store(store, settings).open(ref, verify=verify)
+    try:
+        return _store(store, settings).open(ref, verify=verify)
+    except NotFoundError as exc:
+        raise NotFoundError(f"{exc}{directory_hint(ref)}") from None
 
 
 def load(ref: str | Path, *, store: Store | None = None, settings: Settings | None = None) -> Model:

@@ -197,8 +197,7 @@ def _import(args: argparse.Namespace, settings: Settings) -> Any:
 def _predict(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod import table
     from modelpod.api import load
-    from modelpod.inputs import InputCheck
-    from modelpod.packing import read_sample
+    from modelpod.packing import sample_inputs
     from modelpod.protocols.codec import InferRequest, decode_request, encode_response
     from modelpod.serving.worker import ModelWorker
 
@@ -207,13 +206,11 @@ def _predict(args: argparse.Namespace, settings: Settings) -> Any:
     request: InferRequest
     if path.suffix == ".json":
         try:
-            request = decode_request(json.loads(path.read_text()), None, InputCheck(model.signature, model.name))
+            request = decode_request(json.loads(path.read_text()), None, table.input_check(model.signature, model.name))
         except json.JSONDecodeError as exc:
             raise UsageError(f"{path}: not valid JSON: {exc}") from None
-    elif table.is_table_file(path):  # .csv / .parquet / .jsonl: the columns, or one matrix
-        request = InferRequest(table.table_inputs(table.read_table(path), model.signature))
-    else:
-        request = InferRequest(read_sample(path, [t.name for t in model.signature.inputs]))
+    else:  # .npy, .npz, or a table (.csv / .parquet / .jsonl): its columns, or one matrix
+        request = InferRequest(sample_inputs(path, model.signature))
     # The server's checks and error mapping: a model error caused by the input is exit 2, no traceback.
     outputs = ModelWorker(model, model.name).call(model.coerce(request.inputs))
     body, _ = encode_response(model.name, None, outputs, request)

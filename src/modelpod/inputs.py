@@ -100,7 +100,9 @@ def from_values(name: str, datatype: str, data: Any) -> np.ndarray[Any, Any]:
         if len({p.shape[1:] for p in parts}) != 1:
             raise InvalidRequestError(f"input {name!r}: nested data rows differ in length")
         return np.concatenate(parts)
-    types = leaf_types(data)
+    types = set(map(type, data)) if isinstance(data, list) else {type(data)}
+    if list in types:
+        types = leaf_types(data)
     if datatype in _INTEGERS:
         if not types <= {int}:
             raise InvalidRequestError(f"input {name!r}: {datatype} data must be integers")
@@ -179,8 +181,10 @@ class InputCheck:
     model: str = "model"
     nonfinite: str = "pass"
     _specs: Mapping[str, TensorSpec] = field(init=False, repr=False, compare=False)
-    _fast: Mapping[str, tuple[str, int, tuple[tuple[int, int], ...]]] = field(init=False, repr=False,
-                                                                             compare=False)
+    _fast: Mapping[str, tuple[str, int, tuple[tuple[int, int], ...], np.dtype[Any]]] = field(
+        init=False, repr=False, compare=False)
+    _names: frozenset[str] = field(init=False, repr=False, compare=False)
+    typed: bool = field(init=False, repr=False, compare=False)  # the signature names its inputs
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE:
@@ -188,19 +192,18 @@ class InputCheck:
         object.__setattr__(self, "_specs", {t.name: t for t in self.signature.inputs})
         # Per input: (datatype, rank, ((axis, size) for each fixed dimension)): the hot path's checks.
         object.__setattr__(self, "_fast", {t.name: (t.datatype, len(t.shape),
-                                                    tuple((i, d) for i, d in enumerate(t.shape) if d != -1))
+                                                    tuple((i, d) for i, d in enumerate(t.shape) if d != -1),
+                                                    DATATYPES[t.datatype])
                                            for t in self.signature.inputs})
-
-    @property
-    def typed(self) -> bool:
-        return bool(self.signature.inputs)
+        object.__setattr__(self, "_names", frozenset(self._specs))
+        object.__setattr__(self, "typed", bool(self._specs))
 
     def names(self, names: Iterable[str], count: int) -> None:
         """The number of inputs, unknown names and missing ones (before decoding, from the headers)."""
-        if not self._specs:
+        if not self.typed:
             return
-        given = names if isinstance(names, (set, frozenset, dict)) else set(names)
-        if count == len(self._specs) and len(given) == count and all(n in self._specs for n in given):
+        given = names if isinstance(names, (set, frozenset)) else set(names)
+        if count == len(self._names) and given == self._names:
             return  # the common case: exactly the signature's inputs
         unknown = [n for n in given if n not in self._specs]
         if unknown:
@@ -223,20 +226,29 @@ class InputCheck:
                 raise InvalidRequestError(
                     f"model {self.model!r} has no input {name!r}; inputs: {', '.join(self._specs)}")
             return n
-        want, rank, fixed = fast
+        want, rank, fixed, _ = fast
         if datatype != want and not accepts(want, datatype):
             raise InvalidRequestError(f"input {name!r}: expected datatype {want}, received {datatype}"
                                       + _widening_hint(want))
-        if len(shape) != rank or any(shape[i] != d for i, d in fixed):
+        fits = len(shape) == rank
+        if fits:
+            for i, d in fixed:
+                if shape[i] != d:
+                    fits = False
+        if not fits:
             raise InvalidRequestError(
                 f"input {name!r}: shape {list(shape)} does not match the signature's {list(self._specs[name].shape)}")
         return n
 
+    def json_data(self, name: str, datatype: str, data: Any) -> Any:
+        """One input's JSON ``data`` before it is decoded (a table check reads ``null`` as NaN)."""
+        return data
+
     def finish(self, name: str, arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """After decoding one input (already checked by ``header``): widened, non-finite policy applied."""
         fast = self._fast.get(name)
-        if fast is not None and fast[0] != "BYTES" and arr.dtype != DATATYPES[fast[0]]:
-            arr = arr.astype(DATATYPES[fast[0]])  # a widening; header() refused everything else
+        if fast is not None and arr.dtype is not fast[3] and fast[0] != "BYTES" and arr.dtype != fast[3]:
+            arr = arr.astype(fast[3])  # a widening; header() refused everything else
         if self.nonfinite == "reject" and arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise InvalidRequestError(
                 f"input {name!r} holds NaN or Infinity, which model {self.model!r} refuses (nonfinite: reject)")

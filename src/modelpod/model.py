@@ -65,12 +65,11 @@ class Model:
     def coerce(self, inputs: Mapping[str, Any] | np.ndarray[Any, Any] | Any) -> Batch:
         """Turn user input into a batch that fits the signature (the one input check, ``modelpod.inputs``)."""
         sig = self.signature
-        if sig.is_table or table.is_frame(inputs):
-            # A DataFrame becomes its columns; a ``records`` input and [N, 1] columns become [N] columns.
-            if table.is_frame(inputs):
-                inputs = table.table_inputs(inputs, sig)
-            elif isinstance(inputs, Mapping):
-                inputs = table.normalize(inputs, sig)
+        if table.is_frame(inputs):
+            inputs = table.table_inputs(inputs, sig)  # its columns, or one matrix
+        if sig.is_table and isinstance(inputs, Mapping):
+            # Also a ``records`` input, [N, 1] columns and missing strings (None).
+            return table.TableCheck(sig, self.name).arrays(inputs)
         if not isinstance(inputs, Mapping):
             if len(sig.inputs) != 1:
                 raise SignatureError(

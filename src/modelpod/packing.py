@@ -61,7 +61,7 @@ def pack(
     fw = framework or detect(src)
     adapter = require(fw)
     trusted = trust_names(trust)
-    if trusted and not getattr(adapter, "TAKES_TRUST", False):
+    if trusted and not adapter.TAKES_TRUST:
         raise UsageError(f"--trust is for skops files (scikit-learn); a {fw} model has nothing to trust")
     Manifest(name=name, framework=fw, files=())  # validates the name before any work
     parent_digest = store.get(parent).digest if parent else None
@@ -211,6 +211,14 @@ def _sample_arrays(adapter: Adapter, sig: Signature, sample: Any) -> tuple[Signa
     return sig, table.table_inputs(frame, sig)
 
 
+def sample_inputs(sample: Any, signature: Signature) -> dict[str, np.ndarray[Any, Any]]:
+    """A sample (or ``predict --input``) as a pod's inputs: a table as its columns or one matrix."""
+    if table.is_frame(sample) or (isinstance(sample, (str, Path)) and table.is_table_file(sample)):
+        frame = sample if table.is_frame(sample) else table.read_table(sample)
+        return table.table_inputs(frame, signature)
+    return read_sample(sample, [t.name for t in signature.inputs])
+
+
 def read_sample(sample: Any, input_names: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
     """A sample as named arrays: .npy (one input), .npz, an OIP v2 JSON request, or arrays."""
     default = input_names[0] if len(input_names) == 1 else "input-0"
@@ -269,7 +277,5 @@ def _keep_sample(adapter: Adapter, staging: Path, manifest: Manifest, sample: An
 
     if sample is None:
         return manifest
-    _, arrays = _sample_arrays(adapter, manifest.signature, sample)  # as the signature has them
-    names = {t.name for t in manifest.signature.inputs}
-    entry = write_sample(staging, {n: a for n, a in arrays.items() if n in names or not names})
+    entry = write_sample(staging, sample_inputs(sample, manifest.signature))
     return manifest if entry is None else replace(manifest, files=(*manifest.files, entry))

@@ -66,6 +66,13 @@ def is_path(text: str) -> bool:
     return "/" in text or "\\" in text or text.startswith((".", "~"))
 
 
+def directory_hint(ref: str) -> str:
+    """For a store name that missed: how to name a pod directory of that name instead (or "")."""
+    if not is_path(ref) and (Path(ref) / MANIFEST_NAME).is_file():
+        return f"; ./{ref} is a pod directory: write it as a path (./{ref}) to use it"
+    return ""
+
+
 @dataclass(frozen=True)
 class PodRecord:
     """One stored version of a pod."""
@@ -434,4 +441,4 @@ def _describe(r: Ref) -> str:
     return repr(r.name)
 
 
-__all__ = ["ConflictError", "GcReport", "PodRecord", "Ref", "Store", "is_path"]
+__all__ = ["ConflictError", "GcReport", "PodRecord", "Ref", "Store", "directory_hint", "is_path"]

@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from modelpod.errors import InvalidRequestError, MissingExtraError, SignatureError, UsageError
+from modelpod.inputs import MAX_ELEMENTS, InputCheck, check_shape, from_values
 from modelpod.pod import Signature, TensorSpec, datatype_of, numpy_dtype
 
 CONTENT_TYPE = "pd"
 RECORDS = "records"
+_FLOATS = ("FP16", "FP32", "FP64")
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq", ".jsonl", ".ndjson")
 Batch = dict[str, np.ndarray[Any, Any]]
 
@@ -188,39 +190,95 @@ def _bytes_column(values: Sequence[Any]) -> np.ndarray[Any, Any]:
 
 
 def _typed(spec: TensorSpec, values: Any) -> np.ndarray[Any, Any]:
-    dtype = numpy_dtype(spec.datatype)
-    if isinstance(values, list):
-        if any(_missing(v) for v in values):
-            if dtype.kind != "f":
-                raise InvalidRequestError(f"column {spec.name!r} ({spec.datatype}) cannot hold missing values")
-            values = [math.nan if _missing(v) else v for v in values]
-        wrong = next((v for v in values if isinstance(v, (str, bytes)) or (dtype.kind != "b" and isinstance(v, bool))
-                      or (dtype.kind == "b" and not isinstance(v, (bool, np.bool_)))
-                      or (dtype.kind in "iu" and isinstance(v, float))), None)
-        if wrong is not None:
-            raise InvalidRequestError(f"column {spec.name!r}: {wrong!r} is not a {spec.datatype} value")
-    try:
-        return np.asarray(values, dtype=dtype)
-    except (ValueError, TypeError, OverflowError):
-        raise InvalidRequestError(f"column {spec.name!r}: values do not fit {spec.datatype}") from None
+    """One column's values as its datatype: missing values NaN in float columns, refused elsewhere."""
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        return values.astype(numpy_dtype(spec.datatype), copy=False)
+    values = list(values)
+    if any(_missing(v) for v in values):
+        if numpy_dtype(spec.datatype).kind != "f":
+            raise InvalidRequestError(f"column {spec.name!r} ({spec.datatype}) cannot hold missing values")
+        values = [math.nan if _missing(v) else v for v in values]
+    return from_values(spec.name, spec.datatype, [v.item() if isinstance(v, np.generic) else v for v in values])
 
 
 # -- requests -> columns -----------------------------------------------------------------------
 def normalize(inputs: Mapping[str, Any], signature: Signature) -> Mapping[str, Any]:
-    """Columns as 1-D arrays: a ``records`` input expanded, ``[N, 1]`` columns flattened."""
+    """Columns as 1-D values: a ``records`` input expanded, ``[N, 1]`` columns flattened."""
     if set(inputs) == {RECORDS} and signature.input(RECORDS) is None:
         return records_batch(inputs[RECORDS], signature)
     out: dict[str, Any] = {}
     for name, value in inputs.items():
-        arr = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=object if _texty(value) else None)
-        if arr.ndim == 2 and arr.shape[1] == 1:
-            arr = arr.reshape(-1)
-        out[name] = arr
+        if isinstance(value, np.ndarray) and value.ndim == 2 and value.shape[1] == 1:
+            value = value.reshape(-1)
+        elif isinstance(value, list) and value and all(isinstance(v, list) and len(v) == 1 for v in value):
+            value = [v[0] for v in value]
+        out[name] = value
     return out
 
 
-def _texty(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and any(isinstance(v, (str, bytes)) for v in value)
+class TableCheck(InputCheck):
+    """The input check of a table signature, which also takes the table's conveniences.
+
+    A ``records`` input (expanded to the columns), ``[N, 1]`` columns, and missing values (None)
+    in string columns and in float ones (as NaN). Decoding checks only each input's header, so
+    ``typed`` is False: the engine then runs ``arrays`` on the decoded inputs, which expands them.
+    """
+
+    @property
+    def typed(self) -> bool:
+        return False
+
+    def _records(self, name: str) -> bool:
+        return name == RECORDS and RECORDS not in self._specs
+
+    def names(self, names: Iterable[str], count: int) -> None:
+        given = set(names)
+        if not (count == 1 and len(given) == 1 and self._records(next(iter(given)))):
+            super().names(given, count)
+
+    def header(self, name: str, datatype: str, shape: Sequence[int], max_elements: int = MAX_ELEMENTS) -> int:
+        if self._records(name):
+            if datatype != "BYTES":
+                raise InvalidRequestError("input 'records' must be BYTES: one JSON object per row")
+            return check_shape(name, shape, max_elements)
+        if len(shape) == 2 and shape[1] == 1:
+            shape = shape[:1]
+        return super().header(name, datatype, shape, max_elements)
+
+    def json_data(self, name: str, datatype: str, data: Any) -> Any:
+        # JSON has no NaN: null is a missing value in a float column.
+        if datatype in _FLOATS and isinstance(data, list) and None in data:
+            return [math.nan if v is None else v for v in data]
+        return data
+
+    def finish(self, name: str, arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        if self._records(name):
+            return arr
+        return super().finish(name, arr.reshape(-1) if arr.ndim == 2 and arr.shape[1] == 1 else arr)
+
+    def arrays(self, inputs: Mapping[str, Any]) -> Batch:
+        return super().arrays(normalize(inputs, self.signature))
+
+    def _array(self, name: str, value: Any, spec: TensorSpec | None) -> np.ndarray[Any, Any]:
+        if spec is not None and spec.datatype == "BYTES":
+            return _text_column(name, value)
+        if spec is not None and not (isinstance(value, np.ndarray) and value.dtype != object):
+            return _typed(spec, value.tolist() if isinstance(value, np.ndarray) else value)
+        return super()._array(name, value, spec)
+
+
+def input_check(signature: Signature, model: str = "model", nonfinite: str = "pass") -> InputCheck:
+    """The input check for a signature: a ``TableCheck`` for a table, else the plain one."""
+    kind = TableCheck if signature.is_table else InputCheck
+    return kind(signature, model, nonfinite)
+
+
+def _text_column(name: str, value: Any) -> np.ndarray[Any, Any]:
+    items = value.reshape(-1).tolist() if isinstance(value, np.ndarray) else list(value)
+    odd = next((v for v in items if v is not None and not isinstance(v, (str, bytes))), None)
+    if odd is not None:
+        raise InvalidRequestError(f"column {name!r}: {odd!r} is not a string")
+    return _bytes_column(items)
 
 
 def records_batch(value: Any, signature: Signature) -> Batch:

@@ -12,27 +12,41 @@ import pytest
 from modelpod.store import Store
 
 NAMED = '''
+from typing import Annotated
+
+import numpy as np
+
 from modelpod import Model
+from modelpod.frameworks.python import Tensor
+
+F32 = Annotated[np.ndarray, Tensor("FP32", (-1,))]
 
 
 class Score(Model):
     """Named inputs, as table signatures give them: one column per input."""
 
-    def predict(self, age: list[float], city: list[str]) -> list[float]:
-        return [a * 2.0 + len(c) for a, c in zip(age, city)]
+    def predict(self, age: F32, city: list[str]) -> F32:
+        return np.asarray([a * 2.0 + len(c) for a, c in zip(age.tolist(), city)], dtype=np.float32)
 '''
 
 PICKY = '''
+from typing import Annotated
+
+import numpy as np
+
 from modelpod import Model
+from modelpod.frameworks.python import Tensor
+
+F32 = Annotated[np.ndarray, Tensor("FP32", (-1,))]
 
 
 class Picky(Model):
     """Fails a whole batch when any value is negative (the batch job isolates the rows)."""
 
-    def predict(self, x: list[float]) -> list[float]:
-        if any(v < 0 for v in x):
+    def predict(self, x: F32) -> F32:
+        if (x < 0).any():
             raise ValueError("negative values are not allowed")
-        return [v + 1.0 for v in x]
+        return (x + 1.0).astype(np.float32)
 '''
 
 SIZES = '''
@@ -80,9 +94,9 @@ class Out(TypedDict):
 class Multi(Model):
     """Two outputs: a text label and a [rows, 2] tensor, as a classifier's label and probabilities."""
 
-    def predict(self, x: list[float]) -> Out:
+    def predict(self, x: Annotated[np.ndarray, Tensor("FP32", (-1,))]) -> Out:
         arr = np.asarray(x, dtype=np.float32)
-        return {"label": ["pos" if v > 0 else "neg" for v in x], "scores": np.stack([arr, -arr], axis=1)}
+        return {"label": ["pos" if v > 0 else "neg" for v in arr.tolist()], "scores": np.stack([arr, -arr], axis=1)}
 '''
 
 

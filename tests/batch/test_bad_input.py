@@ -136,3 +136,20 @@ def test_disk_full(tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str
     import json
 
     assert [json.loads(line)["output-0"] for line in out.read_text().splitlines()] == estimator.predict(x).tolist()
+
+
+def test_integer_columns_are_not_floats(tmp_path: Path, home: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from modelpod.store import Store
+
+    store = Store(home)
+    src = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"x": pa.array([1, 2, 3], pa.int32())}), src)
+    from modelpod.batch import run
+
+    # picky takes FP-typed x: an int32 column is not a float one (no silent casts) ...
+    with pytest.raises(Exception, match="is int32"):
+        run("picky", src, tmp_path / "o.parquet", store=store)
+    assert not (tmp_path / "o.parquet").exists()
+    # ... while --cast converts the values that fit.
+    assert run("picky", src, tmp_path / "o.parquet", store=store, cast=True).rows_out == 3

@@ -145,8 +145,10 @@ def test_changed_pod_is_refused(tmp_path: Path) -> None:
     store = Store(tmp_path / "home")
     code = tmp_path / "code"
     code.mkdir()
-    model = "from modelpod import Model\n\n\nclass Add(Model):\n    def predict(self, x: list[float]) -> list[float]:\n"
-    (code / "model.py").write_text(model + "        return [v + 1 for v in x]\n")
+    model = ("from typing import Annotated\nimport numpy as np\nfrom modelpod import Model\n"
+             "from modelpod.frameworks.python import Tensor\nF32 = Annotated[np.ndarray, Tensor('FP32', (-1,))]\n\n\n"
+             "class Add(Model):\n    def predict(self, x: F32) -> F32:\n")
+    (code / "model.py").write_text(model + "        return x + 1\n")
     rec = pack(code, "add", store)
     store.tag("add", rec.version, "prod")
     import pyarrow as pa
@@ -155,7 +157,7 @@ def test_changed_pod_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "out.parquet"
     with pytest.raises(Stop):
         run("add@prod", tmp_path / "in.parquet", out, store=store, part_rows=50, on_event=stop_after(1))
-    (code / "model.py").write_text(textwrap.dedent(model + "        return [v + 2 for v in x]\n"))
+    (code / "model.py").write_text(textwrap.dedent(model + "        return x + 2\n"))
     rec2 = pack(code, "add", store)
     store.tag("add", rec2.version, "prod")
     with pytest.raises(BatchError, match=r"the pod changed since the first run.*NAME:VERSION"):

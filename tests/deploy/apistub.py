@@ -11,6 +11,7 @@ forced), and answers with Status bodies as the API does. Deployments get a statu
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -208,24 +209,33 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_PATCH = do_POST = do_PUT = do_DELETE = _serve
 
 
-def serve(stub: ApiStub) -> Iterator[str]:
-    """Run ``stub`` on a loopback port until the generator is closed; yields its URL."""
+def serve(stub: ApiStub, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
+    """Run ``stub`` on a loopback port until the generator is closed; yields its URL.
+
+    ``tls``: (certificate, key) to serve HTTPS, as an API server does.
+    """
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.stub = stub  # type: ignore[attr-defined]
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(tls[0]), str(tls[1]))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
         thread.join(10)
 
 
-def kubeconfig(path: Path, server: str, namespace: str = "ml", context: str = "stub") -> Path:
+def kubeconfig(path: Path, server: str, namespace: str = "ml", context: str = "stub",
+               ca: Path | None = None) -> Path:
+    cluster: dict[str, Any] = {"server": server, **({"certificate-authority": str(ca)} if ca else {})}
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": context,
-        "clusters": [{"name": "stub-cluster", "cluster": {"server": server}}],
+        "clusters": [{"name": "stub-cluster", "cluster": cluster}],
         "users": [{"name": "stub-user", "user": {"token": TOKEN}}],
         "contexts": [{"name": context, "context": {"cluster": "stub-cluster", "user": "stub-user",
                                                    "namespace": namespace}}],

@@ -180,6 +180,12 @@ def test_status_and_rollback_to_the_previous_image(stub: tuple[ApiStub, str], co
     assert dep["pod_digest"] == rec.digest
     assert dep["autoscaler"]["min"] == 3 and dep["autoscaler"]["max"] == 10  # the second apply's --replicas 3
 
+    capsys.readouterr()
+    assert main(["--home", str(home), "deploy", "status", "lr", *target]) == 0
+    human = capsys.readouterr().out
+    assert "Deployment lr: done" in human and f"image  {IMAGE_2}" in human
+    assert f"history (oldest first): {IMAGE_1}, {IMAGE_2}" in human and "(min 3, max 10)" in human
+
     before = len(api.patches())
     rc, data, err = cli(capsys, home, "deploy", "rollback", "lr", *target, "--wait")
     assert rc == 0, err
@@ -270,6 +276,21 @@ def test_render_only_writes_a_directory_and_prints_the_choice(tmp_path: Path, se
     assert "not pinned by digest" in err and "no PodDisruptionBudget" in err
     rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "--replicas", "0")
     assert rc == 2 and "--replicas 0" in err
+    rc, data, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "--scale-to-zero",
+                        "-n", NS)
+    assert rc == 0, err
+    assert "ScaledObject/lr" in data["objects"] and "HorizontalPodAutoscaler/lr" not in data["objects"]
+    scaled = next(d for d in yaml.safe_load_all(data["yaml"]) if d["kind"] == "ScaledObject")
+    assert scaled["spec"]["minReplicaCount"] == 0
+    rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "--scale-to-zero",
+                     "--autoscaler", "hpa")
+    assert rc == 2 and "--scale-to-zero needs --autoscaler keda" in err
+    rc, data, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "--drain-timeout", "90",
+                        "-o", "-")
+    dep = next(d for d in yaml.safe_load_all(data["yaml"]) if d["kind"] == "Deployment")
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MODELPOD_DRAIN_TIMEOUT_S"] == "90"
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 95
     rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "--canary", "lr:1:10",
                      "--canary-image", IMAGE_2)
     assert rc == 2 and "--canary names the same pod" in err
@@ -333,3 +354,37 @@ def test_bad_kubeconfig_and_output_are_refused_with_a_message(tmp_path: Path, se
     (tmp_path / "afile").write_text("")
     rc, _, err = cli(capsys, home, "deploy", "kubernetes", "lr", "--image", IMAGE_1, "-o", str(tmp_path / "afile"))
     assert rc == 2 and "not a directory" in err
+
+
+def _certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl, as a cluster's CA would issue one)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is not installed (.ci/setup-system.sh installs it)")
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=stub",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_apply_over_tls_trusts_the_kubeconfigs_authority(tmp_path: Path, served_home: tuple[Path, PodRecord],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    home, _ = served_home
+    cert, key = _certificate(tmp_path, "api")
+    other, _ = _certificate(tmp_path, "other")
+    api = ApiStub()
+    gen = serve(api, tls=(cert, key))
+    url = next(gen)
+    try:
+        good = kubeconfig(tmp_path / "good", url, ca=cert)
+        rc, data, err = deploy(capsys, home, good, IMAGE_1)
+        assert rc == 0, err
+        assert len(api.patches()) == len(data["apply"]["applied"]) > 0
+        bad = kubeconfig(tmp_path / "bad", url, ca=other, context="wrong-ca")
+        rc, _, err = deploy(capsys, home, bad, IMAGE_1)
+        assert rc == 1 and "context 'wrong-ca'" in err and "CERTIFICATE_VERIFY_FAILED" in err
+    finally:
+        gen.close()

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.docker]
+# Building the image (pyarrow's wheel included) and starting a Python in a container per run is slow
+# on a small shared machine: more than the suite's default per-test timeout.
+pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.timeout(1200)]
 
 
 def docker(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -69,7 +71,7 @@ def _run(tag: str, data: Path, *args: str, env: dict[str, str] | None = None) ->
                   *flags, tag, *args, check=False)
 
 
-def test_image_scores_files_and_resumes_its_shards(batch_image: str, tmp_path: Path, sk_pod: Any) -> None:
+def test_image_scores_files(batch_image: str, tmp_path: Path, sk_pod: Any) -> None:
     import pyarrow.parquet as pq
 
     import modelpod
@@ -84,6 +86,13 @@ def test_image_scores_files_and_resumes_its_shards(batch_image: str, tmp_path: P
     assert any(json.loads(line)["event"] == "part" for line in proc.stderr.splitlines() if line.startswith("{"))
     table = pq.read_table(data / "out.parquet")
     assert table["id"].to_pylist() == list(range(3000)) and table["output-0"].to_pylist() == want
+
+
+def test_image_runs_shards_then_merges_them(batch_image: str, tmp_path: Path, sk_pod: Any) -> None:
+    import modelpod
+
+    data, x = _data(tmp_path)
+    want = modelpod.load("sk-lr:1", store=sk_pod.store)(x)["output-0"].tolist()
     # As a Kubernetes Indexed Job runs it: two shards by JOB_COMPLETION_INDEX, then the merge.
     for index in range(2):
         proc = _run(batch_image, data, "batch", "--input", "/data/in-*.parquet", "--output", "/data/sharded.csv",

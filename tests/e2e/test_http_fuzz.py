@@ -50,14 +50,15 @@ def rss(pid: int) -> int:
 ROUTES = ["/v2/health/live", "/v2/health/ready", "/v2", "/v2/", "/v2/models/echo", "/v2/models/echo/ready",
           "/v2/models/echo/infer", "/v2/models/echo/versions/1/infer", "/v2/models/echo/versions/x/infer",
           "/v2/models/text/infer", "/v2/models/echo/config", "/v2/models/nope/infer", "/v2/repository/index",
-          "/v2/repository/models/nope/load", "/metrics", "/", "*", "http://h/v2/health/live", "/v2/models/%ff/infer"]
+          "/v2/repository/models/nope/load", "/metrics", "/", "*", "http://h/v2/health/live", "/v2/models/%ff/infer",
+          "/v2/models/echo/versions/%C2%B2/infer", "/v2/models/echo/versions/%D9%A1/infer"]  # "²", "١"
 METHODS = st.sampled_from(["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "get", "PRI", "CONNECT"])
 VERSIONS = st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.2", "HTP/1.1", ""])
 HEADER_NAMES = ["Host", "Content-Type", "Content-Encoding", "Expect", "Authorization", "Origin", "Connection",
                 "Inference-Header-Content-Length", "X-Request-ID", "Transfer-Encoding", "Upgrade", "X-Any"]
 HEADER_VALUES = ["t", "application/json", "text/plain", "gzip", "deflate", "br", "100-continue", "Bearer x",
                  "http://evil.example", "close", "keep-alive", "0", "-1", "7", "99999999999999999999", "chunked",
-                 "websocket", "", " "]
+                 "websocket", "", " ", "\u00b2", "12\u00b9"]
 TEXT = st.text(st.characters(min_codepoint=1, max_codepoint=255), max_size=40)
 DATATYPES = ["FP32", "FP64", "INT8", "INT64", "UINT8", "BOOL", "BYTES", "FP16", "fp32", "FP99", ""]
 SCALARS = st.one_of(st.integers(-300, 300), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
@@ -65,7 +66,8 @@ SCALARS = st.one_of(st.integers(-300, 300), st.floats(allow_nan=True, allow_infi
 TENSOR = st.fixed_dictionaries({
     "name": st.sampled_from(["x", "text", "zz", ""]),
     "datatype": st.sampled_from(DATATYPES),
-    "shape": st.lists(st.integers(-2, 6), max_size=3),
+    "shape": st.one_of(st.lists(st.integers(-2, 6), max_size=3), st.just([1] * 65),
+                       st.lists(st.sampled_from([0, 1, -1, 2**31, 2**62, 2**63 - 1, 2**64]), max_size=4)),
     "data": st.one_of(st.lists(SCALARS, max_size=12), st.lists(st.lists(SCALARS, max_size=3), max_size=4), SCALARS),
 }, optional={"parameters": st.dictionaries(st.sampled_from(["binary_data_size", "content_type"]), SCALARS)})
 OIP = st.fixed_dictionaries({"inputs": st.lists(TENSOR, max_size=3)}, optional={

@@ -37,7 +37,7 @@ def table_container(tmp_path_factory: pytest.TempPathFactory, base_image: Any, k
     d, pipe, _ = save_table_model(root / "m", "ignore")
     home = root / "home"
     kit.shared_wheels(home)
-    rec = pack(d / "model.skops", "churn", Store(home), sample=d / "sample.csv", allow_pickle=True,
+    rec = pack(d / "model.skops", "churn", Store(home), sample=d / "sample.csv",
                outputs=["label", "probabilities"])
     assert any(r.lower().startswith("pandas==") for r in rec.manifest.requirements)
     tag = f"modelpod-test/churn:{uuid.uuid4().hex[:12]}"

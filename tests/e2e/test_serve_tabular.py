@@ -24,7 +24,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProc
     root = tmp_path_factory.mktemp("tab")
     d, pipe, _ = save_table_model(root / "m", "ignore")
     home = root / "home"
-    pack(d / "model.skops", "churn", Store(home), sample=d / "sample.csv", allow_pickle=True,
+    pack(d / "model.skops", "churn", Store(home), sample=d / "sample.csv",
          outputs=["label", "probabilities"])
     rows = table_frame(500, seed=11, unseen=True)
     with modelpod_serve(home, "churn", "--grpc-port", "0") as proc:

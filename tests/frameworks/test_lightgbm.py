@@ -22,6 +22,7 @@ def test_pack_verify_roundtrip_predict(store: Store, check_pod: Check,
     assert detect(path) == "lightgbm"
     rec = pack(path, "lgb", store)
     assert sig(rec) == {"inputs": [("input-0", "FP64", [-1, 5])], "outputs": [("output-0", "FP64", [-1])]}
+    x = x.astype(np.float64)  # LightGBM pods take FP64 (its thresholds are doubles)
     check_pod(rec, x, {"output-0": booster.predict(x)})
 
 
@@ -32,6 +33,7 @@ def test_cli_pack_json_with_raw_scores(tmp_path: Path, capsys: pytest.CaptureFix
                  "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["framework"] == "lightgbm"
+    x = x.astype(np.float64)
     check_pod(store.get("lgb"), x, {"output-0": booster.predict(x, raw_score=True)})
 
 

@@ -378,3 +378,12 @@ def test_concurrent_clients_keep_working_next_to_a_slowloris(strict: LiveServer)
                 assert c.post("/v2/models/echo/infer", json=echo_request(X)).status_code == 200
         t.join(30)
     assert results == [True]
+
+
+def test_limits_must_be_positive() -> None:
+    from modelpod.errors import UsageError
+    from modelpod.protocols.http import HttpLimits
+
+    with pytest.raises(UsageError, match="max_connections must be positive"):
+        HttpLimits.from_settings(Settings.from_env({"MODELPOD_MAX_CONNECTIONS": "0"}))
+    assert HttpLimits.from_settings(Settings.from_env({"MODELPOD_HEADER_TIMEOUT_S": "2.5"})).header_timeout_s == 2.5

@@ -82,3 +82,21 @@ def test_inference_is_not_affected_by_the_guard(live: LiveServer) -> None:
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
     r = httpx.post(live.url + "/v2/models/echo/infer", json=body, headers={"Origin": "http://evil.example"})
     assert r.status_code == 200
+
+
+def test_routes_and_feedback_refuse_a_foreign_page() -> None:
+    from traffic_util import Offset, route_server
+    from traffic_util import body as infer_body
+
+    split = {"churn": {"variants": [{"model": "churn:2", "weight": 1}]}}
+    with route_server({"churn:2": Offset(0), "churn:3": Offset(100)}, split) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
+        foreign = {"Origin": "http://evil.example"}
+        change = {"variants": [{"model": "churn:3", "weight": 1}]}
+        assert c.put("/v2/routes/churn", json=change, headers=foreign).status_code == 403
+        assert c.put("/v2/routes/churn", content=b"{}", headers={"Content-Type": "text/plain"}).status_code == 415
+        assert c.get("/v2/routes/churn").json()["variants"] == split["churn"]["variants"]  # unchanged
+        answer = c.post("/v2/models/churn/infer", json=infer_body()).json()
+        feedback = {"id": answer["id"], "reward": 0.0}
+        assert c.post("/v2/models/churn/feedback", json=feedback, headers=foreign).status_code == 403
+        assert c.post("/v2/models/churn/feedback", json=feedback).status_code == 200

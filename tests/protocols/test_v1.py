@@ -33,7 +33,7 @@ def home(tmp_path_factory: pytest.TempPathFactory, sklearn_model: tuple[Path, np
 @pytest.fixture(scope="module")
 def table_pod(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     d, pipe, df = save_table_model(tmp_path_factory.mktemp("v1tab") / "m")
-    pack(d / "model.skops", "churn", Store(home), sample=df.head(20), allow_pickle=True,
+    pack(d / "model.skops", "churn", Store(home), sample=df.head(20),
          outputs=["label", "probabilities"])
     return pipe
 

@@ -61,7 +61,7 @@ def test_registry_takes_store_refs_only(decoy: tuple[Store, PodRecord, Path]) ->
         engine.registry.add_ref("ghost")
     # The command line's rule: a bare word is a store name, a path is a directory.
     assert engine.add("lr").manifest.digest == rec.digest  # type: ignore[union-attr]
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError, match=r"ghost is a pod directory: write it as a path \(\./ghost\)"):
         engine.add("ghost")
     entry = engine.add("./ghost")
     assert entry.source.path == cwd / "ghost" and entry.manifest is not None

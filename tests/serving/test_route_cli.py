@@ -91,6 +91,7 @@ def test_serve_with_only_routes_in_the_config(tmp_path: Path, served_home: Any) 
     with modelpod_serve(home, "--config", str(config), "--no-grpc") as proc, \
             httpx.Client(base_url=proc.url, timeout=30) as c:
         assert [m["name"] for m in proc.info["models"]] == ["lr"]  # the route's model is served
+        assert {r["name"]: r["share"] for r in proc.info["routes"]} == {"scorer": {"lr:1": 1.0}, "lr": {"lr:1": 1.0}}
         x = {"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 20], "data": [0.1] * 20}]}
         r = c.post("/v2/models/scorer/infer", json=x)
         assert r.status_code == 200 and r.headers["modelpod-variant"] == "lr:1"

@@ -205,3 +205,15 @@ def test_a_route_variant_failing_to_load_at_start_leaves_the_server_ready(served
     with LiveServer(settings, setup(alone)) as live, httpx.Client(base_url=live.url, timeout=30) as c:
         assert c.get("/v2/health/ready").status_code == 503  # the route cannot serve at all
         assert "down" in c.get("/v2/routes/scorer").json()["status"]
+
+
+def test_routes_api_has_the_repository_guard() -> None:
+    with route_server(_models(), SPLIT) as live, httpx.Client(base_url=live.url, timeout=30) as c:
+        spec = {"variants": [{"model": "churn:3", "weight": 1}]}
+        r = c.put("/v2/routes/churn", json=spec, headers={"origin": "http://evil.example"})
+        assert r.status_code == 403 and "error" in r.json()
+        r = c.put("/v2/routes/churn", content=b"variants=1", headers={"content-type": "text/plain"})
+        assert r.status_code == 415
+        r = c.post("/v2/routes/churn/rollback", headers={"host": "evil.example"})
+        assert r.status_code == 403
+        assert c.get("/v2/routes/churn").json()["variants"] == SPLIT["churn"]["variants"]

@@ -219,6 +219,8 @@ class BatchJob:
         self.opts = opts
         self.batch_rows = opts.batch_rows or default_batch_rows(model, plan.fmt)
         self.scorer = Scorer(model)
+        # Table signatures take NaN for a missing number, as pandas reads one.
+        self.missing_nan = bool(getattr(model.signature, "is_table", False))
         self.on_event = on_event or (lambda e: None)
         self.errors = sum(p.errors for p in store.parts)
         self.rows_done = sum(p.end - p.start for p in store.parts)
@@ -299,7 +301,7 @@ class BatchJob:
             errors.extend(raw.notes and [{"file": raw.file, **n} for n in raw.notes])
             if raw.rows == 0:
                 continue
-            conv = tensors.convert(raw, self.plan.fmt, self.plan.bindings, self.opts.cast)
+            conv = tensors.convert(raw, self.plan.fmt, self.plan.bindings, self.opts.cast, self.missing_nan)
             good = conv.good
             bad = dict(conv.bad)
             if len(good):

@@ -1,8 +1,9 @@
 """Columns -> the signature's input tensors, checked like the server checks a request; outputs -> columns.
 
-Typed inputs (Parquet, ``.npy``) must carry the signature's datatype exactly, checked on the schema
-before a row is predicted: a ``double`` column is not an FP32 input unless ``--cast`` asks for safe
-casts. Text inputs (CSV cells, JSON values) carry no width, so each value is parsed as the
+Typed inputs (Parquet, ``.npy``) must carry the signature's datatype exactly (or a lossless integer
+widening, as the server's one input check ``modelpod.inputs`` allows), checked on the schema before
+a row is predicted: a ``double`` column is not an FP32 input unless ``--cast`` asks for safe casts.
+Text inputs (CSV cells, JSON values) carry no width, so each value is parsed as the
 signature's datatype with the server's rules (integers only into INT tensors, numbers that fit,
 ``true``/``false`` for BOOL). A value that does not parse, an empty cell, a missing key or a list of
 the wrong length makes that row bad: it is quarantined with its reason, the other rows go on.
@@ -18,6 +19,7 @@ import numpy as np
 
 from modelpod.batch.sources import IMAGE_BYTES, IMAGE_PATH, NPY_COLUMN, RawBatch, pyarrow
 from modelpod.errors import BatchError, InvalidRequestError
+from modelpod.inputs import accepts
 from modelpod.pod import DATATYPES, Signature, TensorSpec, datatype_of
 from modelpod.protocols.codec import tensor_from_json
 
@@ -126,7 +128,7 @@ def check_schema(schema: Any, bindings: Sequence[Binding], cast: bool, where: st
             field = schema.field(col)
             got, depth = arrow_datatype(field.type)
             inner = _inner(b.spec, len(b.columns))
-            if got is None or (got != b.spec.datatype and not (cast and _castable(got, b.spec.datatype))):
+            if got is None or (not accepts(b.spec.datatype, got) and not (cast and _castable(got, b.spec.datatype))):
                 hint = " (or pass --cast for safe casts)" if got not in (None, "BYTES") else ""
                 raise BatchError(f"{where}: column {col!r} is {field.type}, but input {b.spec.name!r} takes "
                                  f"{b.spec.datatype}; write the column as {_arrow_of(b.spec.datatype)}{hint}")
@@ -139,7 +141,7 @@ def check_schema(schema: Any, bindings: Sequence[Binding], cast: bool, where: st
 def check_array(arr: np.ndarray[Any, Any], binding: Binding, cast: bool, where: str) -> None:
     got = datatype_of(arr)
     spec = binding.spec
-    if got != spec.datatype and not (cast and _castable(got, spec.datatype)):
+    if not accepts(spec.datatype, got) and not (cast and _castable(got, spec.datatype)):
         raise BatchError(f"{where}: the array is {arr.dtype}, but input {spec.name!r} takes {spec.datatype}; "
                          f"save it as {DATATYPES[spec.datatype]}" + (" (or pass --cast)" if got != "BYTES" else ""))
     if not spec.accepts_shape((arr.shape[0] if arr.ndim else 1, *arr.shape[1:])):
@@ -157,15 +159,22 @@ def _arrow_of(datatype: str) -> str:
 
 
 # -- converting a batch -----------------------------------------------------------------------------
-def convert(raw: RawBatch, fmt: str, bindings: Sequence[Binding], cast: bool) -> Converted:
-    """The good rows of a batch as input arrays, and the reason each bad row was left out."""
+def convert(raw: RawBatch, fmt: str, bindings: Sequence[Binding], cast: bool, missing_nan: bool = False
+            ) -> Converted:
+    """The good rows of a batch as input arrays, and the reason each bad row was left out.
+
+    ``missing_nan``: an empty cell, null or missing key of a float column is NaN, a missing value the
+    model handles (table signatures: pandas' NaN), rather than a bad row."""
     bad = dict(raw.bad)
     arrays: Arrays = {}
     for b in bindings:
         inner = _inner(b.spec, len(b.columns))
         parts = []
         for col in b.columns:
-            values, why = _column(raw.columns[col], fmt, b.spec, col, inner, cast, raw.rows)
+            data = raw.columns[col]
+            if missing_nan and b.spec.datatype in _FLOATS and not inner:
+                data = _missing_as_nan(data, fmt)
+            values, why = _column(data, fmt, b.spec, col, inner, cast, raw.rows)
             for k, reason in why.items():
                 bad.setdefault(k, reason)
             parts.append(values)
@@ -182,12 +191,28 @@ def convert(raw: RawBatch, fmt: str, bindings: Sequence[Binding], cast: bool) ->
     return Converted(arrays, good, bad)
 
 
+_FLOATS = frozenset(("FP16", "FP32", "FP64"))
+
+
+def _missing_as_nan(data: Any, fmt: str) -> Any:
+    if isinstance(data, list):
+        return [float("nan") if v is None else v for v in data]
+    if isinstance(data, np.ndarray) or not data.null_count and fmt != "csv":
+        return data
+    pa = pyarrow()
+    import pyarrow.compute as pc
+
+    if fmt == "csv":
+        return pc.if_else(pc.equal(data, ""), pa.scalar("nan"), data)
+    return pc.fill_null(data, float("nan")) if pa.types.is_floating(data.type) else data
+
+
 def _column(data: Any, fmt: str, spec: TensorSpec, col: str, inner: tuple[int, ...], cast: bool,
             rows: int) -> tuple[np.ndarray[Any, Any], dict[int, str]]:
     if fmt == "jsonl":
         return _from_json(data, spec, col, inner)
     if isinstance(data, np.ndarray):
-        if datatype_of(data) != spec.datatype:
+        if not accepts(spec.datatype, datatype_of(data)):  # --cast (checked on the schema before)
             return data.astype(DATATYPES[spec.datatype]), {}
         return data, {}
     if isinstance(data, list):  # image bytes
@@ -298,7 +323,7 @@ def _scalars(arr: Any, spec: TensorSpec, col: str, cast: bool, text: bool
         return _bytes_array(arr.to_pylist()), {}
     target = pa.from_numpy_dtype(DATATYPES[spec.datatype])
     got, _ = arrow_datatype(arr.type)
-    if got == spec.datatype:
+    if got is not None and accepts(spec.datatype, got):  # the same, or a lossless integer widening
         return arr.to_numpy(zero_copy_only=False), {}
     if not (text or cast):
         raise BatchError(f"column {col!r} is {arr.type}, input {spec.name!r} takes {spec.datatype}; "

@@ -34,8 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--max", dest="max_replicas", type=int, default=10, help="autoscaler maximum (default 10)")
     k.add_argument("--target-inflight", type=float, default=4.0,
                    help="in-flight requests per replica the autoscaler aims at (default 4)")
-    k.add_argument("--autoscaler", default="hpa", help=f"{'|'.join(AUTOSCALERS)} (default hpa: in-flight + CPU)")
-    k.add_argument("--scale-to-zero", action="store_true", help="allow 0 replicas when idle (KEDA)")
+    k.add_argument("--autoscaler", help=f"{'|'.join(AUTOSCALERS)} (default hpa: in-flight + CPU; "
+                   "keda with --scale-to-zero)")
+    k.add_argument("--scale-to-zero", action="store_true", help="KEDA, down to 0 replicas when idle (--min 0)")
     k.add_argument("--cpu", help="CPU request, e.g. 1 or 500m (default: the pod's resources, else 1)")
     k.add_argument("--memory", help="memory request and limit, e.g. 2Gi (default: the pod's, else sized from it)")
     k.add_argument("--gpu", type=int, default=0, help="nvidia.com/gpu per replica")
@@ -49,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--prometheus-url", help="Prometheus for KEDA's trigger")
     k.add_argument("--port", type=int, default=8080, help="container HTTP port (default 8080)")
     k.add_argument("--grpc-port", type=int, default=8081, help="container gRPC port (default 8081)")
+    k.add_argument("--drain-timeout", type=float, metavar="S",
+                   help="seconds the server drains on SIGTERM (default $MODELPOD_DRAIN_TIMEOUT_S or 30); "
+                   "the grace period is longer")
     k.add_argument("--no-grpc", action="store_true", help="REST only: no gRPC port in the pod or the Service")
     k.add_argument("--openshift", action="store_true", help="no fixed UID: the platform picks one (group 0)")
     k.add_argument("--pull-secret", metavar="NAME", help="imagePullSecret for a private registry")
@@ -114,7 +118,7 @@ def _facts(ref: str, settings: Settings) -> tuple[PodFacts, Any, int | None]:
 
 
 def _build_and_push(pod: Any, version: int | None, repo: str, base: str | None, settings: Settings,
-                    quiet: bool) -> tuple[str, str]:
+                    quiet: bool, *, grpc: bool = True, batch: bool = False) -> tuple[str, str]:
     """(IMAGE@DIGEST, the image's python) after ``modelpod build --push REPO``."""
     from modelpod.image.builder import BuildOptions, ImageBuilder
     from modelpod.image.cli import credentials_for
@@ -130,7 +134,7 @@ def _build_and_push(pod: Any, version: int | None, repo: str, base: str | None, 
         return made[host]
 
     builder = ImageBuilder(settings.home / "cache", registry, Silent())
-    built = builder.build(pod, version, BuildOptions(base=base))
+    built = builder.build(pod, version, BuildOptions(base=base, grpc=grpc, features=("batch",) if batch else ()))
     tagged = target if target.tag else target.with_tag(str(version) if version is not None else "latest")
     builder.push(built, tagged)
     pinned = f"{target.host}/{target.repository}@{built.digest}"
@@ -148,7 +152,8 @@ def build_spec(args: argparse.Namespace, settings: Settings) -> tuple[DeploySpec
     if args.push and args.image:
         raise UsageError("give --image or --push, not both")
     if args.push:
-        image, python = _build_and_push(pod, version, args.push, args.base, settings, args.json)
+        image, python = _build_and_push(pod, version, args.push, args.base, settings, args.json,
+                                        grpc=not args.no_grpc, batch=args.job)
     if not image:
         raise UsageError("deploy kubernetes needs --image IMAGE@sha256:DIGEST or --push REGISTRY/REPO")
     canary = None
@@ -159,7 +164,8 @@ def build_spec(args: argparse.Namespace, settings: Settings) -> tuple[DeploySpec
         facts2, pod2, version2 = _facts(ref2, settings)
         image2 = args.canary_image
         if args.push and not image2:
-            image2, _ = _build_and_push(pod2, version2, args.push, args.base, settings, args.json)
+            image2, _ = _build_and_push(pod2, version2, args.push, args.base, settings, args.json,
+                                        grpc=not args.no_grpc)
         if not image2:
             raise UsageError("--canary needs --canary-image IMAGE@sha256:DIGEST (or --push to build it)")
         canary = Canary(facts2, image2, weight, args.canary_mode)
@@ -170,14 +176,17 @@ def build_spec(args: argparse.Namespace, settings: Settings) -> tuple[DeploySpec
         job = BatchJob(args.input, args.output, args.shards, args.parallelism, args.job_volume,
                        tuple(args.batch_arg))
     extra: dict[str, Any] = {"prometheus_url": args.prometheus_url} if args.prometheus_url else {}
+    drain = args.drain_timeout if args.drain_timeout is not None else settings.drain_timeout_s
     spec = DeploySpec(
         name=args.name or default_name(facts.name), image=image, pod=facts, namespace=args.namespace,
-        replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-        target_inflight=args.target_inflight, autoscaler=args.autoscaler, scale_to_zero=args.scale_to_zero,
+        replicas=args.replicas, max_replicas=args.max_replicas,
+        min_replicas=0 if args.scale_to_zero and args.min_replicas is None else args.min_replicas,
+        target_inflight=args.target_inflight, scale_to_zero=args.scale_to_zero,
+        autoscaler=args.autoscaler or ("keda" if args.scale_to_zero else "hpa"),
         cpu=args.cpu, memory=args.memory, gpu=args.gpu, token_secret=args.token_secret, canary=canary,
         kserve=args.kserve, service_monitor=args.service_monitor, job=job, gateway=args.gateway, python=python,
         http_port=args.port, grpc_port=args.grpc_port, grpc=not args.no_grpc, openshift=args.openshift,
-        pull_secret=args.pull_secret, drain_timeout_s=settings.drain_timeout_s, **extra,
+        pull_secret=args.pull_secret, drain_timeout_s=drain, **extra,
     ).check(apply=args.apply)
     if canary is not None and not args.kserve and not args.job:
         mode, why = canary.chosen(facts)

@@ -18,6 +18,7 @@ from modelpod.deploy.spec import DeploySpec, PodFacts
 
 Obj = dict[str, Any]
 POD_DIR = "/opt/modelpod/pod"  # where the image builder puts the pod (image.plan.POD_DIR)
+TOKEN_DIR = "/var/run/secrets/modelpod"
 STORE = "/tmp/modelpod"  # MODELPOD_HOME: the in-server canary's init containers put both pods there
 CONFIG_DIR = "/etc/modelpod"
 CONTAINER = "server"
@@ -147,10 +148,18 @@ def env(spec: DeploySpec) -> list[Obj]:
         {"name": "MODELPOD_DRAIN_TIMEOUT_S", "value": f"{spec.drain_timeout_s:g}"},
         {"name": "MODELPOD_LOG_JSON", "value": "true"},
     ]
-    if spec.token_secret is not None:
-        out.append({"name": "MODELPOD_TOKEN",
-                    "valueFrom": {"secretKeyRef": {"name": spec.token_secret, "key": "token"}}})
+    if spec.token_secret is not None:  # a file, not a variable: out of the environment and re-read on rotation
+        out.append({"name": "MODELPOD_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"})
     return out
+
+
+def token_volumes(spec: DeploySpec) -> tuple[list[Obj], list[Obj]]:
+    """(volumes, mounts) for the Secret holding the bearer token under key ``token``, when there is one."""
+    if spec.token_secret is None:
+        return [], []
+    return ([{"name": "token", "secret": {"secretName": spec.token_secret, "defaultMode": 0o440,
+                                          "items": [{"key": "token", "path": "token"}]}}],
+            [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True}])
 
 
 def probes() -> Obj:
@@ -272,6 +281,8 @@ def deployment(spec: DeploySpec, track: str, *, server_canary: bool = False) -> 
         init = [seed_container(spec, spec.image, "stable"), seed_container(spec, canary.image, "canary")]
         extra = {"modelpod.dev/config-sha256": _sha(routes_config(spec)["data"])}
         extra_bytes = canary.pod.size
+    secret, secret_mounts = token_volumes(spec)
+    volumes, mounts = [*volumes, *secret], [*mounts, *secret_mounts]
     server = server_container(spec, image, pod, args, mounts, extra_bytes, refs)
     body: Obj = {
         "selector": {"matchLabels": selector(spec, track)},

@@ -19,6 +19,7 @@ from modelpod.deploy.kubernetes import (
     resources,
     server_container,
     template_annotations,
+    token_volumes,
 )
 from modelpod.deploy.spec import DeploySpec, split_gateway
 
@@ -70,7 +71,8 @@ def service_monitor(spec: DeploySpec) -> Obj:
 
 def inference_service(spec: DeploySpec) -> Obj:
     """The same image as a KServe custom predictor, in raw deployment mode (no Knative, no mesh)."""
-    server = server_container(spec, spec.image, spec.pod)
+    secret, secret_mounts = token_volumes(spec)
+    server = server_container(spec, spec.image, spec.pod, mounts=secret_mounts)
     container = {k: v for k, v in server.items() if k not in ("lifecycle",)}
     container["name"] = "kserve-container"
     container["ports"] = [{"name": "http1", "containerPort": spec.http_port, "protocol": "TCP"}]
@@ -83,7 +85,7 @@ def inference_service(spec: DeploySpec) -> Obj:
         "serviceAccountName": spec.name, "containers": [container],
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
         "terminationGracePeriodSeconds": spec.grace_s,
-        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}, *secret],
     }
     meta = metadata(spec, spec.name, annotations={
         "serving.kserve.io/deploymentMode": "RawDeployment", "serving.kserve.io/autoscalerClass": "hpa"})

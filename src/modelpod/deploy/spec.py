@@ -140,6 +140,8 @@ class DeploySpec:
             raise UsageError("--autoscaler keda needs --namespace: KEDA's Prometheus query names it")
         if self.autoscaler != "none" and self.minimum > self.max_replicas:
             raise UsageError(f"--min {self.minimum} is more than --max {self.max_replicas}")
+        if not 0 < self.drain_timeout_s <= 3600:
+            raise UsageError("--drain-timeout must be > 0 and at most 3600 seconds")
         if self.target_inflight <= 0:
             raise UsageError("--target-inflight must be > 0")
         if self.gpu < 0:

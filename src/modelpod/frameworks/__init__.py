@@ -4,7 +4,8 @@ Each module ``modelpod.frameworks.<name>`` defines (mypy checks every module aga
 
 - ``NAME``, ``EXTRA`` (the pip extra), ``IMPORTS`` (modules the extra provides, to check
   it is installed), ``DISTRIBUTIONS`` (the pip distributions to lock into the manifest) and
-  ``TABLES`` (whether a table sample makes a table signature, the model then taking a DataFrame);
+  ``TABLES`` (whether a table sample makes a table signature, the model then taking a DataFrame)
+  and ``TAKES_TRUST`` (whether ``pack`` honours ``--trust``);
 - ``detect(path) -> bool``: cheap, never imports the framework;
 - ``pack(src, dest, request) -> Packed``: copy the model's files into the staging directory
   ``dest`` (under ``model/``), refuse unsafe formats, read the signature where the format carries it;
@@ -71,6 +72,8 @@ class Adapter(Protocol):
     def DISTRIBUTIONS(self) -> tuple[str, ...]: ...
     @property
     def TABLES(self) -> bool: ...
+    @property
+    def TAKES_TRUST(self) -> bool: ...
 
     def detect(self, path: Path) -> bool: ...
 

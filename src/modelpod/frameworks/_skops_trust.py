@@ -222,7 +222,9 @@ def check_loaded(estimator: object) -> None:
 def _check_members(ensemble: Any) -> None:
     """Sub-estimators of an ensemble see the ensemble's columns (or the subset it records)."""
     n_features = getattr(ensemble, "n_features_in_", None)
-    members = [m for m in np.asarray(ensemble.estimators_, dtype=object).ravel() if hasattr(m, "tree_")]
+    found = ensemble.estimators_
+    found = found.ravel().tolist() if isinstance(found, np.ndarray) else list(found)
+    members = [m for m in found if hasattr(m, "tree_")]
     if not members:
         return
     if n_features is None:

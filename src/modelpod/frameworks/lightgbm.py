@@ -33,6 +33,7 @@ EXTRA = "lightgbm"
 IMPORTS = ("lightgbm",)
 DISTRIBUTIONS = ("lightgbm",)
 TABLES = False  # takes arrays, not a DataFrame
+TAKES_TRUST = False  # no --trust: the format has no list of trusted types
 EXPECTED = "a LightGBM text model (Booster.save_model)"
 OUTPUTS = {"label": "the predicted class", "probabilities": "one column per class", "raw": "raw scores",
            "value": "Booster.predict"}

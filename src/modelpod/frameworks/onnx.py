@@ -28,6 +28,7 @@ EXTRA = "onnx"
 IMPORTS = ("onnx", "onnxruntime")
 DISTRIBUTIONS = ("onnx", "onnxruntime")
 TABLES = False  # takes arrays, not a DataFrame
+TAKES_TRUST = False  # no --trust: the format has no list of trusted types
 EXPECTED = "an ONNX model (.onnx)"
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 

@@ -44,6 +44,7 @@ EXTRA = ""
 IMPORTS: tuple[str, ...] = ()
 DISTRIBUTIONS: tuple[str, ...] = ()
 TABLES = False  # takes arrays, not a DataFrame
+TAKES_TRUST = False  # no --trust: the format has no list of trusted types
 EXPECTED = "a directory of Python code holding a modelpod.Model subclass"
 PICKLED = "a pickle in the code directory"
 # Files that hold weights go to their own image layer even in a code directory.
@@ -379,4 +380,4 @@ def load(pod: Pod) -> Model:
     return PythonModel(pod)
 
 
-__all__ = ["DISTRIBUTIONS", "EXTRA", "IMPORTS", "NAME", "TABLES", "Tensor", "detect", "load", "pack"]
+__all__ = ["DISTRIBUTIONS", "EXTRA", "IMPORTS", "NAME", "TABLES", "TAKES_TRUST", "Tensor", "detect", "load", "pack"]

@@ -37,6 +37,7 @@ EXTRA = "tensorflow"
 IMPORTS = ("tensorflow",)
 DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "keras")
 TABLES = False  # takes arrays, not a DataFrame
+TAKES_TRUST = False  # no --trust: the format has no list of trusted types
 EXPECTED = "a TensorFlow SavedModel directory (saved_model.pb) or a Keras .keras file"
 DEFAULT_SIGNATURE = "serving_default"
 LAMBDA_OPT_IN = "a Keras model with Lambda layers (Python bytecode)"

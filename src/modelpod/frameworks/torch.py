@@ -35,6 +35,7 @@ EXTRA = "torch"
 IMPORTS = ("torch",)
 DISTRIBUTIONS = ("torch",)
 TABLES = False  # takes arrays, not a DataFrame
+TAKES_TRUST = False  # no --trust: the format has no list of trusted types
 SUFFIXES = (".pt", ".pth", ".pt2", ".bin", ".ckpt", ".torchscript")
 EXPECTED = "a PyTorch model (TorchScript .pt, torch.export .pt2, or with --allow-pickle a torch.save file)"
 PICKLED = "a torch.save pickle"

@@ -35,6 +35,7 @@ EXTRA = "transformers"
 IMPORTS = ("transformers", "torch")
 DISTRIBUTIONS = ("transformers", "torch", "tokenizers", "safetensors")
 TABLES = False  # takes arrays, not a DataFrame
+TAKES_TRUST = False  # no --trust: the format has no list of trusted types
 EXPECTED = "a Hugging Face model directory (config.json and safetensors weights)"
 TASKS = ("text-classification", "feature-extraction")
 POOLING = ("mean", "cls")

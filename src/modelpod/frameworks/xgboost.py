@@ -36,6 +36,7 @@ EXTRA = "xgboost"
 IMPORTS = ("xgboost",)
 DISTRIBUTIONS = ("xgboost",)
 TABLES = False  # takes arrays, not a DataFrame
+TAKES_TRUST = False  # no --trust: the format has no list of trusted types
 EXPECTED = "an XGBoost model (.json or .ubj from Booster.save_model)"
 PREDICT_TYPES = ("value", "margin")
 OUTPUTS = {"label": "the predicted class, as XGBClassifier.predict",

@@ -59,7 +59,7 @@ def decode_request(obj: Any, binary: memoryview | bytes | None = None, check: In
             arr = tensor_from_bytes(name, datatype, shape, view[offset : offset + size])
             offset += size
         else:
-            arr = tensor_from_json(name, datatype, shape, t["data"], n)
+            arr = tensor_from_json(name, datatype, shape, check.json_data(name, datatype, t["data"]), n)
         inputs[name] = check.finish(name, arr)
     if offset != len(view):
         raise InvalidRequestError(f"{len(view) - offset} bytes of binary data were not claimed by any input")
@@ -88,7 +88,7 @@ _Head = tuple[Mapping[str, Any], str, str, tuple[int, ...], "int | None", int]
 
 def _heads(raw_inputs: list[Any], check: InputCheck, tail_bytes: int) -> list[_Head]:
     """Every input's header, checked against the signature before any data is decoded."""
-    if check.typed and len(raw_inputs) > len(check.signature.inputs):
+    if check.typed and len(raw_inputs) > len(check.signature.inputs):  # before reading any of them
         check.names((), len(raw_inputs))  # raises: more inputs than the model takes
     heads: list[_Head] = []
     seen: set[str] = set()

@@ -2,21 +2,18 @@
 
 Why not an ASGI server: the inference hot path is a small JSON body in and out, and the ASGI
 message dance costs more than the inference itself for small models. This keeps keep-alive,
-pipelining (answered in order), ``Expect: 100-continue``, a body cap that answers 413 before
-reading the body, and graceful draining, and it bounds what one client can hold (``HttpLimits``):
+pipelining (answered in order), ``Expect: 100-continue``, a body cap answered (413) before the
+body is read, graceful draining, and bounds on what one client can hold (``HttpLimits``):
+request-line and header bytes counted as they arrive (414, 431); the head within
+``header_timeout_s`` of the request's first byte and all of it within ``body_timeout_s`` (408); a
+write deadline for clients that stop reading; pipelined bodies capped per connection (reading
+pauses, as uvicorn does, and resumes once they drain); 503 + Retry-After over ``max_connections``.
 
-- request-line and header bytes are counted as they arrive (414, 431), not when a line ends;
-- a request's head must arrive within ``header_timeout_s`` of its first byte and the whole request
-  within ``body_timeout_s`` (408), so a client sending a byte every few seconds is cut off;
-- an answer the client does not read for ``write_timeout_s`` drops the connection;
-- bodies queued behind a busy request are capped per connection (reading pauses, as uvicorn does,
-  and resumes once they drain); connections over ``max_connections`` get 503 + Retry-After.
-
-Every refusal is answered in order after what was pipelined before it, says ``connection: close``,
-then the server half-closes and reads and drops the rest of the input for a while (closing with
+A refusal is answered in order after what was pipelined before it, with ``connection: close``;
+then the server half-closes and drops the client's remaining input for a while (closing with
 unread input would reset the connection and could lose the answer). A client that half-closes
-after its request still gets every answer. The deadlines cost no timer per request: one sweep a
-second compares each connection's two deadlines.
+after its requests gets every answer. No timer per request: one sweep a second checks each
+connection's two deadlines.
 """
 
 from __future__ import annotations
@@ -60,6 +57,14 @@ class HttpLimits:
     write_timeout_s: float = 30.0
     max_pipelined_bytes: int = 1024 * 1024
     max_connections: int = 4096
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not value > 0:
+                from modelpod.errors import UsageError
+
+                raise UsageError(f"{f.name} must be positive (MODELPOD_{f.name.upper()}), got {value!r}")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HttpLimits:

@@ -174,6 +174,8 @@ class RestApp:
             if action == "feedback" and version is None:
                 _allow(method, "POST")
                 self._authorize(req)
+                if self.token is None and self.loopback:
+                    self._same_site(req)  # feedback drives rollouts: no web page may send it
                 return _json(self.engine.traffic.feedback(name, self._json(req.body)))
             _allow(method, "GET")
             self._authorize(req)
@@ -219,24 +221,28 @@ class RestApp:
             raise UnauthorizedError("missing or wrong bearer token")
 
     def _authorize_management(self, req: Request) -> None:
-        """The guard of every route that changes what the server serves."""
+        """The guard of every route that changes what the server serves (repository, routes)."""
         ctype = req.headers.get("content-type")
         if ctype is not None and ctype.partition(";")[0].strip().lower() != "application/json":
-            raise UnsupportedMediaTypeError(f"the repository API takes application/json bodies, not {ctype!r}")
+            raise UnsupportedMediaTypeError(f"the management API takes application/json bodies, not {ctype!r}")
         if self.token is not None:
             self._authorize(req)  # a valid token is enough, from any origin
             return
         if not self.loopback:
             raise UnauthorizedError(
                 "the repository API needs a token when the server listens beyond loopback: start it with --token")
+        self._same_site(req)
+
+    def _same_site(self, req: Request) -> None:
+        """On loopback without a token: refuse a foreign ``Host`` (DNS rebinding) or ``Origin`` (a web page)."""
         host = req.headers.get("host")
         if host is not None and not is_loopback_name(host):
-            raise ForbiddenError(f"the repository API without a token answers only to a loopback Host, not {host!r}")
+            raise ForbiddenError(f"without a token this server answers changes only to a loopback Host, not {host!r}")
         origin = req.headers.get("origin")
         if origin is not None and (host is None or origin.strip().lower() not in (
                 f"http://{host.strip().lower()}", f"https://{host.strip().lower()}")):
-            raise ForbiddenError(f"the repository API refuses requests from another origin ({origin!r}) "
-                                 "unless they carry the token: start the server with --token")
+            raise ForbiddenError(f"changes from another origin ({origin!r}) need the token: start the server "
+                                 "with --token")
 
     # -- inference --------------------------------------------------------------------------------
     async def _infer(self, req: Request, name: str, version: str | None) -> Response:

@@ -140,9 +140,12 @@ async def _predict(app: RestApp, req: Request, name: str, version: str | None) -
     entry = app.engine.resolve(name, version)
     rows = "instances" in body
     inputs = _rows(body["instances"], entry) if rows else _columns(body["inputs"], entry)
-    result = await app.engine.infer(name, version, InferRequest(inputs), protocol="rest", started=req.received)
+    result = await app.engine.infer(name, version, InferRequest(inputs), protocol="rest", started=req.received,
+                                    headers=req.headers)
     outputs = _ordered(result.outputs, entry.signature)
-    return _json({"predictions": _predictions(outputs)} if rows else {"outputs": _outputs(outputs)})
+    response = _json({"predictions": _predictions(outputs)} if rows else {"outputs": _outputs(outputs)})
+    response.headers = [("modelpod-variant", result.variant or result.model_name)]  # as on every inference
+    return response
 
 
 def _specs(entry: ModelEntry, names: Sequence[str]) -> list[TensorSpec]:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelpod import __version__
+from modelpod import __version__, table
 from modelpod.errors import (
     InferenceError,
     InvalidRequestError,
@@ -33,7 +32,7 @@ from modelpod.serving.metrics import ServingMetrics, outcome_of
 from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
 from modelpod.serving.traffic import TrafficSplit
 from modelpod.settings import Settings
-from modelpod.store import Ref, is_path
+from modelpod.store import Ref, directory_hint, is_path
 
 log = logging.getLogger("modelpod.serving")
 
@@ -53,6 +52,12 @@ class InferResult:
     variant: str = ""  # NAME:VERSION of the version that answered (the ``modelpod-variant`` header)
 
 
+def _header_id(headers: Mapping[str, str] | None) -> str | None:
+    """A routed request without an id takes its ``x-request-id`` (if sane) before one is made up."""
+    value = headers.get("x-request-id") if headers is not None else None
+    return value if value and len(value) <= 256 and value.isprintable() else None
+
+
 class InferenceEngine:
     def __init__(self, settings: Settings | None = None, config: ServeConfig | None = None) -> None:
         self.settings = settings or Settings()
@@ -70,7 +75,6 @@ class InferenceEngine:
         self._routes_configured = False
         self.started = False
         self.draining = False
-        self._checks: weakref.WeakKeyDictionary[ModelEntry, InputCheck] = weakref.WeakKeyDictionary()
 
     # -- registering ------------------------------------------------------------------------------
     def add(self, ref: str) -> ModelEntry:
@@ -78,7 +82,10 @@ class InferenceEngine:
         loaded by ``start`` unless lazy."""
         if is_path(ref):
             return self.registry.add_path(Path(ref).expanduser())
-        return self.registry.add_ref(ref)
+        try:
+            return self.registry.add_ref(ref)
+        except NotFoundError as exc:
+            raise NotFoundError(f"{exc}{directory_hint(ref)}") from None
 
     def add_model(self, model: Model, name: str | None = None, version: int | None = None,
                   policy: BatchPolicy | None = None) -> ModelEntry:
@@ -210,8 +217,8 @@ class InferenceEngine:
             raise InferenceError(f"inference failed in model {name!r}",
                                  detail=f"{type(exc).__name__}: {exc}") from exc
         if variant is not None:
-            rid = self.traffic.answered(variant, protocol, time.perf_counter() - t0, request.id, request.inputs,
-                                        outputs)
+            rid = self.traffic.answered(variant, protocol, time.perf_counter() - t0, request.id or _header_id(headers),
+                                        request.inputs, outputs)
             return InferResult(entry.name, entry.version_text or None, outputs, rid, variant.route, variant.name)
         entry.metrics.observe_request(protocol, "success", time.perf_counter() - t0)
         return InferResult(entry.name, entry.version_text or None, outputs, request.id, None, entry.label)
@@ -220,10 +227,10 @@ class InferenceEngine:
         """The input check of a model (an entry, or a name and version to resolve)."""
         if isinstance(entry, str):
             entry = self.traffic.resolve(entry, version)  # a route name resolves to one of its variants
-        check = self._checks.get(entry)
+        check = entry.input_check
         if check is None or check.signature is not entry.signature:
-            check = InputCheck(entry.signature, entry.label, self.config.nonfinite(entry.name))
-            self._checks[entry] = check
+            check = entry.input_check = table.input_check(entry.signature, entry.label,
+                                                          self.config.nonfinite(entry.name))
         return check
 
     @staticmethod

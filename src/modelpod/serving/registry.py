@@ -30,6 +30,7 @@ from typing import TypeVar
 
 from modelpod.errors import ConflictError, ModelNotReadyError, NotFoundError, OverloadedError, UsageError
 from modelpod.frameworks import require
+from modelpod.inputs import InputCheck
 from modelpod.model import Model
 from modelpod.pod import MANIFEST_NAME, Manifest, Pod, Signature, read_record
 from modelpod.serving.batcher import Batcher
@@ -87,6 +88,7 @@ class ModelEntry:
         self.load_seconds = 0.0
         self.last_used = 0.0
         self.loading: asyncio.Future[None] | None = None
+        self.input_check: InputCheck | None = None  # built by the engine on first use
 
     @property
     def version_text(self) -> str:

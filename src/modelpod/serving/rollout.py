@@ -13,6 +13,7 @@ variant, and ``alias`` (if given) moves to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from modelpod.errors import ConflictError, ModelNotReadyError, UsageError
+from modelpod.errors import ConflictError, ModelNotReadyError, NotFoundError, UsageError
 from modelpod.serving.registry import ModelEntry
 from modelpod.serving.stats import Mark, Moments, VariantStats, window
 
@@ -260,7 +261,7 @@ class Rollout:
         entry = self.entries[self.candidate]
         self.split.reweigh(self.route, {self.candidate: 100.0}, self.entries, self.candidate, completed=True)
         if self.plan.alias and entry.version is not None:
-            self.split.move_alias(entry.name, entry.version, self.plan.alias)
+            move_alias(self.split, entry.name, entry.version, self.plan.alias)
         self.state, self.finished_at = "completed", time.time()
         self.route.events.append({"at": _iso(self.finished_at), "event": "rollout completed",
                                   "candidate": entry.label, "alias": self.plan.alias})
@@ -284,7 +285,7 @@ async def start(split: TrafficSplit, name: str, body: Any) -> Route:
         raise ConflictError(f"route {name}: a rollout is already running (to {route.rollout.candidate})")
     if route.spec.policy == "bandit":
         raise ConflictError(f"route {name}: the bandit sets this route's weights; set policy: weighted first")
-    entries = split.entries_of(route)
+    entries = entries_of(route)
     known = next((ref for ref, e in entries.items() if ref == plan.to or e.label == plan.to), None)
     if known is not None and known in route.spec.shadow:
         raise UsageError(f"route {name}: {plan.to} is a shadow; a rollout's candidate must not be one")
@@ -338,7 +339,28 @@ async def rollback(split: TrafficSplit, name: str) -> Route:
     for key, version in aliases.items():
         model, _, alias = key.partition("@")
         if not any(e.version == version and alias in e.aliases for e in split.registry.versions(model).values()):
-            split.move_alias(model, version, alias)
+            move_alias(split, model, version, alias)
     route.events.append({"at": _iso(time.time()), "event": "rolled back to the previous completed state"})
     log.warning("route rolled back", extra={"fields": {"route": name, "weights": route.describe()["weights"]}})
     return route
+
+
+def entries_of(route: Route) -> dict[str, ModelEntry]:
+    """The served entry of each model ref the route's spec names (variants and shadows)."""
+    out = {v.model: route.variants[i].entry for i, v in enumerate(route.spec.variants)}
+    out.update({ref: route.shadows[i].entry for i, ref in enumerate(route.spec.shadow)})
+    return out
+
+
+def move_alias(split: TrafficSplit, name: str, version: int, alias: str) -> None:
+    """Point ``name@alias`` at ``version`` in the store (if any) and in the served entries."""
+    store = split.registry.store()
+    if store is not None:
+        with contextlib.suppress(NotFoundError):
+            store.tag(name, version, alias)
+    for e in split.registry.versions(name).values():
+        if e.version == version:
+            e.aliases = e.aliases | {alias}
+        elif alias in e.aliases:
+            e.aliases = e.aliases - {alias}
+    log.info("alias moved", extra={"fields": {"model": name, "alias": alias, "version": version}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -52,7 +53,7 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     action("list", "every route of the server", named=False)
     action("show", "a route: spec, weights in force, status, rollout, rollbacks")
     a = action("set", "create or replace a route (variants not loaded are loaded first)")
-    a.add_argument("--file", help="YAML or JSON with the route (the schema of a config file's routes: entry)")
+    a.add_argument("--file", help="YAML or JSON with the route (a config file's routes: entry); - for stdin")
     a.add_argument("--variant", action="append", metavar="REF=WEIGHT", help="a variant and its weight (repeat)")
     a.add_argument("--shadow", action="append", metavar="REF", help="a shadow model (repeat)")
     a.add_argument("--sticky-header", metavar="HEADER", help="requests with the same value get the same variant")
@@ -103,7 +104,8 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
     if args.file:
         path = Path(args.file)
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = sys.stdin.read() if args.file == "-" else path.read_text(encoding="utf-8")
+            loaded = yaml.safe_load(text)
         except OSError as exc:
             raise UsageError(f"--file {path}: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:

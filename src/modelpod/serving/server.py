@@ -197,8 +197,10 @@ def _announce(engine: InferenceEngine, settings: Settings, port: int, grpc_port:
     models = [{"name": e.name, "version": e.version_text, "state": e.state.value, "reason": e.reason,
                "url": f"{rest}/v2/models/{e.name}"} for e in engine.registry]
     grpc = f"{host}:{grpc_port}" if grpc_port is not None else None
+    routes = [{"name": r.spec.name, "share": r.describe()["share"], "shadow": list(r.spec.shadow),
+               "status": r.status, "url": f"{rest}/v2/models/{r.spec.name}"} for r in engine.traffic.routes.values()]
     if as_json:
-        print(json.dumps({"rest": rest, "grpc": grpc, "models": models}), file=out, flush=True)
+        print(json.dumps({"rest": rest, "grpc": grpc, "models": models, "routes": routes}), file=out, flush=True)
     else:
         lines = [f"modelpod {__version__} serving OIP v2", f"  REST     {rest}/v2  (metrics: {rest}/metrics)"]
         if grpc:
@@ -207,6 +209,10 @@ def _announce(engine: InferenceEngine, settings: Settings, port: int, grpc_port:
             ref = f"{m['name']}:{m['version']}" if m["version"] else m["name"]
             state = m["state"] if not m["reason"] else f"{m['state']} ({m['reason']})"
             lines.append(f"  model    {ref:<24} {state:<12} {m['url']}")
+        for r in routes:
+            split = " ".join(f"{v} {100 * share:g}%" for v, share in r["share"].items())
+            shadow = f" + shadow {', '.join(r['shadow'])}" if r["shadow"] else ""
+            lines.append(f"  route    {r['name']:<24} {split}{shadow}  {r['url']}")
         print("\n".join(lines), file=out, flush=True)
     log.info("serving", extra={"fields": {"rest": rest, "grpc": grpc, "models": [m["name"] for m in models]}})
 

@@ -11,7 +11,6 @@ request after the answer (``serving/shadow.py``); feedback joins outcomes to the
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import logging
@@ -431,17 +430,6 @@ class TrafficSplit:
         """New weights (and variants, by model ref) for a route, e.g. a rollout's step."""
         self.install(route.spec.with_weights(weights, baseline), entries, completed=completed)
 
-    def entries_of(self, route: Route) -> dict[str, ModelEntry]:
-        out = {v.model: self._entry_for(route, v.model) for v in route.spec.variants}
-        out.update({s: self._entry_for(route, s) for s in route.spec.shadow})
-        return out
-
-    def _entry_for(self, route: Route, ref: str) -> ModelEntry:
-        for i, v in enumerate(route.spec.variants):
-            if v.model == ref:
-                return route.variants[i].entry
-        return route.shadows[route.spec.shadow.index(ref)].entry
-
     async def delete(self, name: str) -> None:
         route = self.get(name)
         if route.rollout is not None:
@@ -486,19 +474,6 @@ class TrafficSplit:
                     if e.version is not None:
                         out[f"{e.name}@{alias}"] = e.version
         return out
-
-    def move_alias(self, name: str, version: int, alias: str) -> None:
-        """Point ``name@alias`` at ``version`` in the store (if any) and in the served entries."""
-        store = self.registry.store()
-        if store is not None:
-            with contextlib.suppress(NotFoundError):
-                store.tag(name, version, alias)
-        for e in self.registry.versions(name).values():
-            if e.version == version:
-                e.aliases = e.aliases | {alias}
-            elif alias in e.aliases:
-                e.aliases = e.aliases - {alias}
-        log.info("alias moved", extra={"fields": {"model": name, "alias": alias, "version": version}})
 
     def close(self) -> None:
         for route in self.routes.values():
