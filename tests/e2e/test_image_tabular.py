@@ -20,12 +20,12 @@ from tables import CATEGORICAL, assert_table_answers, save_table_model, table_fr
 from modelpod.packing import pack
 from modelpod.store import Store
 
-pytestmark = [pytest.mark.e2e, pytest.mark.docker]
+# The first test builds the image in its fixture (sklearn, scipy and pandas unpacked, checked, compressed).
+pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.timeout(1500)]
 Kit = Any  # the ``kit`` fixture's class (tests/e2e/conftest.py)
 
 
 @pytest.fixture(scope="module")
-@pytest.mark.timeout(1500)
 def table_container(tmp_path_factory: pytest.TempPathFactory, base_image: Any, kit: Kit,
                     docker_engine: bool) -> Iterator[tuple[str, Any, dict[str, Any]]]:
     """The churn pipeline packed from its CSV sample, built, loaded and run; (REST URL, pipeline, build)."""
