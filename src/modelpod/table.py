@@ -224,9 +224,9 @@ class TableCheck(InputCheck):
     ``typed`` is False: the engine then runs ``arrays`` on the decoded inputs, which expands them.
     """
 
-    @property
-    def typed(self) -> bool:
-        return False
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "typed", False)
 
     def _records(self, name: str) -> bool:
         return name == RECORDS and RECORDS not in self._specs
