@@ -166,6 +166,7 @@ def test_image_time_is_the_pack_time(scratch_image: tuple[str, Store, Any], kit:
 
 
 @pytest.mark.docker
+@pytest.mark.timeout(1500)  # a 270 MB image: torch's wheel is unpacked, checked, compressed and loaded
 def test_torch_export_pod_loads_under_read_only(tmp_path: Path, base_image: Any, kit: Kit,
                                                 docker_engine: bool) -> None:
     """torch.export's loader needs a temporary directory: ``docker run --read-only`` with no extra flags."""

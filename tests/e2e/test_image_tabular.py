@@ -20,7 +20,8 @@ from tables import CATEGORICAL, assert_table_answers, save_table_model, table_fr
 from modelpod.packing import pack
 from modelpod.store import Store
 
-pytestmark = [pytest.mark.e2e, pytest.mark.docker]
+# The first test builds the image in its fixture (sklearn, scipy and pandas unpacked, checked, compressed).
+pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.timeout(1500)]
 Kit = Any  # the ``kit`` fixture's class (tests/e2e/conftest.py)
 
 
