@@ -52,6 +52,7 @@ class Options:
     with_modelpod: bool
     with_perf: bool
     quick: bool
+    baseline: str | None = None
 
 
 def _csv(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -76,6 +77,8 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     parser.add_argument("--no-modelpod", action="store_true", help="benchmark the peers only")
     parser.add_argument("--no-perf", action="store_true", help="skip perf_analyzer")
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="also serve modelpod at git revision REV (row modelpod@REV): an A/B of two commits")
     args = parser.parse_args(argv)
     try:
         peers = _csv(args.peers, ALL_PEERS, "peer")
@@ -86,7 +89,7 @@ def parse_args(argv: list[str] | None) -> Options:
     durations = Durations(
         load_s=load_s, warmup_s=1 if args.quick else 3, inprocess_s=1.0 if args.quick else 3.0
     )
-    return Options(peers, workloads, durations, not args.no_modelpod, not args.no_perf, args.quick)
+    return Options(peers, workloads, durations, not args.no_modelpod, not args.no_perf, args.quick, args.baseline)
 
 
 def log(message: str) -> None:
@@ -298,6 +301,39 @@ def preflight() -> None:
             sys.exit(f"run.py needs `{tool}` on PATH")
 
 
+def prepare_baseline(opts: Options, workloads: dict[str, Workload]) -> tuple[Any, dict[str, str]]:
+    """Unpack ``--baseline REV``'s sources and pack every workload with them (their own store)."""
+    if opts.baseline is None or not opts.with_modelpod:
+        return None, {}
+    reasons: dict[str, str] = {}
+    try:
+        src = modelpod.baseline_sources(opts.baseline)
+    except modelpod.ModelpodUnavailable as exc:
+        return None, {key: str(exc) for key in workloads}
+    modelpod.set_baseline(src)
+    try:
+        modelpod.reset_home()
+        for key, workload in workloads.items():
+            try:
+                log(f"modelpod@{opts.baseline} pack {key}: {modelpod.pack(workload)}")
+            except modelpod.ModelpodUnavailable as exc:
+                reasons[key] = str(exc)
+    finally:
+        modelpod.set_baseline(None)
+    return src, reasons
+
+
+def bench_baseline(workload: Workload, opts: Options, src: Any, reason: str | None) -> dict[str, Any]:
+    if reason is not None:
+        return {"status": "not available", "error": reason}
+    modelpod.set_baseline(src)
+    try:
+        return bench_server(f"modelpod@{opts.baseline}", functools.partial(modelpod.serve_launch, workload),
+                            workload, opts)
+    finally:
+        modelpod.set_baseline(None)
+
+
 def bench_peers(workload: Workload, opts: Options, failed: dict[str, str]) -> dict[str, Any]:
     servers: dict[str, Any] = {}
     for peer in opts.peers:
@@ -361,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     workloads, inproc = prepare_workloads(opts)
     _ready, failed, versions = install_peers(opts)
     modelpod_reasons, modelpod_version = prepare_modelpod(opts, workloads)
+    baseline_src, baseline_reasons = prepare_baseline(opts, workloads)
     perf_reason = prepare_perf(opts) if opts.with_modelpod else "--no-modelpod"
     perf_points: dict[str, Any] = {}
     notes: list[str] = []
@@ -373,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
             if note is not None and note not in notes:
                 log(note)
                 notes.append(note)
+            if baseline_src is not None or baseline_reasons:
+                servers[f"modelpod@{opts.baseline}"] = bench_baseline(workload, opts, baseline_src,
+                                                                      baseline_reasons.get(key))
         # The floors: the same wrk runs against bare uvloop+httptools, and the framework's own cold start.
         servers[floors.HTTP_FLOOR] = bench_server(
             floors.HTTP_FLOOR, functools.partial(floors.http_floor_launch, workload), workload, opts)

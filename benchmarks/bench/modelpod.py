@@ -25,15 +25,47 @@ class ModelpodUnavailable(RuntimeError):
     """modelpod cannot be used (yet); the message is the reason printed in the report."""
 
 
+# A/B of two commits: `--baseline REV` serves REV's sources (git archive) from the same venv,
+# with its own store; None is the working tree's modelpod.
+_BASELINE: dict[str, Path] = {}
+
+
+def set_baseline(src: Path | None) -> None:
+    """Make the following pack/serve calls use the sources in ``src`` (None: the repository's)."""
+    _BASELINE.clear()
+    if src is not None:
+        _BASELINE["src"] = src
+
+
 def base_command() -> list[str]:
     script = VENV / "bin" / "modelpod"
-    if script.exists():
+    if script.exists() and not _BASELINE:
         return [str(script)]
     return [str(VENV / "bin" / "python"), "-m", "modelpod"]
 
 
+def _home() -> Path:
+    return HOME.with_name(HOME.name + "-baseline") if _BASELINE else HOME
+
+
 def _env() -> dict[str, str]:
-    return base_env(VENV, {"MODELPOD_HOME": str(HOME)})
+    extra = {"MODELPOD_HOME": str(_home())}
+    if _BASELINE:
+        extra["PYTHONPATH"] = str(_BASELINE["src"])
+    return base_env(VENV, extra)
+
+
+def baseline_sources(rev: str) -> Path:
+    """``git archive REV src`` unpacked under the work dir; returns its ``src`` folder."""
+    target = WORK_DIR / f"baseline-{rev}"
+    if not (target / "src" / "modelpod").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO_DIR), "archive", rev, "src"], capture_output=True,
+                                 check=False)
+        if archive.returncode != 0:
+            raise ModelpodUnavailable(f"git archive {rev}: {archive.stderr.decode(errors='replace').strip()}")
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return target / "src"
 
 
 def check_available() -> str:
@@ -42,7 +74,8 @@ def check_available() -> str:
     if not python.exists():
         raise ModelpodUnavailable(f"no repository venv at {VENV}")
     code = "import modelpod.cli, importlib.metadata as m; print(m.version('modelpod'))"
-    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                          env=_env())
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["import failed"])[-1]
         raise ModelpodUnavailable(f"modelpod.cli not importable: {last}")
@@ -51,9 +84,10 @@ def check_available() -> str:
 
 def reset_home() -> None:
     """A fresh store per harness run, so versions and digests start from 1 every time."""
-    if HOME.exists():
-        shutil.rmtree(HOME)
-    HOME.mkdir(parents=True)
+    home = _home()
+    if home.exists():
+        shutil.rmtree(home)
+    home.mkdir(parents=True)
 
 
 def _last_json_object(text: str) -> dict[str, Any]:

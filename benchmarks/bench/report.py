@@ -119,11 +119,16 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         for concurrency in CONCURRENCIES:
             own = ok_rps(mine, concurrency)
             peers: dict[str, float] = {}
+            baseline: dict[str, Any] = {}
             for name, server in servers.items():
                 rps = ok_rps(server, concurrency) if server.get("status") == "ok" else None
-                if name not in ("modelpod", HTTP_FLOOR) and rps:
+                if name.startswith("modelpod@") and rps and own is not None:
+                    baseline = {"rev": name.split("@", 1)[1], "ratio": own / rps}
+                elif name not in ("modelpod", HTTP_FLOOR) and rps:
                     peers[name] = rps
             point: dict[str, Any] = {}
+            if baseline:
+                point["vs_baseline"] = baseline
             floor = servers.get(HTTP_FLOOR, {})
             floor_rps = ok_rps(floor, concurrency) if floor.get("status") == "ok" else None
             if own is not None and floor_rps:
@@ -171,7 +176,9 @@ def ratio_lines(table: dict[str, Any]) -> list[str]:
             floor = point.get("vs_http_floor")
             floor_text = (f"; {floor['ratio']:.3f}x of the HTTP floor ({floor['floor_rps']:,.0f} req/s)"
                           if floor else "")
-            lines.append(f"  {key} c={concurrency}: {best_text}; {fast_text}{floor_text}")
+            base = point.get("vs_baseline")
+            base_text = f"; {base['ratio']:.3f}x vs modelpod@{base['rev']}" if base else ""
+            lines.append(f"  {key} c={concurrency}: {best_text}; {fast_text}{floor_text}{base_text}")
         if "c64_vs_inprocess_batch32" in entry:
             lines.append(
                 f"  {key} c=64 vs in-process batch-32 rows/s: {entry['c64_vs_inprocess_batch32']:.2f}x"

@@ -201,6 +201,10 @@ class ModelRegistry:
         return entry
 
     # -- looking up -------------------------------------------------------------------------------
+    def __contains__(self, name: object) -> bool:
+        """Whether a model of this name is served (no exception to build on the hot path)."""
+        return bool(self._by_name.get(name))  # type: ignore[call-overload]
+
     def versions(self, name: str) -> dict[int | None, ModelEntry]:
         found = self._by_name.get(name)
         if not found:

@@ -282,19 +282,17 @@ class TrafficSplit:
     def resolve(self, name: str, version: str | None = None) -> ModelEntry:
         """A model's entry; a route's name that is no model resolves to its variants."""
         route = self.routes.get(name)
-        if route is not None and not self._is_model(name):
+        if route is not None and name not in self.registry:
             if version:
                 return route.by_version(version)
-            live = [v for v, w in zip(route.variants, route.weights, strict=True) if v.entry.available and w > 0]
-            return (live or list(route.variants))[0].entry
+            for v, w in zip(route.variants, route.weights, strict=True):
+                if w > 0 and v.entry.available:
+                    return v.entry
+            return route.variants[0].entry
         return self.resolver.resolve(name, version)
 
     def _is_model(self, name: str) -> bool:
-        try:
-            self.registry.versions(name)
-        except NotFoundError:
-            return False
-        return True
+        return name in self.registry
 
     # -- checking and applying specs ------------------------------------------------------------
     def check(self, spec: RouteSpec, others: Mapping[str, RouteSpec]) -> dict[str, ModelEntry | None]:
