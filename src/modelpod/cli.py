@@ -367,7 +367,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--max-batch-wait-ms", type=float)
     c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN; visible in the process list)")
     c.add_argument("--token-file", metavar="PATH",
-                   help="read the bearer token from this file (or $MODELPOD_TOKEN_FILE)")
+                   help="read the bearer token from this file, or a YAML table of tokens with scopes (infer, read, "
+                   "manage), models and rate limits (or $MODELPOD_TOKEN_FILE; docs/security.md)")
+    c.add_argument("--tls-cert", metavar="FILE", help="serve REST and gRPC over TLS: PEM certificate chain "
+                   "(or $MODELPOD_TLS_CERT)")
+    c.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert (or $MODELPOD_TLS_KEY)")
+    c.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA "
+                   "(mutual TLS; or $MODELPOD_TLS_CLIENT_CA)")
 
     from modelpod.serving.route_cli import add_arguments as route_arguments
 

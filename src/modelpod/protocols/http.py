@@ -14,6 +14,11 @@ then the server half-closes and drops the client's remaining input for a while (
 unread input would reset the connection and could lose the answer). A client that half-closes
 after its requests gets every answer. No timer per request: one sweep a second checks each
 connection's two deadlines.
+
+HTTPS: with ``tls`` (an ``ssl.SSLContext``, protocols/tls.py) asyncio runs TLS on the listening
+socket; the handshake must end within ``header_timeout_s``, and a connection counts against
+``max_connections`` once it has. The plain path is the same code without it. Over TLS a refusal
+closes at once (TLS has no half-close).
 """
 
 from __future__ import annotations
@@ -21,18 +26,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, fields
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import httptools
 
-if TYPE_CHECKING:
-    from modelpod.settings import Settings
+from modelpod.protocols.wire import Handler, HttpLimits, Request, Response, error_response
+
+__all__ = ["Handler", "HttpLimits", "HttpServer", "Request", "Response", "error_response"]
 
 log = logging.getLogger("modelpod.serving")
 
@@ -46,68 +51,11 @@ _SINGLE = frozenset({"host", "authorization", "content-length", "content-type", 
 _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
-@dataclass(frozen=True)
-class HttpLimits:
-    """What one connection (and all of them together) may hold; see the module docstring."""
-
-    max_request_line_bytes: int = 8 * 1024
-    max_header_bytes: int = 64 * 1024
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0
-    write_timeout_s: float = 30.0
-    max_pipelined_bytes: int = 1024 * 1024
-    max_connections: int = 4096
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not value > 0:
-                from modelpod.errors import UsageError
-
-                raise UsageError(f"{f.name} must be positive (MODELPOD_{f.name.upper()}), got {value!r}")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> HttpLimits:
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
-
-
-class Request:
-    """One parsed request. Header names are lower case; the body is complete."""
-
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "reason", "received", "reject")
-
-    def __init__(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
-                 keep_alive: bool, received: float, reject: int = 0, reason: str = "") -> None:
-        self.method = method
-        self.path = path
-        self.query = query
-        self.headers = headers
-        self.body = body
-        self.keep_alive = keep_alive
-        self.received = received
-        self.reject = reject  # an HTTP status decided by the connection (408, 413, 431...): answer it, close
-        self.reason = reason
-
-
-class Response:
-    __slots__ = ("body", "close", "content_type", "headers", "status")
-
-    def __init__(self, status: int, body: bytes | list[bytes] = b"", content_type: str = "application/json",
-                 headers: list[tuple[str, str]] | None = None, close: bool = False) -> None:
-        self.status = status
-        self.body = body
-        self.content_type = content_type
-        self.headers = headers
-        self.close = close
-
-
-Handler = Callable[[Request], Awaitable[Response]]
-
-
 class HttpServer:
     def __init__(self, handler: Handler, *, max_body_bytes: int, keepalive_timeout_s: float = 75.0,
-                 limits: HttpLimits | None = None) -> None:
+                 limits: HttpLimits | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.handler = handler
+        self.tls = tls  # HTTPS (protocols/tls.py); the handshake must end within the header timeout
         self.max_body_bytes = max_body_bytes
         self.keepalive_timeout_s = keepalive_timeout_s
         self.limits = limits or HttpLimits()
@@ -125,8 +73,13 @@ class HttpServer:
         """Listen; returns the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()
         self._tick()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=2048,
-                                                reuse_address=True)
+        if self.tls is None:
+            self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=2048,
+                                                    reuse_address=True)
+        else:
+            self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=2048,
+                                                    reuse_address=True, ssl=self.tls,
+                                                    ssl_handshake_timeout=self.limits.header_timeout_s)
         return int(self._server.sockets[0].getsockname()[1])
 
     def _tick(self) -> None:
@@ -242,7 +195,7 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """The client half-closed: answer what it sent (True keeps our side open), then close."""
         self.eof = True
-        if self.busy and not self.closed:
+        if self.busy and not self.closed and self.server.tls is None:  # TLS has no half-close
             return True
         self.closed = True
         return None
@@ -511,11 +464,3 @@ class _Connection(asyncio.Protocol):
             # close() waits for the write buffer to drain; a client that never reads is aborted.
             if self.write_deadline == _NEVER:
                 self.write_deadline = self.loop.time() + self.limits.write_timeout_s
-
-
-def error_response(status: int, message: str, *, headers: list[tuple[str, str]] | None = None,
-                   close: bool = False) -> Response:
-    """An OIP error body: ``{"error": "..."}``."""
-    import orjson
-
-    return Response(status, orjson.dumps({"error": message}), headers=headers, close=close)

@@ -1,0 +1,215 @@
+"""TLS and mutual TLS over REST and gRPC, with certificates made by ``openssl`` and tritonclient's TLS options."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from servutil import EchoModel, LiveServer
+from tlsutil import Certs, make_certs
+
+from modelpod.errors import UsageError
+from modelpod.protocols.tls import TlsFiles
+from modelpod.serving.engine import InferenceEngine
+from modelpod.settings import Settings
+
+grpc = pytest.importorskip("grpc")
+triton_http = pytest.importorskip("tritonclient.http")
+triton_grpc = pytest.importorskip("tritonclient.grpc")
+
+X = np.arange(6, dtype=np.float32).reshape(3, 2)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def setup(engine: InferenceEngine) -> None:
+    engine.add_model(EchoModel(), name="echo", version=1)
+
+
+def tls_settings(certs: Certs, mutual: bool) -> Settings:
+    return Settings(tls_cert=certs.server_cert, tls_key=certs.server_key,
+                    tls_client_ca=certs.ca if mutual else None, header_timeout_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def server(certs: Certs) -> Iterator[LiveServer]:
+    with LiveServer(tls_settings(certs, mutual=False), setup, grpc=True) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def mtls(certs: Certs) -> Iterator[LiveServer]:
+    with LiveServer(tls_settings(certs, mutual=True), setup, grpc=True) as live:
+        yield live
+
+
+def hostport(live: LiveServer) -> str:
+    return live.url.removeprefix("https://")
+
+
+def http_infer(client: Any) -> np.ndarray[Any, Any]:
+    x = triton_http.InferInput("x", [3, 2], "FP32")
+    x.set_data_from_numpy(X)
+    result = client.infer("echo", [x])
+    return np.asarray(result.as_numpy("y"))
+
+
+def grpc_infer(client: Any) -> np.ndarray[Any, Any]:
+    x = triton_grpc.InferInput("x", [3, 2], "FP32")
+    x.set_data_from_numpy(X)
+    result = client.infer("echo", [x], client_timeout=30)
+    return np.asarray(result.as_numpy("y"))
+
+
+def test_https_with_tritonclient_ssl_options(server: LiveServer, certs: Certs) -> None:
+    assert server.url.startswith("https://")
+    client = triton_http.InferenceServerClient(hostport(server), ssl=True, ssl_options={"ca_certs": str(certs.ca)})
+    try:
+        assert client.is_server_live()
+        np.testing.assert_array_equal(http_infer(client), X)
+    finally:
+        client.close()
+
+
+def test_https_with_tritonclient_ssl_context(server: LiveServer, certs: Certs) -> None:
+    import gevent.ssl
+
+    def context() -> Any:
+        return gevent.ssl.create_default_context(cafile=str(certs.ca))
+
+    client = triton_http.InferenceServerClient(hostport(server), ssl=True, ssl_context_factory=context)
+    try:
+        assert client.is_server_ready()
+        np.testing.assert_array_equal(http_infer(client), X)
+    finally:
+        client.close()
+
+
+def test_grpc_tls_with_tritonclient(server: LiveServer, certs: Certs) -> None:
+    client = triton_grpc.InferenceServerClient(f"localhost:{server.grpc_port}", ssl=True,
+                                               root_certificates=str(certs.ca))
+    try:
+        assert client.is_server_live()
+        np.testing.assert_array_equal(grpc_infer(client), X)
+    finally:
+        client.close()
+
+
+def test_an_untrusting_client_refuses_the_server(server: LiveServer) -> None:
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"), httpx.Client(timeout=30) as c:
+        c.get(f"{server.url}/v2/health/live")  # the system CAs do not know the test CA
+
+
+def test_mutual_tls_with_client_certificates(mtls: LiveServer, certs: Certs) -> None:
+    import gevent.ssl
+
+    def context() -> Any:
+        ctx = gevent.ssl.create_default_context(cafile=str(certs.ca))
+        ctx.load_cert_chain(str(certs.client_cert), str(certs.client_key))
+        return ctx
+
+    client = triton_http.InferenceServerClient(hostport(mtls), ssl=True, ssl_context_factory=context)
+    try:
+        np.testing.assert_array_equal(http_infer(client), X)
+    finally:
+        client.close()
+    gclient = triton_grpc.InferenceServerClient(f"localhost:{mtls.grpc_port}", ssl=True,
+                                                root_certificates=str(certs.ca), private_key=str(certs.client_key),
+                                                certificate_chain=str(certs.client_cert))
+    try:
+        np.testing.assert_array_equal(grpc_infer(gclient), X)
+    finally:
+        gclient.close()
+
+
+def raw_tls_get(live: LiveServer, ctx: ssl.SSLContext) -> bytes:
+    """GET /v2/health/live over a raw TLS socket; what comes back until the server closes."""
+    port = int(live.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+        return data
+
+
+@pytest.mark.parametrize("rogue", [False, True], ids=["no-certificate", "unknown-ca"])
+def test_mutual_tls_refuses_a_client_without_a_good_certificate(mtls: LiveServer, certs: Certs, rogue: bool) -> None:
+    assert raw_tls_get(mtls, certs.client_context()).startswith(b"HTTP/1.1 200 OK")
+    with pytest.raises(ssl.SSLError) as info:
+        raw_tls_get(mtls, certs.client_context(cert=False, rogue=rogue))
+    # One clear reason from the server's TLS alert.
+    assert ("unknown ca" if rogue else "certificate required") in str(info.value).lower()
+    with grpc.secure_channel(f"localhost:{mtls.grpc_port}", grpc.ssl_channel_credentials(
+            root_certificates=certs.ca.read_bytes())) as channel:
+        live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive")
+        with pytest.raises(grpc.RpcError) as rpc:
+            live(b"", timeout=30)
+        assert rpc.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    client = triton_http.InferenceServerClient(hostport(mtls), ssl=True, ssl_options={"ca_certs": str(certs.ca)})
+    try:
+        with pytest.raises(Exception, match="(?i)certificate"):
+            client.is_server_live()
+    finally:
+        client.close()
+
+
+def test_plain_http_to_the_tls_port_is_closed_and_the_server_goes_on(server: LiveServer, certs: Certs) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):  # the server closes (no hang: the socket timeout would raise)
+            data += chunk
+    assert b"HTTP/1.1 200" not in data
+    # A plain gRPC client to the TLS gRPC port: a clear UNAVAILABLE, not a hang.
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        with pytest.raises(grpc.RpcError) as rpc:
+            channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=30)
+        assert rpc.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert raw_tls_get(server, certs.client_context(cert=False)).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_a_connection_that_never_handshakes_is_closed(server: LiveServer, certs: Certs) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        assert s.recv(1) == b""  # closed after the 2 s handshake deadline; a hang would time out at 30 s
+    assert raw_tls_get(server, certs.client_context(cert=False)).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_bad_tls_files_are_usage_errors(certs: Certs, tmp_path: Path) -> None:
+    good = tls_settings(certs, mutual=True)
+    (tmp_path / "not.pem").write_text("hello\n")
+    cases = [
+        (replace(good, tls_key=None), "go together"),
+        (replace(good, tls_cert=None, tls_key=None), "needs --tls-cert"),
+        (replace(good, tls_key=tmp_path / "missing.key"), "missing.key: cannot read it"),
+        (replace(good, tls_key=certs.client_key), "key values mismatch"),
+        (replace(good, tls_cert=tmp_path / "not.pem"), "not a PEM file"),
+        (replace(good, tls_client_ca=certs.server_key), "tls-client-ca"),
+        (replace(good, tls_cert=certs.expired_cert), "expired on"),
+    ]
+    for settings, fragment in cases:
+        with pytest.raises(UsageError, match=fragment):
+            TlsFiles.from_settings(settings)
+    files = TlsFiles.from_settings(good)
+    assert files is not None and files.mutual
+    assert TlsFiles.from_settings(Settings()) is None
+
+
+def test_tls_settings_come_from_the_environment(certs: Certs) -> None:
+    settings = Settings.from_env({"MODELPOD_TLS_CERT": str(certs.server_cert),
+                                  "MODELPOD_TLS_KEY": str(certs.server_key), "MODELPOD_TLS_CLIENT_CA": str(certs.ca)})
+    assert settings.tls_cert == certs.server_cert and settings.tls_client_ca == certs.ca
+    assert TlsFiles.from_settings(settings) is not None
