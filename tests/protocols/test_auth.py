@@ -265,3 +265,11 @@ def test_bucket_refills_with_the_clock() -> None:
     auth.check("Bearer t", "infer")
     with pytest.raises(RateLimitedError):
         auth.check("Bearer t", "infer")
+
+
+def test_a_broken_table_is_refused_not_taken_as_a_token(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text("tokens:\n  - token: leaked-3f1a\n    scopes: [infer\n")
+    with pytest.raises(UsageError, match="not valid YAML") as info:
+        Auth.from_file(path)
+    assert "leaked-3f1a" not in str(info.value)

@@ -41,6 +41,7 @@ SCOPES = (INFER, READ, MANAGE)
 EVERY_MODEL = "*"  # what an endpoint covering every model passes as its model
 WRONG_TOKEN = "missing or wrong bearer token"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_TABLE = re.compile(r"^tokens[ \t]*:", re.MULTILINE)
 
 
 @dataclass
@@ -94,8 +95,6 @@ class Auth:
     def __init__(self, grants: Mapping[bytes, Grant], clock: Callable[[], float] = time.monotonic) -> None:
         self.grants = dict(grants)
         self.clock = clock
-        self.all_scopes = all(g.scopes == frozenset(SCOPES) and g.models is None and g.bucket is None
-                              for g in self.grants.values())
 
     @classmethod
     def single(cls, token: str) -> Auth:
@@ -117,7 +116,7 @@ class Auth:
         from modelpod.settings import read_token_file
 
         text = read_token_file(path)
-        table = token_table(text)
+        table = token_table(text, str(path))
         if table is None:
             return cls.single(text)
         return cls(parse_table(table, str(path)))
@@ -148,17 +147,21 @@ class Auth:
         return grant
 
 
-def token_table(text: str) -> dict[str, Any] | None:
-    """The YAML table of a token file's text, or None when the file holds one plain token."""
-    if "tokens" not in text or ":" not in text:
+def token_table(text: str, where: str = "the token file") -> dict[str, Any] | None:
+    """The YAML table of a token file's text (a line ``tokens:``), or None when it holds one token."""
+    if _TABLE.search(text) is None:
         return None
     import yaml
 
     try:
         obj = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return None
-    return obj if isinstance(obj, dict) and "tokens" in obj else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"token file {where}: not valid YAML{at}") from None  # the text may hold tokens
+    if not isinstance(obj, dict):
+        raise UsageError(f"token file {where}: a table of tokens must be a mapping with 'tokens:'")
+    return obj
 
 
 def parse_table(table: Mapping[str, Any], where: str) -> dict[bytes, Grant]:

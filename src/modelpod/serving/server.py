@@ -92,7 +92,7 @@ def _with_token(settings: Settings, token: str | None, token_file: str | None) -
 
 def _from_file(settings: Settings, path: Path) -> Settings:
     text = read_token_file(path)
-    if token_table(text) is not None:
+    if token_table(text, str(path)) is not None:
         return replace(settings, token=None, token_file=path)
     return replace(settings, token=text, token_file=path)
 
