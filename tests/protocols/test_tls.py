@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 from collections.abc import Iterator
@@ -165,14 +166,16 @@ def test_mutual_tls_refuses_a_client_without_a_good_certificate(mtls: LiveServer
         client.close()
 
 
-def test_plain_http_to_the_tls_port_is_closed_and_the_server_goes_on(server: LiveServer, certs: Certs) -> None:
+def test_plain_http_to_the_tls_port_gets_a_clear_400_and_the_server_goes_on(server: LiveServer, certs: Certs) -> None:
     port = int(server.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
         data = b""
         while chunk := s.recv(65536):  # the server closes (no hang: the socket timeout would raise)
             data += chunk
-    assert b"HTTP/1.1 200" not in data
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head
+    assert json.loads(body) == {"error": "this port speaks HTTPS (TLS): use https://"}
     # A plain gRPC client to the TLS gRPC port: a clear UNAVAILABLE, not a hang.
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         with pytest.raises(grpc.RpcError) as rpc:

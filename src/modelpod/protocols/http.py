@@ -15,10 +15,10 @@ unread input would reset the connection and could lose the answer). A client tha
 after its requests gets every answer. No timer per request: one sweep a second checks each
 connection's two deadlines.
 
-HTTPS: with ``tls`` (an ``ssl.SSLContext``, protocols/tls.py) asyncio runs TLS on the listening
-socket; the handshake must end within ``header_timeout_s``, and a connection counts against
-``max_connections`` once it has. The plain path is the same code without it. Over TLS a refusal
-closes at once (TLS has no half-close).
+HTTPS: with ``tls`` (an ``ssl.SSLContext``) the port is protocols/tls.py's ``TlsListener``: a
+plain-HTTP client gets a 400 naming https://, handshakes are counted and must end within
+``header_timeout_s``, then the connection is this same code over asyncio's TLS transport. The
+plain path is untouched. Over TLS a refusal closes at once (TLS has no half-close).
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ import time
 from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from modelpod.protocols.wire import Handler, HttpLimits, Request, Response, error_response
+
+if TYPE_CHECKING:
+    from modelpod.protocols.tls import TlsListener
 
 __all__ = ["Handler", "HttpLimits", "HttpServer", "Request", "Response", "error_response"]
 
@@ -66,6 +69,7 @@ class HttpServer:
         self.draining = False
         self.date = b""
         self._server: asyncio.AbstractServer | None = None
+        self._listener: TlsListener | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._idle: list[asyncio.Future[None]] = []
 
@@ -73,13 +77,14 @@ class HttpServer:
         """Listen; returns the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()
         self._tick()
-        if self.tls is None:
-            self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=2048,
-                                                    reuse_address=True)
-        else:
-            self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=2048,
-                                                    reuse_address=True, ssl=self.tls,
-                                                    ssl_handshake_timeout=self.limits.header_timeout_s)
+        if self.tls is not None:
+            from modelpod.protocols.tls import TlsListener
+
+            self._listener = TlsListener(lambda: _Connection(self), self.tls, self.limits.header_timeout_s,
+                                         self.limits.max_connections)
+            return await self._listener.start(host, port)
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=2048,
+                                                reuse_address=True)
         return int(self._server.sockets[0].getsockname()[1])
 
     def _tick(self) -> None:
@@ -119,6 +124,8 @@ class HttpServer:
             self._ticker.cancel()
         if self._server is not None:
             self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         for conn in list(self.connections):
             conn.close()
         self.connections.clear()

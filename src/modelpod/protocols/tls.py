@@ -5,21 +5,29 @@ over TLS (1.2 at least); ``--tls-client-ca FILE`` (``MODELPOD_TLS_CLIENT_CA``) a
 client to present a certificate signed by that CA (mutual TLS), on both protocols. A file that
 cannot be read, a key that does not match the certificate, or a certificate past its end date
 stops the start with the file named. The handshake of a new connection must finish within the
-header timeout; a plain-HTTP request to the TLS port fails its handshake and is closed.
+header timeout, and connections not past it are counted (``TlsListener``); a plain-HTTP request to
+the TLS port gets a 400 naming https:// (its first byte is no TLS handshake record) and is closed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from modelpod.errors import UsageError
 
 if TYPE_CHECKING:
     from modelpod.settings import Settings
+
+log = logging.getLogger("modelpod.serving")
+LINGER_S = 2.0  # a plain-HTTP client on the TLS port: how long its input is read and dropped after the 400
 
 
 @dataclass(frozen=True)
@@ -112,3 +120,128 @@ def _check_dates(pem: bytes, path: Path) -> None:
     if cert.not_valid_before_utc > now:
         raise UsageError(f"--tls-cert {path}: the certificate is not valid before "
                          f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+
+
+_PLAIN_ANSWER = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                 b"content-length: %d\r\n\r\n%s")
+
+
+class TlsListener:
+    """The TLS port's accept loop: the first byte tells a TLS client (a handshake record, 0x16) from a
+    plain-HTTP one, which gets a 400 saying to use https:// instead of a failed handshake. Connections
+    not yet past their handshake are counted (at most ``max_pending``) and dropped after ``timeout_s``."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], ctx: ssl.SSLContext, timeout_s: float,
+                 max_pending: int) -> None:
+        self.factory = factory
+        self.ctx = ctx
+        self.timeout_s = timeout_s
+        self.max_pending = max_pending
+        self.pending = 0
+        self.sock: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[Any]] = set()
+        body = b'{"error": "this port speaks HTTPS (TLS): use https://"}'
+        self.answer = _PLAIN_ANSWER % (len(body), body)
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(2048)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+        self._task = loop.create_task(self._accept(sock))
+        return int(sock.getsockname()[1])
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # out of descriptors, for one: the next accept may do
+                log.warning("accept failed on the TLS port", extra={"fields": {"error": str(exc)}})
+                await asyncio.sleep(0.1)
+                continue
+            if self.pending >= self.max_pending:
+                conn.close()  # too many handshakes at once; a TLS client retries
+                continue
+            conn.setblocking(False)
+            self.pending += 1
+            timer = loop.call_later(self.timeout_s, self._drop, conn)
+            loop.add_reader(conn.fileno(), self._first_byte, conn, timer)
+
+    def _drop(self, conn: socket.socket) -> None:
+        """A connection that sent nothing within the handshake deadline."""
+        loop = asyncio.get_running_loop()
+        if conn.fileno() >= 0:
+            loop.remove_reader(conn.fileno())
+            conn.close()
+            self.pending -= 1
+
+    def _first_byte(self, conn: socket.socket, timer: asyncio.TimerHandle) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            head = conn.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return  # not yet: the reader stays
+        except OSError:
+            head = b""
+        loop.remove_reader(conn.fileno())
+        timer.cancel()
+        if not head:
+            conn.close()
+            self.pending -= 1
+            return
+        if head[0] == 0x16:  # a TLS handshake record: TLS from here, the handshake within the deadline
+            task = loop.create_task(loop.connect_accepted_socket(
+                self.factory, conn, ssl=self.ctx, ssl_handshake_timeout=self.timeout_s))
+        else:
+            task = loop.create_task(loop.connect_accepted_socket(lambda: _PlainRefusal(self.answer), conn))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task[Any]) -> None:
+        self._handshakes.discard(task)
+        self.pending -= 1
+        if not task.cancelled():
+            task.exception()  # a failed handshake: the client's problem, closed already; nothing to log
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class _PlainRefusal(asyncio.Protocol):
+    """A plain-HTTP client on the TLS port: the 400, a half-close, its input dropped for a while, close."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.answer)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool | None:
+        if self.transport is not None:
+            self.transport.close()
+        return None
