@@ -156,7 +156,7 @@ def grpc_infer(port: int, token: str | None, model: str = "echo") -> Any:
     return grpc_call(port, "ModelInfer", req, pb.ModelInferResponse, token)
 
 
-def grpc_code(fn: Any, *args: Any) -> tuple[Any, str, dict[str, str]]:
+def grpc_code(fn: Any, *args: Any) -> tuple[Any, str, dict[str, Any]]:
     with pytest.raises(grpc.RpcError) as info:
         fn(*args)
     err: Any = info.value
@@ -189,6 +189,12 @@ def test_rate_limit_spans_rest_and_grpc(server: LiveServer, client: httpx.Client
     code, details, trailers = grpc_code(grpc_infer, server.grpc_port, SHARED)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in details
     assert int(trailers["retry-after"]) >= 1 and int(trailers["grpc-retry-pushback-ms"]) > 0
+    from google.rpc import error_details_pb2, status_pb2
+
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])  # type: ignore[arg-type]
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and status.message == details
+    info = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(info) and info.retry_delay.ToNanoseconds() > 0
     assert infer(client, SHARED).status_code == 429
 
 

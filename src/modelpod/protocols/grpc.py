@@ -9,7 +9,8 @@ MissingExtraError with the install hint.
 
 Tokens as over REST (protocols/auth.py): ``authorization: Bearer <token>`` metadata; a call without a
 known token is UNAUTHENTICATED, outside its scopes or models PERMISSION_DENIED, over its rate
-RESOURCE_EXHAUSTED with ``retry-after`` (seconds) and ``grpc-retry-pushback-ms`` trailers. The
+RESOURCE_EXHAUSTED with ``retry-after`` (seconds), ``grpc-retry-pushback-ms`` and a ``google.rpc.RetryInfo``
+in ``grpc-status-details-bin``. The
 health calls (ServerLive, ServerReady) are open. Bounds (``server_options``): RPCs in progress,
 streams per connection, connections (``max_connections``), metadata (``max_header_bytes``) and
 received messages (``max_body_bytes``) as over REST, the TLS/HTTP/2 handshake within
@@ -207,8 +208,11 @@ class GrpcService:
                 return await fn(request, context)
             except ModelpodError as exc:
                 if isinstance(exc, RateLimitedError):
-                    context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),
-                                                   ("grpc-retry-pushback-ms", str(math.ceil(exc.wait_s * 1000)))))
+                    context.set_trailing_metadata((
+                        ("retry-after", str(exc.retry_after_s)),
+                        ("grpc-retry-pushback-ms", str(math.ceil(exc.wait_s * 1000))),
+                        ("grpc-status-details-bin", retry_status(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                                                                 exc.message, exc.wait_s))))
                 elif isinstance(exc, OverloadedError):
                     context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
                 if exc.grpc_code == "INTERNAL":
@@ -291,6 +295,29 @@ def _internal(request: Any, exc: BaseException) -> str:
     log.error("grpc request failed", exc_info=exc, extra={"fields": {"error": detail, "request_id": rid}})
     what = exc.message if isinstance(exc, ModelpodError) else "internal server error"
     return f"{what} (request id {rid}; the server log has the details)"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def retry_status(code: int, message: str, wait_s: float) -> bytes:
+    """A ``google.rpc.Status`` carrying a ``google.rpc.RetryInfo`` (the standard rich error detail for
+    "retry after"), encoded by hand: the grpc extra has no googleapis protos."""
+    seconds, nanos = int(wait_s), int((wait_s - int(wait_s)) * 1e9)
+    duration = (b"\x08" + _varint(seconds) if seconds else b"") + (b"\x10" + _varint(nanos) if nanos else b"")
+    retry_info = _field(1, duration)
+    detail = _field(1, b"type.googleapis.com/google.rpc.RetryInfo") + _field(2, retry_info)
+    return b"\x08" + _varint(code) + _field(2, message.encode()) + _field(3, detail)
 
 
 async def _within(call: Awaitable[Any], seconds: float) -> Any:
