@@ -253,6 +253,13 @@ def _route(args: argparse.Namespace, settings: Settings) -> Any:
     return route_command(args, settings)
 
 
+@command("token")
+def _token(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.serving.token_cli import token_command
+
+    return token_command(args, settings)
+
+
 @command("build")
 def _build(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.image.cli import build_command
@@ -378,6 +385,9 @@ def parser() -> argparse.ArgumentParser:
     from modelpod.serving.route_cli import add_arguments as route_arguments
 
     route_arguments(cmd("route", "traffic splits of a running server: list, show, set, report, rollout, rollback"))
+    from modelpod.serving.token_cli import add_arguments as token_arguments
+
+    token_arguments(cmd("token", "a new bearer token and its entry for a scoped token file (sha256 only)"))
 
     c = cmd("build", "build a runnable OCI image of a pod, without a daemon")
     c.add_argument("ref")

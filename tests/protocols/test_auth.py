@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import yaml
 from servutil import EchoModel, LiveServer, TextModel, echo_request
 
 from modelpod.errors import ForbiddenError, RateLimitedError, UnauthorizedError, UsageError
@@ -279,3 +280,24 @@ def test_a_broken_table_is_refused_not_taken_as_a_token(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not valid YAML") as info:
         Auth.from_file(path)
     assert "leaked-3f1a" not in str(info.value)
+
+
+def test_token_new_prints_a_token_and_an_entry_that_accepts_it(capsys: pytest.CaptureFixture[str],
+                                                               tmp_path: Path) -> None:
+    import json
+
+    from modelpod.cli import main
+
+    assert main(["token", "new", "--name", "app", "--scopes", "infer,read", "--models", "echo", "--rate", "5",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token"] not in json.dumps(out["entry"])
+    path = tmp_path / "tokens.yaml"
+    path.write_text(yaml.safe_dump({"tokens": [out["entry"]]}))
+    grant = Auth.from_file(path).check(f"Bearer {out['token']}", "read", "echo")
+    assert grant.name == "app" and grant.bucket is not None and grant.bucket.rate == 5
+    assert main(["token", "new", "--name", "x", "--scopes", "admin"]) == 2
+    assert "scopes must be one or more" in capsys.readouterr().err
+    assert main(["token", "new", "--name", "y"]) == 0
+    text = capsys.readouterr().out
+    assert "sha256:" in text and "mp_" in text
