@@ -120,3 +120,20 @@ def test_bad_certificate_stops_the_start(served_home: tuple[Path, PodRecord], ce
                            "0", "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.client_key)],
                           capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     assert proc.returncode == 2 and "key values mismatch" in proc.stderr, proc.stderr
+
+
+def test_image_entry_reads_tls_from_the_environment(served_home: tuple[Path, PodRecord],
+                                                    sklearn_model: tuple[Path, Any, Any], certs: Certs,
+                                                    tokens: Path) -> None:
+    """What ``docker run -e MODELPOD_TLS_CERT=... IMAGE`` runs: ``python -m modelpod.entry POD_DIR``."""
+    from modelpod.store import Store
+
+    home, rec = served_home
+    pod_dir = Store(home).open(rec.ref).path
+    env = {"MODELPOD_HOME": str(home), "MODELPOD_LOG_LEVEL": "warning", "MODELPOD_TLS_CERT": str(certs.server_cert),
+           "MODELPOD_TLS_KEY": str(certs.server_key), "MODELPOD_TLS_CLIENT_CA": str(certs.ca),
+           "MODELPOD_TOKEN_FILE": str(tokens)}
+    argv = [str(PYTHON), "-m", "modelpod.entry", str(pod_dir), "--host", "127.0.0.1", "--port", "0",
+            "--grpc-port", "0", "--json"]
+    with ServeProcess(argv, env=env) as server:
+        check(server, certs, sklearn_model[1])

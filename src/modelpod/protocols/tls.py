@@ -138,28 +138,37 @@ class TlsListener:
         self.timeout_s = timeout_s
         self.max_pending = max_pending
         self.pending = 0
-        self.sock: socket.socket | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.socks: list[socket.socket] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[Any]] = set()
         body = b'{"error": "this port speaks HTTPS (TLS): use https://"}'
         self.answer = _PLAIN_ANSWER % (len(body), body)
 
     async def start(self, host: str, port: int) -> int:
+        """Listen on every address ``host`` names (as ``create_server`` does); returns the port."""
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
+        seen: set[tuple[int, Any]] = set()
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(2048)
-            sock.setblocking(False)
+            for family, kind, proto, _, address in infos:
+                if (family, address) in seen:
+                    continue
+                seen.add((family, address))
+                sock = socket.socket(family, kind, proto)
+                self.socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if port == 0 and len(self.socks) > 1:  # one port for every address
+                    address = (address[0], self.socks[0].getsockname()[1], *address[2:])
+                sock.bind(address)
+                sock.listen(2048)
+                sock.setblocking(False)
         except OSError:
-            sock.close()
+            self.close()
             raise
-        self.sock = sock
-        self._task = loop.create_task(self._accept(sock))
-        return int(sock.getsockname()[1])
+        self._tasks = [loop.create_task(self._accept(sock)) for sock in self.socks]
+        return int(self.socks[0].getsockname()[1])
 
     async def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -215,13 +224,11 @@ class TlsListener:
             task.exception()  # a failed handshake: the client's problem, closed already; nothing to log
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        for task in list(self._handshakes):
+        for task in [*self._tasks, *self._handshakes]:
             task.cancel()
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        for sock in self.socks:
+            sock.close()
+        self.socks = []
 
 
 class _PlainRefusal(asyncio.Protocol):
