@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from servutil import EchoModel, LiveServer, TextModel, echo_request
+from servutil import EchoModel, LiveServer, TextModel, echo_request, metric_value
 
 from modelpod.errors import ForbiddenError, RateLimitedError, UnauthorizedError, UsageError
 from modelpod.protocols.auth import SCOPES, Auth, Bucket, Grant, digest, parse_table
@@ -137,6 +137,8 @@ def test_rate_limit_answers_429_with_retry_after(client: httpx.Client) -> None:
     assert int(r.headers["retry-after"]) >= 1
     assert "rate limit" in r.json()["error"] and "slow" in r.json()["error"] and SLOW not in r.text
     assert infer(client, OPS).status_code == 200  # other tokens are not slowed
+    metrics = client.get("/metrics", headers=bearer(OPS)).text
+    assert metric_value(metrics, "modelpod_auth_refusals_total", reason="rate_limited", token="slow") >= 1
 
 
 def grpc_call(port: int, method: str, request: Any, response: Any, token: str | None) -> Any:

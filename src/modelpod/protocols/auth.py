@@ -34,12 +34,14 @@ from typing import TYPE_CHECKING, Any
 from modelpod.errors import ForbiddenError, RateLimitedError, UnauthorizedError, UsageError
 
 if TYPE_CHECKING:
+    from modelpod.serving.metrics import Counter, ServingMetrics
     from modelpod.settings import Settings
 
 INFER, READ, MANAGE = "infer", "read", "manage"
 SCOPES = (INFER, READ, MANAGE)
 EVERY_MODEL = "*"  # what an endpoint covering every model passes as its model
 WRONG_TOKEN = "missing or wrong bearer token"
+REFUSALS = "modelpod_auth_refusals_total"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TABLE = re.compile(r"^tokens[ \t]*:", re.MULTILINE)
 
@@ -95,6 +97,23 @@ class Auth:
     def __init__(self, grants: Mapping[bytes, Grant], clock: Callable[[], float] = time.monotonic) -> None:
         self.grants = dict(grants)
         self.clock = clock
+        self.refusals: Counter | None = None
+
+    def attach(self, metrics: ServingMetrics) -> None:
+        """Count refusals in ``modelpod_auth_refusals_total{reason, token}`` (the token's name; "" unknown)."""
+        from modelpod.serving.metrics import Counter
+
+        family = next((f for f in metrics.registry.families if f.name == REFUSALS), None)
+        if family is None:
+            family = Counter(REFUSALS, "Requests refused by the token check, by reason and token name.",
+                             ("reason", "token"))
+            metrics.registry.add(family)
+        assert isinstance(family, Counter)
+        self.refusals = family
+
+    def _refused(self, reason: str, grant: Grant | None) -> None:
+        if self.refusals is not None:
+            self.refusals.labels(reason, grant.name if grant is not None else "").inc()
 
     @classmethod
     def single(cls, token: str) -> Auth:
@@ -127,11 +146,15 @@ class Auth:
         token = bearer(credential)
         grant = self.grants.get(digest(token)) if token is not None else None
         if grant is None:
+            self._refused("unauthenticated", None)
             raise UnauthorizedError(WRONG_TOKEN)
         if scope not in grant.scopes:
+            self._refused("scope", grant)
             raise ForbiddenError(f"token {grant.name!r} has no {scope!r} scope (it has "
                                  f"{', '.join(sorted(grant.scopes))})")
         if grant.models is not None and model is not None:
+            if model == EVERY_MODEL or model not in grant.models:
+                self._refused("model", grant)
             if model == EVERY_MODEL:
                 raise ForbiddenError(f"token {grant.name!r} is limited to models {', '.join(sorted(grant.models))}; "
                                      "this endpoint covers every model")
@@ -140,6 +163,7 @@ class Auth:
         if grant.bucket is not None:
             wait = grant.bucket.take(self.clock())
             if wait > 0:
+                self._refused("rate_limited", grant)
                 raise RateLimitedError(
                     f"token {grant.name!r} is over its rate limit of {grant.bucket.rate:g} requests/s "
                     f"(burst {grant.bucket.burst:g}); retry in {wait:.3g}s",

@@ -188,6 +188,8 @@ class GrpcService:
     def __init__(self, engine: InferenceEngine, settings: Settings, auth: Auth | None = None) -> None:
         self.engine = engine
         self.auth = auth if auth is not None else Auth.from_settings(settings)
+        if self.auth is not None:
+            self.auth.attach(engine.metrics)
         self.deadline_s = settings.grpc_default_deadline_s
         self._decoder = ThreadPoolExecutor(2, thread_name_prefix="modelpod-grpc-decode")
 

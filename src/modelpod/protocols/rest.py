@@ -142,6 +142,8 @@ class RestApp:
     def __init__(self, engine: InferenceEngine, settings: Settings, auth: Auth | None = None) -> None:
         self.engine = engine
         self.auth = auth if auth is not None else Auth.from_settings(settings)
+        if self.auth is not None:
+            self.auth.attach(engine.metrics)
         self.loopback = is_loopback(settings.host)
         self.max_depth = settings.max_json_depth
         self.max_body = settings.max_body_bytes
