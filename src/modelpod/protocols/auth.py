@@ -10,7 +10,7 @@ every scope, every model, no rate limit, as ``--token``) or a YAML table::
         sha256: 9f86d081884c7d65...    # the hex SHA-256 of the token; or  token: <clear text>
         scopes: [infer]                # infer, read, manage
         models: [churn]                # optional: only these models (or routes)
-        rate: 5
+        rate: 5                        # or  rate_limit: {rate: 5, burst: 10}
         burst: 10
 
 Scopes: ``infer`` (inference, feedback), ``read`` (metadata, readiness, config, ``/metrics``),
@@ -191,15 +191,14 @@ def token_table(text: str, where: str = "the token file") -> dict[str, Any] | No
 def parse_table(table: Mapping[str, Any], where: str) -> dict[bytes, Grant]:
     """The grants of a token table; a mistake is a UsageError naming ``where`` and the entry
     (by its name or index, never by its token)."""
-    unknown = set(table) - {"tokens", "rate", "burst"}
+    unknown = set(table) - {"tokens", "rate", "burst", "rate_limit"}
     if unknown:
         raise UsageError(f"token file {where}: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
                          "(expected tokens, rate, burst)")
     entries = table.get("tokens")
     if not isinstance(entries, list) or not entries:
         raise UsageError(f"token file {where}: 'tokens' must be a non-empty list")
-    default_rate = _number(table.get("rate"), f"token file {where}: rate")
-    default_burst = _number(table.get("burst"), f"token file {where}: burst")
+    default_rate, default_burst = _rate(table, f"token file {where}")
     grants: dict[bytes, Grant] = {}
     names: set[str] = set()
     for i, entry in enumerate(entries):
@@ -223,7 +222,7 @@ def _entry(entry: Any, i: int, where: str, default_rate: float | None,
         if not isinstance(name, str) or not name.strip():
             raise UsageError(f"{label}: name must be a non-empty string")
         label = f"token file {where}: token {name!r}"
-    unknown = set(entry) - {"name", "token", "sha256", "scopes", "models", "rate", "burst"}
+    unknown = set(entry) - {"name", "token", "sha256", "scopes", "models", "rate", "burst", "rate_limit"}
     if unknown:
         raise UsageError(f"{label}: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
                          "(expected name, token or sha256, scopes, models, rate, burst)")
@@ -248,14 +247,29 @@ def _entry(entry: Any, i: int, where: str, default_rate: float | None,
     allowed = frozenset(_words(models, f"{label}: models")) if models is not None else None
     if allowed is not None and not allowed:
         raise UsageError(f"{label}: models must name at least one model (leave it out for every model)")
-    rate = _number(entry.get("rate"), f"{label}: rate")
-    burst = _number(entry.get("burst"), f"{label}: burst")
+    rate, burst = _rate(entry, label)
     if rate is None:
         rate, burst = default_rate, burst if burst is not None else default_burst
     bucket = Bucket(rate, burst if burst is not None else max(1.0, rate)) if rate is not None else None
     if bucket is not None and bucket.burst < 1:
         raise UsageError(f"{label}: burst must be at least 1")
     return Grant(name or f"sha256:{key.hex()[:12]}", frozenset(scopes), allowed, bucket), key
+
+
+def _rate(obj: Mapping[str, Any], label: str) -> tuple[float | None, float | None]:
+    """``rate`` and ``burst``, or the same as ``rate_limit: {rate, burst}`` (or ``rate_limit: N``)."""
+    nested = obj.get("rate_limit")
+    if nested is None:
+        return _number(obj.get("rate"), f"{label}: rate"), _number(obj.get("burst"), f"{label}: burst")
+    if "rate" in obj or "burst" in obj:
+        raise UsageError(f"{label}: give rate/burst or rate_limit, not both")
+    if not isinstance(nested, dict):
+        return _number(nested, f"{label}: rate_limit"), None
+    keys = set(nested) - {"rate", "burst"}
+    if keys:
+        raise UsageError(f"{label}: rate_limit takes rate and burst, not {', '.join(sorted(map(str, keys)))}")
+    return (_number(nested.get("rate"), f"{label}: rate_limit.rate"),
+            _number(nested.get("burst"), f"{label}: rate_limit.burst"))
 
 
 def _words(value: Any, label: str) -> list[str]:
