@@ -51,6 +51,7 @@ _IDLE, _HEAD, _BODY = 0, 1, 2
 # Headers a request may carry once: two are ambiguous (which host? whose credentials? which length?).
 _SINGLE = frozenset({"host", "authorization", "content-length", "content-type", "content-encoding",
                      "inference-header-content-length", "origin", "expect"})
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})  # for probes, without a client certificate
 _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
@@ -80,7 +81,10 @@ class HttpServer:
         if self.tls is not None:
             from modelpod.protocols.tls import TlsListener
 
-            self._listener = TlsListener(lambda: _Connection(self), self.tls, self.limits.header_timeout_s,
+            # Mutual TLS asks for a certificate without requiring it in the handshake (a failed
+            # handshake closes without a word): a client without one gets a 401 saying so, or health.
+            kind = _CertConnection if self.tls.verify_mode != ssl.CERT_NONE else _Connection
+            self._listener = TlsListener(lambda: kind(self), self.tls, self.limits.header_timeout_s,
                                          self.limits.max_connections)
             return await self._listener.start(host, port)
         self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=2048,
@@ -471,3 +475,20 @@ class _Connection(asyncio.Protocol):
             # close() waits for the write buffer to drain; a client that never reads is aborted.
             if self.write_deadline == _NEVER:
                 self.write_deadline = self.loop.time() + self.limits.write_timeout_s
+
+
+class _CertConnection(_Connection):
+    """A mutual-TLS connection: without a client certificate only the health checks answer (probes)."""
+
+    certified = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.certified = bool(transport.get_extra_info("peercert"))
+        super().connection_made(transport)
+
+    def _request(self, body: bytes) -> Request:
+        request = super()._request(body)
+        if not self.certified and request.path not in OPEN_PATHS:
+            self._halt(401, "this server requires a client certificate (mutual TLS) signed by its client CA; "
+                       "the connection presented none")
+        return request

@@ -2,7 +2,10 @@
 
 ``--tls-cert FILE --tls-key FILE`` (``MODELPOD_TLS_CERT``/``MODELPOD_TLS_KEY``) serve HTTPS and gRPC
 over TLS (1.2 at least); ``--tls-client-ca FILE`` (``MODELPOD_TLS_CLIENT_CA``) also requires every
-client to present a certificate signed by that CA (mutual TLS), on both protocols. A file that
+client to present a certificate signed by that CA (mutual TLS): over gRPC in the handshake; over
+REST a client without one reaches only the health checks (so HTTPS probes work) and gets a 401
+saying why anywhere else, and one with a certificate of another CA fails the handshake (the reason
+is logged). A file that
 cannot be read, a key that does not match the certificate, or a certificate past its end date
 stops the start with the file named. The handshake of a new connection must finish within the
 header timeout, and connections not past it are counted (``TlsListener``); a plain-HTTP request to
@@ -78,7 +81,9 @@ class TlsFiles:
             except ssl.SSLError as exc:
                 raise UsageError(f"--tls-client-ca {self.client_ca_path}: {_reason(exc)} "
                                  "(a PEM CA certificate?)") from None
-            ctx.verify_mode = ssl.CERT_REQUIRED
+            # Asked for, checked when given; a client without one reaches only the health checks
+            # (protocols/http.py answers it a 401 saying why: a failed handshake would close silently).
+            ctx.verify_mode = ssl.CERT_OPTIONAL
         ctx.set_alpn_protocols(["http/1.1"])
         return ctx
 
@@ -141,6 +146,8 @@ class TlsListener:
         self.socks: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[Any]] = set()
+        self.failed = 0
+        self._reported = -10.0
         body = b'{"error": "this port speaks HTTPS (TLS): use https://"}'
         self.answer = _PLAIN_ANSWER % (len(body), body)
 
@@ -220,8 +227,17 @@ class TlsListener:
     def _handshake_done(self, task: asyncio.Task[Any]) -> None:
         self._handshakes.discard(task)
         self.pending -= 1
-        if not task.cancelled():
-            task.exception()  # a failed handshake: the client's problem, closed already; nothing to log
+        exc = None if task.cancelled() else task.exception()
+        if exc is None:
+            return
+        # A failed handshake (a certificate of another CA, no shared version): the client only sees
+        # the connection close, so the reason goes to the log, at most once every 10 s.
+        self.failed += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._reported >= 10.0:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            log.warning("TLS handshakes failed", extra={"fields": {"count": self.failed, "last_reason": str(reason)}})
+            self.failed, self._reported = 0, now
 
     def close(self) -> None:
         for task in [*self._tasks, *self._handshakes]:
