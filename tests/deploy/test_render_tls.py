@@ -56,6 +56,8 @@ def test_without_tls_nothing_changes() -> None:
     assert all(v["name"] != "tls" for v in pod["volumes"])
     assert pod["containers"][0]["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
     assert not any(e["name"].startswith("MODELPOD_TLS") for e in pod["containers"][0]["env"])
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    assert "prometheus.io/scheme" not in deployment["spec"]["template"]["metadata"]["annotations"]
 
 
 def test_bad_secret_name_is_refused() -> None:

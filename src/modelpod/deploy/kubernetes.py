@@ -254,7 +254,7 @@ def pod_spec(spec: DeploySpec, containers: list[Obj], *, init: Sequence[Obj] = (
 def template_annotations(spec: DeploySpec, pod: PodFacts, image: str, extra: Mapping[str, str] | None = None) -> Obj:
     return dict(sorted({
         "prometheus.io/scrape": "true", "prometheus.io/port": str(spec.http_port), "prometheus.io/path": "/metrics",
-        "prometheus.io/scheme": "https" if spec.tls_secret is not None else "http",
+        **({"prometheus.io/scheme": "https"} if spec.tls_secret is not None else {}),
         ANNOTATION_DIGEST: pod.digest, ANNOTATION_IMAGE: image, **dict(extra or {}),
     }.items()))
 
