@@ -164,9 +164,10 @@ class Auth:
             wait = grant.bucket.take(self.clock())
             if wait > 0:
                 self._refused("rate_limited", grant)
+                when = f"{wait:.2f}" if wait < 10 else f"{wait:.0f}"
                 raise RateLimitedError(
                     f"token {grant.name!r} is over its rate limit of {grant.bucket.rate:g} requests/s "
-                    f"(burst {grant.bucket.burst:g}); retry in {wait:.3g}s",
+                    f"(burst {grant.bucket.burst:g}); retry in {when}s",
                     retry_after_s=max(1, math.ceil(wait)), wait_s=wait)
         return grant
 
