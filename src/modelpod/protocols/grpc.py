@@ -346,10 +346,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_connection_idle_ms", ms(settings.keepalive_timeout_s)),
         ("grpc.max_connection_age_ms", ms(settings.grpc_max_connection_age_s)),
         ("grpc.max_connection_age_grace_ms", ms(settings.grpc_max_connection_age_grace_s)),
-        ("grpc.keepalive_time_ms", ms(settings.grpc_keepalive_time_s)),
+        ("grpc.keepalive_time_ms", ms(settings.grpc_keepalive_time_s)),  # pings while calls are open
         ("grpc.keepalive_timeout_ms", ms(settings.grpc_keepalive_timeout_s)),
-        ("grpc.keepalive_permit_without_calls", 1),  # clients' keepalive pings are fine, not a flood
-        ("grpc.http2.max_ping_strikes", 2),  # pings faster than that: GOAWAY (too_many_pings)
+        ("grpc.http2.max_ping_strikes", 2),  # a client pinging too often: GOAWAY (too_many_pings)
         ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared silently
     ]
 
