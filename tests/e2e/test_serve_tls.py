@@ -16,7 +16,8 @@ from tlsutil import Certs, make_certs
 from modelpod.store import PodRecord
 
 # geventhttpclient (under tritonclient.http) checks the host name with ssl.match_hostname, deprecated.
-pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:ssl.match_hostname:DeprecationWarning")]
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:ssl.match_hostname:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning")]
 httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402

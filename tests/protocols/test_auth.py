@@ -239,7 +239,7 @@ def test_a_plain_file_is_one_token_with_every_scope(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("table, fragment", [
     ({"tokens": []}, "non-empty list"),
-    ({"tokens": [{"token": "a", "scopes": ["infer"]}], "extra": 1}, "unknown key(s) extra"),
+    ({"tokens": [{"token": "a", "scopes": ["infer"]}], "extra": 1}, r"unknown key\(s\) extra"),
     ({"tokens": [{"scopes": ["infer"]}]}, "give token or sha256"),
     ({"tokens": [{"token": "a", "sha256": "0" * 64, "scopes": ["infer"]}]}, "give token or sha256"),
     ({"tokens": [{"sha256": "abc", "scopes": ["infer"]}]}, "64 hex digits"),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,10 @@ triton_http = pytest.importorskip("tritonclient.http")
 triton_grpc = pytest.importorskip("tritonclient.grpc")
 triton_utils = pytest.importorskip("tritonclient.utils")
 
-# geventhttpclient (under tritonclient.http) checks the host name with ssl.match_hostname, deprecated.
-pytestmark = pytest.mark.filterwarnings("ignore:ssl.match_hostname:DeprecationWarning")
+# geventhttpclient (under tritonclient.http) checks the host name with ssl.match_hostname, and its
+# ssl_options path makes an SSLContext with ssl.PROTOCOL_TLS: both deprecated in the standard library.
+pytestmark = [pytest.mark.filterwarnings("ignore:ssl.match_hostname:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning")]
 X = np.arange(6, dtype=np.float32).reshape(3, 2)
 
 
@@ -62,6 +65,20 @@ def hostport(live: LiveServer) -> str:
     return live.url.removeprefix("https://")
 
 
+def with_http(url: str, use: Callable[[Any], None], **options: Any) -> None:
+    """``use(client)`` with a tritonclient HTTP client, closed and collected here, in this thread: its
+    gevent hub belongs to it, and a collection in the server's thread would fail in ``__del__``."""
+    def run() -> None:
+        client = triton_http.InferenceServerClient(url, **options)
+        try:
+            use(client)
+        finally:
+            client.close()
+
+    run()
+    gc.collect()
+
+
 def http_infer(client: Any) -> np.ndarray[Any, Any]:
     x = triton_http.InferInput("x", [3, 2], "FP32")
     x.set_data_from_numpy(X)
@@ -78,12 +95,11 @@ def grpc_infer(client: Any) -> np.ndarray[Any, Any]:
 
 def test_https_with_tritonclient_ssl_options(server: LiveServer, certs: Certs) -> None:
     assert server.url.startswith("https://")
-    client = triton_http.InferenceServerClient(hostport(server), ssl=True, ssl_options={"ca_certs": str(certs.ca)})
-    try:
+    def use(client: Any) -> None:
         assert client.is_server_live()
         np.testing.assert_array_equal(http_infer(client), X)
-    finally:
-        client.close()
+
+    with_http(hostport(server), use, ssl=True, ssl_options={"ca_certs": str(certs.ca)})
 
 
 def test_https_with_tritonclient_ssl_context(server: LiveServer, certs: Certs) -> None:
@@ -92,12 +108,11 @@ def test_https_with_tritonclient_ssl_context(server: LiveServer, certs: Certs) -
     def context() -> Any:
         return gevent.ssl.create_default_context(cafile=str(certs.ca))
 
-    client = triton_http.InferenceServerClient(hostport(server), ssl=True, ssl_context_factory=context)
-    try:
+    def use(client: Any) -> None:
         assert client.is_server_ready()
         np.testing.assert_array_equal(http_infer(client), X)
-    finally:
-        client.close()
+
+    with_http(hostport(server), use, ssl=True, ssl_context_factory=context)
 
 
 def test_grpc_tls_with_tritonclient(server: LiveServer, certs: Certs) -> None:
@@ -123,11 +138,8 @@ def test_mutual_tls_with_client_certificates(mtls: LiveServer, certs: Certs) -> 
         ctx.load_cert_chain(str(certs.client_cert), str(certs.client_key))
         return ctx
 
-    client = triton_http.InferenceServerClient(hostport(mtls), ssl=True, ssl_context_factory=context)
-    try:
-        np.testing.assert_array_equal(http_infer(client), X)
-    finally:
-        client.close()
+    with_http(hostport(mtls), lambda client: np.testing.assert_array_equal(http_infer(client), X), ssl=True,
+              ssl_context_factory=context)
     gclient = triton_grpc.InferenceServerClient(f"localhost:{mtls.grpc_port}", ssl=True,
                                                 root_certificates=str(certs.ca), private_key=str(certs.client_key),
                                                 certificate_chain=str(certs.client_cert))
@@ -157,13 +169,12 @@ def test_mutual_tls_without_a_certificate_reaches_only_health(mtls: LiveServer, 
     head, _, body = raw_tls_get(mtls, bare, "/v2/models/echo").partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 401 ") and b"connection: close" in head
     assert "requires a client certificate" in json.loads(body)["error"]
-    client = triton_http.InferenceServerClient(hostport(mtls), ssl=True, ssl_options={"ca_certs": str(certs.ca)})
-    try:
+    def use(client: Any) -> None:
         assert client.is_server_live()
         with pytest.raises(triton_utils.InferenceServerException, match="requires a client certificate"):
             http_infer(client)
-    finally:
-        client.close()
+
+    with_http(hostport(mtls), use, ssl=True, ssl_options={"ca_certs": str(certs.ca)})
     # gRPC requires the certificate in the handshake: a clear UNAVAILABLE.
     with grpc.secure_channel(f"localhost:{mtls.grpc_port}", grpc.ssl_channel_credentials(
             root_certificates=certs.ca.read_bytes())) as channel:
