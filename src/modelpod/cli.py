@@ -368,19 +368,19 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, help="REST port (default 8080; 0 picks a free one)")
     c.add_argument("--grpc-port", type=int, help="gRPC port (default 8081 when grpcio is installed)")
     c.add_argument("--no-grpc", action="store_true", help="serve REST only")
-    c.add_argument("--config", help="YAML: batching keys for all models, per model under 'models:', "
-                   "traffic splits under 'routes:' (docs/traffic.md)")
-    c.add_argument("--max-batch-rows", type=int)
-    c.add_argument("--max-batch-wait-ms", type=float)
-    c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN; visible in the process list)")
-    c.add_argument("--token-file", metavar="PATH",
-                   help="read the bearer token from this file, or a YAML table of tokens with scopes (infer, read, "
-                   "manage), models and rate limits (or $MODELPOD_TOKEN_FILE; docs/security.md)")
     c.add_argument("--tls-cert", metavar="FILE", help="serve REST and gRPC over TLS: PEM certificate chain "
                    "(or $MODELPOD_TLS_CERT)")
     c.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert (or $MODELPOD_TLS_KEY)")
     c.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA "
                    "(mutual TLS; or $MODELPOD_TLS_CLIENT_CA)")
+    c.add_argument("--config", help="YAML: batching keys for all models, per model under 'models:', "
+                   "traffic splits under 'routes:' (docs/traffic.md)")
+    c.add_argument("--max-batch-rows", type=int)
+    c.add_argument("--max-batch-wait-ms", type=float)
+    c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN; visible in the process list); "
+                   "--token-file also takes a YAML table of tokens with scopes, models and rate limits")
+    c.add_argument("--token-file", metavar="PATH",
+                   help="read the bearer token from this file (or $MODELPOD_TOKEN_FILE)")
 
     from modelpod.serving.route_cli import add_arguments as route_arguments
 
