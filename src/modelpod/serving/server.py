@@ -48,10 +48,11 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host, port=args.port, grpc_port=args.grpc_port,
         max_batch_rows=args.max_batch_rows, max_batch_wait_ms=args.max_batch_wait_ms,
         config=Path(args.config) if args.config else None,
-        tls_cert=_path(getattr(args, "tls_cert", None)), tls_key=_path(getattr(args, "tls_key", None)),
-        tls_client_ca=_path(getattr(args, "tls_client_ca", None)),
     )
     settings = _with_token(settings, args.token, getattr(args, "token_file", None))
+    settings = settings.with_(tls_cert=_path(getattr(args, "tls_cert", None)),
+                              tls_key=_path(getattr(args, "tls_key", None)),
+                              tls_client_ca=_path(getattr(args, "tls_client_ca", None)))
     TlsFiles.from_settings(settings)  # a bad certificate, key or token file stops here (exit 2), before loading
     Auth.from_settings(settings)
     logs.configure(settings.log_level, settings.log_json)
