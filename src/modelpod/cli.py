@@ -253,6 +253,13 @@ def _route(args: argparse.Namespace, settings: Settings) -> Any:
     return route_command(args, settings)
 
 
+@command("token")
+def _token(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.serving.token_cli import token_command
+
+    return token_command(args, settings)
+
+
 @command("build")
 def _build(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.image.cli import build_command
@@ -361,17 +368,26 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, help="REST port (default 8080; 0 picks a free one)")
     c.add_argument("--grpc-port", type=int, help="gRPC port (default 8081 when grpcio is installed)")
     c.add_argument("--no-grpc", action="store_true", help="serve REST only")
+    c.add_argument("--tls-cert", metavar="FILE", help="serve REST and gRPC over TLS: PEM certificate chain "
+                   "(or $MODELPOD_TLS_CERT)")
+    c.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert (or $MODELPOD_TLS_KEY)")
+    c.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA "
+                   "(mutual TLS; or $MODELPOD_TLS_CLIENT_CA)")
     c.add_argument("--config", help="YAML: batching keys for all models, per model under 'models:', "
                    "traffic splits under 'routes:' (docs/traffic.md)")
     c.add_argument("--max-batch-rows", type=int)
     c.add_argument("--max-batch-wait-ms", type=float)
-    c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN; visible in the process list)")
+    c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN; visible in the process list); "
+                   "--token-file also takes a YAML table of tokens with scopes, models and rate limits")
     c.add_argument("--token-file", metavar="PATH",
                    help="read the bearer token from this file (or $MODELPOD_TOKEN_FILE)")
 
     from modelpod.serving.route_cli import add_arguments as route_arguments
 
     route_arguments(cmd("route", "traffic splits of a running server: list, show, set, report, rollout, rollback"))
+    from modelpod.serving.token_cli import add_arguments as token_arguments
+
+    token_arguments(cmd("token", "a new bearer token and its entry for a scoped token file (sha256 only)"))
 
     c = cmd("build", "build a runnable OCI image of a pod, without a daemon")
     c.add_argument("ref")

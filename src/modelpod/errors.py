@@ -19,6 +19,7 @@
     ├── UnsupportedMediaTypeError      415 / INVALID_ARGUMENT  exit 2   (management bodies are JSON only)
     ├── ModelNotReadyError             503 / UNAVAILABLE       exit 1
     ├── OverloadedError                503 / UNAVAILABLE       exit 1   (carries Retry-After)
+    │   └── RateLimitedError           429 / RESOURCE_EXHAUSTED         (a token over its rate limit)
     ├── InferenceTimeoutError          504 / DEADLINE_EXCEEDED exit 1
     ├── InferenceError                 500 / INTERNAL          exit 1   (the model itself failed; a bug)
     ├── ImageError                     400 / FAILED_PRECONDITION exit 2 (base image, wheels, platform)
@@ -137,6 +138,16 @@ class OverloadedError(ModelpodError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RateLimitedError(OverloadedError):
+    """A token sent more requests than its rate limit allows; ``retry_after_s`` says when to retry."""
+
+    http_status, grpc_code = 429, "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: int = 1, wait_s: float = 1.0) -> None:
+        super().__init__(message, retry_after_s)
+        self.wait_s = wait_s  # the exact wait (gRPC's retry pushback is in milliseconds)
 
 
 class InferenceTimeoutError(ModelpodError):

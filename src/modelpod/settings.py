@@ -25,7 +25,13 @@ class Settings:
     # always when the server listens beyond loopback.
     token: str | None = None
     # A file holding the token (``--token-file``/``MODELPOD_TOKEN_FILE``): not in the process list.
+    # Or a YAML table of tokens with scopes, models and rate limits (protocols/auth.py).
     token_file: Path | None = None
+    # TLS for REST and gRPC (protocols/tls.py): PEM certificate chain and key; with a client CA,
+    # every client must present a certificate it signed (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     max_json_depth: int = 64
     # Per-request deadline for every model (None: each pod's ``serving.timeout_s``).
@@ -40,6 +46,14 @@ class Settings:
     write_timeout_s: float = 30.0  # a client that stops reading our answer is dropped after this
     max_pipelined_bytes: int = 1024 * 1024  # bodies queued behind a busy request, per connection
     max_connections: int = 4096
+    # gRPC bounds (protocols/grpc.py); connections, metadata and messages share the HTTP ones.
+    grpc_max_concurrent_rpcs: int = 1024  # RPCs in progress at once; more get RESOURCE_EXHAUSTED
+    grpc_max_concurrent_streams: int = 100  # per connection (HTTP/2 SETTINGS)
+    grpc_keepalive_time_s: float = 60.0  # ping a quiet client this often ...
+    grpc_keepalive_timeout_s: float = 20.0  # ... and drop it when the ping is not answered in this
+    grpc_max_connection_age_s: float = 1800.0  # then GOAWAY: the client reconnects ...
+    grpc_max_connection_age_grace_s: float = 60.0  # ... and its calls still running get this long
+    grpc_default_deadline_s: float = 120.0  # for calls that come without a deadline
     # YAML file with batching overrides: global keys plus ``models: {name: {...}}``.
     config: Path | None = None
     # Batching overrides for every model (None: the manifest's default).

@@ -198,21 +198,27 @@ class LiveServer:
             self._ready.set()
 
     async def _serve(self) -> None:
+        from modelpod.protocols.auth import Auth
         from modelpod.protocols.http import HttpLimits, HttpServer
         from modelpod.protocols.rest import RestApp
+        from modelpod.protocols.tls import TlsFiles
 
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.http = HttpServer(RestApp(self.engine, self.settings), max_body_bytes=self.settings.max_body_bytes,
+        tls = TlsFiles.from_settings(self.settings)
+        auth = Auth.from_settings(self.settings)  # one for both protocols, as `modelpod serve` has
+        self.http = HttpServer(RestApp(self.engine, self.settings, auth), max_body_bytes=self.settings.max_body_bytes,
                                keepalive_timeout_s=self.settings.keepalive_timeout_s,
-                               limits=HttpLimits.from_settings(self.settings))
+                               limits=HttpLimits.from_settings(self.settings),
+                               tls=tls.ssl_context() if tls is not None else None)
         port = await self.http.start("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         grpc_server = None
         if self.grpc:
             from modelpod.protocols.grpc import start_grpc
 
-            grpc_server, self.grpc_port = await start_grpc(self.engine, self.settings, "127.0.0.1", 0)
+            grpc_server, self.grpc_port = await start_grpc(self.engine, self.settings, "127.0.0.1", 0, auth=auth,
+                                                           tls=tls)
         if self.start_engine:
             await self.engine.start()
         self._ready.set()

@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--memory", help="memory request and limit, e.g. 2Gi (default: the pod's, else sized from it)")
     k.add_argument("--gpu", type=int, default=0, help="nvidia.com/gpu per replica")
     k.add_argument("--token-secret", metavar="NAME", help="Secret whose key 'token' is the server's bearer token")
+    k.add_argument("--tls-secret", metavar="NAME", help="kubernetes.io/tls Secret (tls.crt, tls.key): serve REST "
+                   "and gRPC over TLS, probes and scrapes over HTTPS")
     k.add_argument("--canary", metavar="REF2:WEIGHT", help="send WEIGHT percent of traffic to pod REF2")
     k.add_argument("--canary-image", metavar="IMAGE", help="REF2's image (with --push it is built too)")
     k.add_argument("--canary-mode", default="auto", help=f"{'|'.join(CANARY_MODES)} (default: by model size)")
@@ -184,6 +186,7 @@ def build_spec(args: argparse.Namespace, settings: Settings) -> tuple[DeploySpec
         target_inflight=args.target_inflight, scale_to_zero=args.scale_to_zero,
         autoscaler=args.autoscaler or ("keda" if args.scale_to_zero else "hpa"),
         cpu=args.cpu, memory=args.memory, gpu=args.gpu, token_secret=args.token_secret, canary=canary,
+        tls_secret=getattr(args, "tls_secret", None),
         kserve=args.kserve, service_monitor=args.service_monitor, job=job, gateway=args.gateway, python=python,
         http_port=args.port, grpc_port=args.grpc_port, grpc=not args.no_grpc, openshift=args.openshift,
         pull_secret=args.pull_secret, drain_timeout_s=drain, **extra,

@@ -19,6 +19,7 @@ from modelpod.deploy.spec import DeploySpec, PodFacts
 Obj = dict[str, Any]
 POD_DIR = "/opt/modelpod/pod"  # where the image builder puts the pod (image.plan.POD_DIR)
 TOKEN_DIR = "/var/run/secrets/modelpod"
+TLS_DIR = "/var/run/secrets/modelpod-tls"
 STORE = "/tmp/modelpod"  # MODELPOD_HOME: the in-server canary's init containers put both pods there
 CONFIG_DIR = "/etc/modelpod"
 CONTAINER = "server"
@@ -150,21 +151,30 @@ def env(spec: DeploySpec) -> list[Obj]:
     ]
     if spec.token_secret is not None:  # a file, not a variable: out of the environment and re-read on rotation
         out.append({"name": "MODELPOD_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"})
+    if spec.tls_secret is not None:
+        out += [{"name": "MODELPOD_TLS_CERT", "value": f"{TLS_DIR}/tls.crt"},
+                {"name": "MODELPOD_TLS_KEY", "value": f"{TLS_DIR}/tls.key"}]
     return out
 
 
 def token_volumes(spec: DeploySpec) -> tuple[list[Obj], list[Obj]]:
-    """(volumes, mounts) for the Secret holding the bearer token under key ``token``, when there is one."""
-    if spec.token_secret is None:
-        return [], []
-    return ([{"name": "token", "secret": {"secretName": spec.token_secret, "defaultMode": 0o440,
-                                          "items": [{"key": "token", "path": "token"}]}}],
-            [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True}])
+    """(volumes, mounts) for the Secrets: the bearer token under key ``token``, the TLS pair, when given."""
+    volumes: list[Obj] = []
+    mounts: list[Obj] = []
+    if spec.token_secret is not None:
+        volumes.append({"name": "token", "secret": {"secretName": spec.token_secret, "defaultMode": 0o440,
+                                                    "items": [{"key": "token", "path": "token"}]}})
+        mounts.append({"name": "token", "mountPath": TOKEN_DIR, "readOnly": True})
+    if spec.tls_secret is not None:
+        volumes.append({"name": "tls", "secret": {"secretName": spec.tls_secret, "defaultMode": 0o440, "items": [
+            {"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]}})
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    return volumes, mounts
 
 
-def probes() -> Obj:
+def probes(tls: bool = False) -> Obj:
     def get(path: str) -> Obj:
-        return {"httpGet": {"path": path, "port": "http", "scheme": "HTTP"}}
+        return {"httpGet": {"path": path, "port": "http", "scheme": "HTTPS" if tls else "HTTP"}}
 
     return {
         # The server answers /live as soon as it listens, before models load: startup then gives
@@ -200,7 +210,7 @@ def server_container(spec: DeploySpec, image: str, pod: PodFacts, args: Sequence
         "args": ["serve", *refs, *args, *grpc_args(spec)],
         "env": env(spec),
         "ports": ports(spec),
-        **probes(),
+        **probes(spec.tls_secret is not None),
         # The pause lets endpoints drop this pod before the server stops taking requests.
         "lifecycle": {"preStop": {"sleep": {"seconds": spec.pre_stop_s}}},
         "resources": resources(spec, pod, extra_bytes),
@@ -244,6 +254,7 @@ def pod_spec(spec: DeploySpec, containers: list[Obj], *, init: Sequence[Obj] = (
 def template_annotations(spec: DeploySpec, pod: PodFacts, image: str, extra: Mapping[str, str] | None = None) -> Obj:
     return dict(sorted({
         "prometheus.io/scrape": "true", "prometheus.io/port": str(spec.http_port), "prometheus.io/path": "/metrics",
+        **({"prometheus.io/scheme": "https"} if spec.tls_secret is not None else {}),
         ANNOTATION_DIGEST: pod.digest, ANNOTATION_IMAGE: image, **dict(extra or {}),
     }.items()))
 

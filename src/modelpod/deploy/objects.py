@@ -61,6 +61,10 @@ def http_route(spec: DeploySpec) -> Obj:
 def service_monitor(spec: DeploySpec) -> Obj:
     """prometheus-operator scrapes ``/metrics`` of every Service of the deployment (with the token when set)."""
     endpoint: Obj = {"port": "http", "path": "/metrics", "interval": "15s", "scheme": "http"}
+    if spec.tls_secret is not None:  # the Secret's ca.crt (cert-manager writes one) checks the Service's name
+        service = f"{spec.name}.{spec.namespace}.svc" if spec.namespace else spec.name
+        endpoint.update(scheme="https", tlsConfig={
+            "ca": {"secret": {"name": spec.tls_secret, "key": "ca.crt", "optional": True}}, "serverName": service})
     if spec.token_secret is not None:
         endpoint["authorization"] = {"type": "Bearer", "credentials": {"name": spec.token_secret, "key": "token"}}
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": metadata(spec, spec.name),
@@ -76,7 +80,7 @@ def inference_service(spec: DeploySpec) -> Obj:
     container = {k: v for k, v in server.items() if k not in ("lifecycle",)}
     container["name"] = "kserve-container"
     container["ports"] = [{"name": "http1", "containerPort": spec.http_port, "protocol": "TCP"}]
-    for key, probe in probes().items():
+    for key, probe in probes(spec.tls_secret is not None).items():
         container[key] = {**probe, "httpGet": {**probe["httpGet"], "port": spec.http_port}}
     predictor: Obj = {
         "minReplicas": spec.minimum, "maxReplicas": spec.max_replicas,

@@ -90,6 +90,7 @@ class DeploySpec:
     memory: str | None = None
     gpu: int = 0
     token_secret: str | None = None
+    tls_secret: str | None = None  # a kubernetes.io/tls Secret (tls.crt, tls.key): the server speaks TLS
     canary: Canary | None = None
     kserve: bool = False
     service_monitor: bool = False
@@ -123,6 +124,8 @@ class DeploySpec:
             label(self.namespace, "--namespace")
         if self.token_secret is not None:
             label(self.token_secret, "--token-secret", longest=253)
+        if self.tls_secret is not None:
+            label(self.tls_secret, "--tls-secret", longest=253)
         if self.autoscaler not in AUTOSCALERS:
             raise UsageError(f"--autoscaler {self.autoscaler!r}: use one of {', '.join(AUTOSCALERS)}")
         if self.replicas < 0 or self.max_replicas < 1:

@@ -52,9 +52,11 @@ USER = "65532:65532"
 PORT = 8080
 GRPC_PORT = 8081
 # The healthcheck runs beside the server, so it cannot see the server's arguments: it reads them
-# from /proc (``IMAGE --port 9000`` is probed on 9000), then $MODELPOD_PORT, then 8080.
+# from /proc (``IMAGE --port 9000`` is probed on 9000), then $MODELPOD_PORT, then 8080; HTTPS when
+# the server has ``--tls-cert`` or $MODELPOD_TLS_CERT (its own certificate on loopback: not verified).
 HEALTH_PROBE = """\
-import os, sys, urllib.request
+import os, ssl, sys, urllib.request
+TLS = [bool(os.environ.get("MODELPOD_TLS_CERT"))]
 def port():
     pids = ["1"] + sorted(p for p in os.listdir("/proc") if p.isdigit() and p != "1")
     for pid in pids:
@@ -64,6 +66,7 @@ def port():
             continue
         if not any(a == "modelpod" or a.startswith("modelpod.") for a in args):  # -m modelpod[.entry]
             continue
+        TLS[0] = TLS[0] or any(a == "--tls-cert" or a.startswith("--tls-cert=") for a in args)
         for i, arg in enumerate(args):
             if arg == "--port" and i + 1 < len(args):
                 return args[i + 1]
@@ -71,7 +74,10 @@ def port():
                 return arg[7:]
         break
     return os.environ.get("MODELPOD_PORT") or "8080"
-urllib.request.urlopen("http://127.0.0.1:%s/v2/health/ready" % port(), timeout=4)
+where = port()
+ctx = ssl._create_unverified_context() if TLS[0] else None
+urllib.request.urlopen("%s://127.0.0.1:%s/v2/health/ready" % ("https" if TLS[0] else "http", where), timeout=4,
+                       context=ctx)
 sys.exit(0)
 """
 ANNOTATION_DIGEST = "dev.modelpod.digest"

@@ -6,13 +6,24 @@ to status codes through ``ModelpodError.grpc_code``. Every answer carries the tr
 metadata ``modelpod-variant: NAME:VERSION``; a route's sticky key is read from the invocation
 metadata. gRPC is an optional extra: importing this module without grpcio raises
 MissingExtraError with the install hint.
+
+Tokens as over REST (protocols/auth.py): ``authorization: Bearer <token>`` metadata; a call without a
+known token is UNAUTHENTICATED, outside its scopes or models PERMISSION_DENIED, over its rate
+RESOURCE_EXHAUSTED with ``retry-after`` (seconds), ``grpc-retry-pushback-ms`` and a ``google.rpc.RetryInfo``
+in ``grpc-status-details-bin``. The
+health calls (ServerLive, ServerReady) are open. Bounds (``server_options``): RPCs in progress,
+streams per connection, connections (``max_connections``), metadata (``max_header_bytes``) and
+received messages (``max_body_bytes``) as over REST, the TLS/HTTP/2 handshake within
+``header_timeout_s``, idle connections closed after ``keepalive_timeout_s``, keepalive pings to
+find dead peers, a connection age after which clients reconnect (and a grace for their calls), and
+a deadline for calls that come without one (DEADLINE_EXCEEDED naming it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -21,7 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from modelpod.errors import InvalidRequestError, MissingExtraError, ModelpodError, OverloadedError, UsageError
+from modelpod.errors import (
+    InvalidRequestError,
+    MissingExtraError,
+    ModelpodError,
+    OverloadedError,
+    RateLimitedError,
+    UsageError,
+)
 
 try:
     import grpc
@@ -32,7 +50,9 @@ except ImportError as exc:  # pragma: no cover - exercised where grpcio is missi
 from modelpod.inputs import MAX_DIMS, STEP, InputCheck, check_shape
 from modelpod.pod import DATATYPES, Signature, datatype_of
 from modelpod.protocols._generated import open_inference_pb2 as pb
+from modelpod.protocols.auth import INFER, READ, Auth
 from modelpod.protocols.codec import InferRequest, tensor_from_bytes, tensor_to_bytes
+from modelpod.protocols.tls import TlsFiles
 from modelpod.serving.engine import InferenceEngine, InferResult
 from modelpod.settings import Settings
 
@@ -165,35 +185,45 @@ def encode_infer(result: InferResult, request: InferRequest) -> Any:
 class GrpcService:
     """The RPC implementations; ``handler()`` registers them without generated service code."""
 
-    def __init__(self, engine: InferenceEngine, settings: Settings) -> None:
+    def __init__(self, engine: InferenceEngine, settings: Settings, auth: Auth | None = None) -> None:
         self.engine = engine
-        self.token = settings.token.encode() if settings.token else None
+        self.auth = auth if auth is not None else Auth.from_settings(settings)
+        if self.auth is not None:
+            self.auth.attach(engine.metrics)
+        self.deadline_s = settings.grpc_default_deadline_s
         self._decoder = ThreadPoolExecutor(2, thread_name_prefix="modelpod-grpc-decode")
 
-    def _authorize(self, context: Any) -> None:
-        if self.token is None:
-            return
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                scheme, _, given = str(value).partition(" ")
-                if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token):
-                    return
-        raise _Unauthenticated()
+    def _authorize(self, context: Any, scope: str, model: str | None) -> None:
+        assert self.auth is not None
+        given: list[str] = [str(v) for k, v in context.invocation_metadata() or () if k == "authorization"]
+        if len(given) > 1:
+            raise InvalidRequestError("more than one authorization metadata entry")
+        self.auth.check(given[0] if given else None, scope, model)
 
-    def _wrap(self, fn: Rpc, public: bool = False) -> Rpc:
+    def _wrap(self, fn: Rpc, scope: str | None, model: Callable[[Any], str] | None = None) -> Rpc:
         async def call(request: Any, context: Any) -> Any:
             try:
-                if not public:
-                    self._authorize(context)
+                if scope is not None and self.auth is not None:
+                    self._authorize(context, scope, model(request) if model is not None else None)
+                if context.time_remaining() is None:  # no deadline from the client: ours
+                    return await _within(fn(request, context), self.deadline_s)
                 return await fn(request, context)
-            except _Unauthenticated:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
             except ModelpodError as exc:
-                if isinstance(exc, OverloadedError):
+                if isinstance(exc, RateLimitedError):
+                    context.set_trailing_metadata((
+                        ("retry-after", str(exc.retry_after_s)),
+                        ("grpc-retry-pushback-ms", str(math.ceil(exc.wait_s * 1000))),
+                        ("grpc-status-details-bin", retry_status(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                                                                 exc.message, exc.wait_s))))
+                elif isinstance(exc, OverloadedError):
                     context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
                 if exc.grpc_code == "INTERNAL":
                     await context.abort(grpc.StatusCode.INTERNAL, _internal(request, exc))
                 await context.abort(getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL), exc.message)
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"the call came without a deadline and took longer than the server's "
+                                    f"{self.deadline_s:g}s (MODELPOD_GRPC_DEFAULT_DEADLINE_S); set a deadline")
             except Exception as exc:
                 await context.abort(grpc.StatusCode.INTERNAL, _internal(request, exc))
         return call
@@ -238,18 +268,25 @@ class GrpcService:
         return msg
 
     def handler(self) -> Any:
-        def unary(fn: Rpc, req: Any, resp: Any, public: bool = False) -> Any:
+        def unary(fn: Rpc, req: Any, resp: Any, scope: str | None, model: Callable[[Any], str] | None = None) -> Any:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(fn, public), request_deserializer=req.FromString,
+                self._wrap(fn, scope, model), request_deserializer=req.FromString,
                 response_serializer=resp.SerializeToString)
 
+        def name(r: Any) -> str:
+            return str(r.name)
+
+        def model_name(r: Any) -> str:
+            return str(r.model_name)
+
         return grpc.method_handlers_generic_handler(SERVICE, {
-            "ServerLive": unary(self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse, public=True),
-            "ServerReady": unary(self.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse, public=True),
-            "ModelReady": unary(self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
-            "ServerMetadata": unary(self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-            "ModelMetadata": unary(self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-            "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+            "ServerLive": unary(self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse, None),
+            "ServerReady": unary(self.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse, None),
+            "ModelReady": unary(self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse, READ, name),
+            "ServerMetadata": unary(self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse, READ),
+            "ModelMetadata": unary(self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse, READ,
+                                   name),
+            "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse, INFER, model_name),
         })
 
 
@@ -262,21 +299,76 @@ def _internal(request: Any, exc: BaseException) -> str:
     return f"{what} (request id {rid}; the server log has the details)"
 
 
-class _Unauthenticated(Exception):
-    pass
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
-async def start_grpc(engine: InferenceEngine, settings: Settings, host: str, port: int) -> tuple[Any, int]:
-    """Start a grpc.aio server in the running loop; returns (server, bound port)."""
-    server = aio.server(options=[
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def retry_status(code: int, message: str, wait_s: float) -> bytes:
+    """A ``google.rpc.Status`` carrying a ``google.rpc.RetryInfo`` (the standard rich error detail for
+    "retry after"), encoded by hand: the grpc extra has no googleapis protos."""
+    seconds, nanos = int(wait_s), int((wait_s - int(wait_s)) * 1e9)
+    duration = (b"\x08" + _varint(seconds) if seconds else b"") + (b"\x10" + _varint(nanos) if nanos else b"")
+    retry_info = _field(1, duration)
+    detail = _field(1, b"type.googleapis.com/google.rpc.RetryInfo") + _field(2, retry_info)
+    return b"\x08" + _varint(code) + _field(2, message.encode()) + _field(3, detail)
+
+
+async def _within(call: Awaitable[Any], seconds: float) -> Any:
+    """``await call``, raising TimeoutError after ``seconds``."""
+    timeout = getattr(asyncio, "timeout", None)
+    if timeout is None:  # pragma: no cover - Python 3.10
+        return await asyncio.wait_for(call, seconds)
+    async with timeout(seconds):
+        return await call
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The grpc core channel arguments bounding what clients may hold (see the module docstring)."""
+    def ms(seconds: float) -> int:
+        return max(1, int(seconds * 1000))
+
+    return [
         ("grpc.max_receive_message_length", settings.max_body_bytes),
-        ("grpc.max_send_message_length", -1),
+        ("grpc.max_send_message_length", -1),  # answers are not capped over REST either
+        ("grpc.max_metadata_size", settings.max_header_bytes),
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        ("grpc.server_handshake_timeout_ms", ms(settings.header_timeout_s)),
+        ("grpc.max_connection_idle_ms", ms(settings.keepalive_timeout_s)),
+        ("grpc.max_connection_age_ms", ms(settings.grpc_max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(settings.grpc_max_connection_age_grace_s)),
+        ("grpc.keepalive_time_ms", ms(settings.grpc_keepalive_time_s)),  # pings while calls are open
+        ("grpc.keepalive_timeout_ms", ms(settings.grpc_keepalive_timeout_s)),
+        ("grpc.http2.max_ping_strikes", 2),  # a client pinging too often: GOAWAY (too_many_pings)
         ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared silently
-    ])
-    server.add_generic_rpc_handlers((GrpcService(engine, settings).handler(),))
+    ]
+
+
+async def start_grpc(engine: InferenceEngine, settings: Settings, host: str, port: int, *,
+                     auth: Auth | None = None, tls: TlsFiles | None = None) -> tuple[Any, int]:
+    """Start a grpc.aio server in the running loop; returns (server, bound port). Tokens and TLS
+    come from ``settings`` unless given (the server shares one Auth, so rate limits span protocols)."""
+    for name in ("grpc_max_concurrent_rpcs", "grpc_max_concurrent_streams", "grpc_keepalive_time_s",
+                 "grpc_keepalive_timeout_s", "grpc_max_connection_age_s", "grpc_max_connection_age_grace_s",
+                 "grpc_default_deadline_s"):
+        if not getattr(settings, name) > 0:
+            raise UsageError(f"{name} must be positive (MODELPOD_{name.upper()}), got {getattr(settings, name)!r}")
+    tls = tls if tls is not None else TlsFiles.from_settings(settings)
+    server = aio.server(options=server_options(settings), maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs)
+    server.add_generic_rpc_handlers((GrpcService(engine, settings, auth).handler(),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = server.add_insecure_port(address) if tls is None else server.add_secure_port(
+            address, tls.grpc_credentials())
     except RuntimeError as exc:
         raise UsageError(f"cannot listen for gRPC on {address}: {exc}") from None
     if not bound:

@@ -14,6 +14,11 @@ then the server half-closes and drops the client's remaining input for a while (
 unread input would reset the connection and could lose the answer). A client that half-closes
 after its requests gets every answer. No timer per request: one sweep a second checks each
 connection's two deadlines.
+
+HTTPS: with ``tls`` (an ``ssl.SSLContext``) the port is protocols/tls.py's ``TlsListener``: a
+plain-HTTP client gets a 400 naming https://, handshakes are counted and must end within
+``header_timeout_s``, then the connection is this same code over asyncio's TLS transport. The
+plain path is untouched. Over TLS a refusal closes at once (TLS has no half-close).
 """
 
 from __future__ import annotations
@@ -21,18 +26,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, fields
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from modelpod.protocols.wire import Handler, HttpLimits, Request, Response, error_response
+
 if TYPE_CHECKING:
-    from modelpod.settings import Settings
+    from modelpod.protocols.tls import TlsListener
+
+__all__ = ["Handler", "HttpLimits", "HttpServer", "Request", "Response", "error_response"]
 
 log = logging.getLogger("modelpod.serving")
 
@@ -43,71 +51,15 @@ _IDLE, _HEAD, _BODY = 0, 1, 2
 # Headers a request may carry once: two are ambiguous (which host? whose credentials? which length?).
 _SINGLE = frozenset({"host", "authorization", "content-length", "content-type", "content-encoding",
                      "inference-header-content-length", "origin", "expect"})
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})  # for probes, without a client certificate
 _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
-
-
-@dataclass(frozen=True)
-class HttpLimits:
-    """What one connection (and all of them together) may hold; see the module docstring."""
-
-    max_request_line_bytes: int = 8 * 1024
-    max_header_bytes: int = 64 * 1024
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0
-    write_timeout_s: float = 30.0
-    max_pipelined_bytes: int = 1024 * 1024
-    max_connections: int = 4096
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not value > 0:
-                from modelpod.errors import UsageError
-
-                raise UsageError(f"{f.name} must be positive (MODELPOD_{f.name.upper()}), got {value!r}")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> HttpLimits:
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
-
-
-class Request:
-    """One parsed request. Header names are lower case; the body is complete."""
-
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "reason", "received", "reject")
-
-    def __init__(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
-                 keep_alive: bool, received: float, reject: int = 0, reason: str = "") -> None:
-        self.method = method
-        self.path = path
-        self.query = query
-        self.headers = headers
-        self.body = body
-        self.keep_alive = keep_alive
-        self.received = received
-        self.reject = reject  # an HTTP status decided by the connection (408, 413, 431...): answer it, close
-        self.reason = reason
-
-
-class Response:
-    __slots__ = ("body", "close", "content_type", "headers", "status")
-
-    def __init__(self, status: int, body: bytes | list[bytes] = b"", content_type: str = "application/json",
-                 headers: list[tuple[str, str]] | None = None, close: bool = False) -> None:
-        self.status = status
-        self.body = body
-        self.content_type = content_type
-        self.headers = headers
-        self.close = close
-
-
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 class HttpServer:
     def __init__(self, handler: Handler, *, max_body_bytes: int, keepalive_timeout_s: float = 75.0,
-                 limits: HttpLimits | None = None) -> None:
+                 limits: HttpLimits | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.handler = handler
+        self.tls = tls  # HTTPS (protocols/tls.py); the handshake must end within the header timeout
         self.max_body_bytes = max_body_bytes
         self.keepalive_timeout_s = keepalive_timeout_s
         self.limits = limits or HttpLimits()
@@ -118,6 +70,7 @@ class HttpServer:
         self.draining = False
         self.date = b""
         self._server: asyncio.AbstractServer | None = None
+        self._listener: TlsListener | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._idle: list[asyncio.Future[None]] = []
 
@@ -125,6 +78,15 @@ class HttpServer:
         """Listen; returns the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()
         self._tick()
+        if self.tls is not None:
+            from modelpod.protocols.tls import TlsListener
+
+            # Mutual TLS asks for a certificate without requiring it in the handshake (a failed
+            # handshake closes without a word): a client without one gets a 401 saying so, or health.
+            kind = _CertConnection if self.tls.verify_mode != ssl.CERT_NONE else _Connection
+            self._listener = TlsListener(lambda: kind(self), self.tls, self.limits.header_timeout_s,
+                                         self.limits.max_connections)
+            return await self._listener.start(host, port)
         self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=2048,
                                                 reuse_address=True)
         return int(self._server.sockets[0].getsockname()[1])
@@ -166,6 +128,8 @@ class HttpServer:
             self._ticker.cancel()
         if self._server is not None:
             self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         for conn in list(self.connections):
             conn.close()
         self.connections.clear()
@@ -242,7 +206,7 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """The client half-closed: answer what it sent (True keeps our side open), then close."""
         self.eof = True
-        if self.busy and not self.closed:
+        if self.busy and not self.closed and self.server.tls is None:  # TLS has no half-close
             return True
         self.closed = True
         return None
@@ -513,9 +477,18 @@ class _Connection(asyncio.Protocol):
                 self.write_deadline = self.loop.time() + self.limits.write_timeout_s
 
 
-def error_response(status: int, message: str, *, headers: list[tuple[str, str]] | None = None,
-                   close: bool = False) -> Response:
-    """An OIP error body: ``{"error": "..."}``."""
-    import orjson
+class _CertConnection(_Connection):
+    """A mutual-TLS connection: without a client certificate only the health checks answer (probes)."""
 
-    return Response(status, orjson.dumps({"error": message}), headers=headers, close=close)
+    certified = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.certified = bool(transport.get_extra_info("peercert"))
+        super().connection_made(transport)
+
+    def _request(self, body: bytes) -> Request:
+        request = super()._request(body)
+        if not self.certified and request.path not in OPEN_PATHS:
+            self._halt(401, "this server requires a client certificate (mutual TLS) signed by its client CA; "
+                       "the connection presented none")
+        return request

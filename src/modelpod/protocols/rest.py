@@ -12,9 +12,11 @@ Routes (each ``/v2/models/{m}`` route also takes ``/versions/{v}``, an integer o
 
 Every inference answer carries ``modelpod-variant: NAME:VERSION`` (the version that answered).
 
-Errors are ``{"error": "..."}`` with the status the ModelpodError carries. With a token, every
-route but the health checks needs ``Authorization: Bearer <token>``. The repository routes need
-the token whenever the server listens beyond loopback; without one they answer 401 there. On
+Errors are ``{"error": "..."}`` with the status the ModelpodError carries. With a token (or a
+token file: scopes, models, rate limits; protocols/auth.py), every route but the health checks
+needs ``Authorization: Bearer <token>`` with the route's scope: 401 without a known token, 403
+outside its scopes or models, 429 + Retry-After over its rate. The repository routes need
+a token whenever the server listens beyond loopback; without one they answer 401 there. On
 loopback without a token they refuse (403) a ``Host`` that is not a loopback name (DNS rebinding)
 and an ``Origin`` other than the server's own (a web page), and with or without a token they take
 JSON only (415 for any other ``Content-Type``; none at all is read as JSON, as tritonclient sends).
@@ -23,7 +25,6 @@ JSON only (415 for any other ``Content-Type``; none at all is read as JSON, as t
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import json
 import logging
@@ -49,6 +50,7 @@ from modelpod.errors import (
 )
 from modelpod.inputs import InputCheck, release
 from modelpod.protocols import bigjson, v1
+from modelpod.protocols.auth import EVERY_MODEL, INFER, MANAGE, READ, Auth
 from modelpod.protocols.codec import InferRequest, decode_request, encode_response
 from modelpod.protocols.http import Request, Response, error_response
 from modelpod.serving.engine import InferenceEngine
@@ -137,9 +139,11 @@ def _safe_id(value: str | None) -> str | None:
 class RestApp:
     """The HTTP handler: ``await app(request) -> response``."""
 
-    def __init__(self, engine: InferenceEngine, settings: Settings) -> None:
+    def __init__(self, engine: InferenceEngine, settings: Settings, auth: Auth | None = None) -> None:
         self.engine = engine
-        self.token = settings.token.encode() if settings.token else None
+        self.auth = auth if auth is not None else Auth.from_settings(settings)
+        if self.auth is not None:
+            self.auth.attach(engine.metrics)
         self.loopback = is_loopback(settings.host)
         self.max_depth = settings.max_json_depth
         self.max_body = settings.max_body_bytes
@@ -169,16 +173,16 @@ class RestApp:
             name, version, action = _model_path(path[len("/v2/models/"):])
             if action == "infer":
                 _allow(method, "POST")
-                self._authorize(req)
+                self._authorize(req, INFER, name)
                 return await self._infer(req, name, version)
             if action == "feedback" and version is None:
                 _allow(method, "POST")
-                self._authorize(req)
-                if self.token is None and self.loopback:
+                self._authorize(req, INFER, name)
+                if self.auth is None and self.loopback:
                     self._same_site(req)  # feedback drives rollouts: no web page may send it
                 return _json(self.engine.traffic.feedback(name, self._json(req.body)))
             _allow(method, "GET")
-            self._authorize(req)
+            self._authorize(req, READ, name)
             if action == "":
                 return _json(self.engine.model_metadata(name, version))
             if action == "ready":
@@ -193,40 +197,37 @@ class RestApp:
             return _EMPTY if ok else Response(503, b"", headers=[("retry-after", "1")])
         if path in ("/v2", "/v2/"):
             _allow(method, "GET")
-            self._authorize(req)
+            self._authorize(req, READ)
             return _json(self.engine.metadata())
         if path == "/metrics":
             _allow(method, "GET")
-            self._authorize(req)
+            self._authorize(req, READ, EVERY_MODEL)
             return Response(200, self.engine.metrics.render(), CONTENT_TYPE)
         if path.startswith("/v1/"):  # KServe v1 / TensorFlow Serving REST, onto the same engine
             return await v1.handle(self, req)
         if path == "/v2/routes" or path.startswith("/v2/routes/"):
             from modelpod.protocols.routes import routes_api
 
-            self._authorize_management(req)
+            self._authorize_management(req, _route_name(path))
             return await routes_api(self.engine, req, self._json)
         if path.startswith("/v2/repository/"):
             _allow(method, "POST")
-            self._authorize_management(req)
+            self._authorize_management(req, _repository_model(path))
             return await self._repository(req, path[len("/v2/repository/"):])
         raise NotFoundError(f"no route {path}")
 
-    def _authorize(self, req: Request) -> None:
-        if self.token is None:
-            return
-        scheme, _, value = req.headers.get("authorization", "").partition(" ")
-        # compare_digest: the time taken must not tell how much of a guess was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token):
-            raise UnauthorizedError("missing or wrong bearer token")
+    def _authorize(self, req: Request, scope: str, model: str | None = None) -> None:
+        """With tokens: the request's token must have ``scope`` (on ``model``) and be within its rate."""
+        if self.auth is not None:
+            self.auth.check(req.headers.get("authorization"), scope, model)
 
-    def _authorize_management(self, req: Request) -> None:
+    def _authorize_management(self, req: Request, model: str) -> None:
         """The guard of every route that changes what the server serves (repository, routes)."""
         ctype = req.headers.get("content-type")
         if ctype is not None and ctype.partition(";")[0].strip().lower() != "application/json":
             raise UnsupportedMediaTypeError(f"the management API takes application/json bodies, not {ctype!r}")
-        if self.token is not None:
-            self._authorize(req)  # a valid token is enough, from any origin
+        if self.auth is not None:
+            self._authorize(req, MANAGE, model)  # a valid token is enough, from any origin
             return
         if not self.loopback:
             raise UnauthorizedError(
@@ -408,6 +409,18 @@ class _MethodNotAllowed(InvalidRequestError):
 def _allow(method: str, allowed: str) -> None:
     if method != allowed and not (allowed == "GET" and method == "HEAD"):
         raise _MethodNotAllowed(method, allowed)
+
+
+def _route_name(path: str) -> str:
+    """The route a ``/v2/routes[/{r}...]`` path names (EVERY_MODEL for the list)."""
+    parts = path[len("/v2/routes"):].strip("/").split("/")
+    return unquote(parts[0]) if parts[0] else EVERY_MODEL
+
+
+def _repository_model(path: str) -> str:
+    """The model a ``/v2/repository/models/{m}/...`` path names (EVERY_MODEL for the index)."""
+    parts = path[len("/v2/repository/"):].split("/")
+    return unquote(parts[1]) if len(parts) > 2 and parts[0] == "models" and parts[1] else EVERY_MODEL
 
 
 def _model_path(rest: str) -> tuple[str, str | None, str]:

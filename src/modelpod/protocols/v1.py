@@ -30,6 +30,7 @@ import orjson
 from modelpod import table
 from modelpod.errors import InvalidRequestError, NotFoundError
 from modelpod.pod import Signature, TensorSpec
+from modelpod.protocols.auth import EVERY_MODEL, INFER, READ
 from modelpod.protocols.codec import InferRequest, tensor_from_json
 from modelpod.protocols.http import Request, Response
 from modelpod.serving.registry import ModelEntry, ModelState
@@ -49,18 +50,18 @@ async def handle(app: RestApp, req: Request) -> Response:
     """Answer one ``/v1/...`` request (``app`` gives the engine, auth and body decoding)."""
     path = req.path
     if path in ("/v1/models", "/v1/models/"):
-        _allow(app, req, "GET")
+        _allow(app, req, "GET", READ, EVERY_MODEL)
         names = sorted({row["name"] for row in app.engine.repository_index() if row.get("reason") != _IN_STORE})
         return _json({"models": names})
     if not path.startswith("/v1/models/"):
         raise NotFoundError(f"no route {path}")
     name, version, action = _parse(path[len("/v1/models/"):])
     if action == "predict":
-        _allow(app, req, "POST")
+        _allow(app, req, "POST", INFER, name)
         return await _predict(app, req, name, version)
     if action in ("classify", "regress", "explain"):
         raise NotFoundError(f":{action} is not served; use :predict")
-    _allow(app, req, "GET")
+    _allow(app, req, "GET", READ, name)
     if action == "metadata":
         return _json(_metadata(app, name, version))
     if action:
@@ -71,11 +72,11 @@ async def handle(app: RestApp, req: Request) -> Response:
 _IN_STORE = "in the store, not loaded"
 
 
-def _allow(app: RestApp, req: Request, method: str) -> None:
+def _allow(app: RestApp, req: Request, method: str, scope: str, model: str) -> None:
     from modelpod.protocols.rest import _allow as allow
 
     allow(req.method, method)
-    app._authorize(req)
+    app._authorize(req, scope, model)
 
 
 def _parse(rest: str) -> tuple[str, str | None, str]:

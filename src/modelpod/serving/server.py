@@ -8,6 +8,10 @@ send one twice); a third, or a second Ctrl-C (SIGINT), ends the drain at once.
 
 gRPC: ``--grpc-port N`` needs grpcio (one-line install hint otherwise). Without the flag, gRPC
 listens on 8081 when grpcio is installed and that port is free, and is skipped otherwise.
+
+TLS (``--tls-cert``/``--tls-key``, ``--tls-client-ca`` for mutual TLS) covers both protocols; the
+tokens (``--token``, or ``--token-file`` with one token or a table of scoped ones) are one Auth
+shared by both, so a token's rate limit counts its REST and gRPC calls together.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from typing import Any, TextIO
 
 from modelpod import __version__
 from modelpod.errors import MissingExtraError, ModelpodError, UsageError
+from modelpod.protocols.auth import Auth, token_table
 from modelpod.protocols.http import HttpLimits, HttpServer
 from modelpod.protocols.rest import RestApp, is_loopback
+from modelpod.protocols.tls import TlsFiles
 from modelpod.serving import logs
 from modelpod.serving.config import ServeConfig
 from modelpod.serving.engine import InferenceEngine
@@ -44,6 +50,11 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         config=Path(args.config) if args.config else None,
     )
     settings = _with_token(settings, args.token, getattr(args, "token_file", None))
+    settings = settings.with_(tls_cert=_path(getattr(args, "tls_cert", None)),
+                              tls_key=_path(getattr(args, "tls_key", None)),
+                              tls_client_ca=_path(getattr(args, "tls_client_ca", None)))
+    TlsFiles.from_settings(settings)  # a bad certificate, key or token file stops here (exit 2), before loading
+    Auth.from_settings(settings)
     logs.configure(settings.log_level, settings.log_json)
     if args.token:
         log.warning("--token is visible in the process list; prefer --token-file or MODELPOD_TOKEN_FILE")
@@ -59,21 +70,32 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     return run(engine, settings, grpc=grpc_mode, as_json=bool(getattr(args, "json", False)))
 
 
+def _path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
 def _with_token(settings: Settings, token: str | None, token_file: str | None) -> Settings:
     """The command line's token (``--token`` or ``--token-file``) over the environment's
-    (``MODELPOD_TOKEN`` or ``MODELPOD_TOKEN_FILE``); the file is read here, when serving only."""
+    (``MODELPOD_TOKEN`` or ``MODELPOD_TOKEN_FILE``); the file is read here, when serving only. A
+    file holding one token sets ``token``; a table of scoped tokens stays a file (protocols/auth.py)."""
     if token and token_file:
         raise UsageError("give --token or --token-file, not both")
     if token_file:
-        path = Path(token_file).expanduser()
-        return replace(settings, token=read_token_file(path), token_file=path)
+        return _from_file(settings, Path(token_file).expanduser())
     if token:
         return replace(settings, token=token, token_file=None)
     if settings.token_file is not None:
         if settings.token is not None:
             raise UsageError("set MODELPOD_TOKEN or MODELPOD_TOKEN_FILE, not both")
-        return replace(settings, token=read_token_file(settings.token_file))
+        return _from_file(settings, settings.token_file)
     return settings
+
+
+def _from_file(settings: Settings, path: Path) -> Settings:
+    text = read_token_file(path)
+    if token_table(text, str(path)) is not None:
+        return replace(settings, token=None, token_file=path)
+    return replace(settings, token=text, token_file=path)
 
 
 def run(engine: InferenceEngine, settings: Settings, *, grpc: str = "auto", as_json: bool = False,
@@ -114,21 +136,28 @@ async def _main(engine: InferenceEngine, settings: Settings, grpc_mode: str, as_
             continue  # started under nohup: a hang-up is meant to leave the server running
         loop.add_signal_handler(sig, on_signal, sig)
 
-    http = HttpServer(RestApp(engine, settings), max_body_bytes=settings.max_body_bytes,
-                      keepalive_timeout_s=settings.keepalive_timeout_s, limits=HttpLimits.from_settings(settings))
+    tls = TlsFiles.from_settings(settings)
+    auth = Auth.from_settings(settings)
+    http = HttpServer(RestApp(engine, settings, auth), max_body_bytes=settings.max_body_bytes,
+                      keepalive_timeout_s=settings.keepalive_timeout_s, limits=HttpLimits.from_settings(settings),
+                      tls=tls.ssl_context() if tls is not None else None)
     try:
         port = await http.start(settings.host, settings.port)
     except OSError as exc:
         raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
-    grpc_server, grpc_port = await _start_grpc(engine, settings, grpc_mode)
-    if settings.token is None and not is_loopback(settings.host):
+    grpc_server, grpc_port = await _start_grpc(engine, settings, grpc_mode, auth, tls)
+    if auth is not None:
+        log.info("bearer tokens required", extra={"fields": {"tokens": sorted(g.name for g in auth.grants.values())}})
+    if tls is not None:
+        log.info("TLS on", extra={"fields": {"cert": str(tls.cert_path), "mutual": tls.mutual}})
+    if auth is None and not is_loopback(settings.host):
         log.warning("listening beyond loopback without a token: inference is open to the network and the "
                     "repository API (load/unload) is refused; set --token or MODELPOD_TOKEN",
                     extra={"fields": {"host": settings.host}})
     drained = False
     try:
         await engine.start()
-        _announce(engine, settings, port, grpc_port, as_json, out)
+        _announce(engine, settings, port, grpc_port, as_json, out, tls is not None)
         await stop.wait()
         drained = await _drain(engine, http, grpc_server, settings, hurry)
     finally:
@@ -151,14 +180,15 @@ def _have_grpc() -> bool:
     return True
 
 
-async def _start_grpc(engine: InferenceEngine, settings: Settings, mode: str) -> tuple[Any, int | None]:
+async def _start_grpc(engine: InferenceEngine, settings: Settings, mode: str, auth: Auth | None,
+                      tls: TlsFiles | None) -> tuple[Any, int | None]:
     if mode == "off" or (mode == "auto" and not _have_grpc()):
         return None, None
     from modelpod.protocols.grpc import start_grpc
 
     port = settings.grpc_port if settings.grpc_port is not None else DEFAULT_GRPC_PORT
     try:
-        server, bound = await start_grpc(engine, settings, settings.host, port)
+        server, bound = await start_grpc(engine, settings, settings.host, port, auth=auth, tls=tls)
     except ModelpodError as exc:
         if mode == "required":
             raise
@@ -190,10 +220,10 @@ async def _drain(engine: InferenceEngine, http: HttpServer, grpc_server: Any, se
 
 
 def _announce(engine: InferenceEngine, settings: Settings, port: int, grpc_port: int | None, as_json: bool,
-              out: TextIO) -> None:
+              out: TextIO, tls: bool = False) -> None:
     """Print where we listen and what we serve (one JSON line with ``--json``)."""
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    rest = f"http://{host}:{port}"
+    rest = f"{'https' if tls else 'http'}://{host}:{port}"
     models = [{"name": e.name, "version": e.version_text, "state": e.state.value, "reason": e.reason,
                "url": f"{rest}/v2/models/{e.name}"} for e in engine.registry]
     grpc = f"{host}:{grpc_port}" if grpc_port is not None else None
@@ -204,7 +234,7 @@ def _announce(engine: InferenceEngine, settings: Settings, port: int, grpc_port:
     else:
         lines = [f"modelpod {__version__} serving OIP v2", f"  REST     {rest}/v2  (metrics: {rest}/metrics)"]
         if grpc:
-            lines.append(f"  gRPC     {grpc}")
+            lines.append(f"  gRPC     {grpc}{'  (TLS)' if tls else ''}")
         for m in models:
             ref = f"{m['name']}:{m['version']}" if m["version"] else m["name"]
             state = m["state"] if not m["reason"] else f"{m['state']} ({m['reason']})"

@@ -1,0 +1,80 @@
+"""The records of an HTTP exchange: the limits a connection works under, a request, a response.
+
+Kept apart from the server (protocols/http.py) so the handlers (rest, v1, routes) and the tests
+import what they build and read without the connection machinery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modelpod.settings import Settings
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one connection (and all of them together) may hold; see protocols/http.py."""
+
+    max_request_line_bytes: int = 8 * 1024
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    write_timeout_s: float = 30.0
+    max_pipelined_bytes: int = 1024 * 1024
+    max_connections: int = 4096
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not value > 0:
+                from modelpod.errors import UsageError
+
+                raise UsageError(f"{f.name} must be positive (MODELPOD_{f.name.upper()}), got {value!r}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HttpLimits:
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+
+class Request:
+    """One parsed request. Header names are lower case; the body is complete."""
+
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "reason", "received", "reject")
+
+    def __init__(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
+                 keep_alive: bool, received: float, reject: int = 0, reason: str = "") -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+        self.received = received
+        self.reject = reject  # an HTTP status decided by the connection (408, 413, 431...): answer it, close
+        self.reason = reason
+
+
+class Response:
+    __slots__ = ("body", "close", "content_type", "headers", "status")
+
+    def __init__(self, status: int, body: bytes | list[bytes] = b"", content_type: str = "application/json",
+                 headers: list[tuple[str, str]] | None = None, close: bool = False) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+        self.close = close
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def error_response(status: int, message: str, *, headers: list[tuple[str, str]] | None = None,
+                   close: bool = False) -> Response:
+    """An OIP error body: ``{"error": "..."}``."""
+    import orjson
+
+    return Response(status, orjson.dumps({"error": message}), headers=headers, close=close)
