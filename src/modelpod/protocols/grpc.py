@@ -30,6 +30,8 @@ except ImportError as exc:  # pragma: no cover - exercised where grpcio is missi
     raise MissingExtraError("grpc", "grpcio", "the gRPC endpoint") from exc
 
 from modelpod.inputs import MAX_DIMS, STEP, InputCheck, check_shape
+from modelpod.observe.context import response_headers
+from modelpod.observe.serving import traced_grpc
 from modelpod.pod import DATATYPES, Signature, datatype_of
 from modelpod.protocols._generated import open_inference_pb2 as pb
 from modelpod.protocols.codec import InferRequest, tensor_from_bytes, tensor_to_bytes
@@ -180,11 +182,15 @@ class GrpcService:
                     return
         raise _Unauthenticated()
 
-    def _wrap(self, fn: Rpc, public: bool = False) -> Rpc:
+    def _wrap(self, fn: Rpc, public: bool = False, traced: str = "") -> Rpc:
         async def call(request: Any, context: Any) -> Any:
             try:
                 if not public:
                     self._authorize(context)
+                tracing = self.engine.observe.tracing
+                if traced and tracing is not None:  # a server span, child of the metadata's traceparent
+                    return await traced_grpc(tracing, traced, context.invocation_metadata(),
+                                             lambda: fn(request, context))
                 return await fn(request, context)
             except _Unauthenticated:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -231,16 +237,17 @@ class GrpcService:
             headers = {str(k): str(v) for k, v in context.invocation_metadata() or ()}
         result = await self.engine.infer(request.model_name, request.model_version or None, decoded,
                                          protocol="grpc", started=started, headers=headers)
-        context.set_trailing_metadata((("modelpod-variant", result.variant or result.model_name),))
+        context.set_trailing_metadata((("modelpod-variant", result.variant or result.model_name),
+                                       *response_headers()))
         msg = encode_infer(result, decoded)
         if result.id:  # a routed answer always has one, for feedback
             msg.id = result.id
         return msg
 
     def handler(self) -> Any:
-        def unary(fn: Rpc, req: Any, resp: Any, public: bool = False) -> Any:
+        def unary(fn: Rpc, req: Any, resp: Any, public: bool = False, traced: str = "") -> Any:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(fn, public), request_deserializer=req.FromString,
+                self._wrap(fn, public, traced), request_deserializer=req.FromString,
                 response_serializer=resp.SerializeToString)
 
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -249,7 +256,8 @@ class GrpcService:
             "ModelReady": unary(self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
             "ServerMetadata": unary(self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
             "ModelMetadata": unary(self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-            "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+            "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse,
+                                traced=f"/{SERVICE}/ModelInfer"),
         })
 
 

@@ -65,6 +65,8 @@ class ServeConfig:
         """``pass`` (the default: NaN/Infinity reach the model) or ``reject`` (refused with a 400)."""
         return self.nonfinite_keys.get(name) or self.nonfinite_keys.get("", "pass")
     routes: Mapping[str, RouteSpec] = field(default_factory=dict)
+    # ``payload_log:`` specs (observe/payload.py): "" is the global one, then per model (None: off).
+    payload_logs: Mapping[str, Any] = field(default_factory=dict)
 
     def policy(self, name: str, serving: Serving | None = None) -> BatchPolicy:
         base = asdict(serving) if serving is not None else {}
@@ -92,14 +94,19 @@ class ServeConfig:
         if not isinstance(raw_models, Mapping):
             raise UsageError("config: 'models' must map model names to settings")
         nonfinite = _nonfinite(data, "", "config")
+        payload_raw = {"": data.pop("payload_log")} if "payload_log" in data else {}
         models: dict[str, dict[str, Any]] = {}
         for name, values in raw_models.items():
             if not isinstance(values, Mapping):
                 raise UsageError(f"config: models.{name} must be a mapping")
             values = dict(values)
             nonfinite.update(_nonfinite(values, str(name), f"config: models.{name}"))
+            if "payload_log" in values:
+                payload_raw[str(name)] = values.pop("payload_log")
             models[str(name)] = _checked(values, f"config: models.{name}")
-        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes)
+        from modelpod.observe.payload import parse_specs
+
+        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes, parse_specs(payload_raw))
 
     @classmethod
     def load(cls, settings: Settings) -> ServeConfig:
