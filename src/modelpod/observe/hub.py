@@ -46,8 +46,10 @@ def tracing_from_env(env: Mapping[str, str]) -> Tracing | None:
 class Observer:
     def __init__(self, metrics: ServingMetrics, registry: ModelRegistry,
                  payload_logs: Mapping[str, PayloadLogSpec | None] | None = None,
-                 entries: Callable[[str, str | None], list[ModelEntry]] | None = None) -> None:
+                 entries: Callable[[str, str | None], list[ModelEntry]] | None = None,
+                 drift_on: Callable[[str], bool] | None = None) -> None:
         self.registry = registry
+        self.drift_on = drift_on or (lambda name: True)  # the config file's ``drift: on|off``
         self._tracing: Tracing | None = None
         # The entries a name stands for: the engine's knows routes (their variants and shadows).
         self.entries_of = entries or self._versions
@@ -60,8 +62,8 @@ class Observer:
         self.payload_dropped = Counter("modelpod_payload_log_dropped_total",
                                        "Sampled pairs not logged: the queue was full or the sink failed.",
                                        (*labels, "reason"))
-        self.payload = PayloadLogger(payload_logs, self.payload_written, self.payload_dropped) if (
-            payload_logs and any(s is not None for s in payload_logs.values())) else None
+        self.payload: PayloadLogger | None = None
+        self.configure_payload(payload_logs or {})
         dlabels = (*labels, "variant")
         for family in (
             self.payload_written, self.payload_dropped,
@@ -89,6 +91,14 @@ class Observer:
             if entry.batcher is not None:
                 entry.batcher.tracing = tracing
 
+    def configure_payload(self, specs: Mapping[str, PayloadLogSpec | None]) -> None:
+        """Log payloads as ``specs`` say ("" the global spec; a config file's ``payload_log``)."""
+        old = self.payload
+        self.payload = PayloadLogger(specs, self.payload_written, self.payload_dropped) if any(
+            s is not None for s in specs.values()) else None
+        if old is not None:
+            old.close()
+
     # -- wiring -----------------------------------------------------------------------------------
     def attach(self, entry: ModelEntry) -> None:
         """A model version became ready: hang tracing and its drift monitor on its batcher."""
@@ -99,6 +109,8 @@ class Observer:
         key = (entry.name, entry.version_text)
         monitor = self.monitors.get(key)
         if monitor is None:
+            if not self.drift_on(entry.name):
+                return
             pod = getattr(entry.model, "pod", None)
             reference = read_reference(pod.path) if pod is not None else None
             if reference is None:

@@ -73,7 +73,8 @@ class InferenceEngine:
         self.registry = ModelRegistry(self.settings, self.config, self.metrics)
         self.traffic = TrafficSplit(self.registry, self.metrics)
         self.resolver = self.traffic.resolver
-        self.observe = Observer(self.metrics, self.registry, self.config.payload_logs, self._entries_of)
+        self.observe = Observer(self.metrics, self.registry, self.config.payload_logs, self._entries_of,
+                                self.config.drift)
         self._routes_configured = False
         self.started = False
         self.draining = False
