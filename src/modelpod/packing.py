@@ -292,7 +292,12 @@ def _keep_reference(staging: Path, manifest: Manifest, sample: Any, reference: A
         names = {t.name for t in manifest.signature.inputs}
         if names and not set(arrays) & names:
             raise UsageError(f"--reference: its inputs {sorted(arrays)} are none of the model's {sorted(names)}")
-    entry = write_reference(staging, arrays)
+    try:
+        entry = write_reference(staging, arrays)
+    except (ValueError, TypeError) as exc:  # odd values: the sample still packs, without drift
+        if reference is not None:
+            raise UsageError(f"--reference: cannot bin its values: {exc}") from None
+        return manifest
     if entry is None and reference is not None:
         raise UsageError("--reference: no numeric or text feature to track (give rows of the model's inputs)")
     return manifest if entry is None else replace(manifest, files=(*manifest.files, entry))

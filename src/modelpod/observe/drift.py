@@ -149,10 +149,13 @@ class _Feature:
 
     def observe(self, batch: Batch) -> None:
         arr = batch.get(self.input)
-        if arr is None or arr.ndim == 0:
+        if arr is None or arr.ndim == 0 or arr.ndim > 2:
             return
-        col = arr if self.index is None or arr.ndim == 1 else arr[:, self.index] if arr.ndim == 2 else None
-        if col is None or (self.index is not None and arr.ndim == 2 and arr.shape[1] <= self.index):
+        if arr.ndim == 1:
+            col = arr
+        elif self.index is not None and arr.shape[1] > self.index:
+            col = arr[:, self.index]
+        else:
             return
         if self.kind == "numeric":
             if col.dtype.kind not in "biuf":
