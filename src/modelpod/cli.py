@@ -403,8 +403,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tag", metavar="NAME:TAG", help="the name docker load gives the image")
     c.add_argument("--source", metavar="URL", help="org.opencontainers.image.source annotation")
     c.add_argument("--revision", help="org.opencontainers.image.revision annotation (default: the pod digest)")
-    c.add_argument("--with", dest="with_", action="append", choices=("batch",),
-                   help="add a feature's packages to the runtime layer: batch (pyarrow, for `docker run IMAGE batch`)")
+    c.add_argument("--with", dest="with_", action="append", choices=("batch", "otel"),
+                   help="add a feature's packages to the runtime layer: batch (pyarrow, for `docker run IMAGE batch`), "
+                   "otel (OpenTelemetry, for tracing)")
     c.add_argument("--no-grpc", action="store_true", help="leave grpcio out: a slimmer image serving REST only")
     c.add_argument("--no-check", action="store_true",
                    help="skip loading and predicting the pod's sample with only the image's packages")
