@@ -246,3 +246,48 @@ def test_otlp_http_export_to_a_real_receiver(served_home: tuple[Path, PodRecord]
     assert resource["service.name"] == "fraud-scorer"
     server_span = next(s for _, s in spans if s.name.startswith("POST"))
     assert server_span.parent_span_id.hex() == PARENT
+
+
+def test_otel_variables_turn_tracing_on_and_off() -> None:
+    from modelpod.errors import UsageError
+    from modelpod.observe.hub import tracing_from_env
+    from modelpod.observe.tracing import RateLimitedSampler, resource_from_env, sampler_from_env
+
+    assert tracing_from_env({}) is None
+    assert tracing_from_env({"OTEL_TRACES_EXPORTER": "none"}) is None
+    assert tracing_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_SDK_DISABLED": "true"}) is None
+    on = tracing_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+    assert on is not None
+    on.shutdown()
+    with pytest.raises(UsageError, match="http/protobuf"):
+        tracing_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    with pytest.raises(UsageError, match="OTEL_TRACES_SAMPLER"):
+        sampler_from_env({"OTEL_TRACES_SAMPLER": "sometimes"})
+    assert "TraceIdRatioBased{0.25}" in sampler_from_env(
+        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}).get_description()
+    assert "RateLimitedSampler" in sampler_from_env({}).get_description()
+    resource = resource_from_env({"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,team=risk",
+                                  "OTEL_SERVICE_NAME": "scorer"}).attributes
+    assert resource["service.name"] == "scorer" and resource["team"] == "risk"
+    limited = RateLimitedSampler(2)
+    decisions = [limited.should_sample(None, 1, "x").decision.is_sampled() for _ in range(10)]
+    assert decisions[:2] == [True, True] and not all(decisions)  # a burst is cut at the rate
+
+
+def test_payload_log_records_carry_the_trace_id(tmp_path: Path) -> None:
+    from modelpod.observe.payload import parse_specs
+
+    exporter = InMemorySpanExporter()
+    sink = tmp_path / "p.jsonl"
+
+    def setup(engine: InferenceEngine) -> None:
+        engine.add_model(EchoModel(), name="echo", version=1)
+        engine.observe.tracing = Tracing.with_exporter(exporter)
+        engine.observe.configure_payload(parse_specs({"": {"sink": str(sink), "sample": 1}}))
+
+    with LiveServer(Settings(), setup) as live:
+        r = httpx.post(f"{live.url}/v2/models/echo/infer", json=echo_request(X),
+                       headers={"traceparent": f"00-{TRACE}-{PARENT}-01"}, timeout=30)
+        assert r.status_code == 200
+        wait_for(lambda: sink.exists() and sink.read_text().endswith("\n"), 10, "the payload line")
+    assert json.loads(sink.read_text().splitlines()[0])["trace_id"] == TRACE

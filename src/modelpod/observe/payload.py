@@ -126,7 +126,7 @@ def redact(doc: Any, names: frozenset[str]) -> Any:
     return doc
 
 
-# What the engine hands over: (time, model, version, variant, route, id, trace id, inputs, outputs).
+# What the engine hands over: (time, model, version, variant, route, id, traceparent, inputs, outputs).
 Record = tuple[float, str, str, str, str, "str | None", "str | None", Batch, Batch]
 
 
@@ -183,12 +183,13 @@ class _Sink:
         return rid, redact(request, self._names), redact(response, self._names)
 
     def _write(self, record: Record) -> None:
-        when, model, version, variant, route, _, trace_id, _, _ = record
+        when, model, version, variant, route, _, traceparent, _, _ = record
         rid, request, response = self._docs(record)
         stamp = datetime.fromtimestamp(when, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
         if self.spec.is_url:
-            self._post(rid, stamp, model, version, variant, trace_id, request, response)
+            self._post(rid, stamp, model, version, variant, traceparent, request, response)
             return
+        trace_id = traceparent.split("-")[1] if traceparent else None
         doc = {"time": stamp, "id": rid, "model": model, "version": version, "variant": variant, "route": route,
                "trace_id": trace_id, "request": request, "response": response}
         self._append(orjson.dumps({k: v for k, v in doc.items() if v not in (None, "")}) + b"\n")
@@ -210,7 +211,7 @@ class _Sink:
         self._size += len(line)
 
     # -- CloudEvents over HTTP ----------------------------------------------------------------------
-    def _post(self, rid: str, stamp: str, model: str, version: str, variant: str, trace_id: str | None,
+    def _post(self, rid: str, stamp: str, model: str, version: str, variant: str, traceparent: str | None,
               request: dict[str, Any], response: dict[str, Any]) -> None:
         url = urlsplit(self.spec.sink)
         source = self.spec.source or f"http://{self._host}/v2/models/{model}"
@@ -220,8 +221,8 @@ class _Sink:
             "ce-endpoint": variant, "ce-metadata": orjson.dumps({"version": [version]} if version else {}).decode(),
             "content-type": "application/json",
         }
-        if trace_id:
-            common["ce-traceparent"] = trace_id
+        if traceparent:
+            common["ce-traceparent"] = traceparent
         for kind, body in ((CE_REQUEST, request), (CE_RESPONSE, response)):
             data = orjson.dumps(body)
             if self._conn is None:
@@ -274,7 +275,7 @@ class PayloadLogger:
                     sink = self._sinks[spec.sink] = _Sink(spec, self._written, self._dropped)
         return sink
 
-    def offer(self, model: str, version: str, variant: str, route: str, rid: str | None, trace_id: str | None,
+    def offer(self, model: str, version: str, variant: str, route: str, rid: str | None, traceparent: str | None,
               inputs: Batch, outputs: Batch) -> None:
         """Maybe log one answered request (sampled); never blocks, never raises."""
         spec = self._specs[model] if model in self._specs else self._specs.get("")
@@ -282,7 +283,7 @@ class PayloadLogger:
             return
         sink = self._sinks.get(spec.sink) or self._sink(spec)
         try:
-            sink.queue.put_nowait((time.time(), model, version, variant, route, rid, trace_id, inputs, outputs))
+            sink.queue.put_nowait((time.time(), model, version, variant, route, rid, traceparent, inputs, outputs))
         except queue.Full:
             self._dropped.labels(model, version, "queue_full").inc()
 
