@@ -195,7 +195,7 @@ class RestApp:
             if action == "config":
                 return _json(self.engine.model_config(name, version))
             if action == "drift":  # per-feature drift against the pod's reference (docs/observe.md)
-                return _json(self.engine.drift(name, version))
+                return _json(await self.engine.drift(name, version))
             raise NotFoundError(f"no route {path}")
         if path in _HEALTH:
             _allow(method, "GET")

@@ -263,8 +263,11 @@ class InferenceEngine:
             return [self.resolve(name, version)]
         return list(self.registry.versions(name).values())
 
-    def drift(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """Per-feature drift of the versions ``name`` stands for (``GET /v2/models/{name}/drift``)."""
+    async def drift(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Per-feature drift of the versions ``name`` stands for (``GET /v2/models/{name}/drift``), once
+        the batches already answered are binned (waiting at most a second, off the loop)."""
+        self.observe.entries_of(name, version)  # 404 before any wait
+        await asyncio.to_thread(self.observe.drift.drain, 1.0)
         return self.observe.drift_table(name, version)
 
     @staticmethod
