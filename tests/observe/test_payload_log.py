@@ -130,6 +130,7 @@ def receiver() -> Iterator[Any]:
     if srv.gate is not None:
         srv.gate.set()
     srv.shutdown()
+    srv.server_close()
 
 
 def test_url_sink_posts_kserve_cloudevents(receiver: Any) -> None:
@@ -190,7 +191,7 @@ def test_serve_config_file_turns_it_on(tmp_path: Path, served_home: tuple[Path, 
     home, _ = served_home
     sink = tmp_path / "pl.jsonl"
     config = tmp_path / "serve.yaml"
-    config.write_text(f"payload_log: {{sample: 1, redact: [input], sink: {sink}}}\n")
+    config.write_text(f"payload_log: {{sample: 1, redact: [input, input-0], sink: {sink}}}\n")
     server = ServeProcess([str(PYTHON), "-m", "modelpod", "serve", "lr", "--port", "0", "--no-grpc", "--json",
                            "--config", str(config)], {"MODELPOD_HOME": str(home)})
     try:

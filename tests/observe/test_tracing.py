@@ -240,6 +240,7 @@ def test_otlp_http_export_to_a_real_receiver(served_home: tuple[Path, PodRecord]
     finally:
         server.stop()
         receiver.shutdown()
+        receiver.server_close()
     paths = {p for p, _, _ in receiver.got}
     assert paths == {"/v1/traces"} and all(ct == "application/x-protobuf" for _, ct, _ in receiver.got)
     resource = {a.key: a.value.string_value for a in spans[0][0].resource.attributes}

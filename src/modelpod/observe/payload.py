@@ -159,8 +159,6 @@ class _Sink:
                 self._reset()
             else:
                 self._written.labels(record[1], record[2]).inc()
-            if self.queue.empty() and self._file is not None:
-                self._file.flush()
         self._reset()
 
     def _reset(self) -> None:
@@ -199,15 +197,19 @@ class _Sink:
         path = Path(self.spec.sink)
         if self._file is None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "ab")  # noqa: SIM115 - kept open across records
+            # Unbuffered: each record is one write, so a failed write is that record's, and nothing
+            # is left in a buffer to fail again when the file is closed.
+            self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open across records
             self._size = self._file.tell()
         if self._size and self._size + len(line) > self.spec.max_bytes:
             self._file.close()
             self._file = None
             rotate(path, self.spec.backups)
-            self._file = open(path, "ab")  # noqa: SIM115
+            self._file = open(path, "ab", buffering=0)  # noqa: SIM115
             self._size = 0
-        self._file.write(line)
+        view = memoryview(line)
+        while view:
+            view = view[self._file.write(view):]
         self._size += len(line)
 
     # -- CloudEvents over HTTP ----------------------------------------------------------------------
