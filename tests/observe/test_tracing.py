@@ -292,3 +292,33 @@ def test_payload_log_records_carry_the_trace_id(tmp_path: Path) -> None:
         assert r.status_code == 200
         wait_for(lambda: sink.exists() and sink.read_text().endswith("\n"), 10, "the payload line")
     assert json.loads(sink.read_text().splitlines()[0])["trace_id"] == TRACE
+
+
+def test_default_sampling_follows_the_caller_and_makes_no_span_when_not_sampled() -> None:
+    from modelpod.observe.tracing import RateLimitedSampler
+
+    exporter = InMemorySpanExporter()
+
+    def setup(engine: InferenceEngine) -> None:
+        engine.add_model(EchoModel(), name="echo", version=1)
+        tracing = Tracing.with_exporter(exporter)
+        tracing.roots = RateLimitedSampler(0.0)  # one new trace, then none (as from_env sets it up, at 10/s)
+        engine.observe.tracing = tracing
+
+    with LiveServer(Settings(), setup) as live:
+        def infer(headers: dict[str, str]) -> httpx.Response:
+            r = httpx.post(f"{live.url}/v2/models/echo/infer", json=echo_request(X), headers=headers, timeout=30)
+            assert r.status_code == 200
+            return r
+
+        unsampled = infer({"traceparent": f"00-{TRACE}-{PARENT}-00"})
+        assert unsampled.headers["modelpod-trace-id"] == TRACE and unsampled.headers["traceparent"].endswith("-00")
+        first, second = infer({}), infer({})
+        sampled = infer({"traceparent": f"00-{'12' * 16}-{PARENT}-01"})
+        wait_for(lambda: len({s.context.trace_id for s in exporter.get_finished_spans()}) >= 2, 10, "two traces")
+    traces = {s.context.trace_id for s in exporter.get_finished_spans()}
+    assert int(TRACE, 16) not in traces  # the caller did not sample it: no span at all
+    assert int("12" * 16, 16) in traces and int(first.headers["modelpod-trace-id"], 16) in traces
+    assert int(second.headers["modelpod-trace-id"], 16) not in traces  # over the rate: ids, no spans
+    assert second.headers["modelpod-trace-id"] != first.headers["modelpod-trace-id"]
+    assert sampled.headers["traceparent"].endswith("-01")

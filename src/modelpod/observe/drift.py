@@ -22,6 +22,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections import Counter as Tally
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -40,6 +41,7 @@ MAX_CATEGORIES = 20
 MAX_COLUMNS = 256  # a 2-D input wider than this (an image row, an embedding) is not tracked
 MIN_ROWS = 100  # live rows before a PSI is reported
 WINDOW_ROWS = 5000
+BATCHES_PER_S, BURST = 100.0, 200.0  # batches binned a second (sustained, burst)
 MODERATE, DRIFT = 0.1, 0.25
 _FLOOR = 1e-4
 _OTHER = "__other__"
@@ -173,6 +175,37 @@ class _Feature:
         return self.current + self.previous
 
 
+class _Columns:
+    """The numeric column features of one 2-D input, binned together: three numpy calls a batch.
+
+    Each feature's counts are a view of one row of ``current``/``previous`` (rotated in place)."""
+
+    def __init__(self, name: str, features: list[_Feature]) -> None:
+        self.input = name
+        self.index = np.array([int(f.index or 0) for f in features], dtype=np.intp)
+        width = max(f.edges.size for f in features)
+        self.edges = np.full((len(features), width), np.inf)  # padded with +inf: never reached
+        for row, f in enumerate(features):
+            self.edges[row, : f.edges.size] = f.edges
+        self.slots = width + 2  # the bins, plus one for values that are not finite
+        self.offsets = (np.arange(len(features)) * self.slots)[None, :]
+        self.current = np.zeros((len(features), self.slots), dtype=np.int64)
+        self.previous = np.zeros_like(self.current)
+        for row, f in enumerate(features):
+            f.current = self.current[row, : f.reference.size]
+            f.previous = self.previous[row, : f.reference.size]
+
+    def observe(self, batch: Batch) -> None:
+        arr = batch.get(self.input)
+        if arr is None or arr.ndim != 2 or arr.shape[1] <= int(self.index[-1]) or arr.dtype.kind not in "biuf":
+            return
+        x = arr[:, self.index].astype(np.float64, copy=False)
+        bins = (x[:, :, None] >= self.edges[None, :, :]).sum(axis=2)  # = searchsorted(edges, x, "right")
+        bins[~np.isfinite(x)] = self.slots - 1
+        counts = np.bincount((bins + self.offsets).ravel(), minlength=self.current.size)
+        self.current += counts.reshape(self.current.shape)
+
+
 class DriftMonitor:
     """The live histograms of one model version against its pod's reference."""
 
@@ -180,6 +213,14 @@ class DriftMonitor:
                  window: int = WINDOW_ROWS) -> None:
         self.model, self.version, self.variant = model, version, variant
         self.features = [_Feature(f) for f in reference.get("features") or ()]
+        columns: dict[str, list[_Feature]] = {}
+        self._singles: list[Any] = []
+        for f in self.features:
+            if f.kind == "numeric" and f.index is not None:
+                columns.setdefault(f.input, []).append(f)
+            else:
+                self._singles.append(f)
+        self._binners: list[Any] = [*(_Columns(n, fs) for n, fs in columns.items()), *self._singles]
         self.reference_rows = int(reference.get("rows") or 0)
         self.window = window
         self.rows = 0  # every row observed
@@ -192,14 +233,14 @@ class DriftMonitor:
         first = next(iter(batch.values()), None)
         n = int(first.shape[0]) if first is not None and first.ndim else 0
         with self._lock:
-            for feature in self.features:
-                feature.observe(batch)
+            for binner in self._binners:
+                binner.observe(batch)
             self.rows += n
             self._window_rows += n
-            if self._window_rows >= self.window:
-                for feature in self.features:
-                    feature.previous = feature.current
-                    feature.current = np.zeros_like(feature.previous)
+            if self._window_rows >= self.window:  # in place: the column features hold views
+                for binner in self._binners:
+                    binner.previous[...] = binner.current
+                    binner.current[...] = 0
                 self._previous_rows, self._window_rows = self._window_rows, 0
 
     @property
@@ -243,9 +284,16 @@ class DriftMonitor:
 
 
 class DriftWorker:
-    """The one thread that bins batches for every monitor, fed by a bounded queue."""
+    """The one thread that bins batches for every monitor, fed by a bounded queue.
 
-    def __init__(self, size: int = 256) -> None:
+    At most ``rate`` batches a second are binned (bursts of up to ``burst``): under load the
+    histograms are a sample of the traffic, and their cost stays a small, fixed share of a core."""
+
+    def __init__(self, size: int = 256, rate: float = BATCHES_PER_S, burst: float = BURST) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens = burst
+        self._last = time.monotonic()
+        self.sampled_out = 0  # batches left out by the rate (not counted as skipped)
         self.queue: queue.Queue[tuple[DriftMonitor, Batch] | threading.Event | None] = queue.Queue(size)
         self.skipped: dict[tuple[str, str], int] = {}
         self._thread: threading.Thread | None = None
@@ -255,6 +303,13 @@ class DriftWorker:
         """Hand a batch over (on the event loop); never waits."""
         if self._thread is None:
             self._start()
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens < 1.0:
+            self.sampled_out += 1
+            return
+        self._tokens -= 1.0
         try:
             self.queue.put_nowait((monitor, batch))
         except queue.Full:

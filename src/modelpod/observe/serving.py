@@ -6,11 +6,12 @@ Imported by the protocols without OpenTelemetry; only called when tracing is on.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from modelpod.errors import ModelpodError
-from modelpod.observe.context import SPAN, TRACE
+from modelpod.observe.context import SPAN, TRACE, parse_traceparent, response_headers
 
 if TYPE_CHECKING:
     from modelpod.observe.tracing import Tracing
@@ -21,6 +22,22 @@ def _enter(span: Any) -> tuple[Any, Any]:
     ctx = span.get_span_context()
     ids = (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", f"{int(ctx.trace_flags) & 0xFF:02x}")
     return SPAN.set(span), TRACE.set(ids)
+
+
+def _begin(tracing: Tracing, name: str, traceparent: str | None, tracestate: str | None,
+           attributes: dict[str, Any]) -> tuple[Any, tuple[Any, Any]]:
+    """(the server span or None, the context tokens). With the default sampling, a request that is
+    not sampled gets trace ids (the caller's, or new ones) for its headers and logs, and no span."""
+    roots = tracing.roots
+    if roots is not None:
+        parsed = parse_traceparent(traceparent)
+        sampled = bool(parsed[2] & 1) if parsed is not None else roots.take()
+        if not sampled:
+            trace_id = parsed[0] if parsed is not None else (random.getrandbits(128) or 1)
+            ids = (f"{trace_id:032x}", f"{random.getrandbits(64) or 1:016x}", "00")
+            return None, (SPAN.set(None), TRACE.set(ids))
+    span = tracing.request(name, traceparent, tracestate, attributes)
+    return span, _enter(span)
 
 
 def _leave(tokens: tuple[Any, Any]) -> None:
@@ -41,28 +58,30 @@ async def traced_rest(tracing: Tracing, req: Request, answer: Callable[[Request]
     from modelpod.protocols.http import Response
 
     headers = req.headers
-    span = tracing.request(_span_name(req.method, req.path), headers.get("traceparent"), headers.get("tracestate"),
-                           {"http.request.method": req.method, "url.path": req.path, "rpc.system": "oip-v2-rest"})
-    tokens = _enter(span)
+    span, tokens = _begin(tracing, _span_name(req.method, req.path), headers.get("traceparent"),
+                          headers.get("tracestate"),
+                          {"http.request.method": req.method, "url.path": req.path, "rpc.system": "oip-v2-rest"})
     try:
         response = await answer(req)
+        trace_headers = response_headers()
     except BaseException:
-        tracing.finish(span, 500)
+        if span is not None:
+            tracing.finish(span, 500)
         raise
     finally:
         _leave(tokens)
-    tracing.finish(span, response.status)
+    if span is not None:
+        tracing.finish(span, response.status)
     return Response(response.status, response.body, response.content_type,
-                    [*(response.headers or ()), *tracing.headers(span)], response.close)
+                    [*(response.headers or ()), *trace_headers], response.close)
 
 
 async def traced_grpc(tracing: Tracing, method: str, metadata: Any, call: Callable[[], Awaitable[Any]]) -> Any:
     """Run one gRPC call inside its server span (``traceparent`` read from the invocation metadata)."""
     found = {str(k): str(v) for k, v in metadata or () if k in ("traceparent", "tracestate")}
-    span = tracing.request(method, found.get("traceparent"), found.get("tracestate"),
-                           {"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService",
-                            "rpc.method": method.rsplit("/", 1)[-1]})
-    tokens = _enter(span)
+    span, tokens = _begin(tracing, method, found.get("traceparent"), found.get("tracestate"),
+                          {"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService",
+                           "rpc.method": method.rsplit("/", 1)[-1]})
     status = 200
     try:
         return await call()
@@ -74,4 +93,5 @@ async def traced_grpc(tracing: Tracing, method: str, metadata: Any, call: Callab
         raise
     finally:
         _leave(tokens)
-        tracing.finish(span, status)
+        if span is not None:
+            tracing.finish(span, status)

@@ -17,7 +17,6 @@ traces a second, so a lone request is always traced and a loaded server is not s
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ from urllib.parse import unquote
 
 from modelpod import __version__
 from modelpod.errors import MissingExtraError, UsageError
+from modelpod.observe.context import parse_traceparent
 
 try:
     from opentelemetry import trace
@@ -38,23 +38,6 @@ except ImportError as exc:  # pragma: no cover - exercised where the extra is mi
     raise MissingExtraError("otel", "opentelemetry-sdk", "tracing (OTEL_* variables)") from exc
 
 DEFAULT_ROOT_RATE = 10.0  # new traces a second when OTEL_TRACES_SAMPLER is unset
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[0-9a-zA-Z._-]*)?")
-
-
-def parse_traceparent(value: str | None) -> tuple[int, int, int] | None:
-    """(trace id, parent span id, flags) of a valid W3C ``traceparent``; None for anything else."""
-    if not value or len(value) > 512:
-        return None
-    m = _TRACEPARENT.fullmatch(value.strip())
-    if m is None:
-        return None
-    version, trace_id, span_id, flags, rest = m.groups()
-    if version == "ff" or (version == "00" and rest):
-        return None  # ff is forbidden; version 00 has exactly four fields
-    tid, sid = int(trace_id, 16), int(span_id, 16)
-    if tid == 0 or sid == 0:
-        return None
-    return tid, sid, int(flags, 16)
 
 
 def traceparent_of(span: Span) -> str:
@@ -71,8 +54,8 @@ class RateLimitedSampler(sampling.Sampler):
         self._last = time.monotonic()
         self._lock = threading.Lock()
 
-    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
-                      attributes: Any = None, links: Any = None, trace_state: Any = None) -> sampling.SamplingResult:
+    def take(self) -> bool:
+        """Whether one more trace fits in the rate now (and count it)."""
         with self._lock:
             now = time.monotonic()
             self._tokens = min(max(1.0, self.rate), self._tokens + (now - self._last) * self.rate)
@@ -80,6 +63,11 @@ class RateLimitedSampler(sampling.Sampler):
             take = self._tokens >= 1.0
             if take:
                 self._tokens -= 1.0
+        return take
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
+                      attributes: Any = None, links: Any = None, trace_state: Any = None) -> sampling.SamplingResult:
+        take = self.take()
         decision = sampling.Decision.RECORD_AND_SAMPLE if take else sampling.Decision.DROP
         return sampling.SamplingResult(decision, attributes if take else None)
 
@@ -108,9 +96,12 @@ class BatchTrace:
 class Tracing:
     """A tracer provider of modelpod's own (not the process-global one) and the spans it makes."""
 
-    def __init__(self, provider: TracerProvider) -> None:
+    def __init__(self, provider: TracerProvider, roots: RateLimitedSampler | None = None) -> None:
         self.provider = provider
         self.tracer = provider.get_tracer("modelpod", __version__)
+        # The default sampling, decided before any span object exists (observe/serving.py): follow
+        # the caller's sampled flag, and start new traces at this rate. None: the provider's sampler.
+        self.roots = roots
 
     @classmethod
     def with_exporter(cls, exporter: SpanExporter, *, sampler: sampling.Sampler | None = None,
@@ -139,12 +130,15 @@ class Tracing:
             exporter = _otlp_exporter(env)
         else:
             raise UsageError(f"OTEL_TRACES_EXPORTER={exporter_name!r}: modelpod exports otlp, console or none")
-        provider = TracerProvider(sampler=sampler_from_env(env), resource=resource_from_env(env))
+        roots = RateLimitedSampler(DEFAULT_ROOT_RATE) if not env.get("OTEL_TRACES_SAMPLER", "").strip() else None
+        # With ``roots``, only requests already chosen reach the provider: it samples all of them.
+        sampler = sampling.ParentBased(sampling.ALWAYS_ON) if roots is not None else sampler_from_env(env)
+        provider = TracerProvider(sampler=sampler, resource=resource_from_env(env))
         delay = _number(env, "OTEL_BSP_SCHEDULE_DELAY")
         provider.add_span_processor(BatchSpanProcessor(
             exporter, max_queue_size=int(_number(env, "OTEL_BSP_MAX_QUEUE_SIZE") or 2048),
             schedule_delay_millis=delay if delay is not None else 5000.0))
-        return cls(provider)
+        return cls(provider, roots)
 
     # -- the spans --------------------------------------------------------------------------------
     def request(self, name: str, traceparent: str | None, tracestate: str | None = None,
