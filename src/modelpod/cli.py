@@ -89,7 +89,7 @@ def _pack(args: argparse.Namespace, settings: Settings) -> Any:
         framework=args.framework, sample=args.sample, requirements=args.requirements,
         labels=_kv(args.label, "--label"), parent=args.parent, allow_pickle=args.allow_pickle, trust=args.trust,
         entrypoint=args.entrypoint, options=options, outputs=args.outputs,
-        auto_lock=not args.no_auto_lock,
+        auto_lock=not args.no_auto_lock, reference=args.reference,
     )
     data = {"name": rec.name, "version": rec.version, "digest": rec.digest, "framework": rec.manifest.framework}
     _emit(args, data, lambda: print(f"packed {rec.name}:{rec.version}  {rec.digest}  ({rec.manifest.framework})"))
@@ -288,6 +288,20 @@ def _deploy(args: argparse.Namespace, settings: Settings) -> Any:
     return deploy_command(args, settings)
 
 
+@command("observe")
+def _observe(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.observe.cli import observe_command
+
+    return observe_command(args, settings)
+
+
+@command("drift")
+def _drift(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.observe.cli import drift_command
+
+    return drift_command(args, settings)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000:
@@ -313,6 +327,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--framework")
     c.add_argument("--sample", help="sample input that gives the signature: .npy, .npz, OIP JSON, "
                    "or a table (.csv, .parquet, .jsonl)")
+    c.add_argument("--reference", metavar="FILE", help="rows (same formats as --sample) whose feature "
+                   "distributions drift is measured against (default: the sample; docs/observe.md)")
     c.add_argument("--outputs", metavar="NAME,...", help="named outputs, e.g. label,probabilities (docs/models.md)")
     c.add_argument("--requirements", help="requirements file (or pyproject.toml) to lock, added to the automatic lock")
     c.add_argument("--no-auto-lock", action="store_true",
@@ -389,6 +405,11 @@ def parser() -> argparse.ArgumentParser:
 
     token_arguments(cmd("token", "a new bearer token and its entry for a scoped token file (sha256 only)"))
 
+    from modelpod.observe.cli import add_drift_arguments, add_observe_arguments
+
+    add_observe_arguments(sub.add_parser("observe", help="print a Grafana dashboard or Prometheus alert rules"))
+    add_drift_arguments(cmd("drift", "per-feature input drift (PSI) of a model on a running server"))
+
     c = cmd("build", "build a runnable OCI image of a pod, without a daemon")
     c.add_argument("ref")
     c.add_argument("--base", help="registry reference, oci:DIR[:TAG] or docker-archive:FILE "
@@ -398,8 +419,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tag", metavar="NAME:TAG", help="the name docker load gives the image")
     c.add_argument("--source", metavar="URL", help="org.opencontainers.image.source annotation")
     c.add_argument("--revision", help="org.opencontainers.image.revision annotation (default: the pod digest)")
-    c.add_argument("--with", dest="with_", action="append", choices=("batch",),
-                   help="add a feature's packages to the runtime layer: batch (pyarrow, for `docker run IMAGE batch`)")
+    c.add_argument("--with", dest="with_", action="append", choices=("batch", "otel"),
+                   help="add a feature's packages to the runtime layer: batch (pyarrow, for `docker run IMAGE batch`), "
+                   "otel (OpenTelemetry, for tracing)")
     c.add_argument("--no-grpc", action="store_true", help="leave grpcio out: a slimmer image serving REST only")
     c.add_argument("--no-check", action="store_true",
                    help="skip loading and predicting the pod's sample with only the image's packages")

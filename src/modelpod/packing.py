@@ -44,6 +44,7 @@ def pack(
     outputs: Sequence[str] | str | None = None,
     auto_lock: bool = True,
     created: int | None = None,
+    reference: str | Path | Mapping[str, Any] | np.ndarray[Any, Any] | Any | None = None,
 ) -> PodRecord:
     """Pack a model file or directory into a new pod version in ``store``.
 
@@ -54,6 +55,8 @@ def pack(
     distributions, a custom pod's own requirements.txt / pyproject.toml) plus ``requirements``;
     with ``auto_lock=False`` it is ``requirements`` alone. ``created`` (seconds since the epoch,
     default now) is recorded in the lineage; images built from the pod carry it as their time.
+    ``reference``: rows whose per-feature distributions drift is measured against (default: the
+    sample), kept in the pod as ``reference.json`` (docs/observe.md).
     """
     src = Path(path)
     if not src.exists():
@@ -97,6 +100,7 @@ def pack(
         )
         manifest = _complete_signature(adapter, staging, manifest, sample)
         manifest = _keep_sample(adapter, staging, manifest, sample)
+        manifest = _keep_reference(staging, manifest, sample, reference)
         manifest = replace(manifest, requirements=tuple(
             lock_pod(staging, manifest, (*adapter.DISTRIBUTIONS, *packed.distributions),
                      Path(requirements) if requirements else None, auto=auto_lock)))
@@ -269,6 +273,34 @@ def lock_pod(staging: Path, manifest: Manifest, distributions: Sequence[str], re
     if requirements is not None:
         locks.append(locking.lock_file(requirements))
     return locking.merge(*locks)
+
+
+def _keep_reference(staging: Path, manifest: Manifest, sample: Any, reference: Any) -> Manifest:
+    """The drift reference (``reference.json``) from ``reference``, or else the whole sample."""
+    from modelpod.observe.drift import write_reference
+
+    source = reference if reference is not None else sample
+    if source is None:
+        return manifest
+    try:
+        arrays = sample_inputs(source, manifest.signature)
+    except ModelpodError:
+        if reference is not None:
+            raise
+        return manifest
+    if reference is not None:
+        names = {t.name for t in manifest.signature.inputs}
+        if names and not set(arrays) & names:
+            raise UsageError(f"--reference: its inputs {sorted(arrays)} are none of the model's {sorted(names)}")
+    try:
+        entry = write_reference(staging, arrays)
+    except (ValueError, TypeError) as exc:  # odd values: the sample still packs, without drift
+        if reference is not None:
+            raise UsageError(f"--reference: cannot bin its values: {exc}") from None
+        return manifest
+    if entry is None and reference is not None:
+        raise UsageError("--reference: no numeric or text feature to track (give rows of the model's inputs)")
+    return manifest if entry is None else replace(manifest, files=(*manifest.files, entry))
 
 
 def _keep_sample(adapter: Adapter, staging: Path, manifest: Manifest, sample: Any) -> Manifest:

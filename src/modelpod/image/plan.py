@@ -72,7 +72,10 @@ def target_environment(target: Target) -> dict[str, str]:
 
 
 # ``modelpod build --with FEATURE``: distributions added to the runtime layer for that feature.
-FEATURES: dict[str, tuple[str, ...]] = {"batch": ("pyarrow",)}
+FEATURES: dict[str, tuple[str, ...]] = {
+    "batch": ("pyarrow",),
+    "otel": ("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"),  # tracing (docs/observe.md)
+}
 
 
 def core_pins(target: Target, grpc: bool = True, also: Sequence[str] = ()) -> list[Pin]:

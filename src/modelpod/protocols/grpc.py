@@ -48,6 +48,8 @@ except ImportError as exc:  # pragma: no cover - exercised where grpcio is missi
     raise MissingExtraError("grpc", "grpcio", "the gRPC endpoint") from exc
 
 from modelpod.inputs import MAX_DIMS, STEP, InputCheck, check_shape
+from modelpod.observe.context import response_headers
+from modelpod.observe.serving import traced_grpc
 from modelpod.pod import DATATYPES, Signature, datatype_of
 from modelpod.protocols._generated import open_inference_pb2 as pb
 from modelpod.protocols.auth import INFER, READ, Auth
@@ -200,11 +202,18 @@ class GrpcService:
             raise InvalidRequestError("more than one authorization metadata entry")
         self.auth.check(given[0] if given else None, scope, model)
 
-    def _wrap(self, fn: Rpc, scope: str | None, model: Callable[[Any], str] | None = None) -> Rpc:
+    def _wrap(self, fn: Rpc, scope: str | None, model: Callable[[Any], str] | None = None, traced: str = "") -> Rpc:
         async def call(request: Any, context: Any) -> Any:
             try:
                 if scope is not None and self.auth is not None:
                     self._authorize(context, scope, model(request) if model is not None else None)
+                tracing = self.engine.observe.tracing
+                if traced and tracing is not None:  # a server span, child of the metadata's traceparent
+                    def run() -> Any:
+                        if context.time_remaining() is None:  # no deadline from the client: ours
+                            return _within(fn(request, context), self.deadline_s)
+                        return fn(request, context)
+                    return await traced_grpc(tracing, traced, context.invocation_metadata(), run)
                 if context.time_remaining() is None:  # no deadline from the client: ours
                     return await _within(fn(request, context), self.deadline_s)
                 return await fn(request, context)
@@ -261,16 +270,18 @@ class GrpcService:
             headers = {str(k): str(v) for k, v in context.invocation_metadata() or ()}
         result = await self.engine.infer(request.model_name, request.model_version or None, decoded,
                                          protocol="grpc", started=started, headers=headers)
-        context.set_trailing_metadata((("modelpod-variant", result.variant or result.model_name),))
+        context.set_trailing_metadata((("modelpod-variant", result.variant or result.model_name),
+                                       *response_headers()))
         msg = encode_infer(result, decoded)
         if result.id:  # a routed answer always has one, for feedback
             msg.id = result.id
         return msg
 
     def handler(self) -> Any:
-        def unary(fn: Rpc, req: Any, resp: Any, scope: str | None, model: Callable[[Any], str] | None = None) -> Any:
+        def unary(fn: Rpc, req: Any, resp: Any, scope: str | None, model: Callable[[Any], str] | None = None,
+                  traced: str = "") -> Any:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(fn, scope, model), request_deserializer=req.FromString,
+                self._wrap(fn, scope, model, traced), request_deserializer=req.FromString,
                 response_serializer=resp.SerializeToString)
 
         def name(r: Any) -> str:
@@ -286,7 +297,8 @@ class GrpcService:
             "ServerMetadata": unary(self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse, READ),
             "ModelMetadata": unary(self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse, READ,
                                    name),
-            "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse, INFER, model_name),
+            "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse, INFER, model_name,
+                                traced=f"/{SERVICE}/ModelInfer"),
         })
 
 

@@ -49,6 +49,7 @@ from modelpod.errors import (
     UnsupportedMediaTypeError,
 )
 from modelpod.inputs import InputCheck, release
+from modelpod.observe.serving import traced_rest
 from modelpod.protocols import bigjson, v1
 from modelpod.protocols.auth import EVERY_MODEL, INFER, MANAGE, READ, Auth
 from modelpod.protocols.codec import InferRequest, decode_request, encode_response
@@ -63,6 +64,7 @@ _EMPTY = Response(200, b"")
 # Bodies larger than this are decoded on a thread, off the event loop.
 OFF_LOOP_BYTES = 256 * 1024
 _HEALTH = ("/v2/health/live", "/v2/health/ready")
+_TRACED = ("/v2/models/", "/v1/models/")  # inference and model routes get a server span when tracing
 
 
 def is_loopback(host: str) -> bool:
@@ -150,6 +152,12 @@ class RestApp:
         self._decoder = ThreadPoolExecutor(2, thread_name_prefix="modelpod-decode")
 
     async def __call__(self, req: Request) -> Response:
+        tracing = self.engine.observe.tracing
+        if tracing is not None and req.path.startswith(_TRACED):
+            return await traced_rest(tracing, req, self._answer)
+        return await self._answer(req)
+
+    async def _answer(self, req: Request) -> Response:
         try:
             response = await self._route(req)
         except ModelpodError as exc:
@@ -190,6 +198,8 @@ class RestApp:
                 return _EMPTY if ready else Response(503, b"", headers=[("retry-after", "1")])
             if action == "config":
                 return _json(self.engine.model_config(name, version))
+            if action == "drift":  # per-feature drift against the pod's reference (docs/observe.md)
+                return _json(await self.engine.drift(name, version))
             raise NotFoundError(f"no route {path}")
         if path in _HEALTH:
             _allow(method, "GET")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -35,7 +36,7 @@ _UNSET: Any = object()  # merge key not computed yet: only needed once a neighbo
 
 
 class _Pending:
-    __slots__ = ("arrived", "deadline", "future", "inputs", "key", "rows", "state")
+    __slots__ = ("arrived", "deadline", "future", "inputs", "key", "rows", "state", "trace")
 
     def __init__(self, inputs: Batch, rows: int, key: Any, future: asyncio.Future[Batch], arrived: float,
                  deadline: float) -> None:
@@ -46,6 +47,7 @@ class _Pending:
         self.arrived = arrived
         self.deadline = deadline
         self.state = _QUEUED
+        self.trace: Any = None  # (request span, arrival ns) while tracing
 
 
 class Batcher:
@@ -68,13 +70,17 @@ class Batcher:
         self._idle: list[asyncio.Future[None]] = []
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Set by observe/ when the model loads: each batch's inputs go to drift; spans when tracing.
+        self.on_batch: Callable[[Batch], None] | None = None
+        self.tracing: Any = None
 
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    async def submit(self, inputs: Batch) -> Batch:
-        """Queue one request; its outputs once its batch has run. Raises at once when full."""
+    async def submit(self, inputs: Batch, trace: Any = None) -> Batch:
+        """Queue one request; its outputs once its batch has run. Raises at once when full.
+        ``trace``: (the request's span, its arrival in ns) to hang queue and batch spans on."""
         if self._closed:
             raise ModelNotReadyError(f"model {self.worker.label} is not loaded")
         if len(self._queue) >= self.policy.max_queue:
@@ -88,6 +94,8 @@ class Batcher:
         now = loop.time()
         item = _Pending(inputs, rows if rows is not None else 1, key, loop.create_future(), now,
                         now + self.policy.timeout_s)
+        if trace is not None:
+            item.trace = trace
         self._deadlines.append(item)
         if self._sweeper is None:
             self._sweeper = loop.call_at(item.deadline, self._sweep)
@@ -215,8 +223,16 @@ class Batcher:
             total = sum(i.rows for i in items)
         if self.metrics is not None:
             self.metrics.observe_batch(total, len(items))
+        if self.on_batch is not None:
+            self.on_batch(batch)
+        done = partial(self._ran, items, total)
+        if self.tracing is not None:
+            traced = [i.trace for i in items if i.trace is not None]
+            spans = self.tracing.batch(traced, total, self.worker.label) if traced else None
+            if spans is not None:
+                done = partial(self._ran_traced, spans, items, total)
         try:
-            self.worker.submit(batch, partial(self._ran, items, total), loop)
+            self.worker.submit(batch, done, loop)
         except Exception as exc:
             self._ran(items, total, None, exc)
 
@@ -248,6 +264,14 @@ class Batcher:
         task = loop.create_task(self._one_by_one(items))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _ran_traced(self, spans: Any, items: list[_Pending], total: int, out: Batch | None,
+                    err: BaseException | None) -> None:
+        spans.ran(err)
+        try:
+            self._ran(items, total, out, err)
+        finally:
+            spans.done()
 
     def _release(self) -> None:
         """A batch slot freed up: start the next batch."""

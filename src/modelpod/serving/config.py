@@ -51,6 +51,16 @@ def _nonfinite(values: dict[str, Any], name: str, where: str) -> dict[str, str]:
     return {name: str(policy)}
 
 
+def _switch(values: dict[str, Any], name: str, where: str) -> dict[str, bool]:
+    """Pop ``drift`` (on/off, true/false) from ``values``: {name: bool} when given."""
+    if "drift" not in values:
+        return {}
+    value = values.pop("drift")
+    if value in (True, False) or value in ("on", "off"):
+        return {name: value in (True, "on")}
+    raise UsageError(f"{where}: drift must be on or off, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """The parsed ``--config`` file plus the settings that override every model."""
@@ -65,6 +75,13 @@ class ServeConfig:
         """``pass`` (the default: NaN/Infinity reach the model) or ``reject`` (refused with a 400)."""
         return self.nonfinite_keys.get(name) or self.nonfinite_keys.get("", "pass")
     routes: Mapping[str, RouteSpec] = field(default_factory=dict)
+    # ``payload_log:`` specs (observe/payload.py): "" is the global one, then per model (None: off).
+    payload_logs: Mapping[str, Any] = field(default_factory=dict)
+    # ``drift: on|off`` (on: drift is measured where the pod has a reference): global "", per model.
+    drift_keys: Mapping[str, bool] = field(default_factory=dict)
+
+    def drift(self, name: str) -> bool:
+        return self.drift_keys.get(name, self.drift_keys.get("", True))
 
     def policy(self, name: str, serving: Serving | None = None) -> BatchPolicy:
         base = asdict(serving) if serving is not None else {}
@@ -92,14 +109,21 @@ class ServeConfig:
         if not isinstance(raw_models, Mapping):
             raise UsageError("config: 'models' must map model names to settings")
         nonfinite = _nonfinite(data, "", "config")
+        payload_raw = {"": data.pop("payload_log")} if "payload_log" in data else {}
+        drift = _switch(data, "", "config")
         models: dict[str, dict[str, Any]] = {}
         for name, values in raw_models.items():
             if not isinstance(values, Mapping):
                 raise UsageError(f"config: models.{name} must be a mapping")
             values = dict(values)
             nonfinite.update(_nonfinite(values, str(name), f"config: models.{name}"))
+            if "payload_log" in values:
+                payload_raw[str(name)] = values.pop("payload_log")
+            drift.update(_switch(values, str(name), f"config: models.{name}"))
             models[str(name)] = _checked(values, f"config: models.{name}")
-        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes)
+        from modelpod.observe.payload import parse_specs
+
+        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes, parse_specs(payload_raw), drift)
 
     @classmethod
     def load(cls, settings: Settings) -> ServeConfig:

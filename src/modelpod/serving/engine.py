@@ -26,6 +26,7 @@ from modelpod.errors import (
 )
 from modelpod.inputs import InputCheck
 from modelpod.model import Batch, Model, with_parameters
+from modelpod.observe.hub import Observer
 from modelpod.protocols.codec import InferRequest
 from modelpod.serving.config import BatchPolicy, ServeConfig
 from modelpod.serving.metrics import ServingMetrics, outcome_of
@@ -72,6 +73,8 @@ class InferenceEngine:
         self.registry = ModelRegistry(self.settings, self.config, self.metrics)
         self.traffic = TrafficSplit(self.registry, self.metrics)
         self.resolver = self.traffic.resolver
+        self.observe = Observer(self.metrics, self.registry, self.config.payload_logs, self._entries_of,
+                                self.config.drift)
         self._routes_configured = False
         self.started = False
         self.draining = False
@@ -183,6 +186,7 @@ class InferenceEngine:
         t0 = started if started is not None else time.perf_counter()
         entry: ModelEntry | None = None
         variant = None
+        observe = self.observe
         try:
             if self.draining:
                 raise ModelNotReadyError("the server is shutting down")
@@ -204,16 +208,25 @@ class InferenceEngine:
             if request.outputs:
                 self._check_outputs(entry, request.outputs)
             entry.last_used = t0
+            model_inputs = inputs
             if model.takes_parameters:
                 inputs = with_parameters(inputs, request.parameters)
-            outputs = await batcher.submit(inputs)
+            span = observe.span() if observe.tracing is not None else None
+            if span is not None:
+                span.set_attributes({"modelpod.model": entry.name, "modelpod.version": entry.version_text,
+                                     "modelpod.variant": entry.label})
+                outputs = await batcher.submit(inputs, (span, time.time_ns()))
+            else:
+                outputs = await batcher.submit(inputs)
         except ModelpodError as exc:
+            observe.failed(name, entry, exc)
             if variant is not None:
                 self.traffic.failed(variant, protocol, outcome_of(exc), time.perf_counter() - t0)
             elif entry is not None:
                 entry.metrics.observe_request(protocol, outcome_of(exc), time.perf_counter() - t0)
             raise
         except Exception as exc:
+            observe.failed(name, entry, exc)
             if variant is not None:
                 self.traffic.failed(variant, protocol, "error", time.perf_counter() - t0)
             elif entry is not None:
@@ -223,8 +236,12 @@ class InferenceEngine:
         if variant is not None:
             rid = self.traffic.answered(variant, protocol, time.perf_counter() - t0, request.id or _header_id(headers),
                                         request.inputs, outputs)
+            if observe.payload is not None:
+                observe.answered(entry, variant.name, variant.route, rid, model_inputs, outputs)
             return InferResult(entry.name, entry.version_text or None, outputs, rid, variant.route, variant.name)
         entry.metrics.observe_request(protocol, "success", time.perf_counter() - t0)
+        if observe.payload is not None:
+            observe.answered(entry, entry.label, "", request.id or _header_id(headers), model_inputs, outputs)
         return InferResult(entry.name, entry.version_text or None, outputs, request.id, None, entry.label)
 
     def input_check(self, entry: ModelEntry | str, version: str | None = None) -> InputCheck:
@@ -236,6 +253,22 @@ class InferenceEngine:
             check = entry.input_check = table.input_check(entry.signature, entry.label,
                                                           self.config.nonfinite(entry.name))
         return check
+
+    def _entries_of(self, name: str, version: str | None) -> list[ModelEntry]:
+        """The entries ``name`` stands for: a route's variants and shadows, or a model's versions."""
+        route = self.traffic.routes.get(name)
+        if route is not None and version is None:
+            return [v.entry for v in (*route.variants, *route.shadows)]
+        if version is not None:
+            return [self.resolve(name, version)]
+        return list(self.registry.versions(name).values())
+
+    async def drift(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Per-feature drift of the versions ``name`` stands for (``GET /v2/models/{name}/drift``), once
+        the batches already answered are binned (waiting at most a second, off the loop)."""
+        self.observe.entries_of(name, version)  # 404 before any wait
+        await asyncio.to_thread(self.observe.drift.drain, 1.0)
+        return self.observe.drift_table(name, version)
 
     @staticmethod
     def _check_outputs(entry: ModelEntry, wanted: Mapping[str, bool]) -> None:
@@ -314,3 +347,4 @@ class InferenceEngine:
         self.traffic.close()
         for entry in list(self.registry):
             await self.registry.unload(entry, reason="server stopped", collect=collect)
+        await asyncio.to_thread(self.observe.close)

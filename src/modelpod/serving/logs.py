@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from modelpod.observe.context import TRACE
+
 LOGGER = "modelpod"
 
 
@@ -24,6 +26,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        trace = TRACE.get()
+        if trace is not None:  # the request being answered was traced (observe/tracing.py)
+            data["trace_id"], data["span_id"] = trace[0], trace[1]
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             data.update(fields)
@@ -36,6 +41,9 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
         extra = " ".join(f"{k}={v}" for k, v in fields.items()) if isinstance(fields, dict) else ""
+        trace = TRACE.get()
+        if trace is not None:
+            extra = f"{extra} trace_id={trace[0]}".lstrip()
         line = f"{record.levelname.lower():7} {record.getMessage()} {extra}".rstrip()
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

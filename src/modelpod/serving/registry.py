@@ -22,7 +22,7 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -122,6 +122,14 @@ class ModelEntry:
         return f"ModelEntry({self.label}, {self.state.value})"
 
 
+def _quietly(hook: Callable[[ModelEntry], None], entry: ModelEntry) -> None:
+    """Run a load hook; its failure is logged, never the load's."""
+    try:
+        hook(entry)
+    except Exception as exc:
+        log.warning("model load hook failed", extra={"fields": {"model": entry.label, "error": repr(exc)}})
+
+
 def rss_bytes() -> int:
     """Resident set size of this process (0 where /proc is missing)."""
     try:
@@ -138,6 +146,7 @@ class ModelRegistry:
         self.metrics = metrics
         self._by_name: dict[str, dict[int | None, ModelEntry]] = {}
         self._load_lock = asyncio.Lock()
+        self.on_ready: list[Callable[[ModelEntry], None]] = []  # called as each load finishes (observe/)
         self._store: Store | None = None
 
     # -- registering ------------------------------------------------------------------------------
@@ -260,6 +269,8 @@ class ModelRegistry:
                 entry.failed, entry.reason = False, ""
                 entry.last_used = time.perf_counter()
                 entry.metrics.loads["success"].inc()
+                for hook in self.on_ready:
+                    _quietly(hook, entry)
                 log.info("model loaded", extra={"fields": {
                     "model": entry.name, "version": entry.version_text, "seconds": round(entry.load_seconds, 4),
                     "memory_bytes": entry.memory_bytes}})

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -29,6 +30,7 @@ from typing import Any, TextIO
 
 from modelpod import __version__
 from modelpod.errors import MissingExtraError, ModelpodError, UsageError
+from modelpod.observe.hub import tracing_from_env
 from modelpod.protocols.auth import Auth, token_table
 from modelpod.protocols.http import HttpLimits, HttpServer
 from modelpod.protocols.rest import RestApp, is_loopback
@@ -62,6 +64,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     if grpc_mode == "required" and not _have_grpc():
         raise MissingExtraError("grpc", "grpcio", "the gRPC endpoint (--grpc-port)")
     engine = InferenceEngine(settings, ServeConfig.load(settings))
+    engine.observe.tracing = tracing_from_env(os.environ)  # the OTEL_* variables, read here at the edge
     if not args.refs and not engine.config.routes:
         raise UsageError("nothing to serve: name at least one REF, or routes in --config")
     for ref in args.refs:

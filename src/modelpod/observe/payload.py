@@ -1,0 +1,306 @@
+"""Payload logging: sampled request/response pairs to a file (JSON Lines) or a URL (CloudEvents).
+
+Configured by ``payload_log:`` in the serve config file, globally and per model (the model's keys
+over the global ones; ``payload_log: off`` turns a model's off)::
+
+    payload_log: {sample: 0.05, redact: [ssn, email], sink: /var/log/modelpod/payloads.jsonl}
+    models:
+      fraud: {payload_log: {sink: "http://logger.default/", sample: 1}}
+
+A request is chosen with probability ``sample`` and handed to its sink's bounded queue; a
+background thread per sink encodes and writes it. A full queue drops the record (never waits), a
+failed write drops it too: both are counted in ``modelpod_payload_log_dropped_total``. So a sink
+that is down, slow or full never slows or fails inference.
+
+A file sink writes one JSON object per line and rotates at ``max_bytes`` (``path.1`` … ``path.N``
+for ``backups: N``), so it never holds more than ``max_bytes * (backups + 1)``. A URL sink posts
+two CloudEvents per pair in binary mode, as KServe's inference logger does (so its sinks accept
+them): ``ce-type`` ``org.kubeflow.serving.inference.request`` then ``...response``, the same
+``ce-id``, and the extensions ``inferenceservicename``, ``namespace``, ``component``, ``endpoint``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import queue
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from modelpod.errors import UsageError
+from modelpod.model import Batch
+from modelpod.serving.metrics import Counter
+
+log = logging.getLogger("modelpod.observe")
+
+CE_REQUEST = "org.kubeflow.serving.inference.request"
+CE_RESPONSE = "org.kubeflow.serving.inference.response"
+REDACTED = "[REDACTED]"
+KEYS = ("sink", "sample", "redact", "max_bytes", "backups", "queue", "timeout_s", "namespace", "source")
+
+
+@dataclass(frozen=True)
+class PayloadLogSpec:
+    sink: str
+    sample: float = 0.05
+    redact: tuple[str, ...] = ()
+    max_bytes: int = 64 * 1024 * 1024  # a file sink rotates at this size
+    backups: int = 3  # rotated files kept
+    queue: int = 1000  # records waiting for the sink; more are dropped
+    timeout_s: float = 2.0  # a URL sink's connect and read timeout
+    namespace: str = ""  # the CloudEvents ``namespace`` extension
+    source: str = ""  # the CloudEvents ``source`` (default http://HOSTNAME/v2/models/NAME)
+
+    @property
+    def is_url(self) -> bool:
+        return self.sink.startswith(("http://", "https://"))
+
+
+def parse_payload_log(value: Any, where: str, base: PayloadLogSpec | None = None) -> PayloadLogSpec | None:
+    """A ``payload_log:`` value as a spec (over ``base``, the global one); None when it turns logging off."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    if isinstance(value, str):
+        value = {"sink": value}
+    if not isinstance(value, Mapping):
+        raise UsageError(f"{where}: payload_log must be a mapping like {{sink: FILE|URL, sample: 0.05}}")
+    unknown = [k for k in value if k not in KEYS]
+    if unknown:
+        raise UsageError(f"{where}: payload_log: unknown key(s) {', '.join(map(str, unknown))}; "
+                         f"known: {', '.join(KEYS)}")
+    merged: dict[str, Any] = {} if base is None else {k: getattr(base, k) for k in KEYS}
+    merged.update(value)
+    sink = merged.get("sink")
+    if not isinstance(sink, str) or not sink.strip():
+        raise UsageError(f"{where}: payload_log needs a sink: a file path or an http(s):// URL")
+    sample = merged.get("sample", 0.05)
+    if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0 <= sample <= 1:
+        raise UsageError(f"{where}: payload_log.sample must be a number from 0 to 1, got {sample!r}")
+    redact = merged.get("redact") or ()
+    if isinstance(redact, str):
+        redact = [redact]
+    if not isinstance(redact, (list, tuple)) or not all(isinstance(r, str) and r for r in redact):
+        raise UsageError(f"{where}: payload_log.redact must be a list of field names")
+    ints = {}
+    for key in ("max_bytes", "backups", "queue"):
+        v = merged.get(key, getattr(PayloadLogSpec, key))
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "backups" else 1):
+            raise UsageError(f"{where}: payload_log.{key} must be a positive integer, got {v!r}")
+        ints[key] = v
+    timeout = merged.get("timeout_s", 2.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise UsageError(f"{where}: payload_log.timeout_s must be a positive number, got {timeout!r}")
+    spec = PayloadLogSpec(sink=sink.strip(), sample=float(sample), redact=tuple(r.lower() for r in redact),
+                          timeout_s=float(timeout), namespace=str(merged.get("namespace") or ""),
+                          source=str(merged.get("source") or ""), **ints)
+    if spec.sink.startswith("file://"):
+        spec = replace(spec, sink=spec.sink[len("file://"):])
+    return spec
+
+
+def redact(doc: Any, names: frozenset[str]) -> Any:
+    """``doc`` with the value of every key in ``names`` (any depth, any case) and the data of every
+    tensor named in ``names`` replaced by ``[REDACTED]``."""
+    if not names:
+        return doc
+    if isinstance(doc, dict):
+        if isinstance(doc.get("name"), str) and doc["name"].lower() in names and "data" in doc:
+            data = doc["data"]
+            return {**doc, "data": [REDACTED] * len(data) if isinstance(data, list) else REDACTED}
+        return {k: REDACTED if isinstance(k, str) and k.lower() in names else redact(v, names)
+                for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [redact(v, names) for v in doc]
+    return doc
+
+
+# What the engine hands over: (time, model, version, variant, route, id, traceparent, inputs, outputs).
+Record = tuple[float, str, str, str, str, "str | None", "str | None", Batch, Batch]
+
+
+class _Sink:
+    """One sink's queue and the thread that drains it."""
+
+    def __init__(self, spec: PayloadLogSpec, written: Counter, dropped: Counter) -> None:
+        self.spec = spec
+        self.queue: queue.Queue[Record | None] = queue.Queue(spec.queue)
+        self._written = written
+        self._dropped = dropped
+        self._names = frozenset(spec.redact)
+        self._file: Any = None
+        self._size = 0
+        self._conn: http.client.HTTPConnection | None = None
+        self._host = socket.gethostname()
+        self._thread = threading.Thread(target=self._drain, name="modelpod-payload-log", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            record = self.queue.get()
+            if record is None:
+                break
+            try:
+                self._write(record)
+            except Exception as exc:  # a sink failure loses the record, never the request
+                self._dropped.labels(record[1], record[2], "sink_error").inc()
+                log.debug("payload log write failed", extra={"fields": {"sink": self.spec.sink, "error": str(exc)}})
+                self._reset()
+            else:
+                self._written.labels(record[1], record[2]).inc()
+        self._reset()
+
+    def _reset(self) -> None:
+        for closing in (self._file, self._conn):
+            if closing is not None:
+                with contextlib.suppress(Exception):
+                    closing.close()
+        self._file = self._conn = None
+
+    def _docs(self, record: Record) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        from modelpod.protocols.codec import tensor_to_json
+
+        _, model, version, _, _, rid, _, inputs, outputs = record
+        rid = rid or uuid.uuid4().hex
+        request = {"id": rid, "inputs": [tensor_to_json(n, a) for n, a in inputs.items()]}
+        response: dict[str, Any] = {"model_name": model, "id": rid,
+                                    "outputs": [tensor_to_json(n, a) for n, a in outputs.items()]}
+        if version:
+            response["model_version"] = version
+        return rid, redact(request, self._names), redact(response, self._names)
+
+    def _write(self, record: Record) -> None:
+        when, model, version, variant, route, _, traceparent, _, _ = record
+        rid, request, response = self._docs(record)
+        stamp = datetime.fromtimestamp(when, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        if self.spec.is_url:
+            self._post(rid, stamp, model, version, variant, traceparent, request, response)
+            return
+        trace_id = traceparent.split("-")[1] if traceparent else None
+        doc = {"time": stamp, "id": rid, "model": model, "version": version, "variant": variant, "route": route,
+               "trace_id": trace_id, "request": request, "response": response}
+        self._append(orjson.dumps({k: v for k, v in doc.items() if v not in (None, "")}) + b"\n")
+
+    # -- a file, rotated ----------------------------------------------------------------------------
+    def _append(self, line: bytes) -> None:
+        path = Path(self.spec.sink)
+        if self._file is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Unbuffered: each record is one write, so a failed write is that record's, and nothing
+            # is left in a buffer to fail again when the file is closed.
+            self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open across records
+            self._size = self._file.tell()
+        if self._size and self._size + len(line) > self.spec.max_bytes:
+            self._file.close()
+            self._file = None
+            rotate(path, self.spec.backups)
+            self._file = open(path, "ab", buffering=0)  # noqa: SIM115
+            self._size = 0
+        view = memoryview(line)
+        while view:
+            view = view[self._file.write(view):]
+        self._size += len(line)
+
+    # -- CloudEvents over HTTP ----------------------------------------------------------------------
+    def _post(self, rid: str, stamp: str, model: str, version: str, variant: str, traceparent: str | None,
+              request: dict[str, Any], response: dict[str, Any]) -> None:
+        url = urlsplit(self.spec.sink)
+        source = self.spec.source or f"http://{self._host}/v2/models/{model}"
+        common = {
+            "ce-specversion": "1.0", "ce-id": rid, "ce-source": source, "ce-time": stamp,
+            "ce-inferenceservicename": model, "ce-namespace": self.spec.namespace, "ce-component": "predictor",
+            "ce-endpoint": variant, "ce-metadata": orjson.dumps({"version": [version]} if version else {}).decode(),
+            "content-type": "application/json",
+        }
+        if traceparent:
+            common["ce-traceparent"] = traceparent
+        for kind, body in ((CE_REQUEST, request), (CE_RESPONSE, response)):
+            data = orjson.dumps(body)
+            if self._conn is None:
+                cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+                self._conn = cls(url.hostname or "localhost", url.port, timeout=self.spec.timeout_s)
+            self._conn.request("POST", url.path or "/", data, {**common, "ce-type": kind})
+            answer = self._conn.getresponse()
+            answer.read()
+            if answer.status >= 300:
+                raise OSError(f"the sink answered {answer.status}")
+
+    def close(self, timeout_s: float) -> None:
+        try:
+            self.queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            return
+        self._thread.join(timeout_s)
+
+
+def rotate(path: Path, backups: int) -> None:
+    """``path`` becomes ``path.1``, ``path.1`` becomes ``path.2``… keeping ``backups`` files."""
+    if backups <= 0:
+        path.unlink(missing_ok=True)
+        return
+    for i in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{i + 1}"))
+    if path.exists():
+        path.replace(path.with_name(f"{path.name}.1"))
+
+
+class PayloadLogger:
+    """The sinks of a server and which model logs to which (the engine's ``offer`` is the hot path)."""
+
+    def __init__(self, specs: Mapping[str, PayloadLogSpec | None], written: Counter, dropped: Counter) -> None:
+        self._specs = dict(specs)  # "" is the global spec
+        self._written = written
+        self._dropped = dropped
+        self._sinks: dict[str, _Sink] = {}
+        self._lock = threading.Lock()
+        self._random = random.random
+
+    def _sink(self, spec: PayloadLogSpec) -> _Sink:
+        sink = self._sinks.get(spec.sink)
+        if sink is None:
+            with self._lock:
+                sink = self._sinks.get(spec.sink)
+                if sink is None:
+                    sink = self._sinks[spec.sink] = _Sink(spec, self._written, self._dropped)
+        return sink
+
+    def offer(self, model: str, version: str, variant: str, route: str, rid: str | None, traceparent: str | None,
+              inputs: Batch, outputs: Batch) -> None:
+        """Maybe log one answered request (sampled); never blocks, never raises."""
+        spec = self._specs[model] if model in self._specs else self._specs.get("")
+        if spec is None or self._random() >= spec.sample:
+            return
+        sink = self._sinks.get(spec.sink) or self._sink(spec)
+        try:
+            sink.queue.put_nowait((time.time(), model, version, variant, route, rid, traceparent, inputs, outputs))
+        except queue.Full:
+            self._dropped.labels(model, version, "queue_full").inc()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued (for at most ``timeout_s`` a sink) and stop the threads."""
+        for sink in list(self._sinks.values()):
+            sink.close(timeout_s)
+        self._sinks.clear()
+
+
+def parse_specs(raw: Mapping[str, Any]) -> dict[str, PayloadLogSpec | None]:
+    """The config file's ``payload_log`` values ("" the global one, then per model) as specs."""
+    base = parse_payload_log(raw[""], "config") if "" in raw else None
+    out: dict[str, PayloadLogSpec | None] = {"": base} if "" in raw else {}
+    for name, value in raw.items():
+        if name:
+            out[name] = parse_payload_log(value, f"config: models.{name}", base)
+    return out

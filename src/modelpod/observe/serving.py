@@ -1,0 +1,97 @@
+"""The server span of one REST request or gRPC call: made from ``traceparent``, current while the
+request is answered (so log lines and the engine's spans see it), returned in the answer's headers.
+
+Imported by the protocols without OpenTelemetry; only called when tracing is on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from modelpod.errors import ModelpodError
+from modelpod.observe.context import SPAN, TRACE, parse_traceparent, response_headers
+
+if TYPE_CHECKING:
+    from modelpod.observe.tracing import Tracing
+    from modelpod.protocols.http import Request, Response
+
+
+def _enter(span: Any) -> tuple[Any, Any]:
+    ctx = span.get_span_context()
+    ids = (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", f"{int(ctx.trace_flags) & 0xFF:02x}")
+    return SPAN.set(span), TRACE.set(ids)
+
+
+def _begin(tracing: Tracing, name: str, traceparent: str | None, tracestate: str | None,
+           attributes: dict[str, Any]) -> tuple[Any, tuple[Any, Any]]:
+    """(the server span or None, the context tokens). With the default sampling, a request that is
+    not sampled gets trace ids (the caller's, or new ones) for its headers and logs, and no span."""
+    roots = tracing.roots
+    if roots is not None:
+        parsed = parse_traceparent(traceparent)
+        sampled = bool(parsed[2] & 1) if parsed is not None else roots.take()
+        if not sampled:
+            trace_id = parsed[0] if parsed is not None else (random.getrandbits(128) or 1)
+            ids = (f"{trace_id:032x}", f"{random.getrandbits(64) or 1:016x}", "00")
+            return None, (SPAN.set(None), TRACE.set(ids))
+    span = tracing.request(name, traceparent, tracestate, attributes)
+    return span, _enter(span)
+
+
+def _leave(tokens: tuple[Any, Any]) -> None:
+    SPAN.reset(tokens[0])
+    TRACE.reset(tokens[1])
+
+
+def _span_name(method: str, path: str) -> str:
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return f"{method} /v2/models/{{model}}/infer"
+    if path.startswith("/v1/models/") and path.endswith(":predict"):
+        return f"{method} /v1/models/{{model}}:predict"
+    return method
+
+
+async def traced_rest(tracing: Tracing, req: Request, answer: Callable[[Request], Awaitable[Response]]) -> Response:
+    """Answer ``req`` inside its server span; the answer carries ``traceparent`` and ``modelpod-trace-id``."""
+    from modelpod.protocols.http import Response
+
+    headers = req.headers
+    span, tokens = _begin(tracing, _span_name(req.method, req.path), headers.get("traceparent"),
+                          headers.get("tracestate"),
+                          {"http.request.method": req.method, "url.path": req.path, "rpc.system": "oip-v2-rest"})
+    try:
+        response = await answer(req)
+        trace_headers = response_headers()
+    except BaseException:
+        if span is not None:
+            tracing.finish(span, 500)
+        raise
+    finally:
+        _leave(tokens)
+    if span is not None:
+        tracing.finish(span, response.status)
+    return Response(response.status, response.body, response.content_type,
+                    [*(response.headers or ()), *trace_headers], response.close)
+
+
+async def traced_grpc(tracing: Tracing, method: str, metadata: Any, call: Callable[[], Awaitable[Any]]) -> Any:
+    """Run one gRPC call inside its server span (``traceparent`` read from the invocation metadata)."""
+    found = {str(k): str(v) for k, v in metadata or () if k in ("traceparent", "tracestate")}
+    span, tokens = _begin(tracing, method, found.get("traceparent"), found.get("tracestate"),
+                          {"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService",
+                           "rpc.method": method.rsplit("/", 1)[-1]})
+    status = 200
+    try:
+        return await call()
+    except ModelpodError as exc:
+        status = exc.http_status
+        raise
+    except BaseException:
+        status = 500
+        raise
+    finally:
+        _leave(tokens)
+        if span is not None:
+            tracing.finish(span, status)
