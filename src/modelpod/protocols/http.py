@@ -74,10 +74,10 @@ class HttpLimits:
 class Request:
     """One parsed request. Header names are lower case; the body is complete."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "reason", "received", "reject")
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "peer", "query", "reason", "received", "reject")
 
     def __init__(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
-                 keep_alive: bool, received: float, reject: int = 0, reason: str = "") -> None:
+                 keep_alive: bool, received: float, reject: int = 0, reason: str = "", peer: str = "") -> None:
         self.method = method
         self.path = path
         self.query = query
@@ -87,6 +87,7 @@ class Request:
         self.received = received
         self.reject = reject  # an HTTP status decided by the connection (408, 413, 431...): answer it, close
         self.reason = reason
+        self.peer = peer  # the client's address ("" when unknown): the console serves loopback peers only
 
 
 class Response:
@@ -211,10 +212,14 @@ class _Connection(asyncio.Protocol):
         self.eof = False
         self.paused_reading = False
         self.writable: asyncio.Future[None] | None = None
+        self.peer = ""
 
     # -- transport callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and peername:
+            self.peer = str(peername[0])
         server = self.server
         server.connections.add(self)
         now = self.loop.time()
@@ -366,7 +371,7 @@ class _Connection(asyncio.Protocol):
         path, _, query = url.partition(b"?")
         return Request(self.parser.get_method().decode("ascii", "replace"), path.decode("latin-1"),
                        query.decode("latin-1"), self.headers, body, self.parser.should_keep_alive(),
-                       self.started)
+                       self.started, peer=self.peer)
 
     def _refuse(self, status: int, reason: str) -> None:
         """Answer ``status`` in order after what is pipelined, read nothing more, close after."""

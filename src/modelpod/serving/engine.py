@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,9 @@ class InferenceEngine:
         self.traffic = TrafficSplit(self.registry, self.metrics)
         self.resolver = self.traffic.resolver
         self._routes_configured = False
+        # Optional console sections (drift, replicas, ...): name -> a callable returning one table,
+        # {"title", "columns", "rows"[, "note"]} (modelpod.console.views). The console shows each one set here.
+        self.console_sections: dict[str, Callable[[], Mapping[str, Any]]] = {}
         self.started = False
         self.draining = False
 
