@@ -34,7 +34,8 @@ REQUIRE = os.environ.get("MODELPOD_REQUIRE_BROWSER") == "1"
 
 def _browser() -> tuple[str, str] | None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None)
+    driver = shutil.which("chromedriver") or next(
+        (p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if Path(p).exists()), None)
     return (chromium, driver) if chromium and driver else None
 
 
