@@ -135,7 +135,20 @@ def _js_statuses(driver: Any, calls: list[tuple[str, str, dict[str, str]]]) -> l
 
 
 def _attr(driver: Any, css: str, name: str) -> str:
-    return str(driver.find_element("css selector", css).get_attribute(name) or "")
+    """An attribute of the first element matching ``css`` ("" if none), read in one script: the page
+    redraws its rows and legends every second, so a found element may be gone a moment later."""
+    return str(driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.getAttribute(arguments[1]) : null;",
+        css, name) or "")
+
+
+def _text(driver: Any, css: str) -> str:
+    return str(driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.textContent : '';", css) or "")
+
+
+def _count(driver: Any, css: str) -> int:
+    return int(driver.execute_script("return document.querySelectorAll(arguments[0]).length;", css))
 
 
 def test_without_the_token_the_page_can_change_nothing(served: Served, browser: Any) -> None:
@@ -160,9 +173,9 @@ def test_login_shows_models_and_their_state(served: Served, browser: Any) -> Non
     browser.get(f"{served.url}/console")
     browser.find_element("id", "token").send_keys(TOKEN)
     browser.find_element("id", "login-button").click()
-    wait_for(lambda: browser.find_elements("css selector", '#models-table tr[data-model="lr:1"]'), 30, "the models")
-    row = browser.find_element("css selector", '#models-table tr[data-model="det:1"]')
-    assert "READY" in row.text and "detect" in row.text
+    wait_for(lambda: _count(browser, '#models-table tr[data-model="lr:1"]'), 30, "the models")
+    row = _text(browser, '#models-table tr[data-model="det:1"]')
+    assert "READY" in row and "detect" in row
     wait_for(lambda: _attr(browser, "#conn", "data-state") == "live", 30, "the page to be live")
 
 
@@ -184,16 +197,15 @@ def test_charts_update_as_requests_arrive(served: Served, browser: Any) -> None:
         worker.start()
         try:
             wait_for(lambda: float(_attr(browser, "#chart-throughput", "data-max") or 0) > 0, 60, "throughput > 0")
-            wait_for(lambda: browser.find_elements("css selector", '#chart-latency-p99 polyline[data-series="lr:1"]'),
-                     60, "a p99 latency line for lr:1")
+            wait_for(lambda: _count(browser, '#chart-latency-p99 polyline[data-series="lr:1"]'), 60,
+                     "a p99 latency line for lr:1")
             wait_for(lambda: float(_attr(browser, "#chart-batch", "data-max") or 0) >= 2, 60, "batch size >= 2 rows")
         finally:
             stop.set()
             worker.join(30)
     assert sent and set(sent) == {200}
     assert int(_attr(browser, "#chart-throughput", "data-points")) > before
-    legend = browser.find_element("css selector", '#chart-throughput .legend [data-series="lr:1"]').text
-    assert legend.startswith("lr:1")
+    assert _text(browser, '#chart-throughput .legend [data-series="lr:1"]').startswith("lr:1")
 
 
 def test_try_it_returns_a_prediction(served: Served, browser: Any) -> None:
@@ -234,9 +246,9 @@ def test_the_page_survives_a_server_restart(served: Served, browser: Any) -> Non
     wait_for(lambda: _attr(browser, "#conn", "data-state") == "offline", 60, "the page to notice")
     served.start()
     wait_for(lambda: _attr(browser, "#conn", "data-state") == "live", 60, "the page to reconnect")
-    wait_for(lambda: "restarted" in browser.find_element("id", "notice").text, 30, "the restart notice")
-    wait_for(lambda: int(_attr(browser, "#chart-throughput", "data-points")) >= 1, 30, "a new history")
-    assert browser.find_elements("css selector", '#models-table tr[data-model="lr:1"]')
+    wait_for(lambda: "restarted" in _text(browser, "#notice"), 30, "the restart notice")
+    wait_for(lambda: int(_attr(browser, "#chart-throughput", "data-points") or 0) >= 1, 30, "a new history")
+    assert _count(browser, '#models-table tr[data-model="lr:1"]') == 1
 
 
 def _screenshot(browser: Any, tmp_path_factory: Any) -> None:

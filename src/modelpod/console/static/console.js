@@ -303,6 +303,7 @@
     if (!name) return;
     try {
       const { body } = await api(`models/${encodeURIComponent(name)}/example`);
+      if ($("try-model").value !== name) return;  // another model was picked meanwhile
       state.example = body;
       const image = body.kind === "image";
       $("try-kind").textContent = image ? `${body.task}: upload an image` : `${body.kind} model · request from its ${body.source}`;
