@@ -152,7 +152,7 @@
       }
       const status = String(r.status || "");
       box.querySelector("h3").replaceChildren(r.name, " ", h("span", { class: `state ${status.split(/[:,]/)[0]}`, text: status }),
-        h("span", { class: "sub", text: ` policy ${r.policy || "fixed"} · baseline ${r.baseline}${r.shadow && r.shadow.length ? ` · shadow ${r.shadow.join(", ")}` : ""}` }));
+        h("span", { class: "sub", text: ` policy ${r.policy || "weighted"} · baseline ${r.baseline}${r.shadow && r.shadow.length ? ` · shadow ${r.shadow.join(", ")}` : ""}${rollout(r.rollout)}` }));
       const shares = Object.entries(r.share || {});
       box.querySelector(".bar").replaceChildren(...shares.map(([v, s]) =>
         h("span", { title: `${v} ${fmt(100 * s, 1)}%`, "data-share": s, style: null }, "")));
@@ -163,6 +163,11 @@
         swatch(COLORS[i % COLORS.length]), `${v} ${fmt(100 * s, 1)}%`)));
     }
     for (const box of [...body.children]) if (!seen.has(box.dataset.route)) box.remove();
+  }
+  function rollout(ro) {
+    if (!ro) return "";
+    const step = ro.step === null || ro.step === undefined ? "" : ` at ${ro.step}%`;
+    return ` · rollout to ${ro.candidate} ${ro.state}${step}${ro.reason ? ` (${ro.reason})` : ""}`;
   }
   function swatch(c) { const s = h("span", { class: "swatch" }); s.style.background = c; return s; }
   async function reports() {
