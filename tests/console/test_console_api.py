@@ -24,6 +24,13 @@ TOKEN = "s3cret-console-token"
 ROWS = np.array([[1.0, 2.0]], dtype=np.float32)
 
 
+class Crash(EchoModel):
+    """Fails every batch with an error of its own (a 500, not the client's fault)."""
+
+    def predict(self, inputs: Any) -> Any:
+        raise RuntimeError("the model broke")
+
+
 class Clock:
     def __init__(self) -> None:
         self.t = 1_000_000.0
@@ -39,6 +46,7 @@ def _setup(routes: dict[str, Any] | None = None) -> Callable[[InferenceEngine], 
         engine.add_model(EchoModel(), name="echo", version=1, policy=policy)
         engine.add_model(EchoModel(), name="echo", version=2, policy=policy)
         engine.add_model(PoisonModel(), name="poison", version=1, policy=policy)
+        engine.add_model(Crash(), name="crash", version=1, policy=policy)
     return setup
 
 
@@ -48,7 +56,10 @@ class Console:
     def __init__(self, live: LiveServer, clock: Clock) -> None:
         self.live = live
         self.clock = clock
-        self.url = live.url
+
+    @property
+    def url(self) -> str:
+        return self.live.url
 
     @property
     def app(self) -> ConsoleApp:
@@ -115,7 +126,7 @@ def test_overview_lists_models_versions_and_state(console: Console) -> None:
         body = c.get("/console/api/overview").json()
     assert body["server"]["ready"] is True and body["console"]["auth"] == "loopback"
     rows = {m["label"]: m for m in body["models"]}
-    assert set(rows) == {"echo:1", "echo:2", "poison:1"}
+    assert set(rows) == {"echo:1", "echo:2", "poison:1", "crash:1"}
     assert rows["echo:2"]["state"] == "READY" and rows["echo:2"]["inputs"] == [
         {"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
     assert body["routes"] == [] and body["sections"] == []
@@ -125,13 +136,17 @@ def test_history_counts_requests_errors_latency_and_batches(console: Console) ->
     with httpx.Client(base_url=console.url, timeout=30) as c:
         for _ in range(5):
             assert c.post("/v2/models/echo/versions/1/infer", json=echo_request(ROWS)).status_code == 200
+        # A body the decoder refuses names no model and counts nowhere; a model refusing its input does.
         bad = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+        assert c.post("/v2/models/echo/versions/1/infer", json=bad).status_code == 400
         for _ in range(2):
-            assert c.post("/v2/models/echo/versions/1/infer", json=bad).status_code == 400
-        assert c.post("/v2/models/poison/infer", json=echo_request(-ROWS)).status_code == 500
+            assert c.post("/v2/models/poison/infer", json=echo_request(-ROWS)).status_code == 400
+        assert c.post("/v2/models/crash/infer", json=echo_request(ROWS)).status_code == 500
         point = console.sample()
         s = point["series"]["echo:1"]
-        assert s["requests_per_s"] == pytest.approx(7.0) and s["errors_per_s"] == pytest.approx(2.0)
+        assert s["requests_per_s"] == pytest.approx(5.0) and s["errors_per_s"] == 0
+        assert point["series"]["poison:1"]["errors_per_s"] == pytest.approx(2.0)
+        assert point["series"]["crash:1"]["requests_per_s"] == pytest.approx(1.0)
         assert s["latency_p50_s"] is not None and 0 < s["latency_p50_s"] <= s["latency_p99_s"]
         assert s["batch_rows"] == pytest.approx(1.0) and s["batches_per_s"] == pytest.approx(5.0)
         assert point["series"]["echo:2"]["requests_per_s"] == 0 and point["series"]["echo:2"]["latency_p50_s"] is None
@@ -147,13 +162,13 @@ def test_history_counts_requests_errors_latency_and_batches(console: Console) ->
         errors = c.get("/console/api/errors").json()["errors"]
         answers = [e for e in errors if e["kind"] == "answers"]
         assert {(e["series"], e["outcome"], e["count"]) for e in answers} == {
-            ("echo:1", "client_error", 2), ("poison:1", "error", 1)}
+            ("poison:1", "client_error", 2), ("crash:1", "error", 1)}
         logged = [e for e in errors if e["kind"] == "log" and e["level"] == "error"]
-        assert any(e["fields"].get("status") == 500 and "poison" in str(e["fields"].get("path")) for e in logged)
+        assert any(e["fields"].get("status") == 500 and "crash" in str(e["fields"].get("path")) for e in logged)
         assert len(c.get("/console/api/errors", params={"limit": 1}).json()["errors"]) == 1
 
 
-@pytest.mark.parametrize(("path", "status"), [
+BAD = [
     ("/console/api/metrics?since=soon", 400),
     ("/console/api/metrics?since=nan", 400),
     ("/console/api/metrics?since=1&since=2", 400),
@@ -167,12 +182,15 @@ def test_history_counts_requests_errors_latency_and_batches(console: Console) ->
     ("/console/api/models/echo/example?version=9", 404),
     ("/console/api/routes/nope/report", 404),
     ("/console/elsewhere", 404),
-])
-def test_bad_params_get_4xx_json(console: Console, path: str, status: int) -> None:
+]
+
+
+def test_bad_params_get_4xx_json(console: Console) -> None:
     with httpx.Client(base_url=console.url, timeout=30) as c:
-        r = c.get(path)
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"] == "application/json" and r.json()["error"]
+        for path, status in BAD:
+            r = c.get(path)
+            assert r.status_code == status, (path, r.text)
+            assert r.headers["content-type"] == "application/json" and r.json()["error"], path
 
 
 def test_wrong_methods_get_405(console: Console) -> None:
@@ -199,7 +217,8 @@ def test_example_and_try_it_go_through_the_inference_path(console: Console) -> N
         foreign = c.post(url, json=echo_request(ROWS), headers={"x-modelpod-console": "1",
                                                                  "origin": "http://evil.example"})
         assert foreign.status_code == 403
-    assert console.sample()["series"]["echo:1"]["requests_per_s"] == pytest.approx(2.0)  # the 200 and the 400
+    # The 200 counts; the body that is not JSON names no model and counts nowhere.
+    assert console.sample()["series"]["echo:1"]["requests_per_s"] == pytest.approx(1.0)
 
 
 def test_without_a_token_only_loopback_hosts_and_peers(console: Console) -> None:
@@ -266,7 +285,7 @@ def test_no_unauthenticated_request_changes_state(guarded: Console) -> None:
             assert r.status_code in (401, 404, 405), (method, path, r.status_code)
         states = {m["label"]: m["state"] for m in c.get(
             "/console/api/overview", headers={"authorization": f"Bearer {TOKEN}"}).json()["models"]}
-    assert states == {"echo:1": "READY", "echo:2": "READY", "poison:1": "READY"}
+    assert states == {"echo:1": "READY", "echo:2": "READY", "poison:1": "READY", "crash:1": "READY"}
 
 
 def test_routes_and_their_report() -> None:
