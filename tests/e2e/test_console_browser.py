@@ -48,14 +48,15 @@ def _free_port() -> int:
 class Served:
     """The server (restartable on the same port) and what the tests need to reach it."""
 
-    def __init__(self, home: Path, token_file: Path, image: Path) -> None:
-        self.home, self.token_file, self.image = home, token_file, image
+    def __init__(self, home: Path, token_file: Path, image: Path, config: Path) -> None:
+        self.home, self.token_file, self.image, self.config = home, token_file, image, config
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: ServeProcess | None = None
 
     def start(self) -> None:
-        argv = [str(PYTHON), "-m", "modelpod", "--home", str(self.home), "serve", "lr", "det", "--console",
+        argv = [str(PYTHON), "-m", "modelpod", "--home", str(self.home), "serve", "det", "--config", str(self.config),
+                "--console",
                 "--token-file", str(self.token_file), "--host", "127.0.0.1", "--port", str(self.port),
                 "--no-grpc", "--json"]
         self.proc = ServeProcess(argv, env={"MODELPOD_LOG_LEVEL": "warning"})
@@ -86,7 +87,12 @@ def served(tmp_path_factory: pytest.TempPathFactory, sklearn_model: tuple[Path, 
     d = tmp_path_factory.mktemp("console")
     home = d / "home"
     path, sample, _ = sklearn_model
-    pack(path, "lr", store=Store(home), sample=sample)
+    store = Store(home)
+    pack(path, "lr", store=store, sample=sample)
+    pack(path, "lr", store=store, sample=sample, labels={"copy": "2"}, parent="lr:1")  # the same weights, v2
+    config = d / "serve.yaml"
+    config.write_text('{"routes": {"lr-ab": {"variants": [{"model": "lr:1", "weight": 80}, '
+                      '{"model": "lr:2", "weight": 20}]}}}')
     (d / "names.txt").write_text("dim\nbright\n")
     subprocess.run([str(PYTHON), "-m", "modelpod", "--home", str(home), "pack",
                     str(detector(d / "det.onnx", "yolov5", metadata=False)), "--name", "det", "--task", "detect",
@@ -96,7 +102,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, sklearn_model: tuple[Path, 
     image.write_bytes(encode(canvas(48, 64, (8, 10, 36, 40))))
     token_file = d / "token"
     token_file.write_text(TOKEN + "\n")
-    s = Served(home, token_file, image)
+    s = Served(home, token_file, image, config)
     s.start()
     try:
         yield s
@@ -163,10 +169,14 @@ def test_without_the_token_the_page_can_change_nothing(served: Served, browser: 
     assert statuses[:3] == [401, 401, 401]
     with served.client() as c:
         states = {m["label"]: m["state"] for m in c.get("/console/api/overview").json()["models"]}
-    assert states == {"lr:1": "READY", "det:1": "READY"}
+    assert states == {"lr:1": "READY", "lr:2": "READY", "det:1": "READY"}
     browser.find_element("id", "token").send_keys("not-the-token")
     browser.find_element("id", "login-button").click()
-    wait_for(lambda: browser.find_element("id", "failed").is_displayed(), 30, "the wrong-token message")
+    try:
+        wait_for(lambda: _count(browser, "#failed") and browser.find_element("id", "failed").is_displayed(), 30,
+                 "the wrong-token message")
+    except TimeoutError:
+        raise AssertionError(f"{browser.current_url}: {browser.page_source[:2000]}") from None
 
 
 def test_login_shows_models_and_their_state(served: Served, browser: Any) -> None:
@@ -180,32 +190,42 @@ def test_login_shows_models_and_their_state(served: Served, browser: Any) -> Non
 
 
 def test_charts_update_as_requests_arrive(served: Served, browser: Any) -> None:
+    """Requests to the route (80/20) and bad images to the detector: the charts, the route's A/B
+    report and the recent errors all follow."""
     before = int(_attr(browser, "#chart-throughput", "data-points"))
     stop = threading.Event()
     x = np.random.default_rng(1).normal(size=(2, 20)).astype(np.float32)
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 20], "data": x.reshape(-1).tolist()}]}
+    not_an_image = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["bm90IGFuIGltYWdl"]}]}
     with served.client() as c:
-        name = c.get("/v2/models/lr").json()["inputs"][0]["name"]
-        body["inputs"][0]["name"] = name
+        body["inputs"][0]["name"] = c.get("/v2/models/lr").json()["inputs"][0]["name"]
         sent: list[int] = []
+        refused: list[int] = []
 
         def load() -> None:
             while not stop.is_set():
-                sent.append(c.post("/v2/models/lr/infer", json=body).status_code)
+                sent.append(c.post("/v2/models/lr-ab/infer", json=body).status_code)
+                if len(sent) % 200 == 0:
+                    refused.append(c.post("/v2/models/det/infer", json=not_an_image).status_code)
 
         worker = threading.Thread(target=load, daemon=True)
         worker.start()
         try:
             wait_for(lambda: float(_attr(browser, "#chart-throughput", "data-max") or 0) > 0, 60, "throughput > 0")
-            wait_for(lambda: _count(browser, '#chart-latency-p99 polyline[data-series="lr:1"]'), 60,
-                     "a p99 latency line for lr:1")
+            for variant in ("lr-ab/lr:1", "lr-ab/lr:2"):
+                wait_for(lambda v=variant: _count(browser, f'#chart-latency-p99 polyline[data-series="{v}"]'), 60,
+                         f"a p99 latency line for {variant}")
             wait_for(lambda: float(_attr(browser, "#chart-batch", "data-max") or 0) >= 2, 60, "batch size >= 2 rows")
+            wait_for(lambda: float(_attr(browser, "#chart-errors", "data-max") or 0) > 0, 60, "errors > 0")
+            wait_for(lambda: "client error" in _text(browser, "#errors-table"), 60, "the refused images listed")
+            wait_for(lambda: _count(browser, '[data-route="lr-ab"] table.report tbody tr') == 2, 60, "the A/B report")
         finally:
             stop.set()
             worker.join(30)
-    assert sent and set(sent) == {200}
+    assert sent and set(sent) == {200} and refused and set(refused) == {400}
     assert int(_attr(browser, "#chart-throughput", "data-points")) > before
-    assert _text(browser, '#chart-throughput .legend [data-series="lr:1"]').startswith("lr:1")
+    assert _text(browser, '#chart-throughput .legend [data-series="lr-ab/lr:1"]').startswith("lr-ab/lr:1")
+    assert "lr:1 80.0%" in _text(browser, '[data-route="lr-ab"] .legend')
 
 
 def test_try_it_returns_a_prediction(served: Served, browser: Any) -> None:
@@ -216,7 +236,7 @@ def test_try_it_returns_a_prediction(served: Served, browser: Any) -> None:
              "the example request")
     browser.find_element("id", "try-send").click()
     wait_for(lambda: "200" in browser.find_element("id", "try-status").text, 60, "an answer")
-    assert "answered by lr:1" in browser.find_element("id", "try-status").text
+    assert "answered by lr:2" in browser.find_element("id", "try-status").text  # lr: its highest version
     assert '"outputs"' in browser.find_element("id", "try-output").text
     # A broken request shows the server's error, and the page goes on.
     box = browser.find_element("id", "try-json")

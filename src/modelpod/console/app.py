@@ -62,7 +62,7 @@ ASSETS = {"console.js": "text/javascript; charset=utf-8", "console.css": "text/c
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 _PAGE_HEADERS = [("content-security-policy", _CSP), ("x-content-type-options", "nosniff"),
-                 ("x-frame-options", "DENY"), ("referrer-policy", "no-referrer"), ("cache-control", "no-store")]
+                 ("x-frame-options", "DENY"), ("referrer-policy", "same-origin"), ("cache-control", "no-store")]
 _MAX_LIMIT = 1000
 
 

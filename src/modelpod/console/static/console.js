@@ -5,6 +5,7 @@
 (() => {
   const API = "/console/api/";
   const WINDOW_S = 300;
+  const MIN_WINDOW_S = 60;
   const MAX_POINTS = 900;
   const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"];
   const CHARTS = [
@@ -210,14 +211,17 @@
     const fig = $(`chart-${c.id}`);
     const W = 360, H = 150, L = 40, R = 6, T = 8, B = 18;
     const now = state.points.length ? state.points[state.points.length - 1].t : Date.now() / 1000;
-    const t0 = now - WINDOW_S;
+    // The last five minutes, or less while the history is shorter (at least one minute).
+    const first = state.points.length ? state.points[0].t : now;
+    const span = Math.min(WINDOW_S, Math.max(MIN_WINDOW_S, now - first));
+    const t0 = now - span;
     const pts = state.points.filter((p) => p.t >= t0);
     const scale = c.scale || 1;
     const ids = Object.keys(state.series).filter((id) => pts.some((p) => p.series[id] && p.series[id][c.key] !== null && p.series[id][c.key] !== undefined));
     let max = 0;
     for (const p of pts) for (const id of ids) { const v = p.series[id] && p.series[id][c.key]; if (v !== null && v !== undefined) max = Math.max(max, v * scale); }
     const top = max > 0 ? niceCeil(max) : 1;
-    const x = (t) => L + (W - L - R) * (t - t0) / WINDOW_S;
+    const x = (t) => L + (W - L - R) * (t - t0) / span;
     const y = (v) => T + (H - T - B) * (1 - v / top);
     const out = [];
     for (const f of [0, 0.5, 1]) {
@@ -225,7 +229,8 @@
       const label = svg("text", { x: L - 4, y: y(top * f) + 3, "text-anchor": "end" }); label.textContent = fmt(top * f);
       out.push(label);
     }
-    for (const [tx, text] of [[L, `-${WINDOW_S / 60}m`], [W - R, "now"]]) {
+    const ago = span >= 120 ? `-${Math.round(span / 60)} min` : `-${Math.round(span)} s`;
+    for (const [tx, text] of [[L, ago], [W - R, "now"]]) {
       const label = svg("text", { x: tx, y: H - 4, "text-anchor": tx === L ? "start" : "end" }); label.textContent = text;
       out.push(label);
     }
