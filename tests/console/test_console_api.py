@@ -233,6 +233,18 @@ def test_without_a_token_only_loopback_hosts_and_peers(console: Console) -> None
         assert resp.status == status, peer
 
 
+def test_without_a_token_no_page_may_manage_the_server(console: Console) -> None:
+    own = {"origin": console.url, "content-type": "application/json"}
+    with httpx.Client(base_url=console.url, timeout=30) as c:
+        for path in ("/v2/repository/index", "/v2/repository/models/echo/unload", "/v2/routes/echo",
+                     "/v2/models/echo/feedback"):
+            r = c.post(path, json={}, headers=own)
+            assert r.status_code == 403 and "token" in r.json()["error"], path
+        assert c.post("/v2/repository/index", json={}).status_code == 200  # a plain loopback client still may
+        assert c.get("/v2/routes", headers=own).status_code == 200  # reads stay open
+    assert console.live.engine.registry.versions("echo")[1].state.value == "READY"
+
+
 def test_with_a_token_everything_but_the_static_files_needs_it(guarded: Console) -> None:
     with httpx.Client(base_url=guarded.url, timeout=30) as c:
         page = c.get("/console")

@@ -12,10 +12,13 @@ Who may see it:
   session cookie the login form sets (HttpOnly, SameSite=Strict, holding an HMAC of the token,
   never the token). An unauthenticated ``GET /console`` gets 401 and the login form.
 
-Nothing here changes server state. The try-it form posts to ``/console/api/models/{m}/infer``,
-which hands the request to the normal REST inference path (same decoding, checks, metrics and
-limits); it needs the console's auth and the ``X-Modelpod-Console`` header, which no cross-site
-form can send without a CORS preflight this server never grants.
+Nothing here changes server state, and with the console on and no token, a management call
+(repository, routes, feedback) that carries an ``Origin`` (a web page's) is refused: the API lets
+same-origin pages through on loopback, and the console is the one page of this origin. The try-it
+form posts to ``/console/api/models/{m}/infer``, which hands the request to the normal REST
+inference path (same decoding, checks, metrics and limits); it needs the console's auth and the
+``X-Modelpod-Console`` header, which no cross-site form can send without a CORS preflight this
+server never grants.
 
 Endpoints (GET unless said)::
 
@@ -121,6 +124,11 @@ class ConsoleApp:
                 return await self._console(req)
             except ModelpodError as exc:
                 return self._error(exc)
+        if self.token is None and "origin" in req.headers and _changes_state(req):
+            # Without a token the API lets same-origin pages manage the server; with the console on,
+            # the console is the one page of this origin, and it may change nothing.
+            return self._error(ForbiddenError("changes from a web page need the server's token (--token): "
+                                              "the console changes nothing"))
         return await self.rest(req)
 
     # -- who may see it ---------------------------------------------------------------------------
@@ -271,6 +279,15 @@ class ConsoleApp:
         elif isinstance(exc, _MethodNotAllowed):
             headers.append(("allow", exc.allow))
         return error_response(exc.http_status if 400 <= exc.http_status < 600 else 500, exc.message, headers=headers)
+
+
+def _changes_state(req: Request) -> bool:
+    """A management call: the repository and routes APIs (but reads), and route feedback."""
+    if req.method in ("GET", "HEAD"):
+        return False
+    path = req.path
+    return (path.startswith("/v2/repository/") or path == "/v2/routes" or path.startswith("/v2/routes/")
+            or (path.startswith("/v2/models/") and path.endswith("/feedback")))
 
 
 def _json(obj: Any) -> Response:
