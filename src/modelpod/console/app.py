@@ -235,7 +235,7 @@ class ConsoleApp:
             _only(query, "since", "limit")
             since = _number(query, "since", 0.0)
             limit = int(_number(query, "limit", 100.0, integer=True, low=1, high=_MAX_LIMIT))
-            found = [e for e in (*self.errors.records, *self.history.events) if e["t"] > since]
+            found = [e for e in (*self.errors.snapshot(), *self.history.events) if e["t"] > since]
             found.sort(key=lambda e: e["t"])
             return _json({"errors": found[-limit:]})
         if rest == "sections":

@@ -38,6 +38,14 @@ class RecentErrors(logging.Handler):
         except Exception:  # a log handler never raises into its caller
             self.handleError(record)
 
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The records kept, oldest first (model threads log too: copied under the handler's lock)."""
+        self.acquire()
+        try:
+            return list(self.records)
+        finally:
+            self.release()
+
     def attach(self) -> None:
         if self._logger is None:
             self._logger = logging.getLogger(LOGGER)
