@@ -124,6 +124,8 @@ def test_page_and_static_files_without_a_cdn(console: Console) -> None:
 def test_overview_lists_models_versions_and_state(console: Console) -> None:
     with httpx.Client(base_url=console.url, timeout=30) as c:
         body = c.get("/console/api/overview").json()
+        assert c.get("/console/api/models").json() == {"models": body["models"]}
+        assert c.get("/console/api/routes").json() == {"routes": []}
     assert body["server"]["ready"] is True and body["console"]["auth"] == "loopback"
     rows = {m["label"]: m for m in body["models"]}
     assert set(rows) == {"echo:1", "echo:2", "poison:1", "crash:1"}

@@ -27,6 +27,7 @@ Endpoints (GET unless said)::
     POST /console/login           form field ``token``: sets the session cookie, 303 to /console
     POST /console/logout          clears it
     /console/api/overview         server, models (with versions and state), routes
+    /console/api/models, /console/api/routes      those two parts of the overview alone
     /console/api/metrics?since=T  sampled points after T (epoch seconds), the series they hold
     /console/api/errors?since=T&limit=N   recent warnings/errors and non-success answers
     /console/api/models/{m}/example[?version=V]   a request to start the try-it form from
@@ -225,6 +226,9 @@ class ConsoleApp:
             auth = {"auth": "token" if self.token is not None else "loopback",
                     "sample_interval_s": self.history.interval_s}
             return _json({**views.overview(self.engine, self.started), "console": auth})
+        if rest in ("models", "routes"):
+            _only(query)
+            return _json({rest: views.overview(self.engine, self.started)[rest]})
         if rest == "metrics":
             _only(query, "since")
             since = _number(query, "since", 0.0)
