@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # System set-up for the test suite (Debian/Ubuntu, run as root). Safe to run again:
 #  - installs the tools the tests drive: a Docker engine, the CNCF distribution registry, skopeo,
-#    umoci, debootstrap (the base image is made from Debian packages), promtool, openssl;
+#    umoci, debootstrap (the base image is made from Debian packages), promtool, openssl, and
+#    chromium + chromium-driver (the console's browser test, tests/e2e/test_console_browser.py);
 #  - starts dockerd when no engine answers (containers without systemd);
 #  - starts a registry on 127.0.0.1:5000 when nothing answers there (the tests use it, or their own).
 set -euo pipefail
 
 PACKAGES=(ca-certificates curl openssl python3-venv docker.io docker-registry skopeo umoci debootstrap prometheus
-          openjdk-17-jre-headless)  # the JDK: pyspark local mode (modelpod.batch.spark_udf tests)
+          openjdk-17-jre-headless  # the JDK: pyspark local mode (modelpod.batch.spark_udf tests)
+          chromium chromium-driver)  # headless Chromium + its WebDriver: the console's browser test
 STATE=/var/lib/modelpod-ci
 LOGS=/var/log/modelpod-ci
 

@@ -397,6 +397,9 @@ def parser() -> argparse.ArgumentParser:
                    "--token-file also takes a YAML table of tokens with scopes, models and rate limits")
     c.add_argument("--token-file", metavar="PATH",
                    help="read the bearer token from this file (or $MODELPOD_TOKEN_FILE)")
+    c.add_argument("--console", action="store_true", default=None,
+                   help="serve the web console at /console (or $MODELPOD_CONSOLE=1; loopback clients only "
+                   "unless a token is set; docs/console.md)")
 
     from modelpod.serving.route_cli import add_arguments as route_arguments
 

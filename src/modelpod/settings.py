@@ -65,6 +65,8 @@ class Settings:
     log_level: str = "info"
     log_json: bool = True
     inference_threads: int | None = None
+    # The web console at /console (``serve --console``): loopback clients only unless a token is set.
+    console: bool = False
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

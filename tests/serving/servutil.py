@@ -158,8 +158,12 @@ class LiveServer:
     """REST (and optionally gRPC) over an engine, in a background thread with its own event loop."""
 
     def __init__(self, settings: Settings, setup: Callable[[InferenceEngine], None], *, grpc: bool = False,
-                 start_engine: bool = True) -> None:
+                 start_engine: bool = True, wrap: Callable[[Any, InferenceEngine], Any] | None = None) -> None:
+        """``wrap(rest_app, engine)``: the handler to serve instead (the console); its ``start()`` and
+        ``close()`` are called when it has them."""
         self.settings = settings
+        self.wrap = wrap
+        self.handler: Any = None
         self.engine = InferenceEngine(settings)
         setup(self.engine)
         self.grpc = grpc
@@ -207,7 +211,13 @@ class LiveServer:
         self._stop = asyncio.Event()
         tls = TlsFiles.from_settings(self.settings)
         auth = Auth.from_settings(self.settings)  # one for both protocols, as `modelpod serve` has
-        self.http = HttpServer(RestApp(self.engine, self.settings, auth), max_body_bytes=self.settings.max_body_bytes,
+        handler: Any = RestApp(self.engine, self.settings, auth)
+        if self.wrap is not None:
+            handler = self.wrap(handler, self.engine)
+            if hasattr(handler, "start"):
+                handler.start()
+        self.handler = handler
+        self.http = HttpServer(handler, max_body_bytes=self.settings.max_body_bytes,
                                keepalive_timeout_s=self.settings.keepalive_timeout_s,
                                limits=HttpLimits.from_settings(self.settings),
                                tls=tls.ssl_context() if tls is not None else None)
@@ -225,6 +235,8 @@ class LiveServer:
         try:
             await self._stop.wait()
         finally:
+            if hasattr(handler, "close"):
+                await handler.close()
             await self.http.close()
             if grpc_server is not None:
                 await grpc_server.stop(0)

@@ -175,10 +175,14 @@ class _Connection(asyncio.Protocol):
         self.eof = False
         self.paused_reading = False
         self.writable: asyncio.Future[None] | None = None
+        self.peer = ""
 
     # -- transport callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and peername:
+            self.peer = str(peername[0])
         server = self.server
         server.connections.add(self)
         now = self.loop.time()
@@ -330,7 +334,7 @@ class _Connection(asyncio.Protocol):
         path, _, query = url.partition(b"?")
         return Request(self.parser.get_method().decode("ascii", "replace"), path.decode("latin-1"),
                        query.decode("latin-1"), self.headers, body, self.parser.should_keep_alive(),
-                       self.started)
+                       self.started, peer=self.peer)
 
     def _refuse(self, status: int, reason: str) -> None:
         """Answer ``status`` in order after what is pipelined, read nothing more, close after."""

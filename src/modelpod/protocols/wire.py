@@ -42,10 +42,10 @@ class HttpLimits:
 class Request:
     """One parsed request. Header names are lower case; the body is complete."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "reason", "received", "reject")
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "peer", "query", "reason", "received", "reject")
 
     def __init__(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes,
-                 keep_alive: bool, received: float, reject: int = 0, reason: str = "") -> None:
+                 keep_alive: bool, received: float, reject: int = 0, reason: str = "", peer: str = "") -> None:
         self.method = method
         self.path = path
         self.query = query
@@ -55,6 +55,7 @@ class Request:
         self.received = received
         self.reject = reject  # an HTTP status decided by the connection (408, 413, 431...): answer it, close
         self.reason = reason
+        self.peer = peer  # the client's address ("" when unknown): the console serves loopback peers only
 
 
 class Response:

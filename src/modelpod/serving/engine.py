@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,9 @@ class InferenceEngine:
         self.observe = Observer(self.metrics, self.registry, self.config.payload_logs, self._entries_of,
                                 self.config.drift)
         self._routes_configured = False
+        # Optional console sections (drift, replicas, ...): name -> a callable returning one table,
+        # {"title", "columns", "rows"[, "note"]} (modelpod.console.views). The console shows each one set here.
+        self.console_sections: dict[str, Callable[[], Mapping[str, Any]]] = {}
         self.started = False
         self.draining = False
 

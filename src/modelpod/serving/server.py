@@ -49,7 +49,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.with_(
         host=args.host, port=args.port, grpc_port=args.grpc_port,
         max_batch_rows=args.max_batch_rows, max_batch_wait_ms=args.max_batch_wait_ms,
-        config=Path(args.config) if args.config else None,
+        config=Path(args.config) if args.config else None, console=getattr(args, "console", None),
     )
     settings = _with_token(settings, args.token, getattr(args, "token_file", None))
     settings = settings.with_(tls_cert=_path(getattr(args, "tls_cert", None)),
@@ -141,7 +141,13 @@ async def _main(engine: InferenceEngine, settings: Settings, grpc_mode: str, as_
 
     tls = TlsFiles.from_settings(settings)
     auth = Auth.from_settings(settings)
-    http = HttpServer(RestApp(engine, settings, auth), max_body_bytes=settings.max_body_bytes,
+    app = RestApp(engine, settings, auth)
+    console = None
+    if settings.console:
+        from modelpod.console import ConsoleApp
+
+        console = ConsoleApp(app, engine, settings)
+    http = HttpServer(console or app, max_body_bytes=settings.max_body_bytes,
                       keepalive_timeout_s=settings.keepalive_timeout_s, limits=HttpLimits.from_settings(settings),
                       tls=tls.ssl_context() if tls is not None else None)
     try:
@@ -158,12 +164,19 @@ async def _main(engine: InferenceEngine, settings: Settings, grpc_mode: str, as_
                     "repository API (load/unload) is refused; set --token or MODELPOD_TOKEN",
                     extra={"fields": {"host": settings.host}})
     drained = False
+    if console is not None:
+        if settings.token is None and not is_loopback(settings.host):
+            log.warning("the console answers loopback clients only while no token is set",
+                        extra={"fields": {"host": settings.host}})
+        console.start()
     try:
         await engine.start()
         _announce(engine, settings, port, grpc_port, as_json, out, tls is not None)
         await stop.wait()
         drained = await _drain(engine, http, grpc_server, settings, hurry)
     finally:
+        if console is not None:
+            await console.close()
         await http.close()
         if grpc_server is not None:
             await grpc_server.stop(0)
@@ -230,14 +243,20 @@ def _announce(engine: InferenceEngine, settings: Settings, port: int, grpc_port:
     models = [{"name": e.name, "version": e.version_text, "state": e.state.value, "reason": e.reason,
                "url": f"{rest}/v2/models/{e.name}"} for e in engine.registry]
     grpc = f"{host}:{grpc_port}" if grpc_port is not None else None
+    console = f"{rest}/console" if settings.console else None
     routes = [{"name": r.spec.name, "share": r.describe()["share"], "shadow": list(r.spec.shadow),
                "status": r.status, "url": f"{rest}/v2/models/{r.spec.name}"} for r in engine.traffic.routes.values()]
     if as_json:
-        print(json.dumps({"rest": rest, "grpc": grpc, "models": models, "routes": routes}), file=out, flush=True)
+        info: dict[str, Any] = {"rest": rest, "grpc": grpc, "models": models, "routes": routes}
+        if console:
+            info["console"] = console
+        print(json.dumps(info), file=out, flush=True)
     else:
         lines = [f"modelpod {__version__} serving OIP v2", f"  REST     {rest}/v2  (metrics: {rest}/metrics)"]
         if grpc:
             lines.append(f"  gRPC     {grpc}{'  (TLS)' if tls else ''}")
+        if console:
+            lines.append(f"  console  {console}")
         for m in models:
             ref = f"{m['name']}:{m['version']}" if m["version"] else m["name"]
             state = m["state"] if not m["reason"] else f"{m['state']} ({m['reason']})"
