@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -127,6 +128,8 @@ def build_command(args: argparse.Namespace, settings: Settings) -> Any:
         builder = ImageBuilder(settings.home / "cache", _registries(progress), progress)
         try:
             built = builder.build(pod, rec.version, options, rec.aliases)
+            if encrypted and options.check is False and not getattr(args, "no_check", False):
+                built = dataclasses.replace(built, load_check="off (encrypted weights: the key never enters a build)")
         except RegistryError as exc:
             if args.base:
                 raise
