@@ -78,7 +78,7 @@ def test_pack_encrypt_stores_only_ciphertext(packed: tuple[Path, Any], sklearn_m
 def test_load_needs_the_right_key(packed: tuple[Path, Any], sklearn_model: Model, key: Path, tmp_path: Path) -> None:
     home, _ = packed
     _, sample, est = sklearn_model
-    with pytest.raises(DecryptionError, match="has encrypted weights .*--decrypt-key FILE or MODELPOD_DECRYPT_KEY_FILE"):
+    with pytest.raises(DecryptionError, match="encrypted weights .*--decrypt-key FILE or MODELPOD_DECRYPT_KEY_FILE"):
         load("lr:1", settings=Settings(home=home))
     wrong = tmp_path / "wrong.key"
     wrong.write_bytes(os.urandom(32))
