@@ -42,24 +42,29 @@ def leaks(root: Path, plaintext: bytes) -> list[str]:
     return found
 
 
-@pytest.fixture
-def key(tmp_path: Path) -> Path:
-    path = tmp_path / "pod.key"
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("key") / "pod.key"
     path.write_bytes(os.urandom(32))
     return path
 
 
-@pytest.fixture
-def packed(tmp_path: Path, sklearn_model: Model, key: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Any]:
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory, sklearn_model: Model, key: Path) -> tuple[Path, Any]:
+    """``pack --encrypt`` through the CLI, once for the module (the tests only read the store)."""
+    import contextlib
+    import io
+
     path, sample, _ = sklearn_model
-    np.save(tmp_path / "sample.npy", sample)
-    home = tmp_path / "home"
-    capsys.readouterr()
-    rc = main(["--home", str(home), "pack", str(path), "--name", "lr", "--sample", str(tmp_path / "sample.npy"),
-               "--encrypt", str(key), "--json"])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    return home, json.loads(out)
+    root = tmp_path_factory.mktemp("enc")
+    np.save(root / "sample.npy", sample)
+    home = root / "home"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["--home", str(home), "pack", str(path), "--name", "lr", "--sample", str(root / "sample.npy"),
+                   "--encrypt", str(key), "--json"])
+    assert rc == 0
+    return home, json.loads(out.getvalue())
 
 
 def test_pack_encrypt_stores_only_ciphertext(packed: tuple[Path, Any], sklearn_model: Model, key: Path) -> None:
@@ -92,12 +97,12 @@ def test_load_needs_the_right_key(packed: tuple[Path, Any], sklearn_model: Model
     assert after <= before  # the plaintext directory is gone once loaded
 
 
-def test_tampered_ciphertext_is_refused(packed: tuple[Path, Any], key: Path) -> None:
+def test_tampered_ciphertext_is_refused(packed: tuple[Path, Any], key: Path, tmp_path: Path) -> None:
     home, _ = packed
     store = Store(home)
     pod = store.open("lr:1")
     [weights] = [f for f in pod.manifest.files if f.role == "weights"]
-    copy = home.parent / "copy"
+    copy = tmp_path / "copy"
     copy.mkdir()
     for f in pod.manifest.files:
         (copy / f.path).parent.mkdir(parents=True, exist_ok=True)
