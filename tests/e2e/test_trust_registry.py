@@ -63,7 +63,8 @@ def cli(kit: Kit, capsys: pytest.CaptureFixture[str]) -> Any:
     return lambda home, *args: kit.cli(capsys, home, *args)
 
 
-def test_signed_pod_push_pull_with_referrers(sk_pod: Any, oci_registry: Any, tmp_path: Path, cli: Any) -> None:
+def test_signed_pod_push_pull_with_referrers(sk_pod: Any, oci_registry: Any, tmp_path: Path, cli: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     home = _copy_home(sk_pod.home, tmp_path / "home")
     private, public = _keypair(tmp_path / "keys")
     rc, _, err = cli(home, "sign", "sk-lr:1", "--key", str(private))
@@ -84,11 +85,8 @@ def test_signed_pod_push_pull_with_referrers(sk_pod: Any, oci_registry: Any, tmp
     assert len(referrers(client, ref.repository, pushed["digest"], SIGNATURE_ARTIFACT)) == 1
 
     fresh = tmp_path / "fresh"
-    os.environ["MODELPOD_TRUST_KEYS"] = str(public)
-    try:
-        rc, pulled, err = cli(fresh, "pull", f"{target}:1")
-    finally:
-        del os.environ["MODELPOD_TRUST_KEYS"]
+    monkeypatch.setenv("MODELPOD_TRUST_KEYS", str(public))
+    rc, pulled, err = cli(fresh, "pull", f"{target}:1")
     assert rc == 0, err
     assert pulled["digest"] == sk_pod.record.digest
     rc, report, err = cli(fresh, "verify", "sk-lr:1", "--signature", "--key", str(public))
