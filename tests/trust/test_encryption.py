@@ -24,10 +24,13 @@ from modelpod.trust.encryption import decrypted, key_id, read_key
 Model = tuple[Path, np.ndarray, object]
 
 
-def windows(data: bytes, size: int = 32, count: int = 24) -> list[bytes]:
-    """Pieces of ``data`` from across it: a leak of any part of the plaintext shows up."""
-    step = max(1, (len(data) - size) // count)
-    return [data[i:i + size] for i in range(0, len(data) - size, step)][:count]
+def windows(data: bytes, size: int = 32) -> list[bytes]:
+    """The binary pieces of ``data`` (weights, CRCs; not the JSON and spaces any file may hold):
+    a leak of any of them shows up."""
+    found = [data[i:i + size] for i in range(0, len(data) - size, 4)]
+    pieces = [w for w in found if len(set(w)) >= 20 and sum(1 for b in w if b < 0x20 or b > 0x7E) >= 12]
+    assert len(pieces) >= 8, "the model file has too little binary content to look for"
+    return pieces
 
 
 def leaks(root: Path, plaintext: bytes) -> list[str]:
@@ -67,9 +70,11 @@ def packed(tmp_path_factory: pytest.TempPathFactory, sklearn_model: Model, key: 
     return home, json.loads(out.getvalue())
 
 
-def test_pack_encrypt_stores_only_ciphertext(packed: tuple[Path, Any], sklearn_model: Model, key: Path) -> None:
+def test_pack_encrypt_stores_only_ciphertext(packed: tuple[Path, Any], sklearn_model: Model, key: Path,
+                                             template_home: tuple[Path, Any]) -> None:
     home, _ = packed
     plaintext = sklearn_model[0].read_bytes()
+    assert leaks(template_home[0], plaintext)  # the search finds the weights in a plain store
     rec = Store(home).get("lr:1")
     enc = rec.manifest.encryption
     assert enc["scheme"] == "aes-256-gcm/v1" and enc["key_id"] == key_id(key.read_bytes())
