@@ -67,6 +67,11 @@ class Settings:
     inference_threads: int | None = None
     # The web console at /console (``serve --console``): loopback clients only unless a token is set.
     console: bool = False
+    # Trust (modelpod.trust.policy): trusted key files (``,``/``:`` separated), whether pods must be
+    # signed to load (None: when keys are set), and the key that decrypts encrypted weights.
+    trust_keys: str | None = None
+    require_signed: bool | None = None
+    decrypt_key_file: Path | None = None
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -20,6 +20,7 @@ from modelpod.inputs import NONFINITE
 from modelpod.pod import Serving
 from modelpod.serving.routes import RouteSpec, parse_routes
 from modelpod.settings import Settings
+from modelpod.trust.policy import TrustPolicy
 
 # The server's policy for a model is the same record a pod carries as its defaults.
 BatchPolicy = Serving
@@ -82,6 +83,8 @@ class ServeConfig:
 
     def drift(self, name: str) -> bool:
         return self.drift_keys.get(name, self.drift_keys.get("", True))
+    # The config's ``trust:`` section over the settings (modelpod.trust.policy); None: settings only.
+    trust: TrustPolicy | None = None
 
     def policy(self, name: str, serving: Serving | None = None) -> BatchPolicy:
         base = asdict(serving) if serving is not None else {}
@@ -104,6 +107,8 @@ class ServeConfig:
         }
         settings_keys = _checked({k: v for k, v in overrides.items() if v is not None}, "settings")
         data = dict(data or {})
+        trust = TrustPolicy.from_settings(settings, {"trust": data.pop("trust", None)},
+                                          Path(settings.config).parent if settings.config else None)
         routes = parse_routes(data.pop("routes", None))
         raw_models = data.pop("models", None) or {}
         if not isinstance(raw_models, Mapping):
@@ -123,7 +128,8 @@ class ServeConfig:
             models[str(name)] = _checked(values, f"config: models.{name}")
         from modelpod.observe.payload import parse_specs
 
-        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes, parse_specs(payload_raw), drift)
+        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes, parse_specs(payload_raw), drift,
+                   trust)
 
     @classmethod
     def load(cls, settings: Settings) -> ServeConfig:
