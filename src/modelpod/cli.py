@@ -253,6 +253,13 @@ def _route(args: argparse.Namespace, settings: Settings) -> Any:
     return route_command(args, settings)
 
 
+@command("env")
+def _env(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.serving.env_cli import env_command
+
+    return env_command(args, settings)
+
+
 @command("build")
 def _build(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.image.cli import build_command
@@ -369,9 +376,18 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--token-file", metavar="PATH",
                    help="read the bearer token from this file (or $MODELPOD_TOKEN_FILE)")
 
+    c.add_argument("--wheel-cache", metavar="DIR", help="build pods' own environments offline from the wheels "
+                   "in DIR (or $MODELPOD_WHEEL_CACHE; docs/environments.md)")
+    c.add_argument("--env", dest="pod_env", choices=("auto", "own", "server"),
+                   help="every model: its own environment when its pins differ (auto, the default), always, or never")
+
     from modelpod.serving.route_cli import add_arguments as route_arguments
 
     route_arguments(cmd("route", "traffic splits of a running server: list, show, set, report, rollout, rollback"))
+
+    from modelpod.serving.env_cli import add_arguments as env_arguments
+
+    env_arguments(sub.add_parser("env", help="pods' own environments: list, show, build, rm"))
 
     c = cmd("build", "build a runnable OCI image of a pod, without a daemon")
     c.add_argument("ref")

@@ -51,6 +51,11 @@ class Settings:
     log_level: str = "info"
     log_json: bool = True
     inference_threads: int | None = None
+    # Own environments (serving/envs.py): the wheel cache they are built from offline
+    # (``--wheel-cache``), and ``auto|own|server`` for every model (``--env``; the config file's
+    # ``env`` per model wins).
+    wheel_cache: Path | None = None
+    pod_env: str | None = None
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

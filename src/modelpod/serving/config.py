@@ -18,6 +18,7 @@ import yaml
 from modelpod.errors import PodError, UsageError
 from modelpod.inputs import NONFINITE
 from modelpod.pod import Serving
+from modelpod.serving.envs import pop_env, pop_wheel_cache
 from modelpod.serving.routes import RouteSpec, parse_routes
 from modelpod.settings import Settings
 
@@ -65,6 +66,14 @@ class ServeConfig:
         """``pass`` (the default: NaN/Infinity reach the model) or ``reject`` (refused with a 400)."""
         return self.nonfinite_keys.get(name) or self.nonfinite_keys.get("", "pass")
     routes: Mapping[str, RouteSpec] = field(default_factory=dict)
+    # Own environments (``serving/envs.py``): ``env: auto|own|server`` globally ("") and per model,
+    # and the file's ``wheel_cache``.
+    env_keys: Mapping[str, str] = field(default_factory=dict)
+    wheel_cache: Path | None = None
+
+    def env_mode(self, name: str) -> str:
+        """``auto`` (own environment when the pod's pins differ from the server's), ``own`` or ``server``."""
+        return self.env_keys.get(name) or self.env_keys.get("", "auto")
 
     def policy(self, name: str, serving: Serving | None = None) -> BatchPolicy:
         base = asdict(serving) if serving is not None else {}
@@ -92,14 +101,16 @@ class ServeConfig:
         if not isinstance(raw_models, Mapping):
             raise UsageError("config: 'models' must map model names to settings")
         nonfinite = _nonfinite(data, "", "config")
+        env_keys, wheel_cache = pop_env(data, "", "config", settings.pod_env), pop_wheel_cache(data, settings)
         models: dict[str, dict[str, Any]] = {}
         for name, values in raw_models.items():
             if not isinstance(values, Mapping):
                 raise UsageError(f"config: models.{name} must be a mapping")
             values = dict(values)
             nonfinite.update(_nonfinite(values, str(name), f"config: models.{name}"))
+            env_keys.update(pop_env(values, str(name), f"config: models.{name}"))
             models[str(name)] = _checked(values, f"config: models.{name}")
-        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes)
+        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes, env_keys, wheel_cache)
 
     @classmethod
     def load(cls, settings: Settings) -> ServeConfig:

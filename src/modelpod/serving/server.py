@@ -42,6 +42,8 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host, port=args.port, grpc_port=args.grpc_port,
         max_batch_rows=args.max_batch_rows, max_batch_wait_ms=args.max_batch_wait_ms,
         config=Path(args.config) if args.config else None,
+        wheel_cache=Path(args.wheel_cache).expanduser() if getattr(args, "wheel_cache", None) else None,
+        pod_env=getattr(args, "pod_env", None),
     )
     settings = _with_token(settings, args.token, getattr(args, "token_file", None))
     logs.configure(settings.log_level, settings.log_json)
