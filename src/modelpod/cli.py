@@ -199,7 +199,8 @@ def _predict(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod import table
     from modelpod.api import load
     from modelpod.packing import sample_inputs
-    from modelpod.protocols.codec import InferRequest, decode_request, encode_response
+    from modelpod.protocols.codec import decode_request, encode_response
+    from modelpod.serving.messages import InferRequest
     from modelpod.serving.worker import ModelWorker
 
     model = load(args.ref, settings=settings)

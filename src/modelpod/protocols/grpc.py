@@ -32,8 +32,9 @@ except ImportError as exc:  # pragma: no cover - exercised where grpcio is missi
 from modelpod.inputs import MAX_DIMS, STEP, InputCheck, check_shape
 from modelpod.pod import DATATYPES, Signature, datatype_of
 from modelpod.protocols._generated import open_inference_pb2 as pb
-from modelpod.protocols.codec import InferRequest, tensor_from_bytes, tensor_to_bytes
-from modelpod.serving.engine import InferenceEngine, InferResult
+from modelpod.protocols.codec import tensor_from_bytes, tensor_to_bytes
+from modelpod.serving.engine import InferenceEngine
+from modelpod.serving.messages import InferRequest, InferResult
 from modelpod.settings import Settings
 
 log = logging.getLogger("modelpod.serving")

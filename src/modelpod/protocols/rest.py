@@ -49,9 +49,10 @@ from modelpod.errors import (
 )
 from modelpod.inputs import InputCheck, release
 from modelpod.protocols import bigjson, v1
-from modelpod.protocols.codec import InferRequest, decode_request, encode_response
+from modelpod.protocols.codec import decode_request, encode_response
 from modelpod.protocols.http import Request, Response, error_response
 from modelpod.serving.engine import InferenceEngine
+from modelpod.serving.messages import InferRequest
 from modelpod.serving.metrics import CONTENT_TYPE
 from modelpod.settings import Settings
 

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,9 @@ from modelpod.errors import (
     UsageError,
 )
 from modelpod.inputs import InputCheck
-from modelpod.model import Batch, Model, with_parameters
-from modelpod.protocols.codec import InferRequest
+from modelpod.model import Model, with_parameters
 from modelpod.serving.config import BatchPolicy, ServeConfig
+from modelpod.serving.messages import InferRequest, InferResult
 from modelpod.serving.metrics import ServingMetrics, outcome_of
 from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
 from modelpod.serving.traffic import TrafficSplit
@@ -38,18 +37,6 @@ log = logging.getLogger("modelpod.serving")
 
 EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "parameters")
 _TRITON_TYPES = {"BYTES": "TYPE_STRING"}
-
-
-@dataclass(frozen=True)
-class InferResult:
-    """What a protocol encodes back: the model that answered and its outputs."""
-
-    model_name: str
-    model_version: str | None
-    outputs: Batch
-    id: str | None = None
-    route: str | None = None  # the route that chose this variant, if one did
-    variant: str = ""  # NAME:VERSION of the version that answered (the ``modelpod-variant`` header)
 
 
 def _header_id(headers: Mapping[str, str] | None) -> str | None:
