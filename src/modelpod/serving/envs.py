@@ -9,7 +9,9 @@ not count: the server's versions of those serve any pod.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -22,7 +24,8 @@ from packaging.utils import canonicalize_name
 
 from modelpod.errors import UsageError
 from modelpod.locking import applies
-from modelpod.serving.envbuild import lock_key
+from modelpod.serving.envbuild import EnvCache, lock_key
+from modelpod.serving.launch import Launch
 from modelpod.settings import Settings
 
 log = logging.getLogger("modelpod.serving")
@@ -71,31 +74,52 @@ def mismatches(requirements: Iterable[str]) -> list[Mismatch]:
 
 @dataclass(frozen=True)
 class EnvChoice:
-    """Where a pod's replicas run: the server's environment, or one built from ``pins``."""
+    """Where a pod's replicas run: the server's environment, or one built from ``pins`` (offline
+    from ``wheel_cache`` when set)."""
 
     own: bool
     reason: str
     pins: tuple[str, ...] = ()
+    wheel_cache: Path | None = None
+    mode: str = "auto"  # as configured: auto | own | server
 
     @property
     def key(self) -> str:
         return lock_key(self.pins)
 
 
-def choose(requirements: Sequence[str], mode: str = "auto") -> EnvChoice:
+def choose(requirements: Sequence[str], mode: str = "auto", wheel_cache: Path | None = None) -> EnvChoice:
     """``own`` or ``server`` as asked; ``auto``: own when a pin is not satisfied here."""
     if mode not in MODES:
         raise UsageError(f"env must be one of {', '.join(MODES)}, got {mode!r}")
     pins = tuple(sorted(requirements, key=str.lower))
     if mode == "server":
-        return EnvChoice(False, "env: server")
+        return EnvChoice(False, "env: server", mode=mode)
     if mode == "own":
-        return EnvChoice(True, "env: own", pins)
+        return EnvChoice(True, "env: own", pins, wheel_cache, mode)
     differ = mismatches(pins)
     if not differ:
-        return EnvChoice(False, "the server's packages satisfy the lock")
+        return EnvChoice(False, "the server's packages satisfy the lock", mode=mode)
     shown = ", ".join(m.describe() for m in differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
-    return EnvChoice(True, f"the lock differs from the server's packages: {shown}", pins)
+    return EnvChoice(True, f"the lock differs from the server's packages: {shown}", pins, wheel_cache, mode)
+
+
+# What a replica in an own environment must not inherit from the server: anything that would put
+# the server's packages on its path. (Empty values count as unset for CPython.)
+CHILD_ENV = {"PYTHONPATH": "", "PYTHONHOME": "", "PYTHONSTARTUP": "", "PYTHONNOUSERSITE": "1"}
+
+
+async def launch_in_env(choice: EnvChoice, home: Path, framework: str, label: str) -> Launch:
+    """The launch of a replica in ``choice``'s environment, built first when it is not yet (in a
+    thread: the loop keeps serving the other models meanwhile). Raises EnvBuildError."""
+    started = time.monotonic()
+    env, built = await asyncio.to_thread(EnvCache(home).ensure, choice.pins, wheel_cache=choice.wheel_cache,
+                                         imports=framework_imports(framework), what=f"model {label}")
+    log.info("own environment ready", extra={"fields": {
+        "model": label, "key": env.key[:12], "built": built, "seconds": round(time.monotonic() - started, 3),
+        "why": choice.reason, "python": str(env.python)}})
+    return Launch(python=str(env.python), env={**CHILD_ENV, "VIRTUAL_ENV": str(env.path)},
+                  why=f"own environment {env.key[:12]}")
 
 
 

@@ -42,5 +42,9 @@ class Launch:
 
 async def prepare(entry: ModelEntry, settings: Settings) -> Launch:
     """The launch for ``entry``'s replicas: the server's own interpreter unless the pod needs its own."""
-    del entry, settings
+    choice = entry.env
+    if choice is not None and choice.own and entry.manifest is not None:
+        from modelpod.serving.envs import launch_in_env
+
+        return await launch_in_env(choice, settings.home, entry.manifest.framework, entry.label)
     return Launch(why="server environment")

@@ -35,6 +35,7 @@ from modelpod.model import Model
 from modelpod.pod import MANIFEST_NAME, Manifest, Pod, Signature, read_record
 from modelpod.serving.batcher import Batcher
 from modelpod.serving.config import BatchPolicy, ServeConfig
+from modelpod.serving.envs import EnvChoice, choose
 from modelpod.serving.metrics import ModelMetrics, ServingMetrics
 from modelpod.serving.worker import ModelWorker
 from modelpod.settings import Settings
@@ -89,6 +90,7 @@ class ModelEntry:
         self.last_used = 0.0
         self.loading: asyncio.Future[None] | None = None
         self.input_check: InputCheck | None = None  # built by the engine on first use
+        self.env: EnvChoice | None = None  # own environment or the server's (serving/envs.py)
 
     @property
     def version_text(self) -> str:
@@ -176,8 +178,10 @@ class ModelRegistry:
 
     def _add_manifest(self, manifest: Manifest, version: int | None, source: ModelSource,
                       aliases: frozenset[str]) -> ModelEntry:
-        return self._add(manifest.name, version, source, manifest.signature, manifest.framework,
-                         self.config.policy(manifest.name, manifest.serving), manifest, aliases)
+        entry = self._add(manifest.name, version, source, manifest.signature, manifest.framework,
+                          self.config.policy(manifest.name, manifest.serving), manifest, aliases)
+        entry.env = choose(manifest.requirements, self.config.env_mode(manifest.name), self.config.wheel_cache)
+        return entry
 
     def add_model(self, model: Model, name: str | None = None, version: int | None = None,
                   policy: BatchPolicy | None = None) -> ModelEntry:
