@@ -369,6 +369,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN; visible in the process list)")
     c.add_argument("--token-file", metavar="PATH",
                    help="read the bearer token from this file (or $MODELPOD_TOKEN_FILE)")
+    from modelpod.serving.scaling import add_arguments as replica_arguments
+
+    replica_arguments(c)
 
     from modelpod.serving.route_cli import add_arguments as route_arguments
 

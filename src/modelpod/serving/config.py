@@ -19,12 +19,13 @@ from modelpod.errors import PodError, UsageError
 from modelpod.inputs import NONFINITE
 from modelpod.pod import Serving
 from modelpod.serving.routes import RouteSpec, parse_routes
+from modelpod.serving.scaling import REPLICA_KEYS, ReplicaPolicy, merge, pop_layer, settings_layer
 from modelpod.settings import Settings
 
 # The server's policy for a model is the same record a pod carries as its defaults.
 BatchPolicy = Serving
 
-POLICY_KEYS: tuple[str, ...] = tuple(f.name for f in fields(BatchPolicy))
+POLICY_KEYS: tuple[str, ...] = tuple(f.name for f in fields(BatchPolicy) if f.name not in REPLICA_KEYS)
 _INTS = {"max_batch_rows", "max_queue", "max_concurrency"}
 
 
@@ -65,6 +66,15 @@ class ServeConfig:
         """``pass`` (the default: NaN/Infinity reach the model) or ``reject`` (refused with a 400)."""
         return self.nonfinite_keys.get(name) or self.nonfinite_keys.get("", "pass")
     routes: Mapping[str, RouteSpec] = field(default_factory=dict)
+    # isolation/replicas/max_memory (serving/scaling.py): "" the file's global keys, "*" the settings,
+    # else per model.
+    replica_layers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def replica_policy(self, name: str, serving: Serving | None = None) -> ReplicaPolicy:
+        """Threads or processes, and how many, for model ``name`` (checked; UsageError if bad)."""
+        base = pop_layer(serving.to_dict(), f"pod {name}: serving") if serving is not None else {}
+        layers = [base, *(self.replica_layers.get(k, {}) for k in ("", "*", name))]
+        return merge(layers, f"replicas of {name}")
 
     def policy(self, name: str, serving: Serving | None = None) -> BatchPolicy:
         base = asdict(serving) if serving is not None else {}
@@ -92,14 +102,19 @@ class ServeConfig:
         if not isinstance(raw_models, Mapping):
             raise UsageError("config: 'models' must map model names to settings")
         nonfinite = _nonfinite(data, "", "config")
+        replica_layers = {"": pop_layer(data, "config"), "*": settings_layer(settings)}
         models: dict[str, dict[str, Any]] = {}
         for name, values in raw_models.items():
             if not isinstance(values, Mapping):
                 raise UsageError(f"config: models.{name} must be a mapping")
             values = dict(values)
             nonfinite.update(_nonfinite(values, str(name), f"config: models.{name}"))
+            replica_layers[str(name)] = pop_layer(values, f"config: models.{name}")
             models[str(name)] = _checked(values, f"config: models.{name}")
-        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes)
+        config = cls(_checked(data, "config"), settings_keys, models, nonfinite, routes, replica_layers)
+        for name in ("", *models):  # a bad combination (min above max) stops the start, not the first load
+            config.replica_policy(name)
+        return config
 
     @classmethod
     def load(cls, settings: Settings) -> ServeConfig:
