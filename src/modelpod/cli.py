@@ -376,6 +376,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN; visible in the process list)")
     c.add_argument("--token-file", metavar="PATH",
                    help="read the bearer token from this file (or $MODELPOD_TOKEN_FILE)")
+    from modelpod.serving.scaling import add_arguments as replica_arguments
+
+    replica_arguments(c)
 
     c.add_argument("--wheel-cache", metavar="DIR", help="build pods' own environments offline from the wheels "
                    "in DIR (or $MODELPOD_WHEEL_CACHE; docs/environments.md)")

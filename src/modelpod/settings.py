@@ -51,6 +51,13 @@ class Settings:
     log_level: str = "info"
     log_json: bool = True
     inference_threads: int | None = None
+    # Replicas for every model (serving/scaling.py; a config file's ``models:`` entry wins).
+    isolation: str | None = None  # thread | process
+    replicas: str | None = None  # N or MIN:MAX
+    target_inflight: float | None = None
+    upscale_delay_s: float | None = None
+    downscale_delay_s: float | None = None
+    max_memory: str | None = None  # bytes or a size: 512MiB, 2GB
     # Own environments (serving/envs.py): the wheel cache they are built from offline
     # (``--wheel-cache``), and ``auto|own|server`` for every model (``--env``; the config file's
     # ``env`` per model wins).

@@ -183,8 +183,12 @@ class RestApp:
             if action == "":
                 return _json(self.engine.model_metadata(name, version))
             if action == "ready":
-                ready = self.engine.model_ready(name, version)
-                return _EMPTY if ready else Response(503, b"", headers=[("retry-after", "1")])
+                if self.engine.model_ready(name, version):
+                    return _EMPTY
+                reason = self.engine.unready_reason(name, version)
+                if reason:  # a failed model says why (e.g. its replicas' last stderr lines)
+                    return error_response(503, f"model {name} is not ready: {reason}")
+                return Response(503, b"", headers=[("retry-after", "1")])
             if action == "config":
                 return _json(self.engine.model_config(name, version))
             raise NotFoundError(f"no route {path}")

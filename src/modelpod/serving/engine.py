@@ -55,6 +55,7 @@ class InferenceEngine:
             load_seconds=lambda: self.registry.gauge("load_seconds"),
             memory_bytes=lambda: self.registry.gauge("memory"),
             ready=lambda: self.registry.gauge("ready"),
+            replicas=lambda: self.registry.gauge("replicas"),
         )
         self.registry = ModelRegistry(self.settings, self.config, self.metrics)
         self.traffic = TrafficSplit(self.registry, self.metrics)
@@ -120,6 +121,14 @@ class InferenceEngine:
         # A lazily loaded or evicted model counts as ready: its next request loads it.
         return entry.available
 
+    def unready_reason(self, name: str, version: str | None = None) -> str:
+        """Why a model is not ready ("" when it is, or when it just is not loaded yet): a failed load's
+        error, e.g. the last lines a replica process wrote before it died."""
+        entry = self.resolve(name, version)
+        if self.draining:
+            return "the server is shutting down"
+        return entry.reason if entry.failed else ""
+
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         entry = self.resolve(name, version)
         versions = sorted(
@@ -134,6 +143,11 @@ class InferenceEngine:
         }
         if sig.parameters:  # a table's content_type and dtypes, a classifier's class_labels
             meta["parameters"] = dict(sig.parameters)
+        if entry.failed:  # beyond OIP's fields (clients ignore them): why the model does not serve
+            meta["state"], meta["reason"] = entry.state.value, entry.reason
+        if entry.replica_policy.process:
+            meta["isolation"] = "process"
+            meta["replicas"] = entry.replicas.describe() if entry.replicas is not None else []
         return meta
 
     def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import queue
 import re
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,6 +27,18 @@ log = logging.getLogger("modelpod.serving")
 # Called on the loop thread with (outputs, None) or (None, error).
 Done = Callable[[Batch | None, BaseException | None], None]
 _Job = tuple[Batch, Done, asyncio.AbstractEventLoop]
+
+
+class BatchWorker(Protocol):
+    """What the batcher runs batches on: a ``ModelWorker`` (threads) or a ``ReplicaSet`` (processes)."""
+
+    label: str
+
+    def submit(self, batch: Batch, done: Done, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    async def predict(self, batch: Batch) -> Batch: ...
+
+    def close(self) -> None: ...
 
 
 class ModelWorker:
