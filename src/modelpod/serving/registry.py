@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from functools import partial
 from pathlib import Path
@@ -190,6 +190,11 @@ class ModelRegistry:
         entry = self._add(manifest.name, version, source, manifest.signature, manifest.framework,
                           self.config.policy(manifest.name, manifest.serving), manifest, aliases)
         entry.env = choose(manifest.requirements, self.config.env_mode(manifest.name), self.config.wheel_cache)
+        if entry.env.own:  # another interpreter: only a replica process can run there
+            if not entry.replica_policy.process:
+                entry.replica_policy = replace(entry.replica_policy, isolation="process")
+            log.info("model gets its own environment", extra={"fields": {
+                "model": entry.name, "version": entry.version_text, "why": entry.env.reason}})
         return entry
 
     def add_model(self, model: Model, name: str | None = None, version: int | None = None,
