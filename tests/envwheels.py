@@ -41,6 +41,7 @@ def unavailable(reason: str) -> None:
 def wanted_pins() -> list[str]:
     """What the cache must hold: a scikit-learn pod's lock here, modelpod's runtime, the releases."""
     lock = walk(["numpy", "scikit-learn", "skops"])
+    lock.pop("scikit-learn")  # the pods pin the releases below instead of the server's
     pins = sorted({*lock.values(), *runtime_pins(list(lock.values()))})
     return [*pins, *(f"scikit-learn=={v}" for v in SKLEARN_RELEASES)]
 
@@ -65,14 +66,17 @@ def wheel_cache() -> Path:
     with open(directory / ".lock", "a+b") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         missing = [p for p in wanted_pins() if not has_wheel(directory, p)]
-        if missing:
+        releases = [p for p in missing if p.startswith("scikit-learn==")]
+        rest = [p for p in missing if p not in releases]
+        # One pip run per scikit-learn release: pip refuses two versions of one name in one run.
+        for group in ([rest] if rest else []) + [[r] for r in releases]:
             proc = subprocess.run(
                 [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off",
-                 "--disable-pip-version-check", "--dest", str(directory), *missing],
+                 "--disable-pip-version-check", "--dest", str(directory), *group],
                 capture_output=True, text=True, timeout=900, check=False)
             if proc.returncode != 0:
                 tail = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-                unavailable(f"cannot download wheels for the environment tests ({', '.join(missing)}): {tail}")
+                unavailable(f"cannot download wheels for the environment tests ({', '.join(group)}): {tail}")
     return directory
 
 

@@ -41,6 +41,7 @@ import modelpod
 from modelpod import __version__
 from modelpod.errors import ModelpodError, UsageError
 from modelpod.locking import walk
+from modelpod.serving.launch import CHILD_MODULE
 
 log = logging.getLogger("modelpod.serving")
 
@@ -194,7 +195,7 @@ class EnvCache:
             requirements = [*pins, *runtime_pins(pins)]
             _pip_install(staging, requirements, wheel_cache, what)
             _copy_modelpod(staging)
-            _check_imports(staging, ("modelpod.pod", *imports), what)
+            _check_imports(staging, ("modelpod.pod", CHILD_MODULE, *imports), what)
             record = {"format": _FORMAT, "key": key, "pins": sorted(pins, key=str.lower),
                       "installed": requirements, "python": sys.version.split()[0],
                       "platform": sysconfig.get_platform(), "source": source, "modelpod": __version__,
