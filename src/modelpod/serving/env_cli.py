@@ -87,6 +87,8 @@ def _users(settings: Settings) -> dict[str, list[str]]:
 
 
 def _list(args: argparse.Namespace, settings: Settings, cache: EnvCache) -> int:
+    from modelpod.cli import _size
+
     users = _users(settings)
     envs = cache.list()
     rows = [{**e.to_dict(), "size_bytes": e.size_bytes(), "pods": users.get(e.key, [])} for e in envs]
@@ -103,14 +105,6 @@ def _list(args: argparse.Namespace, settings: Settings, cache: EnvCache) -> int:
 def _headline(pins: list[str]) -> str:
     text = ", ".join(pins[:3])
     return text + (f" +{len(pins) - 3} more" if len(pins) > 3 else "")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def _show(args: argparse.Namespace, settings: Settings, cache: EnvCache) -> int:

@@ -287,6 +287,9 @@ def install_error(stderr: str, wheel_cache: Path | None, what: str) -> EnvBuildE
             f"cannot build the environment of {what}: no wheel of {pin} for {platform} {where}. Fix: {fix}, "
             f"or repack the model with a {name} version that ships wheels for this platform, "
             "or serve it with env: server", name)
+    if "No module named pip" in stderr:
+        return EnvBuildError(f"cannot build the environment of {what}: it needs pip in {sys.executable} "
+                             "(python -m ensurepip), or build it elsewhere with modelpod env build")
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
     tail = " / ".join(lines[-3:]) or "pip failed"
     return EnvBuildError(f"cannot build the environment of {what}: pip failed: {tail}")
