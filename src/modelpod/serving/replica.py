@@ -79,6 +79,7 @@ class Replica:
         self.reader = Reader()
         self.job: Job | None = None
         self.seq = 0
+        self.batches = 0  # answered (ok or the model's error)
         self.busy_since = 0.0
         self.born = time.monotonic()
         self.ready_at: float | None = None

@@ -174,7 +174,8 @@ class ReplicaSet:
         return sum(1 for r in self.replicas if r.state in (IDLE, BUSY))
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"replica": r.id, "pid": r.pid, "state": r.state, "rss_bytes": r.rss} for r in self.replicas]
+        return [{"replica": r.id, "pid": r.pid, "state": r.state, "rss_bytes": r.rss, "batches": r.batches}
+                for r in self.replicas]
 
     def memory_bytes(self) -> int:
         return sum(r.rss for r in self.replicas)
@@ -204,6 +205,7 @@ class ReplicaSet:
         job, r.job = r.job, None
         r.rss = rss
         r.state = IDLE
+        r.batches += 1
         if self.policy.max_memory is not None and rss > self.policy.max_memory and not r.retiring:
             log.warning("replica over its memory limit: recycling it", extra={"fields": {
                 "model": self.label, "replica": r.id, "rss_bytes": rss, "max_memory": self.policy.max_memory}})
