@@ -116,7 +116,7 @@ def test_sigterm_drains_every_replica(tmp_path: Path) -> None:
         results: list[int] = []
 
         def slow() -> None:
-            body = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [-5, 1]}]}
+            body = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [-6, 1]}]}
             results.append(httpx.post(f"{url}/v2/models/behave/infer", json=body, timeout=60).status_code)
 
         threads = [threading.Thread(target=slow, daemon=True) for _ in range(6)]

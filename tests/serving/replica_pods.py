@@ -2,7 +2,7 @@
 
 ``behave`` doubles ``x`` and reports the pid that answered; the first value of a batch picks a
 misbehaviour: -1 hangs, -2 kills its process once (a marker file under ``$REPLICA_TEST_MARKS``
-remembers), -4 kills its process every time, -3 grows its memory by 128 MB, -5 sleeps 0.3 s.
+remembers), -4 kills its process every time, -3 grows its memory by 128 MB, -5 sleeps 0.3 s, -6 sleeps 2 s.
 With ``REPLICA_TEST_BREAK=1`` in its environment the module fails to import.
 """
 
@@ -47,6 +47,8 @@ class Behave(Model):
             _HELD.append(np.ones(16 * 2**20))
         if first == -5:
             time.sleep(0.3)
+        if first == -6:
+            time.sleep(2.0)
         return {"y": x * 2, "pid": np.full(len(x), os.getpid(), dtype=np.int64)}
 '''
 

@@ -110,7 +110,7 @@ def config(data: dict[str, object] | None = None, **settings: object) -> ServeCo
 def test_precedence_manifest_then_file_then_flags_then_model_entry() -> None:
     serving = Serving(isolation="process", replicas={"min": 2, "max": 2, "target_inflight": 3}, max_memory="1GiB")
     assert config().replica_policy("m", serving) == ReplicaPolicy("process", 2, 2, 3.0, max_memory=2**30)
-    cfg = config({"replicas": 3}, replicas="1:4", models={"m": {"replicas": {"max": 6}, "isolation": "thread"}})
+    cfg = config({"replicas": 3, "models": {"m": {"replicas": {"max": 6}, "isolation": "thread"}}}, replicas="1:4")
     p = cfg.replica_policy("m", serving)
     assert (p.isolation, p.min, p.max, p.target_inflight) == ("thread", 1, 6, 3.0)
     other = cfg.replica_policy("other", serving)

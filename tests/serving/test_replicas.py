@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from replica_pods import behave_pod, onnx_pod, torch_pod
 from servutil import metric_value
+from test_metrics import promtool_check
 
 from modelpod.errors import InferenceError, InferenceTimeoutError, ModelNotReadyError
 from modelpod.serving.config import ServeConfig
@@ -222,6 +223,7 @@ async def test_scale_to_zero_then_the_next_request_is_held_not_refused(pods: dic
         text = metrics(engine)
         assert metric_value(text, "modelpod_scale_events_total", model="behave", direction="down") == 1
         assert metric_value(text, "modelpod_scale_events_total", model="behave", direction="up") == 1
+        promtool_check(text.encode())
 
 
 async def test_load_scales_out_then_idles_back_in(pods: dict[str, Any]) -> None:
@@ -250,7 +252,7 @@ async def test_load_scales_out_then_idles_back_in(pods: dict[str, Any]) -> None:
 async def test_unload_drains_the_replicas_before_stopping_them(pods: dict[str, Any]) -> None:
     async with serving(pods["home"], ["behave"], {"behave": {"isolation": "process", "replicas": 2}}) as engine:
         children = pids(engine, "behave")
-        running = [asyncio.create_task(engine.infer("behave", None, x(-5))) for _ in range(4)]
+        running = [asyncio.create_task(engine.infer("behave", None, x(-6))) for _ in range(4)]
         await until(lambda: engine.inflight() == 4, 10, "requests in flight")
         await engine.unload_model("behave")
         outs = await asyncio.gather(*running)  # every request in flight was answered
