@@ -23,7 +23,7 @@ from pathlib import Path
 from modelpod.errors import InferenceError, ModelpodError
 from modelpod.model import PARAMETERS, Model
 from modelpod.serving.messages import Ran, Ready, Run, RunFailed, Start, StartFailed, Stop
-from modelpod.serving.registry import rss_bytes
+from modelpod.serving.replica import rss_bytes
 from modelpod.serving.shm import Reader, Writer
 from modelpod.serving.worker import ModelWorker
 
