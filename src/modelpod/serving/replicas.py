@@ -122,8 +122,8 @@ class ReplicaSet:
 
     # -- starting and stopping --------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the first replicas (at least one, even with ``min: 0``, so a broken pod fails its
-        load) and return once one serves; raise ``ModelNotReadyError`` once it is marked failed."""
+        """Start the first replicas (``min``, and at least one even with ``min: 0``, so a broken pod
+        fails its load) and return once they serve; raise ``ModelNotReadyError`` once it is failed."""
         loop = self._loop = asyncio.get_running_loop()
         self._up = loop.create_future()
         self._gone = asyncio.Event()
@@ -221,8 +221,8 @@ class ReplicaSet:
                                                         "rss_bytes": msg.rss_bytes}})
             if r.retiring:
                 self._stop(r)
-            if self._up is not None and not self._up.done():
-                self._up.set_result(None)
+            if self.ready_count() >= self.target:
+                self._started()
             self._dispatch()
             self.hooks.wake()
         elif isinstance(msg, StartFailed):
@@ -280,7 +280,13 @@ class ReplicaSet:
         if self._start_failures >= MAX_START_FAILURES and self.ready_count() == 0:
             self._mark_failed(reason)
         else:
+            if self._start_failures >= MAX_START_FAILURES:
+                self._started()  # serve with the replicas that did start; the others keep being retried
             self._backoff(min(30.0, 0.5 * 2 ** (self._start_failures - 1)))
+
+    def _started(self) -> None:
+        if self._up is not None and not self._up.done():
+            self._up.set_result(None)
 
     def _mark_failed(self, reason: str) -> None:
         self.failed = reason
