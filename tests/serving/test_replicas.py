@@ -7,6 +7,7 @@ are pods packed here from tiny synthetic ones.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from modelpod.serving.config import ServeConfig
 from modelpod.serving.engine import InferenceEngine
 from modelpod.serving.messages import InferRequest
 from modelpod.serving.replicas import MAX_START_FAILURES
+from modelpod.serving.server import _announce
 from modelpod.settings import Settings
 from modelpod.store import PodRecord
 
@@ -107,6 +109,10 @@ async def test_sklearn_in_processes_answers_exactly_as_in_threads(served_home: t
                 children = pids(engine, "lr")
                 assert len(children) == 2 and os.getpid() not in children
                 assert metric_value(metrics(engine), "modelpod_replicas", model="lr") == 2
+                printed = io.StringIO()
+                _announce(engine, engine.settings, 8080, None, False, printed)  # what `modelpod serve` prints
+                line = next(ln for ln in printed.getvalue().splitlines() if ln.strip().startswith("replicas"))
+                assert all(f"pid {p}" in line for p in children) and line.count("idle") == 2
     assert len(answers["thread"]) == len(answers["process"]) == 40
     for t, p in zip(answers["thread"], answers["process"], strict=True):
         assert set(t) == set(p)
@@ -184,30 +190,25 @@ async def test_a_replica_over_max_memory_is_recycled_between_batches(pods: dict[
 
 
 async def test_a_replica_that_cannot_start_backs_off_then_fails_the_model(
-        pods: dict[str, Any], served_home: tuple[Path, PodRecord], monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+        pods: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("REPLICA_TEST_BREAK", "1")
-    logging.getLogger("modelpod").propagate = True
+    monkeypatch.setattr(logging.getLogger("modelpod"), "propagate", True)  # caplog listens at the root
     caplog.set_level(logging.INFO, logger="modelpod.serving")
     home = pods["home"]
     started = time.monotonic()
-    try:
-        async with serving(home, ["behave"], {"behave": {"isolation": "process"}}) as engine:
-            elapsed = time.monotonic() - started
-            entry = engine.resolve("behave")
-            assert entry.failed and not engine.model_ready("behave")
-            reason = engine.unready_reason("behave")
-            assert "a_module_that_is_not_there" in reason and "ModuleNotFoundError" in reason
-            starts = [r for r in caplog.records if r.getMessage() == "replica starting"]
-            assert len(starts) == MAX_START_FAILURES  # backed off, then stopped: no hot loop
-            assert elapsed >= 0.5 + 1.0  # the two backoff waits between the three attempts
-            with pytest.raises(ModelNotReadyError, match="a_module_that_is_not_there"):
-                await engine.infer("behave", None, x(1))
-            meta = engine.model_metadata("behave")
-            assert meta["state"] == "UNAVAILABLE" and "a_module_that_is_not_there" in meta["reason"]
-    finally:
-        logging.getLogger("modelpod").propagate = False
-    del served_home
+    async with serving(home, ["behave"], {"behave": {"isolation": "process"}}) as engine:
+        elapsed = time.monotonic() - started
+        entry = engine.resolve("behave")
+        assert entry.failed and not engine.model_ready("behave")
+        reason = engine.unready_reason("behave")
+        assert "a_module_that_is_not_there" in reason and "ModuleNotFoundError" in reason
+        starts = [r for r in caplog.records if r.getMessage() == "replica starting"]
+        assert len(starts) == MAX_START_FAILURES  # backed off, then stopped: no hot loop
+        assert elapsed >= 0.5 + 1.0  # the two backoff waits between the three attempts
+        with pytest.raises(ModelNotReadyError, match="a_module_that_is_not_there"):
+            await engine.infer("behave", None, x(1))
+        meta = engine.model_metadata("behave")
+        assert meta["state"] == "UNAVAILABLE" and "a_module_that_is_not_there" in meta["reason"]
 
 
 # -- scaling --------------------------------------------------------------------------------------------

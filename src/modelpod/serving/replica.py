@@ -153,11 +153,14 @@ def read_output(r: Replica) -> None:
     """The child's stdout and stderr: passed on to ours, the last lines kept for errors."""
     proc = r.proc
     assert proc is not None and proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.decode("utf-8", "replace").rstrip("\n")
-        r.tail.append(line)
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.write(line + "\n")
+    try:
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            r.tail.append(line)
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(line + "\n")
+    finally:
+        proc.stdout.close()
 
 
 def error_of(msg: RunFailed) -> ModelpodError:
