@@ -20,7 +20,6 @@ import asyncio
 import gc
 import importlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, replace
@@ -38,6 +37,7 @@ from modelpod.serving.batcher import Batcher
 from modelpod.serving.config import BatchPolicy, ServeConfig
 from modelpod.serving.envs import EnvChoice, choose
 from modelpod.serving.metrics import ModelMetrics, ServingMetrics
+from modelpod.serving.replica import rss_bytes
 from modelpod.serving.replicas import ReplicaSet
 from modelpod.serving.scaling import ReplicaPolicy
 from modelpod.serving.worker import BatchWorker, ModelWorker
@@ -131,15 +131,6 @@ class ModelEntry:
 
     def __repr__(self) -> str:
         return f"ModelEntry({self.label}, {self.state.value})"
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class ModelRegistry:

@@ -39,6 +39,15 @@ STDERR_LINES = 20
 STARTING, IDLE, BUSY, STOPPING = "starting", "idle", "busy", "stopping"
 
 
+def rss_bytes() -> int:
+    """Resident set size of this process (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 @dataclass(eq=False)
 class Job:
     """A batch handed to the replica set, until its ``done`` is called."""
@@ -79,6 +88,7 @@ class Replica:
         self.reader = Reader()
         self.job: Job | None = None
         self.seq = 0
+        self.batches = 0  # answered (ok or the model's error)
         self.busy_since = 0.0
         self.born = time.monotonic()
         self.ready_at: float | None = None
@@ -143,11 +153,14 @@ def read_output(r: Replica) -> None:
     """The child's stdout and stderr: passed on to ours, the last lines kept for errors."""
     proc = r.proc
     assert proc is not None and proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.decode("utf-8", "replace").rstrip("\n")
-        r.tail.append(line)
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.write(line + "\n")
+    try:
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            r.tail.append(line)
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(line + "\n")
+    finally:
+        proc.stdout.close()
 
 
 def error_of(msg: RunFailed) -> ModelpodError:

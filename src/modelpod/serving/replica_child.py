@@ -23,16 +23,9 @@ from pathlib import Path
 from modelpod.errors import InferenceError, ModelpodError
 from modelpod.model import PARAMETERS, Model
 from modelpod.serving.messages import Ran, Ready, Run, RunFailed, Start, StartFailed, Stop
+from modelpod.serving.replica import rss_bytes
 from modelpod.serving.shm import Reader, Writer
 from modelpod.serving.worker import ModelWorker
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def load(start: Start) -> Model:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -52,7 +52,7 @@ from modelpod.serving.replica import (
     read_output,
 )
 from modelpod.serving.scaling import ReplicaPolicy
-from modelpod.serving.worker import Done
+from modelpod.serving.worker import Done, awaited
 
 log = logging.getLogger("modelpod.serving")
 
@@ -69,7 +69,6 @@ class ReplicaHooks:
     on_restart: Callable[[str], None] = lambda reason: None  # "crashed", "killed", "hung", "memory"
     queued_rows: Callable[[], int] = lambda: 0  # rows the batcher holds that no batch has taken yet
     wake: Callable[[], None] = lambda: None  # a replica freed up: let the batcher dispatch
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ReplicaSet:
@@ -119,23 +118,12 @@ class ReplicaSet:
         self._dispatch()
 
     async def predict(self, batch: Batch) -> Batch:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Batch] = loop.create_future()
-
-        def done(out: Batch | None, err: BaseException | None) -> None:
-            if not fut.done():
-                if err is not None:
-                    fut.set_exception(err)
-                else:
-                    fut.set_result(out if out is not None else {})
-
-        self.submit(batch, done, loop)
-        return await fut
+        return await awaited(self.submit, batch)
 
     # -- starting and stopping --------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the first replicas (at least one, even with ``min: 0``, so a broken pod fails its
-        load) and return once one serves; raise ``ModelNotReadyError`` once it is marked failed."""
+        """Start the first replicas (``min``, and at least one even with ``min: 0``, so a broken pod
+        fails its load) and return once they serve; raise ``ModelNotReadyError`` once it is failed."""
         loop = self._loop = asyncio.get_running_loop()
         self._up = loop.create_future()
         self._gone = asyncio.Event()
@@ -174,7 +162,8 @@ class ReplicaSet:
         return sum(1 for r in self.replicas if r.state in (IDLE, BUSY))
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"replica": r.id, "pid": r.pid, "state": r.state, "rss_bytes": r.rss} for r in self.replicas]
+        return [{"replica": r.id, "pid": r.pid, "state": r.state, "rss_bytes": r.rss, "batches": r.batches}
+                for r in self.replicas]
 
     def memory_bytes(self) -> int:
         return sum(r.rss for r in self.replicas)
@@ -191,9 +180,9 @@ class ReplicaSet:
         assert r.conn is not None and self._loop is not None
         try:
             region, refs = r.writer.write(job.batch)
-        except OSError as exc:  # /dev/shm full: this batch fails, the replica stays
-            job.done(None, InferenceError(f"model {self.label}: no shared memory for the batch",
-                                          detail=f"{type(exc).__name__}: {exc}"))
+        except OSError as exc:  # /dev/shm full: this batch fails (on the next turn), the replica stays
+            self._loop.call_soon(job.done, None, InferenceError(
+                f"model {self.label}: no shared memory for the batch", detail=f"{type(exc).__name__}: {exc}"))
             return
         r.seq += 1
         r.job, r.state, r.busy_since = job, BUSY, self._loop.time()
@@ -204,6 +193,7 @@ class ReplicaSet:
         job, r.job = r.job, None
         r.rss = rss
         r.state = IDLE
+        r.batches += 1
         if self.policy.max_memory is not None and rss > self.policy.max_memory and not r.retiring:
             log.warning("replica over its memory limit: recycling it", extra={"fields": {
                 "model": self.label, "replica": r.id, "rss_bytes": rss, "max_memory": self.policy.max_memory}})
@@ -231,8 +221,8 @@ class ReplicaSet:
                                                         "rss_bytes": msg.rss_bytes}})
             if r.retiring:
                 self._stop(r)
-            if self._up is not None and not self._up.done():
-                self._up.set_result(None)
+            if self.ready_count() >= self.target:
+                self._started()
             self._dispatch()
             self.hooks.wake()
         elif isinstance(msg, StartFailed):
@@ -260,8 +250,9 @@ class ReplicaSet:
                                                         "exit": how, "reason": reason,
                                                         "stderr": "\n".join(r.tail)}})
             self.hooks.on_restart(reason)
-            lived = time.monotonic() - (r.ready_at or r.born)
-            self._crash_streak = 0 if lived > 10.0 else self._crash_streak + 1
+            # Backoff is for a crash loop: replicas that die before answering anything. One that
+            # served (then was killed, or hit a bad batch) is replaced at once.
+            self._crash_streak = 0 if r.batches > 0 else self._crash_streak + 1
             if self._crash_streak > 1:
                 self._backoff(min(10.0, 0.25 * 2 ** (self._crash_streak - 2)))
         if job is not None:
@@ -289,7 +280,13 @@ class ReplicaSet:
         if self._start_failures >= MAX_START_FAILURES and self.ready_count() == 0:
             self._mark_failed(reason)
         else:
-            self._backoff(0.5 * 2 ** (self._start_failures - 1))
+            if self._start_failures >= MAX_START_FAILURES:
+                self._started()  # serve with the replicas that did start; the others keep being retried
+            self._backoff(min(30.0, 0.5 * 2 ** (self._start_failures - 1)))
+
+    def _started(self) -> None:
+        if self._up is not None and not self._up.done():
+            self._up.set_result(None)
 
     def _mark_failed(self, reason: str) -> None:
         self.failed = reason

@@ -41,6 +41,23 @@ class BatchWorker(Protocol):
     def close(self) -> None: ...
 
 
+async def awaited(submit: Callable[[Batch, Done, asyncio.AbstractEventLoop], None], batch: Batch) -> Batch:
+    """A worker's ``submit`` as a coroutine: the outputs, or the error raised."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Batch] = loop.create_future()
+
+    def done(out: Batch | None, err: BaseException | None) -> None:
+        if fut.done():  # the awaiting caller was cancelled
+            return
+        if err is not None:
+            fut.set_exception(err)
+        else:
+            fut.set_result(out if out is not None else {})
+
+    submit(batch, done, loop)
+    return await fut
+
+
 class ModelWorker:
     def __init__(self, model: Model, label: str, threads: int = 1) -> None:
         self.model = model
@@ -61,19 +78,7 @@ class ModelWorker:
 
     async def predict(self, batch: Batch) -> Batch:
         """``submit`` as a coroutine: the outputs, or the error raised."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Batch] = loop.create_future()
-
-        def done(out: Batch | None, err: BaseException | None) -> None:
-            if fut.done():  # the awaiting caller was cancelled
-                return
-            if err is not None:
-                fut.set_exception(err)
-            else:
-                fut.set_result(out if out is not None else {})
-
-        self.submit(batch, done, loop)
-        return await fut
+        return await awaited(self.submit, batch)
 
     def _spawn(self) -> None:
         # Threads start on first use, so a worker that never runs a batch costs nothing.
