@@ -40,16 +40,16 @@ from sklearn.linear_model import LogisticRegression
 from modelpod.packing import pack
 from modelpod.store import Store
 
-work, home, name, requirements = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4] or None
+work, home, packs = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])  # [[name, requirements]]
 rng = np.random.default_rng(7)
 x = rng.normal(size=(300, 4))
 y = (x[:, 0] + 0.5 * x[:, 1] ** 2 - x[:, 2] > 0.3).astype(np.int64)
 model = LogisticRegression(C=0.7, max_iter=500).fit(x, y)
 sio.dump(model, work / "model.skops")
 test = np.random.default_rng(11).normal(size=(64, 4))
-rec = pack(work / "model.skops", name, Store(home), sample=x[:8], outputs=["label", "probabilities"],
-           requirements=requirements)
-print(json.dumps({"sklearn": sklearn.__version__, "version": rec.version, "x": test.tolist(),
+recs = [pack(work / "model.skops", name, Store(home), sample=x[:8], outputs=["label", "probabilities"],
+             requirements=requirements) for name, requirements in packs]
+print(json.dumps({"sklearn": sklearn.__version__, "version": recs[0].version, "x": test.tolist(),
                   "label": model.predict(test).tolist(), "probabilities": model.predict_proba(test).tolist()}))
 """
 
@@ -82,13 +82,15 @@ class Trained:
     probabilities: list[list[float]]
 
 
-def train(python: Path, work: Path, home: Path, name: str, requirements: Path | None = None,
+def train(python: Path, work: Path, home: Path, packs: list[tuple[str, Path | None]],
           extra_path: Path | None = None) -> Trained:
+    """Train in ``python``'s environment and pack the model once per (name, requirements file)."""
     work.mkdir(parents=True)
     env = dict(os.environ)
     if extra_path is not None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(extra_path), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([str(python), "-c", TRAIN, str(work), str(home), name, str(requirements or "")],
+    spec = json.dumps([[name, str(reqs) if reqs else None] for name, reqs in packs])
+    proc = subprocess.run([str(python), "-c", TRAIN, str(work), str(home), spec],
                           capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Trained(**json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -113,15 +115,16 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     wheels = wheel_cache()
     root = tmp_path_factory.mktemp("envs")
     home = root / "home"
-    trained = [train(training_env(r, wheels), root / f"train-{r}", home, "churn") for r in SKLEARN_RELEASES]
-    # A pin with no wheel anywhere: a distribution installed only where this pod was trained.
+    # broken:1 pins a package with no wheel anywhere: a distribution installed only where it was packed.
     fake = root / "fake-site"
     (fake / "mp_nowheel-1.0.dist-info").mkdir(parents=True)
     (fake / "mp_nowheel-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: mp-nowheel\n"
                                                                 "Version: 1.0\n")
     reqs = root / "requirements.txt"
     reqs.write_text("mp-nowheel==1.0\n")
-    train(training_env(SKLEARN_RELEASES[0], wheels), root / "train-broken", home, "broken", reqs, fake)
+    first, second = (training_env(r, wheels) for r in SKLEARN_RELEASES)
+    trained = [train(first, root / "train-1", home, [("churn", None), ("broken", reqs)], fake),
+               train(second, root / "train-2", home, [("churn", None)])]
     proc = serve(home, wheels, "churn:1", "churn:2", "broken:1")
     try:
         yield Served(home, wheels, trained, proc)
