@@ -177,7 +177,7 @@ async def test_a_hung_replica_is_killed_and_replaced(pods: dict[str, Any]) -> No
 
 
 async def test_a_replica_over_max_memory_is_recycled_between_batches(pods: dict[str, Any]) -> None:
-    cfg = {"behave": {"isolation": "process", "max_memory": "180MiB"}}
+    cfg = {"behave": {"isolation": "process", "max_memory": "120MiB"}}
     async with serving(pods["home"], ["behave"], cfg) as engine:
         (first,) = pids(engine, "behave")
         out = await engine.infer("behave", None, x(-3))  # grows by 128 MB, answers, then is retired

@@ -404,8 +404,8 @@ class ReplicaSet:
         return demand_of(running, len(self.held), self.hooks.queued_rows(), self.max_batch_rows)
 
     def _autoscale(self) -> None:
-        if self.closed or self.failed:
-            return
+        if self.closed or self.failed or self._up is None or not self._up.done():
+            return  # not while the first replicas start: the load waits for them
         decision = self.autoscaler.decide(self.target, self.demand())
         if decision is None:
             return
