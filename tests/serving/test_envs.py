@@ -5,15 +5,19 @@ from __future__ import annotations
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from modelpod.cli import main
 from modelpod.errors import UsageError
+from modelpod.packing import pack
 from modelpod.serving.config import ServeConfig
+from modelpod.serving.engine import InferenceEngine
 from modelpod.serving.envbuild import EnvCache, lock_key
 from modelpod.serving.envs import choose, mismatches
 from modelpod.settings import Settings
+from modelpod.store import Store
 
 NUMPY = metadata.version("numpy")
 SKLEARN = metadata.version("scikit-learn")
@@ -108,3 +112,17 @@ def test_cache_keys_are_checked(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not an environment key"):
         cache.get("../../etc")
     assert cache.get("0" * 64) is None and cache.list() == []
+
+
+def test_the_registry_runs_an_own_env_pod_in_processes(
+        store: Store, sklearn_model: tuple[Path, np.ndarray, object]) -> None:  # type: ignore[type-arg]
+    path, sample, _ = sklearn_model
+    pack(path, "churn", store, sample=sample)
+    settings = Settings(home=store.home)
+    plain = InferenceEngine(settings, ServeConfig.from_settings(settings)).add("churn")
+    assert plain.env is not None and not plain.env.own and not plain.replica_policy.process
+    config = ServeConfig.from_settings(settings, {"models": {"churn": {"env": "own"}}, "wheel_cache": "/srv/w"})
+    own = InferenceEngine(settings, config).add("churn")
+    assert own.env is not None and own.env.own and own.env.reason == "env: own"
+    assert own.replica_policy.process  # another interpreter: processes are implied
+    assert own.env.wheel_cache == Path("/srv/w") and own.env.key == lock_key(own.manifest.requirements)  # type: ignore[union-attr]
