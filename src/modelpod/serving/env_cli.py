@@ -20,7 +20,7 @@ from typing import Any
 from modelpod.errors import NotFoundError, UsageError
 from modelpod.pod import Manifest
 from modelpod.serving.envbuild import EnvCache, Environment, lock_key
-from modelpod.serving.envs import choose, framework_imports
+from modelpod.serving.envs import choose, framework_imports, mismatches
 from modelpod.settings import Settings
 from modelpod.store import Store
 
@@ -103,8 +103,11 @@ def _list(args: argparse.Namespace, settings: Settings, cache: EnvCache) -> int:
 
 
 def _headline(pins: list[str]) -> str:
-    text = ", ".join(pins[:3])
-    return text + (f" +{len(pins) - 3} more" if len(pins) > 3 else "")
+    """The pins this server does not satisfy first (why the environment exists), then the rest."""
+    differ = [m.pin for m in mismatches(pins)]
+    ordered = [*differ, *(p for p in pins if p not in differ)]
+    text = ", ".join(ordered[:3])
+    return text + (f" +{len(ordered) - 3} more" if len(ordered) > 3 else "")
 
 
 def _show(args: argparse.Namespace, settings: Settings, cache: EnvCache) -> int:
@@ -127,9 +130,10 @@ def _build(args: argparse.Namespace, settings: Settings, cache: EnvCache) -> int
         label, manifest = _manifest(settings, ref)
         env, built = cache.ensure(manifest.requirements, wheel_cache=wheels,
                                   imports=framework_imports(manifest.framework), what=label)
-        done.append({"pod": label, "key": env.key, "path": str(env.path), "python": str(env.python), "built": built})
+        done.append({"pod": label, "key": env.key, "path": str(env.path), "interpreter": str(env.python),
+                     "built": built})
     _emit(args, done, "\n".join(f"{'built' if d['built'] else 'already built'} {d['pod']}: {d['key'][:12]}  "
-                                f"{d['python']}" for d in done))
+                                f"{d['interpreter']}" for d in done))
     return 0
 
 

@@ -111,7 +111,7 @@ class Environment:
         return total
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.record, "path": str(self.path), "python": str(self.python)}
+        return {**self.record, "path": str(self.path), "interpreter": str(self.python)}
 
 
 class EnvCache:
