@@ -206,7 +206,8 @@ def _predict(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod import table
     from modelpod.api import load
     from modelpod.packing import sample_inputs
-    from modelpod.protocols.codec import InferRequest, decode_request, encode_response
+    from modelpod.protocols.codec import decode_request, encode_response
+    from modelpod.serving.messages import InferRequest
     from modelpod.serving.worker import ModelWorker
 
     model = load(args.ref, settings=settings.with_(decrypt_key_file=_path(args.decrypt_key)))
@@ -283,6 +284,13 @@ def _token(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.serving.token_cli import token_command
 
     return token_command(args, settings)
+
+
+@command("env")
+def _env(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.serving.env_cli import env_command
+
+    return env_command(args, settings)
 
 
 @command("build")
@@ -437,6 +445,14 @@ def parser() -> argparse.ArgumentParser:
                    "unless a token is set; docs/console.md)")
     c.add_argument("--decrypt-key", metavar="FILE",
                    help="key for pods with encrypted weights (or $MODELPOD_DECRYPT_KEY_FILE)")
+    from modelpod.serving.scaling import add_arguments as replica_arguments
+
+    replica_arguments(c)
+
+    c.add_argument("--wheel-cache", metavar="DIR", help="build pods' own environments offline from the wheels "
+                   "in DIR (or $MODELPOD_WHEEL_CACHE; docs/environments.md)")
+    c.add_argument("--env", dest="pod_env", choices=("auto", "own", "server"),
+                   help="every model: its own environment when its pins differ (auto, the default), always, or never")
 
     from modelpod.serving.route_cli import add_arguments as route_arguments
 
@@ -449,6 +465,10 @@ def parser() -> argparse.ArgumentParser:
 
     add_observe_arguments(sub.add_parser("observe", help="print a Grafana dashboard or Prometheus alert rules"))
     add_drift_arguments(cmd("drift", "per-feature input drift (PSI) of a model on a running server"))
+
+    from modelpod.serving.env_cli import add_arguments as env_arguments
+
+    env_arguments(sub.add_parser("env", help="pods' own environments: list, show, build, rm"))
 
     c = cmd("build", "build a runnable OCI image of a pod, without a daemon")
     c.add_argument("ref")

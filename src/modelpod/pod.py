@@ -202,6 +202,9 @@ class FileEntry:
         return entry
 
 
+_OPTIONAL_SERVING = frozenset({"isolation", "replicas", "max_memory"})
+
+
 @dataclass(frozen=True)
 class Serving:
     """How a model is batched, queued and timed out: a pod's defaults, and the server's policy.
@@ -214,6 +217,11 @@ class Serving:
     max_queue: int = 256
     max_concurrency: int = 1
     timeout_s: float = 30.0
+    # Replicas (``serving/scaling.py`` checks them): left out of the manifest when unset, so the
+    # digests of pods that do not set them stay as they were.
+    isolation: str | None = None
+    replicas: Any = field(default=None, hash=False)
+    max_memory: Any = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -222,10 +230,14 @@ class Serving:
             (self.max_queue >= 1, "max_queue must be >= 1"),
             (self.max_concurrency >= 1, "max_concurrency must be >= 1"),
             (self.timeout_s > 0, "timeout_s must be > 0"),
+            (self.isolation in (None, "thread", "process"), "isolation must be thread or process"),
         )
         for ok, message in checks:
             if not ok:
                 raise PodError(f"serving: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in _OPTIONAL_SERVING}
 
     @property
     def max_batch_wait_s(self) -> float:
@@ -277,7 +289,7 @@ class Manifest:
             "requirements": sorted(self.requirements, key=str.lower),
             "entrypoint": self.entrypoint,
             "resources": dict(self.resources),
-            "serving": asdict(self.serving),
+            "serving": self.serving.to_dict(),
             "labels": dict(sorted(self.labels.items())),
             "lineage": dict(self.lineage),
             "security": {"allow_pickle": self.allow_pickle,

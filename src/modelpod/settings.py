@@ -72,6 +72,18 @@ class Settings:
     trust_keys: str | None = None
     require_signed: bool | None = None
     decrypt_key_file: Path | None = None
+    # Replicas for every model (serving/scaling.py; a config file's ``models:`` entry wins).
+    isolation: str | None = None  # thread | process
+    replicas: str | None = None  # N or MIN:MAX
+    target_inflight: float | None = None
+    upscale_delay_s: float | None = None
+    downscale_delay_s: float | None = None
+    max_memory: str | None = None  # bytes or a size: 512MiB, 2GB
+    # Own environments (serving/envs.py): the wheel cache they are built from offline
+    # (``--wheel-cache``), and ``auto|own|server`` for every model (``--env``; the config file's
+    # ``env`` per model wins).
+    wheel_cache: Path | None = None
+    pod_env: str | None = None
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -8,6 +8,7 @@ The format is read from the file's contents, not its suffix: TorchScript archive
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -124,14 +125,17 @@ def _load_pickle(path: Path, weights_only: bool | None) -> tuple[Any, bool]:
     """torch.load, with ``weights_only`` first unless told otherwise; (object, weights_only used)."""
     import torch
 
+    # mmap: the tensors' storage maps the pod's file, so the replicas of a model (and the page cache)
+    # share one copy of the weights; torch.save's zip format allows it, the legacy format does not.
+    mapped = zipfile.is_zipfile(path)
     if weights_only is not False:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True), True
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped), True
         except pickle.UnpicklingError:
             if weights_only:
                 raise
     # Only reached after the user opted in and the scan found no dangerous imports.
-    return torch.load(path, map_location="cpu", weights_only=False), False
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mapped), False
 
 
 def _read(path: Path, what: str, weights_only: bool | None = None) -> tuple[Any, bool]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,21 +16,10 @@ import numpy as np
 from modelpod.errors import InvalidRequestError
 from modelpod.inputs import MAX_DIMS, InputCheck, bytes_from_values, check_shape, from_values
 from modelpod.pod import DATATYPES, Signature, datatype_of
+from modelpod.serving.messages import InferRequest
 
 Batch = dict[str, np.ndarray[Any, Any]]
 _UNCHECKED = InputCheck(Signature())
-
-
-@dataclass(frozen=True)
-class InferRequest:
-    inputs: Batch
-    id: str | None = None
-    parameters: Mapping[str, Any] = field(default_factory=dict)
-    # Requested outputs: name -> wants binary; None means every output, JSON unless binary asked.
-    outputs: Mapping[str, bool] | None = None
-    binary_output: bool = False
-    # The signature the inputs were checked against while decoding (the engine skips checking again).
-    checked: Signature | None = None
 
 
 def decode_request(obj: Any, binary: memoryview | bytes | None = None, check: InputCheck | None = None,

@@ -53,9 +53,10 @@ from modelpod.observe.serving import traced_grpc
 from modelpod.pod import DATATYPES, Signature, datatype_of
 from modelpod.protocols._generated import open_inference_pb2 as pb
 from modelpod.protocols.auth import INFER, READ, Auth
-from modelpod.protocols.codec import InferRequest, tensor_from_bytes, tensor_to_bytes
+from modelpod.protocols.codec import tensor_from_bytes, tensor_to_bytes
 from modelpod.protocols.tls import TlsFiles
-from modelpod.serving.engine import InferenceEngine, InferResult
+from modelpod.serving.engine import InferenceEngine
+from modelpod.serving.messages import InferRequest, InferResult
 from modelpod.settings import Settings
 
 log = logging.getLogger("modelpod.serving")

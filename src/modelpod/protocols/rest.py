@@ -52,9 +52,10 @@ from modelpod.inputs import InputCheck, release
 from modelpod.observe.serving import traced_rest
 from modelpod.protocols import bigjson, v1
 from modelpod.protocols.auth import EVERY_MODEL, INFER, MANAGE, READ, Auth
-from modelpod.protocols.codec import InferRequest, decode_request, encode_response
+from modelpod.protocols.codec import decode_request, encode_response
 from modelpod.protocols.http import Request, Response, error_response
 from modelpod.serving.engine import InferenceEngine
+from modelpod.serving.messages import InferRequest
 from modelpod.serving.metrics import CONTENT_TYPE
 from modelpod.settings import Settings
 
@@ -194,8 +195,12 @@ class RestApp:
             if action == "":
                 return _json(self.engine.model_metadata(name, version))
             if action == "ready":
-                ready = self.engine.model_ready(name, version)
-                return _EMPTY if ready else Response(503, b"", headers=[("retry-after", "1")])
+                if self.engine.model_ready(name, version):
+                    return _EMPTY
+                reason = self.engine.unready_reason(name, version)
+                if reason:  # a failed model says why (e.g. its replicas' last stderr lines)
+                    return error_response(503, f"model {name} is not ready: {reason}")
+                return Response(503, b"", headers=[("retry-after", "1")])
             if action == "config":
                 return _json(self.engine.model_config(name, version))
             if action == "drift":  # per-feature drift against the pod's reference (docs/observe.md)

@@ -31,8 +31,9 @@ from modelpod import table
 from modelpod.errors import InvalidRequestError, NotFoundError
 from modelpod.pod import Signature, TensorSpec
 from modelpod.protocols.auth import EVERY_MODEL, INFER, READ
-from modelpod.protocols.codec import InferRequest, tensor_from_json
+from modelpod.protocols.codec import tensor_from_json
 from modelpod.protocols.http import Request, Response
+from modelpod.serving.messages import InferRequest
 from modelpod.serving.registry import ModelEntry, ModelState
 
 if TYPE_CHECKING:

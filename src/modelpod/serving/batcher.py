@@ -27,7 +27,7 @@ from modelpod.errors import InferenceTimeoutError, ModelNotReadyError, Overloade
 from modelpod.model import Batch
 from modelpod.serving.config import BatchPolicy
 from modelpod.serving.metrics import ModelMetrics
-from modelpod.serving.worker import ModelWorker, merge_key, rows_of
+from modelpod.serving.worker import BatchWorker, merge_key, rows_of
 
 log = logging.getLogger("modelpod.serving")
 
@@ -51,9 +51,12 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, worker: ModelWorker, policy: BatchPolicy, metrics: ModelMetrics | None = None,
-                 *, batchable: bool = True) -> None:
+    def __init__(self, worker: BatchWorker, policy: BatchPolicy, metrics: ModelMetrics | None = None,
+                 *, batchable: bool = True, slots: Callable[[], int] | None = None) -> None:
         self.worker = worker
+        # Batches run at once: the policy's concurrency, or what the worker says it can take now
+        # (a replica set: one per serving replica).
+        self._slots = slots
         self.policy = policy
         self.metrics = metrics
         self.batchable = batchable and policy.max_batch_rows > 1
@@ -77,6 +80,15 @@ class Batcher:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    def wake(self) -> None:
+        """The worker can take more batches now (a replica came up or freed): start what is queued."""
+        if self._loop is not None and not self._closed and self._queue:
+            self._dispatch()
 
     async def submit(self, inputs: Batch, trace: Any = None) -> Batch:
         """Queue one request; its outputs once its batch has run. Raises at once when full.
@@ -148,7 +160,8 @@ class Batcher:
         assert loop is not None
         if self._gather is not None and not force:
             return  # a wait is already running; it dispatches when it ends
-        while self._queue and self._running < self.policy.max_concurrency and not self._closed:
+        limit = self.policy.max_concurrency if self._slots is None else self._slots()
+        while self._queue and self._running < limit and not self._closed:
             if not force and self.batchable and self._queued_rows < self._target:
                 wait = self._queue[0].arrived + self.policy.max_batch_wait_s - loop.time()
                 if wait > 0:

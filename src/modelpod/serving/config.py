@@ -18,14 +18,16 @@ import yaml
 from modelpod.errors import PodError, UsageError
 from modelpod.inputs import NONFINITE
 from modelpod.pod import Serving
+from modelpod.serving.envs import pop_env, pop_wheel_cache
 from modelpod.serving.routes import RouteSpec, parse_routes
+from modelpod.serving.scaling import REPLICA_KEYS, ReplicaPolicy, merge, pop_layer, settings_layer
 from modelpod.settings import Settings
 from modelpod.trust.policy import TrustPolicy
 
 # The server's policy for a model is the same record a pod carries as its defaults.
 BatchPolicy = Serving
 
-POLICY_KEYS: tuple[str, ...] = tuple(f.name for f in fields(BatchPolicy))
+POLICY_KEYS: tuple[str, ...] = tuple(f.name for f in fields(BatchPolicy) if f.name not in REPLICA_KEYS)
 _INTS = {"max_batch_rows", "max_queue", "max_concurrency"}
 
 
@@ -85,6 +87,23 @@ class ServeConfig:
         return self.drift_keys.get(name, self.drift_keys.get("", True))
     # The config's ``trust:`` section over the settings (modelpod.trust.policy); None: settings only.
     trust: TrustPolicy | None = None
+    # isolation/replicas/max_memory (serving/scaling.py): "" the file's global keys, "*" the settings,
+    # else per model.
+    replica_layers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Own environments (``serving/envs.py``): ``env: auto|own|server`` globally ("") and per model,
+    # and the file's ``wheel_cache``.
+    env_keys: Mapping[str, str] = field(default_factory=dict)
+    wheel_cache: Path | None = None
+
+    def replica_policy(self, name: str, serving: Serving | None = None) -> ReplicaPolicy:
+        """Threads or processes, and how many, for model ``name`` (checked; UsageError if bad)."""
+        base = pop_layer(serving.to_dict(), f"pod {name}: serving") if serving is not None else {}
+        layers = [base, *(self.replica_layers.get(k, {}) for k in ("", "*", name))]
+        return merge(layers, f"replicas of {name}")
+
+    def env_mode(self, name: str) -> str:
+        """``auto`` (own environment when the pod's pins differ from the server's), ``own`` or ``server``."""
+        return self.env_keys.get(name) or self.env_keys.get("", "auto")
 
     def policy(self, name: str, serving: Serving | None = None) -> BatchPolicy:
         base = asdict(serving) if serving is not None else {}
@@ -116,6 +135,8 @@ class ServeConfig:
         nonfinite = _nonfinite(data, "", "config")
         payload_raw = {"": data.pop("payload_log")} if "payload_log" in data else {}
         drift = _switch(data, "", "config")
+        replica_layers = {"": pop_layer(data, "config"), "*": settings_layer(settings)}
+        env_keys, wheel_cache = pop_env(data, "", "config", settings.pod_env), pop_wheel_cache(data, settings)
         models: dict[str, dict[str, Any]] = {}
         for name, values in raw_models.items():
             if not isinstance(values, Mapping):
@@ -125,11 +146,17 @@ class ServeConfig:
             if "payload_log" in values:
                 payload_raw[str(name)] = values.pop("payload_log")
             drift.update(_switch(values, str(name), f"config: models.{name}"))
+            replica_layers[str(name)] = pop_layer(values, f"config: models.{name}")
+            env_keys.update(pop_env(values, str(name), f"config: models.{name}"))
             models[str(name)] = _checked(values, f"config: models.{name}")
         from modelpod.observe.payload import parse_specs
 
-        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes, parse_specs(payload_raw), drift,
-                   trust)
+        config = cls(_checked(data, "config"), settings_keys, models, nonfinite, routes,
+                     payload_logs=parse_specs(payload_raw), drift_keys=drift, trust=trust,
+                     replica_layers=replica_layers, env_keys=env_keys, wheel_cache=wheel_cache)
+        for name in ("", *models):  # a bad combination (min above max) stops the start, not the first load
+            config.replica_policy(name)
+        return config
 
     @classmethod
     def load(cls, settings: Settings) -> ServeConfig:

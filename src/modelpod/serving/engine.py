@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,10 @@ from modelpod.errors import (
     UsageError,
 )
 from modelpod.inputs import InputCheck
-from modelpod.model import Batch, Model, with_parameters
+from modelpod.model import Model, with_parameters
 from modelpod.observe.hub import Observer
-from modelpod.protocols.codec import InferRequest
 from modelpod.serving.config import BatchPolicy, ServeConfig
+from modelpod.serving.messages import InferRequest, InferResult
 from modelpod.serving.metrics import ServingMetrics, outcome_of
 from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
 from modelpod.serving.traffic import TrafficSplit
@@ -39,18 +38,6 @@ log = logging.getLogger("modelpod.serving")
 
 EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "parameters")
 _TRITON_TYPES = {"BYTES": "TYPE_STRING"}
-
-
-@dataclass(frozen=True)
-class InferResult:
-    """What a protocol encodes back: the model that answered and its outputs."""
-
-    model_name: str
-    model_version: str | None
-    outputs: Batch
-    id: str | None = None
-    route: str | None = None  # the route that chose this variant, if one did
-    variant: str = ""  # NAME:VERSION of the version that answered (the ``modelpod-variant`` header)
 
 
 def _header_id(headers: Mapping[str, str] | None) -> str | None:
@@ -69,6 +56,7 @@ class InferenceEngine:
             load_seconds=lambda: self.registry.gauge("load_seconds"),
             memory_bytes=lambda: self.registry.gauge("memory"),
             ready=lambda: self.registry.gauge("ready"),
+            replicas=lambda: self.registry.gauge("replicas"),
         )
         self.registry = ModelRegistry(self.settings, self.config, self.metrics)
         self.traffic = TrafficSplit(self.registry, self.metrics)
@@ -139,6 +127,14 @@ class InferenceEngine:
         # A lazily loaded or evicted model counts as ready: its next request loads it.
         return entry.available
 
+    def unready_reason(self, name: str, version: str | None = None) -> str:
+        """Why a model is not ready ("" when it is, or when it just is not loaded yet): a failed load's
+        error, e.g. the last lines a replica process wrote before it died."""
+        entry = self.resolve(name, version)
+        if self.draining:
+            return "the server is shutting down"
+        return entry.reason if entry.failed else ""
+
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         entry = self.resolve(name, version)
         versions = sorted(
@@ -153,6 +149,11 @@ class InferenceEngine:
         }
         if sig.parameters:  # a table's content_type and dtypes, a classifier's class_labels
             meta["parameters"] = dict(sig.parameters)
+        if entry.failed:  # beyond OIP's fields (clients ignore them): why the model does not serve
+            meta["state"], meta["reason"] = entry.state.value, entry.reason
+        if entry.replica_policy.process:
+            meta["isolation"] = "process"
+            meta["replicas"] = entry.replicas.describe() if entry.replicas is not None else []
         return meta
 
     def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:

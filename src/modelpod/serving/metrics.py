@@ -232,7 +232,7 @@ class ServingMetrics:
     """Every ``modelpod_*`` family a server exports. Gauges read the registry at scrape time."""
 
     def __init__(self, queue_depth: ModelGauge, inflight: ModelGauge, load_seconds: ModelGauge,
-                 memory_bytes: ModelGauge, ready: ModelGauge) -> None:
+                 memory_bytes: ModelGauge, ready: ModelGauge, replicas: ModelGauge | None = None) -> None:
         labels = ("model", "version")
         self.registry = MetricsRegistry()
         self.requests = Counter("modelpod_requests_total", "Inference requests answered, by protocol and outcome.",
@@ -246,6 +246,12 @@ class ServingMetrics:
         self.loads = Counter("modelpod_model_loads_total", "Model loads, by outcome.", (*labels, "outcome"))
         self.evictions = Counter("modelpod_model_evictions_total",
                                  "Models unloaded to stay within the memory budget.", labels)
+        # Replicas (serving/replicas.py): decisions and replacements, by model version.
+        self.scale_events = Counter("modelpod_scale_events_total", "Replica scaling decisions, by direction.",
+                                    (*labels, "direction"))
+        self.replica_restarts = Counter("modelpod_replica_restarts_total",
+                                        "Replicas replaced, by reason (crashed, killed, hung, memory).",
+                                        (*labels, "reason"))
         for family in (
             self.requests, self.latency, self.batch_rows, self.batch_requests,
             GaugeFunc("modelpod_queue_depth", "Requests waiting for a batch.", labels, queue_depth),
@@ -259,6 +265,11 @@ class ServingMetrics:
             self.loads, self.evictions,
         ):
             self.registry.add(family)
+        if replicas is not None:
+            self.registry.add(GaugeFunc("modelpod_replicas", "Replicas serving the model (1 for a thread-mode model).",
+                                        labels, replicas))
+        self.registry.add(self.scale_events)
+        self.registry.add(self.replica_restarts)
 
     def for_model(self, model: str, version: str, route: str = "", variant: str = "") -> ModelMetrics:
         """The children of one model version; with ``route``/``variant``, those of its requests a route chose."""

@@ -20,11 +20,11 @@ import asyncio
 import gc
 import importlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -35,8 +35,12 @@ from modelpod.model import Model
 from modelpod.pod import MANIFEST_NAME, Manifest, Pod, Signature, read_record
 from modelpod.serving.batcher import Batcher
 from modelpod.serving.config import BatchPolicy, ServeConfig
+from modelpod.serving.envs import EnvChoice, choose
 from modelpod.serving.metrics import ModelMetrics, ServingMetrics
-from modelpod.serving.worker import ModelWorker
+from modelpod.serving.replica import rss_bytes
+from modelpod.serving.replicas import ReplicaSet
+from modelpod.serving.scaling import ReplicaPolicy
+from modelpod.serving.worker import BatchWorker, ModelWorker
 from modelpod.settings import Settings
 from modelpod.store import Ref, Store
 from modelpod.trust.gate import load_model
@@ -69,7 +73,7 @@ class ModelEntry:
 
     def __init__(self, name: str, version: int | None, source: ModelSource, *, signature: Signature,
                  platform: str, policy: BatchPolicy, metrics: ModelMetrics, manifest: Manifest | None = None,
-                 aliases: frozenset[str] = frozenset()) -> None:
+                 aliases: frozenset[str] = frozenset(), replica_policy: ReplicaPolicy | None = None) -> None:
         self.name = name
         self.version = version
         self.source = source
@@ -84,13 +88,20 @@ class ModelEntry:
         self.on_demand = True  # may be loaded by a request (lazy, or evicted)
         self.failed = False
         self.model: Model | None = None
-        self.worker: ModelWorker | None = None
+        self.worker: BatchWorker | None = None
+        self.replica_policy = replica_policy or ReplicaPolicy()  # thread, or processes (serving/scaling.py)
         self.batcher: Batcher | None = None
         self.memory_bytes = 0
         self.load_seconds = 0.0
         self.last_used = 0.0
         self.loading: asyncio.Future[None] | None = None
         self.input_check: InputCheck | None = None  # built by the engine on first use
+        self.env: EnvChoice | None = None  # own environment or the server's (serving/envs.py)
+
+    @property
+    def replicas(self) -> ReplicaSet | None:
+        """The replica processes, when the model runs in them (``isolation: process``)."""
+        return self.worker if isinstance(self.worker, ReplicaSet) else None
 
     @property
     def version_text(self) -> str:
@@ -130,15 +141,6 @@ def _quietly(hook: Callable[[ModelEntry], None], entry: ModelEntry) -> None:
         hook(entry)
     except Exception as exc:
         log.warning("model load hook failed", extra={"fields": {"model": entry.label, "error": repr(exc)}})
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class ModelRegistry:
@@ -193,8 +195,15 @@ class ModelRegistry:
 
     def _add_manifest(self, manifest: Manifest, version: int | None, source: ModelSource,
                       aliases: frozenset[str]) -> ModelEntry:
-        return self._add(manifest.name, version, source, manifest.signature, manifest.framework,
-                         self.config.policy(manifest.name, manifest.serving), manifest, aliases)
+        entry = self._add(manifest.name, version, source, manifest.signature, manifest.framework,
+                          self.config.policy(manifest.name, manifest.serving), manifest, aliases)
+        entry.env = choose(manifest.requirements, self.config.env_mode(manifest.name), self.config.wheel_cache)
+        if entry.env.own:  # another interpreter: only a replica process can run there
+            if not entry.replica_policy.process:
+                entry.replica_policy = replace(entry.replica_policy, isolation="process")
+            log.info("model gets its own environment", extra={"fields": {
+                "model": entry.name, "version": entry.version_text, "why": entry.env.reason}})
+        return entry
 
     def add_model(self, model: Model, name: str | None = None, version: int | None = None,
                   policy: BatchPolicy | None = None) -> ModelEntry:
@@ -211,9 +220,14 @@ class ModelRegistry:
         versions = self._by_name.setdefault(name, {})
         if version in versions:
             raise ConflictError(f"model {name}:{version} is already served" if version else f"{name} is already served")
+        replica_policy = self.config.replica_policy(name, manifest.serving if manifest is not None else None)
+        if replica_policy.process and source.model is not None:
+            log.warning("a Model object runs on the server's threads: isolation: process needs a pod",
+                        extra={"fields": {"model": name}})
+            replica_policy = ReplicaPolicy()
         entry = ModelEntry(name, version, source, signature=signature, platform=platform, policy=policy,
                            metrics=self.metrics.for_model(name, "" if version is None else str(version)),
-                           manifest=manifest, aliases=aliases)
+                           manifest=manifest, aliases=aliases, replica_policy=replica_policy)
         versions[version] = entry
         return entry
 
@@ -267,12 +281,21 @@ class ModelRegistry:
             async with self._load_lock:
                 await self._make_room(entry, entry.estimate_bytes(), strict=True)
                 started = time.perf_counter()
-                model, grown = await _without_collections(asyncio.to_thread(self._load_blocking, entry))
-                entry.load_seconds = time.perf_counter() - started
-                entry.memory_bytes = max(grown, entry.manifest.weights_bytes() if entry.manifest else 0)
-                entry.model = model
-                entry.worker = ModelWorker(model, entry.label, entry.policy.max_concurrency)
-                entry.batcher = Batcher(entry.worker, entry.policy, entry.metrics, batchable=entry.batchable)
+                if entry.replica_policy.process:
+                    from modelpod.serving.replica_load import load_replicas
+
+                    entry.model, entry.worker, entry.batcher = await load_replicas(
+                        entry, self.settings, self.metrics, partial(self._replicas_failed, entry))
+                    entry.load_seconds = time.perf_counter() - started
+                    entry.memory_bytes = max(entry.worker.memory_bytes(), entry.manifest.weights_bytes()
+                                             if entry.manifest else 0)
+                else:
+                    model, grown = await _without_collections(asyncio.to_thread(self._load_blocking, entry))
+                    entry.load_seconds = time.perf_counter() - started
+                    entry.memory_bytes = max(grown, entry.manifest.weights_bytes() if entry.manifest else 0)
+                    entry.model = model
+                    entry.worker = ModelWorker(model, entry.label, entry.policy.max_concurrency)
+                    entry.batcher = Batcher(entry.worker, entry.policy, entry.metrics, batchable=entry.batchable)
                 entry.state = ModelState.READY
                 entry.failed, entry.reason = False, ""
                 entry.last_used = time.perf_counter()
@@ -337,6 +360,9 @@ class ModelRegistry:
             batcher.close(reason)
         if worker is not None:
             worker.close()
+            if isinstance(worker, ReplicaSet):
+                await worker.wait_closed()
+                model = None  # a stand-in: nothing to unload here
         if model is not None:
             try:
                 await asyncio.to_thread(model.unload)
@@ -351,6 +377,16 @@ class ModelRegistry:
         entry.reason = reason
         log.info("model unloaded", extra={"fields": {"model": entry.name, "version": entry.version_text,
                                                      "reason": reason}})
+
+    def _replicas_failed(self, entry: ModelEntry, replicas: ReplicaSet, reason: str) -> None:
+        """A model's replicas cannot start any more: it is marked failed, with the child's last lines."""
+        if entry.worker is not replicas:
+            return  # still loading: the load fails with the same reason
+        if entry.batcher is not None:
+            entry.batcher.close(f"failed: {reason}")
+        replicas.close()
+        entry.model = entry.worker = entry.batcher = None
+        entry.state, entry.failed, entry.reason = ModelState.UNAVAILABLE, True, reason
 
     # -- memory budget ----------------------------------------------------------------------------
     def used_bytes(self, exclude: ModelEntry | None = None) -> int:
@@ -394,6 +430,10 @@ class ModelRegistry:
                 value = e.load_seconds
             elif what == "memory":
                 value = e.memory_bytes if e.ready else 0
+                if e.replicas is not None:
+                    value = max(e.replicas.memory_bytes(), value)
+            elif what == "replicas":
+                value = e.replicas.ready_count() if e.replicas is not None else (1 if e.ready else 0)
             else:
                 value = 1 if e.ready else 0
             out.append((e.metrics.key, value))

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from modelpod import __version__
 from modelpod.errors import MissingExtraError, ModelpodError, UsageError
@@ -35,7 +35,7 @@ from modelpod.protocols.auth import Auth, token_table
 from modelpod.protocols.http import HttpLimits, HttpServer
 from modelpod.protocols.rest import RestApp, is_loopback
 from modelpod.protocols.tls import TlsFiles
-from modelpod.serving import logs
+from modelpod.serving import logs, scaling
 from modelpod.serving.config import ServeConfig
 from modelpod.serving.engine import InferenceEngine
 from modelpod.settings import Settings, read_token_file
@@ -51,6 +51,9 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         max_batch_rows=args.max_batch_rows, max_batch_wait_ms=args.max_batch_wait_ms,
         config=Path(args.config) if args.config else None, console=getattr(args, "console", None),
         decrypt_key_file=Path(args.decrypt_key).expanduser() if getattr(args, "decrypt_key", None) else None,
+        **scaling.settings_changes(args),
+        wheel_cache=Path(args.wheel_cache).expanduser() if getattr(args, "wheel_cache", None) else None,
+        pod_env=getattr(args, "pod_env", None),
     )
     settings = _with_token(settings, args.token, getattr(args, "token_file", None))
     settings = settings.with_(tls_cert=_path(getattr(args, "tls_cert", None)),
@@ -242,7 +245,8 @@ def _announce(engine: InferenceEngine, settings: Settings, port: int, grpc_port:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     rest = f"{'https' if tls else 'http'}://{host}:{port}"
     models = [{"name": e.name, "version": e.version_text, "state": e.state.value, "reason": e.reason,
-               "url": f"{rest}/v2/models/{e.name}"} for e in engine.registry]
+               "url": f"{rest}/v2/models/{e.name}", "isolation": e.replica_policy.isolation,
+               "replicas": _replicas(e)} for e in engine.registry]
     grpc = f"{host}:{grpc_port}" if grpc_port is not None else None
     console = f"{rest}/console" if settings.console else None
     routes = [{"name": r.spec.name, "share": r.describe()["share"], "shadow": list(r.spec.shadow),
@@ -262,6 +266,8 @@ def _announce(engine: InferenceEngine, settings: Settings, port: int, grpc_port:
             ref = f"{m['name']}:{m['version']}" if m["version"] else m["name"]
             state = m["state"] if not m["reason"] else f"{m['state']} ({m['reason']})"
             lines.append(f"  model    {ref:<24} {state:<12} {m['url']}")
+            if m["isolation"] == "process":
+                lines.append(f"           replicas {_replica_line(cast(dict[str, Any], m['replicas']))}")
         for r in routes:
             split = " ".join(f"{v} {100 * share:g}%" for v, share in r["share"].items())
             shadow = f" + shadow {', '.join(r['shadow'])}" if r["shadow"] else ""
@@ -269,3 +275,18 @@ def _announce(engine: InferenceEngine, settings: Settings, port: int, grpc_port:
         print("\n".join(lines), file=out, flush=True)
     log.info("serving", extra={"fields": {"rest": rest, "grpc": grpc, "models": [m["name"] for m in models]}})
 
+
+
+def _replicas(entry: Any) -> dict[str, Any]:
+    """What ``serve`` prints of a model's replicas: the policy and each process."""
+    p = entry.replica_policy
+    live = entry.replicas.describe() if entry.replicas is not None else []
+    return {"min": p.min, "max": p.max, "target_inflight": p.target_inflight, "processes": live}
+
+
+def _replica_line(r: dict[str, Any]) -> str:
+    span = str(r["min"])
+    if r["min"] != r["max"]:
+        span = f"{r['min']}..{r['max']} (target {r['target_inflight']:g} in flight)"
+    pids = ", ".join(f"#{p['replica']} pid {p['pid']} {p['state']}" for p in r["processes"]) or "none running"
+    return f"{span}: {pids}"

@@ -15,7 +15,7 @@ import queue
 import re
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,6 +27,35 @@ log = logging.getLogger("modelpod.serving")
 # Called on the loop thread with (outputs, None) or (None, error).
 Done = Callable[[Batch | None, BaseException | None], None]
 _Job = tuple[Batch, Done, asyncio.AbstractEventLoop]
+
+
+class BatchWorker(Protocol):
+    """What the batcher runs batches on: a ``ModelWorker`` (threads) or a ``ReplicaSet`` (processes)."""
+
+    label: str
+
+    def submit(self, batch: Batch, done: Done, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    async def predict(self, batch: Batch) -> Batch: ...
+
+    def close(self) -> None: ...
+
+
+async def awaited(submit: Callable[[Batch, Done, asyncio.AbstractEventLoop], None], batch: Batch) -> Batch:
+    """A worker's ``submit`` as a coroutine: the outputs, or the error raised."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Batch] = loop.create_future()
+
+    def done(out: Batch | None, err: BaseException | None) -> None:
+        if fut.done():  # the awaiting caller was cancelled
+            return
+        if err is not None:
+            fut.set_exception(err)
+        else:
+            fut.set_result(out if out is not None else {})
+
+    submit(batch, done, loop)
+    return await fut
 
 
 class ModelWorker:
@@ -49,19 +78,7 @@ class ModelWorker:
 
     async def predict(self, batch: Batch) -> Batch:
         """``submit`` as a coroutine: the outputs, or the error raised."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Batch] = loop.create_future()
-
-        def done(out: Batch | None, err: BaseException | None) -> None:
-            if fut.done():  # the awaiting caller was cancelled
-                return
-            if err is not None:
-                fut.set_exception(err)
-            else:
-                fut.set_result(out if out is not None else {})
-
-        self.submit(batch, done, loop)
-        return await fut
+        return await awaited(self.submit, batch)
 
     def _spawn(self) -> None:
         # Threads start on first use, so a worker that never runs a batch costs nothing.

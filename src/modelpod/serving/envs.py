@@ -1,0 +1,165 @@
+"""Own environments: which pods get one, and the interpreter their replicas run with.
+
+A pod whose locked requirements this server's environment does not satisfy (another scikit-learn
+release, a package not installed here), or that the config marks ``env: own``, is served by
+replicas running in a virtual environment built from exactly its pins (``serving/envbuild.py``);
+``env: server`` forces the server's packages. Pins of the serving machinery (``SERVER_OWNED``) do
+not count: the server's versions of those serve any pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from packaging.markers import default_environment
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from modelpod.errors import UsageError
+from modelpod.locking import applies
+from modelpod.serving.envbuild import EnvCache, lock_key
+from modelpod.serving.launch import Launch
+from modelpod.settings import Settings
+
+log = logging.getLogger("modelpod.serving")
+
+MODES = ("auto", "own", "server")
+# Serving machinery, not model behaviour: the server's versions serve any pod, so a pod pinning
+# other versions of these does not need an environment of its own for that alone. numpy is not
+# here: arrays, pickles and numerics depend on it.
+SERVER_OWNED = frozenset({
+    "modelpod", "pip", "setuptools", "wheel", "pyyaml", "rich", "markdown-it-py", "mdurl", "pygments",
+    "httptools", "uvloop", "orjson", "packaging", "grpcio", "protobuf",
+})
+
+# -- deciding ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mismatch:
+    """A pin the server's environment does not satisfy."""
+
+    pin: str
+    installed: str | None  # the version here, None when not installed
+
+    def describe(self) -> str:
+        return f"{self.pin} (here {self.installed})" if self.installed else f"{self.pin} (not installed here)"
+
+
+def mismatches(requirements: Iterable[str]) -> list[Mismatch]:
+    """The pins of a lock that this environment does not satisfy, serving machinery aside."""
+    marker_env = {k: str(v) for k, v in default_environment().items()}
+    out = []
+    for text in requirements:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue  # the pod's manifest was checked at pack; nothing to compare
+        if canonicalize_name(req.name) in SERVER_OWNED or not applies(req, marker_env, ()):
+            continue
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            out.append(Mismatch(text, None))
+            continue
+        if req.specifier and not req.specifier.contains(version, prereleases=True):
+            out.append(Mismatch(text, version))
+    return out
+
+
+@dataclass(frozen=True)
+class EnvChoice:
+    """Where a pod's replicas run: the server's environment, or one built from ``pins`` (offline
+    from ``wheel_cache`` when set)."""
+
+    own: bool
+    reason: str
+    pins: tuple[str, ...] = ()
+    wheel_cache: Path | None = None
+    mode: str = "auto"  # as configured: auto | own | server
+
+    @property
+    def key(self) -> str:
+        return lock_key(self.pins)
+
+
+def choose(requirements: Sequence[str], mode: str = "auto", wheel_cache: Path | None = None) -> EnvChoice:
+    """``own`` or ``server`` as asked; ``auto``: own when a pin is not satisfied here."""
+    if mode not in MODES:
+        raise UsageError(f"env must be one of {', '.join(MODES)}, got {mode!r}")
+    pins = tuple(sorted(requirements, key=str.lower))
+    if mode == "server":
+        return EnvChoice(False, "env: server", mode=mode)
+    if mode == "own":
+        return EnvChoice(True, "env: own", pins, wheel_cache, mode)
+    differ = mismatches(pins)
+    if not differ:
+        return EnvChoice(False, "the server's packages satisfy the lock", mode=mode)
+    shown = ", ".join(m.describe() for m in differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+    return EnvChoice(True, f"the lock differs from the server's packages: {shown}", pins, wheel_cache, mode)
+
+
+# What a replica in an own environment must not inherit from the server: anything that would put
+# the server's packages on its path. (Empty values count as unset for CPython.)
+CHILD_ENV = {"PYTHONPATH": "", "PYTHONHOME": "", "PYTHONSTARTUP": "", "PYTHONNOUSERSITE": "1"}
+
+
+async def launch_in_env(choice: EnvChoice, home: Path, framework: str, label: str) -> Launch:
+    """The launch of a replica in ``choice``'s environment, built first when it is not yet (in a
+    thread: the loop keeps serving the other models meanwhile). Raises EnvBuildError."""
+    started = time.monotonic()
+    env, built = await asyncio.to_thread(EnvCache(home).ensure, choice.pins, wheel_cache=choice.wheel_cache,
+                                         imports=framework_imports(framework), what=f"model {label}")
+    log.info("own environment ready", extra={"fields": {
+        "model": label, "key": env.key[:12], "built": built, "seconds": round(time.monotonic() - started, 3),
+        "why": choice.reason, "python": str(env.python)}})
+    return Launch(python=str(env.python), env={**CHILD_ENV, "VIRTUAL_ENV": str(env.path)},
+                  why=f"own environment {env.key[:12]}")
+
+
+
+
+# -- configuration -------------------------------------------------------------------------------
+def pop_env(values: dict[str, Any], name: str, where: str, override: str | None = None) -> dict[str, str]:
+    """Pop ``env`` from a config mapping: {name: mode} when given (``override``, the command line's
+    ``--env``, wins over the file's global key)."""
+    mode = values.pop("env", None)
+    if override is not None:
+        mode, where = override, "--env (MODELPOD_POD_ENV)"
+    if mode is None:
+        return {}
+    if mode not in MODES:
+        raise UsageError(f"{where}: env must be one of {', '.join(MODES)}, got {mode!r}")
+    return {name: str(mode)}
+
+
+def pop_wheel_cache(values: dict[str, Any], settings: Settings) -> Path | None:
+    """Pop the config file's ``wheel_cache``; the settings' (``--wheel-cache``,
+    ``MODELPOD_WHEEL_CACHE``) wins. A relative path in the file is taken from the file's directory."""
+    raw = values.pop("wheel_cache", None)
+    if settings.wheel_cache is not None:
+        return Path(settings.wheel_cache).expanduser()
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not raw:
+        raise UsageError(f"config: wheel_cache must be a directory path, got {raw!r}")
+    path = Path(raw).expanduser()
+    if not path.is_absolute() and settings.config is not None:
+        path = Path(settings.config).parent / path
+    return path
+
+
+def framework_imports(framework: str) -> tuple[str, ...]:
+    """The modules a framework's pods import (checked in a freshly built environment)."""
+    from modelpod.errors import FrameworkError
+    from modelpod.frameworks import module
+
+    try:
+        return tuple(module(framework).IMPORTS)
+    except FrameworkError:
+        return ()

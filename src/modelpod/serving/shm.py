@@ -1,0 +1,184 @@
+"""Shared memory between the server and its replica processes: a mapped file per direction.
+
+A ``SharedRegion`` is a file under ``/dev/shm`` (tmpfs: memory, not disk) mapped by both processes.
+The writer packs a batch's tensors into it, 64-byte aligned, and sends only their ``TensorRef``s;
+the reader maps the same bytes. Numeric tensors travel as their raw bytes; BYTES tensors (numpy
+object arrays of ``bytes`` or ``str``) as a length table plus the data, as the OIP binary extension
+lays them out; anything else an object array holds (the request parameters) is pickled, small.
+
+A region that is too small is replaced by a bigger one under a new name (the reader maps the new
+path it is sent); the old mapping is closed once no array points into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import pickle
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelpod.serving.messages import Batch, Region, TensorRef
+
+ALIGN = 64
+MIN_SIZE = 1 << 20
+_U32 = np.dtype("<u4")
+
+
+def shm_dir() -> Path:
+    """Where regions live: /dev/shm when the system has it (Linux), else the temp directory."""
+    dev = Path("/dev/shm")
+    if dev.is_dir() and os.access(dev, os.W_OK):
+        return dev
+    import tempfile
+
+    return Path(tempfile.gettempdir())
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class SharedRegion:
+    """One mapped file. ``create`` makes it (this process owns the name); otherwise it maps ``path``."""
+
+    def __init__(self, path: str, size: int, *, create: bool) -> None:
+        self.path = path
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            else:
+                size = os.fstat(fd).st_size
+            self.size = size
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.linked = create
+
+    @classmethod
+    def new(cls, prefix: str, size: int) -> SharedRegion:
+        size = max(MIN_SIZE, 1 << max(0, size - 1).bit_length())  # a power of two: few regrowths
+        return cls(str(shm_dir() / f"{prefix}-{secrets.token_hex(4)}"), size, create=True)
+
+    @property
+    def record(self) -> Region:
+        return Region(self.path, self.size)
+
+    def unlink(self) -> None:
+        """Remove the name (the mappings stay valid); once both sides have mapped it, or on exit."""
+        if self.linked:
+            self.linked = False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # an array still points into it: it goes with the last one
+            self.map.close()
+
+
+class Writer:
+    """Packs batches into a region it owns, growing it (a new name) when a batch does not fit."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.region: SharedRegion | None = None
+
+    def write(self, batch: Batch) -> tuple[Region, tuple[TensorRef, ...]]:
+        parts = [_encode(name, arr) for name, arr in batch.items()]
+        total = 0
+        for _, payload in parts:
+            total = _aligned(total) + payload.nbytes
+        region = self.region
+        if region is None or region.size < total:
+            if region is not None:
+                region.unlink()
+                region.close()
+            region = self.region = SharedRegion.new(self.prefix, total)
+        refs: list[TensorRef] = []
+        offset = 0
+        for ref, payload in parts:
+            offset = _aligned(offset)
+            n = payload.nbytes
+            if n:
+                np.ndarray((n,), np.uint8, buffer=region.map, offset=offset)[:] = payload
+            refs.append(TensorRef(ref.name, ref.kind, ref.dtype, ref.shape, offset, n))
+            offset += n
+        return region.record, tuple(refs)
+
+    def close(self) -> None:
+        if self.region is not None:
+            self.region.unlink()
+            self.region.close()
+            self.region = None
+
+
+class Reader:
+    """Maps the regions another process writes; ``read`` views (or copies) tensors out of them."""
+
+    def __init__(self) -> None:
+        self.region: SharedRegion | None = None
+
+    def attach(self, record: Region) -> SharedRegion:
+        region = self.region
+        if region is None or region.path != record.path:
+            if region is not None:
+                region.close()
+            region = self.region = SharedRegion(record.path, record.size, create=False)
+        return region
+
+    def read(self, record: Region, refs: tuple[TensorRef, ...], *, copy: bool) -> Batch:
+        region = self.attach(record)
+        return {ref.name: decode(region.map, ref, copy=copy) for ref in refs}
+
+    def close(self) -> None:
+        if self.region is not None:
+            self.region.close()
+            self.region = None
+
+
+def _encode(name: str, arr: np.ndarray[Any, Any]) -> tuple[TensorRef, np.ndarray[Any, Any]]:
+    """A tensor as a ref (offset 0 for now) and the bytes to copy, as a flat uint8 array."""
+    if arr.dtype.kind != "O":
+        flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        return TensorRef(name, "raw", arr.dtype.str, tuple(arr.shape), 0, flat.nbytes), flat
+    items = arr.reshape(-1).tolist()
+    if items and all(isinstance(x, bytes) for x in items):
+        kind, data = "bytes", items
+    elif items and all(isinstance(x, str) for x in items):
+        kind, data = "str", [x.encode("utf-8", "surrogatepass") for x in items]
+    else:
+        blob = pickle.dumps(arr, protocol=pickle.HIGHEST_PROTOCOL)
+        return TensorRef(name, "pickle", "|O", tuple(arr.shape), 0, len(blob)), np.frombuffer(blob, np.uint8)
+    lengths = np.fromiter((len(x) for x in data), dtype=_U32, count=len(data))
+    payload = np.frombuffer(lengths.tobytes() + b"".join(data), np.uint8)
+    return TensorRef(name, kind, "|O", tuple(arr.shape), 0, payload.nbytes), payload
+
+
+def decode(buf: Any, ref: TensorRef, *, copy: bool) -> np.ndarray[Any, Any]:
+    """The tensor ``ref`` describes in ``buf``: a view into it, or (``copy``) an array of its own."""
+    if ref.kind == "raw":
+        view = np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=buf, offset=ref.offset)
+        return view.copy() if copy else view
+    raw = memoryview(buf)[ref.offset : ref.offset + ref.nbytes]
+    try:
+        if ref.kind == "pickle":
+            out: np.ndarray[Any, Any] = pickle.loads(raw)  # written by our own server or child
+            return out
+        count = int(np.prod(ref.shape, dtype=np.int64))
+        lengths = np.frombuffer(raw, _U32, count).tolist()
+        flat = np.empty(count, dtype=object)
+        pos = 4 * count
+        text = ref.kind == "str"
+        for i, n in enumerate(lengths):
+            chunk = bytes(raw[pos : pos + n])
+            flat[i] = chunk.decode("utf-8", "surrogatepass") if text else chunk
+            pos += n
+        return flat.reshape(ref.shape)
+    finally:
+        raw.release()
