@@ -23,6 +23,12 @@
     ├── InferenceError                 500 / INTERNAL          exit 1   (the model itself failed; a bug)
     ├── ImageError                     400 / FAILED_PRECONDITION exit 2 (base image, wheels, platform)
     ├── RegistryError                  502 / UNAVAILABLE       exit 2   (OCI registry unreachable / auth)
+    ├── TrustError                     403 / PERMISSION_DENIED exit 2   (signatures, trust policy, encryption)
+    │   ├── NotSignedError                                              (policy wants a signature; none there)
+    │   ├── BadSignatureError                                           (tampered, truncated, another digest)
+    │   ├── UntrustedSignerError                                        (a valid signature by an unknown key)
+    │   ├── TrustKeyError                                               (a key file of the wrong type / unreadable)
+    │   └── DecryptionError                                            (no key, or a wrong key, for encrypted weights)
     └── BatchError                     400 / FAILED_PRECONDITION exit 2 (batch input/output: names file and fix)
         └── TooManyErrorsError                                 exit 1   (more bad rows than --max-errors)
 """
@@ -159,6 +165,32 @@ class ImageError(ModelpodError):
 
 class RegistryError(ModelpodError):
     http_status, grpc_code, exit_code = 502, "UNAVAILABLE", 2
+
+
+class TrustError(ModelpodError):
+    """A pod or image is refused by the trust policy, or a key or signature is unusable."""
+
+    http_status, grpc_code, exit_code = 403, "PERMISSION_DENIED", 2
+
+
+class NotSignedError(TrustError):
+    pass
+
+
+class BadSignatureError(TrustError):
+    pass
+
+
+class UntrustedSignerError(TrustError):
+    pass
+
+
+class TrustKeyError(TrustError):
+    pass
+
+
+class DecryptionError(TrustError):
+    pass
 
 
 class BatchError(ModelpodError):

@@ -170,9 +170,23 @@ class Registry:
         return body, media
 
     def put_manifest(self, repo: str, reference: str, data: bytes, media_type: str) -> str:
-        self._call("PUT", f"/v2/{repo}/manifests/{reference}", _push(repo),
-                   headers={"Content-Type": media_type}, body=data, length=len(data), ok=(201,))
-        return sha256_digest(data)
+        return self.put_manifest_subject(repo, reference, data, media_type)[0]
+
+    def put_manifest_subject(self, repo: str, reference: str, data: bytes, media_type: str) -> tuple[str, str | None]:
+        """Put a manifest; (its digest, the ``OCI-Subject`` header a referrers-aware registry answers)."""
+        _, headers, _ = self._call("PUT", f"/v2/{repo}/manifests/{reference}", _push(repo),
+                                   headers={"Content-Type": media_type}, body=data, length=len(data), ok=(201,))
+        return sha256_digest(data), headers.get("OCI-Subject")
+
+    def get_referrers(self, repo: str, digest: str) -> bytes | None:
+        """The referrers index of ``digest`` (distribution-spec v1.1), or None when the registry
+        has no referrers API (404)."""
+        status, headers, body = self._call("GET", f"/v2/{repo}/referrers/{digest}", _pull(repo),
+                                           headers={"Accept": INDEXES[0]}, ok=(200, 404))
+        media = (headers.get("Content-Type") or "").split(";")[0].strip()
+        if status == 404 or media not in ("", INDEXES[0]):
+            return None
+        return body
 
     # -- blobs ----------------------------------------------------------------------------------
     def has_blob(self, repo: str, digest: str) -> bool:

@@ -1,0 +1,1 @@
+"""Trust: pod and image signatures (DSSE + in-toto), the verification policy, encrypted weights."""
