@@ -280,8 +280,9 @@ class ImageBuilder:
     def write_layout(self, built: BuiltImage, directory: Path, tag: str) -> Path:
         return write_layout(directory, built.image, self.blobs, tag)
 
-    def write_docker_archive(self, built: BuiltImage, path: Path, repo_tags: Sequence[str]) -> Path:
-        return write_docker_archive(path, built.image, self.blobs, repo_tags)
+    def write_docker_archive(self, built: BuiltImage, path: Path, repo_tags: Sequence[str],
+                             referrers: Sequence[Image] = ()) -> Path:
+        return write_docker_archive(path, built.image, self.blobs, repo_tags, referrers)
 
     def push(self, built: BuiltImage, ref: Reference, mount_ours: Sequence[str] = ()) -> Transfers:
         """Blobs the registry lacks (mounted from the base's repository when it is the same registry, and

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,8 @@ def read_source(spec: str, builder: ImageBuilder, registry: Callable[[str], Regi
     labels: dict[str, str] = dict((config.get("config") or {}).get("Labels") or {})
     annotations = _manifest_annotations(spec, registry)
     if annotations is None:  # a docker archive keeps no manifest: our annotations are also labels
-        annotations = {k: v for k, v in labels.items() if k in _OURS or k in _BASE_KEYS or k.startswith("dev.modelpod.")}
+        annotations = {k: v for k, v in labels.items()
+                       if k in _OURS or k in _BASE_KEYS or k.startswith("dev.modelpod.")}
     if "dev.modelpod.digest" not in annotations:
         raise ImageError(f"{spec} was not built by modelpod (no dev.modelpod.digest annotation); rebase swaps "
                          "the base of modelpod images only")
@@ -144,6 +145,3 @@ def rebase(source: SourceImage, new_base_spec: str, builder: ImageBuilder) -> Bu
                         grpc=f"{GRPC_PORT}/tcp" in ports)
     return builder.assemble(new_base, python, source.layers, annotations, opts, load_check="kept (rebase)")
 
-
-def same_layers(a: Sequence[BuiltLayer], b: Sequence[BuiltLayer]) -> bool:
-    return [x.descriptor.digest for x in a] == [y.descriptor.digest for y in b]
