@@ -192,7 +192,10 @@ class ImageBuilder:
         ours = [b.descriptor for b in built.layers if b.role != "base"]
         contents = scan(self.blobs, built.base.layers, ours, self.cache / "wheels")
         created = _epoch(built.annotations.get("org.opencontainers.image.created"))
-        data = make_sbom(contents, image_digest=built.digest, created=created, base=built.base.name,
+        # The base by name only when it is a registry reference: a local path would differ per machine.
+        base = built.annotations.get("org.opencontainers.image.base.name") or \
+            built.annotations.get("org.opencontainers.image.base.digest")
+        data = make_sbom(contents, image_digest=built.digest, created=created, base=base,
                          name=built.annotations.get("org.opencontainers.image.title") or "image")
         task.done()
         return data
