@@ -297,7 +297,8 @@ class ImageBuilder:
         for layer in built.layers:
             d = layer.descriptor
             client.push_blob(ref.repository, d, self.blobs.path(d.digest),
-                             mount_from=mount if layer.role == "base" else mount_ours, label=f"push {layer.title}")
+                             mount_from=[*mount, *mount_ours] if layer.role == "base" else mount_ours,
+                             label=f"push {layer.title}")
         config = built.image.config
         client.push_blob(ref.repository, config, self.blobs.path(config.digest), label="push config")
         client.put_manifest(ref.repository, ref.tag or "latest", built.image.manifest, built.image.media_type)

@@ -24,7 +24,7 @@ from packaging.version import InvalidVersion, Version
 from modelpod.image.oci import BlobStore, Descriptor
 from modelpod.image.plan import DEPS_DIR, POD_DIR, RUNTIME_DIR
 from modelpod.image.tarball import open_layer
-from modelpod.pod import MANIFEST_NAME, RECORD_NAME, Manifest
+from modelpod.pod import MANIFEST_NAME, RECORD_NAME, Manifest, sha256_file
 
 _DIST_INFO = re.compile(r"^(?P<site>.+)/(?P<dir>[^/]+)\.dist-info/(?P<file>METADATA|WHEEL|RECORD)$")
 _DPKG_STATUS = "var/lib/dpkg/status"
@@ -216,7 +216,7 @@ def _dist(key: str, files: Mapping[str, bytes], layer: str,
         normal = version
     for wheel_tags, path in wheels.get((str(canonicalize_name(name)), normal), []):
         if not tags or set(tags) <= wheel_tags:
-            wheel, wheel_sha = path.name, _sha256(path)
+            wheel, wheel_sha = path.name, sha256_file(path)
             break
     site = "/" + key.rsplit("/", 1)[0]
     return PythonDist(name, version, license_of(meta.get("License-Expression"), meta.get("License"),
@@ -235,11 +235,3 @@ def license_of(expression: object, text: object, classifiers: Iterable[object]) 
     names = [str(c).split("::")[-1].strip() for c in classifiers if str(c).startswith("License ::")]
     names = [n for n in names if n not in ("OSI Approved", "")]
     return " AND ".join(sorted(set(names))) if names else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
