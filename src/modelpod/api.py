@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from modelpod.errors import NotFoundError, UsageError
-from modelpod.frameworks import require
 from modelpod.model import Model
 from modelpod.pod import MANIFEST_NAME, Pod
 from modelpod.settings import Settings
@@ -45,7 +44,10 @@ def open_pod(ref: str | Path, *, store: Store | None = None, settings: Settings 
 def load(ref: str | Path, *, store: Store | None = None, settings: Settings | None = None) -> Model:
     """A loaded Model for a store reference (NAME, NAME:VERSION, NAME@ALIAS, NAME@sha256:...) or a
     pod directory (a ``Path``, or a string written as a path)."""
+    from modelpod.trust.gate import load_model
+
     pod = open_pod(ref, store=store, settings=settings)
-    model: Model = require(pod.manifest.framework).load(pod)
-    model.load()
+    model = load_model(pod, settings or Settings.from_env(), what=f"pod {ref}")
+    if not model.loaded:
+        model.load()
     return model

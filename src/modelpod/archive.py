@@ -15,8 +15,9 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from modelpod.errors import NotFoundError, PodError, UnsafeArchiveError
-from modelpod.pod import MANIFEST_NAME, Pod
+from modelpod.pod import MANIFEST_NAME, SIGNATURES_NAME, Pod
 from modelpod.store import PodRecord, Ref, Store
+from modelpod.trust.policy import TrustPolicy, add_signatures, read_signatures
 
 MAX_MEMBERS = 100_000
 MAX_BYTES = 64 * 1024**3
@@ -27,7 +28,9 @@ def export(pod: Pod, out: Path) -> Path:
     """Write the pod as an uncompressed tar: manifest first, then files sorted by path."""
     tmp = out.with_name(out.name + ".part")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        names = [MANIFEST_NAME, *sorted(f.path for f in pod.manifest.files)]
+        # The signatures travel with the pod, beside the manifest (not a pod file: not in its digest).
+        signed = [SIGNATURES_NAME] if (pod.path / SIGNATURES_NAME).is_file() else []
+        names = [MANIFEST_NAME, *signed, *sorted(f.path for f in pod.manifest.files)]
         for rel in names:
             src = pod.path / rel
             info = tarfile.TarInfo(rel)
@@ -116,16 +119,18 @@ def _copy_capped(src: IO[bytes], out: IO[bytes], size: int, name: str) -> None:
         left -= len(block)
 
 
-def import_archive(archive: Path, store: Store, name: str | None = None) -> PodRecord:
+def import_archive(archive: Path, store: Store, name: str | None = None, policy: TrustPolicy | None = None
+                   ) -> PodRecord:
     """Import a pod archive into the store as a new version (or return the version already holding
-    the same digest under that name); refuses anything unsafe or tampered."""
+    the same digest under that name); refuses anything unsafe or tampered, and (``policy``) a pod
+    its trust policy refuses, before anything reaches the store. Its signatures come along."""
     if not archive.is_file():
         raise PodError(f"{archive}: no such file")
     staging = store.staging()
     try:
         extract(archive, staging)
         pod = Pod.open(staging, verify=True)
-        listed = {f.path for f in pod.manifest.files} | {MANIFEST_NAME}
+        listed = {f.path for f in pod.manifest.files} | {MANIFEST_NAME, SIGNATURES_NAME}
         extra = sorted(
             p.relative_to(staging).as_posix() for p in staging.rglob("*")
             if p.is_file() and p.relative_to(staging).as_posix() not in listed
@@ -133,13 +138,21 @@ def import_archive(archive: Path, store: Store, name: str | None = None) -> PodR
         if extra:
             raise UnsafeArchiveError(f"refused: {extra[0]} is in the archive but not in the manifest")
         manifest = pod.manifest
+        signatures = read_signatures(staging)
         if name and name != manifest.name:
             from dataclasses import replace
 
             manifest = replace(manifest, name=name)
+            signatures = []  # a new name is a new digest: the pod's signatures are not over it
+        if policy is not None:
+            what = f"pod {manifest.name} in {archive}" + (" (renamed with --name: a new digest)" if name else "")
+            policy.check(what, manifest.digest, signatures)
         try:  # the same pod again: the version it already is, not a new one of an identical digest
-            return store.get(Ref(manifest.name, digest=manifest.digest))
+            rec = store.get(Ref(manifest.name, digest=manifest.digest))
         except NotFoundError:
-            return store.add(staging, manifest)
+            rec = store.add(staging, manifest)
+        if signatures:
+            add_signatures(store.open(rec.ref, verify=False).path, signatures)
+        return rec
     finally:
         store.discard(staging)

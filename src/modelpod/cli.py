@@ -89,7 +89,7 @@ def _pack(args: argparse.Namespace, settings: Settings) -> Any:
         framework=args.framework, sample=args.sample, requirements=args.requirements,
         labels=_kv(args.label, "--label"), parent=args.parent, allow_pickle=args.allow_pickle, trust=args.trust,
         entrypoint=args.entrypoint, options=options, outputs=args.outputs,
-        auto_lock=not args.no_auto_lock,
+        auto_lock=not args.no_auto_lock, encrypt=args.encrypt,
     )
     data = {"name": rec.name, "version": rec.version, "digest": rec.digest, "framework": rec.manifest.framework}
     _emit(args, data, lambda: print(f"packed {rec.name}:{rec.version}  {rec.digest}  ({rec.manifest.framework})"))
@@ -166,6 +166,11 @@ def _verify(args: argparse.Namespace, settings: Settings) -> Any:
     if is_image_ref(args.ref):
         return verify_image_command(args, settings)
     from modelpod.api import open_pod
+    from modelpod.trust.cli import check_key_flags, verify_signatures
+
+    check_key_flags(args)
+    if args.signature:
+        return verify_signatures(args, settings)
 
     pod = open_pod(args.ref, settings=settings, verify=False)
     problems = list(pod.problems())
@@ -192,8 +197,10 @@ def _export(args: argparse.Namespace, settings: Settings) -> Any:
 @command("import")
 def _import(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.archive import import_archive
+    from modelpod.trust.policy import TrustPolicy
 
-    rec = import_archive(Path(args.file), Store(settings.home), name=args.name)
+    rec = import_archive(Path(args.file), Store(settings.home), name=args.name,
+                         policy=TrustPolicy.from_settings(settings))
     data = {"name": rec.name, "version": rec.version, "digest": rec.digest}
     _emit(args, data, lambda: print(f"imported {rec.name}:{rec.version}  {rec.digest}"))
 
@@ -206,7 +213,7 @@ def _predict(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.protocols.codec import InferRequest, decode_request, encode_response
     from modelpod.serving.worker import ModelWorker
 
-    model = load(args.ref, settings=settings)
+    model = load(args.ref, settings=settings.with_(decrypt_key_file=_path(args.decrypt_key)))
     if args.image:
         from modelpod.vision.cli import predict_images
 
@@ -233,6 +240,24 @@ def _predict(args: argparse.Namespace, settings: Settings) -> Any:
     outputs = ModelWorker(model, model.name).call(inputs)
     body, _ = encode_response(model.name, None, outputs, request)
     print(json_text(body, indent=None if args.json else 2, sort_keys=False))
+
+
+@command("sign")
+def _sign(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.trust.cli import sign_command
+
+    return sign_command(args, settings)
+
+
+@command("encrypt")
+def _encrypt(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.trust.cli import encrypt_command
+
+    return encrypt_command(args, settings)
+
+
+def _path(text: str | None) -> Path | None:
+    return Path(text).expanduser() if text else None
 
 
 @command("batch")
@@ -338,6 +363,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-pickle", action="store_true", help="accept pickle-based formats (still scanned)")
     c.add_argument("--trust", action="append", metavar="TYPE[,TYPE]",
                    help="trust these types in a skops file beyond skops' and modelpod's lists (recorded)")
+    c.add_argument("--encrypt", metavar="KEYFILE", help="store the weights AES-256-GCM encrypted under this "
+                   "32-byte key (docs/security.md)")
 
     c = cmd("list", "list pods in the store")
     c.add_argument("name", nargs="?")
@@ -353,8 +380,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="remove a version even where an alias points at it")
     c = cmd("gc", "remove unreferenced blobs and what killed pack/import/pull runs left; report what it frees")
     c.add_argument("--dry-run", action="store_true", help="only report what would be freed")
-    c = cmd("verify", "re-hash every file of a pod against its manifest; an image: check its signature (--key)")
+    c = cmd("verify", "re-hash every file of a pod against its manifest (--signature: and who signed it); "
+            "an image (registry ref, oci:DIR, docker-archive:FILE): check its signature with --key")
     c.add_argument("ref")
+    c.add_argument("--signature", action="store_true", help="also check the pod's signatures: who signed what")
+    c.add_argument("--key", action="append", metavar="PUB.pem",
+                   help="a trusted key or CA certificate (repeatable; default trust.keys / MODELPOD_TRUST_KEYS)")
     from modelpod.image.trust_cli import add_verify_arguments
 
     add_verify_arguments(c)
@@ -369,6 +400,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--input")
     c.add_argument("--image", action="append", metavar="FILE", help="an image for a vision pod (repeatable)")
     c.add_argument("--annotate", metavar="OUT.png", help="with --image: write the image with the boxes drawn")
+    c.add_argument("--decrypt-key", metavar="FILE", help="key for encrypted weights (or $MODELPOD_DECRYPT_KEY_FILE)")
+
+    from modelpod.trust.cli import add_arguments as trust_arguments
+
+    trust_arguments(sub, cmd)
 
     c = cmd("batch", "score files (CSV, Parquet, JSON Lines, .npy, images) with a pod; resumable, sharded")
     from modelpod.batch.cli import add_arguments as batch_arguments
@@ -389,6 +425,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN; visible in the process list)")
     c.add_argument("--token-file", metavar="PATH",
                    help="read the bearer token from this file (or $MODELPOD_TOKEN_FILE)")
+    c.add_argument("--decrypt-key", metavar="FILE",
+                   help="key for pods with encrypted weights (or $MODELPOD_DECRYPT_KEY_FILE)")
 
     from modelpod.serving.route_cli import add_arguments as route_arguments
 
@@ -403,7 +441,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tag", metavar="NAME:TAG", help="the name docker load gives the image")
     c.add_argument("--source", metavar="URL", help="org.opencontainers.image.source annotation")
     c.add_argument("--revision", help="org.opencontainers.image.revision annotation (default: the pod digest)")
-    c.add_argument("--with", dest="with_", action="append", choices=("batch",),
+    c.add_argument("--with", dest="with_", action="append", choices=("batch", "trust"),
                    help="add a feature's packages to the runtime layer: batch (pyarrow, for `docker run IMAGE batch`)")
     c.add_argument("--no-grpc", action="store_true", help="leave grpcio out: a slimmer image serving REST only")
     c.add_argument("--no-check", action="store_true",

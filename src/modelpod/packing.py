@@ -44,6 +44,7 @@ def pack(
     outputs: Sequence[str] | str | None = None,
     auto_lock: bool = True,
     created: int | None = None,
+    encrypt: str | Path | None = None,
 ) -> PodRecord:
     """Pack a model file or directory into a new pod version in ``store``.
 
@@ -58,6 +59,11 @@ def pack(
     src = Path(path)
     if not src.exists():
         raise UsageError(f"{src}: no such file or directory")
+    key = None
+    if encrypt is not None:  # read (and checked) before any work
+        from modelpod.trust.encryption import read_key
+
+        key = read_key(encrypt)
     fw = framework or detect(src)
     adapter = require(fw)
     trusted = trust_names(trust)
@@ -100,6 +106,10 @@ def pack(
         manifest = replace(manifest, requirements=tuple(
             lock_pod(staging, manifest, (*adapter.DISTRIBUTIONS, *packed.distributions),
                      Path(requirements) if requirements else None, auto=auto_lock)))
+        if key is not None:  # the weights are encrypted in staging: only ciphertext reaches the store
+            from modelpod.trust.encryption import encrypt_dir
+
+            manifest = encrypt_dir(staging, manifest, key)
         return store.add(staging, manifest)
     except ModelpodError:
         raise

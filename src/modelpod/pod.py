@@ -23,6 +23,8 @@ MANIFEST_NAME = "modelpod.yaml"
 # Beside the manifest in an image: the pod's store version and aliases when the image was built
 # (an image has no store to ask). Honoured only for the manifest digest it names.
 RECORD_NAME = "modelpod.record.json"
+# Beside the manifest too: the pod's signature bundles (modelpod.trust), not listed as pod files.
+SIGNATURES_NAME = "modelpod.signatures.json"
 SCHEMA = "modelpod/v1"
 
 # OIP v2 datatypes and their numpy equivalents. BYTES tensors are numpy object arrays of bytes.
@@ -257,6 +259,9 @@ class Manifest:
     # exactly these, as recorded.
     trust: tuple[str, ...] = ()
     modelpod_version: str = ""
+    # Encrypted weights (modelpod.trust.encryption): scheme, wrapped data key, per-file nonce and
+    # plaintext sha256/size. The files' own entries hold the ciphertext's hashes.
+    encryption: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -279,6 +284,8 @@ class Manifest:
                          **({"trust": sorted(set(self.trust))} if self.trust else {})},
             "options": dict(self.options),
             "modelpod": self.modelpod_version,
+            # Only when set, so the digests of plain pods do not change.
+            **({"encryption": dict(self.encryption)} if self.encryption else {}),
         }
 
     @classmethod
@@ -304,6 +311,7 @@ class Manifest:
                 options=dict(data.get("options") or {}),
                 trust=tuple(str(t) for t in (data.get("security") or {}).get("trust") or ()),
                 modelpod_version=str(data.get("modelpod") or ""),
+                encryption=dict(data.get("encryption") or {}),
             )
         except KeyError as exc:
             raise PodError(f"{MANIFEST_NAME}: missing field {exc.args[0]!r}") from None

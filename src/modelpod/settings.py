@@ -51,6 +51,11 @@ class Settings:
     log_level: str = "info"
     log_json: bool = True
     inference_threads: int | None = None
+    # Trust (modelpod.trust.policy): trusted key files (``,``/``:`` separated), whether pods must be
+    # signed to load (None: when keys are set), and the key that decrypts encrypted weights.
+    trust_keys: str | None = None
+    require_signed: bool | None = None
+    decrypt_key_file: Path | None = None
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

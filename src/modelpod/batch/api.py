@@ -20,11 +20,12 @@ from modelpod.store import Store
 def load_model(ref: str | Path, store: Store | None = None, settings: Settings | None = None) -> tuple[Model, str]:
     """The pod's Model, loaded, and its digest (the same adapters the server loads)."""
     from modelpod.api import open_pod
-    from modelpod.frameworks import require
+    from modelpod.trust.gate import load_model as admitted
 
     pod = open_pod(ref, store=store, settings=settings)
-    model: Model = require(pod.manifest.framework).load(pod)
-    model.load()
+    model = admitted(pod, settings or Settings.from_env(), what=f"pod {ref}")
+    if not model.loaded:
+        model.load()
     return model, pod.digest
 
 

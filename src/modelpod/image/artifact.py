@@ -31,10 +31,15 @@ from modelpod.image.oci import (
     to_json,
 )
 from modelpod.image.plan import WEIGHTS_LAYER_BYTES
+from modelpod.image.referrers import attach, fetch, referrers
 from modelpod.image.registry import Reference, Registry, Transfers
 from modelpod.image.tarball import Entry, FileSource, write_layer
 from modelpod.pod import MANIFEST_NAME, FileEntry, Manifest, Pod, write_manifest
 from modelpod.store import PodRecord, Store
+from modelpod.trust.policy import TrustPolicy, add_signatures, read_signatures
+
+# A pod's (or image's) signature bundle (modelpod.trust.signing), as an OCI referrer's artifactType.
+SIGNATURE_ARTIFACT = "application/vnd.modelpod.signature.v1+json"
 
 TITLE = "org.opencontainers.image.title"
 
@@ -45,10 +50,11 @@ class Pushed:
     digest: str  # the artifact manifest's digest
     tags: tuple[str, ...]
     transfers: Transfers
+    signatures: int = 0  # attached as referrers
 
     def to_dict(self) -> dict[str, Any]:
         return {"reference": self.reference, "digest": self.digest, "tags": list(self.tags),
-                "transfers": self.transfers.to_dict()}
+                "transfers": self.transfers.to_dict(), "signatures": self.signatures}
 
 
 def file_groups(files: Sequence[FileEntry], threshold: int = WEIGHTS_LAYER_BYTES) -> list[tuple[str, list[FileEntry]]]:
@@ -105,11 +111,20 @@ def push_pod(pod: Pod, version: int | None, target: Reference, client: Registry,
     tags = (target.tag,) if target.tag else tuple(t for t in (str(version) if version else None, "latest") if t)
     for tag in tags:
         client.put_manifest(target.repository, tag, manifest, OCI_MANIFEST)
-    return Pushed(str(target.with_tag(tags[0])), sha256_digest(manifest), tags, client.transfers)
+    # The pod's signatures travel as OCI referrers of the artifact manifest, one per signature.
+    subject = Descriptor(OCI_MANIFEST, sha256_digest(manifest), len(manifest))
+    signatures = read_signatures(pod.path)
+    for bundle in signatures:
+        attach(client, target.repository, subject, SIGNATURE_ARTIFACT, [(SIGNATURE_ARTIFACT, bundle)], blobs,
+               {"dev.modelpod.digest": pod.digest})
+    return Pushed(str(target.with_tag(tags[0])), sha256_digest(manifest), tags, client.transfers, len(signatures))
 
 
-def pull_pod(source: Reference, client: Registry, store: Store) -> PodRecord:
-    """Fetch, verify and add a pod to ``store``; the same digest already there is returned as is."""
+def pull_pod(source: Reference, client: Registry, store: Store, policy: TrustPolicy | None = None) -> PodRecord:
+    """Fetch, verify and add a pod to ``store``; the same digest already there is returned as is.
+
+    The pod's signatures (referrers of its artifact manifest) come along; ``policy`` refuses the
+    pod before any of it reaches the store."""
     data, media = client.get_manifest(source.repository, source.reference)
     try:
         doc = json.loads(data)
@@ -129,8 +144,12 @@ def pull_pod(source: Reference, client: Registry, store: Store) -> PodRecord:
         if announced and announced != manifest.digest:
             raise IntegrityError(f"{source}: annotated pod digest {announced} differs from its config "
                                  f"{manifest.digest}")
+        signatures = _signatures(client, source, sha256_digest(data), blobs)
+        if policy is not None:
+            policy.check(f"pod {manifest.name} from {source}", manifest.digest, signatures)
         existing = _existing(store, manifest)
         if existing is not None:
+            _keep(store, existing, signatures)
             return existing
         pod_dir = staging / "pod"
         pod_dir.mkdir()
@@ -144,9 +163,25 @@ def pull_pod(source: Reference, client: Registry, store: Store) -> PodRecord:
         _check_files(pod_dir, manifest, source)
         write_manifest(pod_dir, manifest)
         Pod.open(pod_dir, verify=True, expected_digest=manifest.digest)
-        return store.add(pod_dir, manifest)
+        rec = store.add(pod_dir, manifest)
+        _keep(store, rec, signatures)
+        return rec
     finally:
         store.discard(staging)
+
+
+def _signatures(client: Registry, source: Reference, artifact: str, blobs: BlobStore) -> list[bytes]:
+    """The signature bundles attached to the artifact manifest ``artifact``."""
+    found: list[bytes] = []
+    for referrer in referrers(client, source.repository, artifact, SIGNATURE_ARTIFACT):
+        found += [data for d, data in fetch(client, source.repository, referrer, artifact, blobs)
+                  if d.media_type == SIGNATURE_ARTIFACT]
+    return found
+
+
+def _keep(store: Store, rec: PodRecord, signatures: list[bytes]) -> None:
+    if signatures:
+        add_signatures(store.open(rec.ref, verify=False).path, signatures)
 
 
 def _manifest(config: bytes, digest: str, source: Reference) -> Manifest:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -19,9 +20,10 @@ from modelpod.image.builder import BuildOptions, BuiltImage, ImageBuilder
 from modelpod.image.oci import BlobStore
 from modelpod.image.progress import Progress, RichProgress, Silent
 from modelpod.image.registry import DOCKER_HUB, Credentials, Reference, Registry
-from modelpod.pod import Manifest
+from modelpod.pod import SIGNATURES_NAME, Manifest
 from modelpod.settings import Settings
 from modelpod.store import Store
+from modelpod.trust.policy import TrustPolicy
 
 
 def credentials_for(host: str, env: Mapping[str, str] | None = None) -> Credentials | None:
@@ -111,16 +113,23 @@ def build_command(args: argparse.Namespace, settings: Settings) -> Any:
     pod = store.open(rec.ref)
     push = Reference.parse(args.push) if args.push else None
     kind, out, out_tag = _output(args.output, rec.name, rec.version) if args.output or not push else ("", Path(), None)
+    # A signed or encrypted pod's image verifies / decrypts at load: it needs the trust packages, and
+    # an encrypted pod cannot be load-checked without its key (which never enters a build).
+    encrypted = bool(pod.manifest.encryption)
+    trust = ("trust",) if encrypted or (pod.path / SIGNATURES_NAME).is_file() else ()
     options = BuildOptions(base=args.base, created=_source_date_epoch(None, pod.manifest, rec.created),
                            mtime=_source_date_epoch(None, None, 0),
                            source=getattr(args, "source", None), revision=getattr(args, "revision", None),
-                           grpc=not getattr(args, "no_grpc", False), check=not getattr(args, "no_check", False),
-                           features=tuple(sorted(set(getattr(args, "with_", None) or ()))))
+                           grpc=not getattr(args, "no_grpc", False),
+                           check=not getattr(args, "no_check", False) and not encrypted,
+                           features=tuple(sorted({*(getattr(args, "with_", None) or ()), *trust})))
     tag = getattr(args, "tag", None) or f"modelpod/{rec.name}:{rec.version}"
     with _progress(args) as progress:
         builder = ImageBuilder(settings.home / "cache", _registries(progress), progress)
         try:
             built = builder.build(pod, rec.version, options, rec.aliases)
+            if encrypted and options.check is False and not getattr(args, "no_check", False):
+                built = dataclasses.replace(built, load_check="off (encrypted weights: the key never enters a build)")
         except RegistryError as exc:
             if args.base:
                 raise
@@ -203,7 +212,7 @@ def pull_command(args: argparse.Namespace, settings: Settings) -> Any:
     source = Reference.parse(args.source)
     with _progress(args) as progress:
         client = _registries(progress)(source.host)
-        rec = pull_pod(source, client, Store(settings.home))
+        rec = pull_pod(source, client, Store(settings.home), TrustPolicy.from_settings(settings))
     data = {"name": rec.name, "version": rec.version, "digest": rec.digest, "source": str(source),
             "transfers": client.transfers.to_dict()}
     _emit(args, data, lambda: print(f"pulled {source} as {rec.ref}  {rec.digest}"))

@@ -27,7 +27,7 @@ from modelpod.image.progress import Progress
 from modelpod.image.tarball import Entry, FileSource, file_entry, skipped
 from modelpod.image.wheels import Pin, Target, WheelSet, ensure_wheels
 from modelpod.locking import NotInstalledError, walk
-from modelpod.pod import MANIFEST_NAME, RECORD_NAME, FileEntry, Pod, canonical_json
+from modelpod.pod import MANIFEST_NAME, RECORD_NAME, SIGNATURES_NAME, FileEntry, Pod, canonical_json
 
 ROOT = "opt/modelpod"
 RUNTIME_DIR = f"{ROOT}/runtime"
@@ -73,7 +73,9 @@ def target_environment(target: Target) -> dict[str, str]:
 
 
 # ``modelpod build --with FEATURE``: distributions added to the runtime layer for that feature.
-FEATURES: dict[str, tuple[str, ...]] = {"batch": ("pyarrow",)}
+FEATURES: dict[str, tuple[str, ...]] = {"batch": ("pyarrow",),
+                                        # verifying signatures and decrypting weights at load (modelpod.trust)
+                                        "trust": ("cryptography",)}
 
 
 def core_pins(target: Target, grpc: bool = True, also: Sequence[str] = ()) -> list[Pin]:
@@ -184,6 +186,8 @@ def pod_layers(pod: Pod, threshold: int = WEIGHTS_LAYER_BYTES,
         specs.append(_files_layer(pod, "weights", f"weights ({len(together)} files)", together))
     manifest = pod.manifest.to_yaml().encode()
     extra = {RECORD_NAME: canonical_json(dict(record))} if record else {}
+    if (pod.path / SIGNATURES_NAME).is_file():  # the pod's signatures, for require_signed in the image
+        extra[SIGNATURES_NAME] = (pod.path / SIGNATURES_NAME).read_bytes()
     key = _key("pod", pod.digest, [(f.path, f.sha256, f.size) for f in rest], sorted(extra.items()), "tmp")
 
     @contextlib.contextmanager

@@ -160,13 +160,17 @@ def verify_image_command(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.trust.keys import load_trusted
     from modelpod.trust.signing import BUNDLE_MEDIA_TYPE, verify
 
-    sources = getattr(args, "key", None) or getattr(args, "keys", None) or list(_trust_keys(settings))
-    if isinstance(sources, str):
-        sources = [sources]
-    if not sources:
-        raise UsageError("verify IMAGE needs --key PUB.pem (a trusted public key or CA certificate) "
-                         "or MODELPOD_TRUST_KEYS")
-    keys = load_trusted([Path(s) for s in sources])
+    sources = getattr(args, "key", None)
+    if sources:
+        keys = load_trusted([Path(s).expanduser() for s in sources])
+    else:
+        from modelpod.trust.policy import TrustPolicy
+
+        policy = TrustPolicy.from_settings(settings)
+        if not policy.keys:
+            raise UsageError("verify IMAGE needs --key PUB.pem (a trusted public key or CA certificate), "
+                             "or trust.keys / MODELPOD_TRUST_KEYS")
+        keys = policy.trusted
     with _progress(args) as progress:
         builder = ImageBuilder(settings.home / "cache", _registries(progress), progress)
         subject, bundles = find(args.ref, BUNDLE_MEDIA_TYPE, builder.registry, builder.blobs)
@@ -185,11 +189,6 @@ def verify_image_command(args: argparse.Namespace, settings: Settings) -> Any:
         return None
     raise BadSignatureError(reasons[0] if len(reasons) == 1 else
                             f"image {args.ref}: none of its {len(reasons)} signatures verifies: " + "; ".join(reasons))
-
-
-def _trust_keys(settings: Settings) -> list[str]:
-    value = getattr(settings, "trust_keys", None) or ()
-    return [str(v) for v in value] if not isinstance(value, str) else [v for v in value.split(",") if v]
 
 
 # -- modelpod rebase ----------------------------------------------------------------------------

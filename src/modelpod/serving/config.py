@@ -20,6 +20,7 @@ from modelpod.inputs import NONFINITE
 from modelpod.pod import Serving
 from modelpod.serving.routes import RouteSpec, parse_routes
 from modelpod.settings import Settings
+from modelpod.trust.policy import TrustPolicy
 
 # The server's policy for a model is the same record a pod carries as its defaults.
 BatchPolicy = Serving
@@ -65,6 +66,8 @@ class ServeConfig:
         """``pass`` (the default: NaN/Infinity reach the model) or ``reject`` (refused with a 400)."""
         return self.nonfinite_keys.get(name) or self.nonfinite_keys.get("", "pass")
     routes: Mapping[str, RouteSpec] = field(default_factory=dict)
+    # The config's ``trust:`` section over the settings (modelpod.trust.policy); None: settings only.
+    trust: TrustPolicy | None = None
 
     def policy(self, name: str, serving: Serving | None = None) -> BatchPolicy:
         base = asdict(serving) if serving is not None else {}
@@ -87,6 +90,8 @@ class ServeConfig:
         }
         settings_keys = _checked({k: v for k, v in overrides.items() if v is not None}, "settings")
         data = dict(data or {})
+        trust = TrustPolicy.from_settings(settings, {"trust": data.pop("trust", None)},
+                                          Path(settings.config).parent if settings.config else None)
         routes = parse_routes(data.pop("routes", None))
         raw_models = data.pop("models", None) or {}
         if not isinstance(raw_models, Mapping):
@@ -99,7 +104,7 @@ class ServeConfig:
             values = dict(values)
             nonfinite.update(_nonfinite(values, str(name), f"config: models.{name}"))
             models[str(name)] = _checked(values, f"config: models.{name}")
-        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes)
+        return cls(_checked(data, "config"), settings_keys, models, nonfinite, routes, trust)
 
     @classmethod
     def load(cls, settings: Settings) -> ServeConfig:

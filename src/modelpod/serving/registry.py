@@ -39,6 +39,8 @@ from modelpod.serving.metrics import ModelMetrics, ServingMetrics
 from modelpod.serving.worker import ModelWorker
 from modelpod.settings import Settings
 from modelpod.store import Ref, Store
+from modelpod.trust.gate import load_model
+from modelpod.trust.policy import TrustPolicy
 
 log = logging.getLogger("modelpod.serving")
 T = TypeVar("T")
@@ -147,6 +149,10 @@ class ModelRegistry:
             self._store = Store(self.settings.home)
         return self._store
 
+    def trust(self) -> TrustPolicy:
+        """The trust policy every pod passes before it is registered and again before it loads."""
+        return self.config.trust if self.config.trust is not None else TrustPolicy.from_settings(self.settings)
+
     def add_ref(self, ref: str) -> ModelEntry:
         """Register a store reference (NAME, NAME:V, NAME@ALIAS, NAME@sha256:...); no load yet.
 
@@ -154,6 +160,7 @@ class ModelRegistry:
         store = self.store(create=True)
         assert store is not None
         rec = store.get(ref)
+        self.trust().check_dir(f"pod {rec.ref}", rec.digest, store.open(rec.ref, verify=False).path)
         return self._add_manifest(rec.manifest, rec.version, ModelSource(ref=rec.ref), frozenset(rec.aliases))
 
     def add_path(self, path: Path) -> ModelEntry:
@@ -161,6 +168,7 @@ class ModelRegistry:
         if not (path / MANIFEST_NAME).is_file():
             raise UsageError(f"{path}: no pod directory there (no {MANIFEST_NAME})")
         manifest = Pod.open(path, verify=False).manifest
+        self.trust().check_dir(f"pod {manifest.name} ({path})", manifest.digest, path)
         version, aliases = None, frozenset[str]()
         store = self.store()
         if store is not None:
@@ -290,7 +298,7 @@ class ModelRegistry:
                 store = self.store(create=True)
                 assert store is not None and src.ref is not None
                 pod = store.open(src.ref, verify=True)
-            model = require(pod.manifest.framework).load(pod)
+            model = load_model(pod, self.settings, policy=self.trust(), what=f"pod {entry.label}")
         if not getattr(model, "loaded", False):
             model.load()
         return model, max(0, rss_bytes() - before)

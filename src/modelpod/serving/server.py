@@ -42,6 +42,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host, port=args.port, grpc_port=args.grpc_port,
         max_batch_rows=args.max_batch_rows, max_batch_wait_ms=args.max_batch_wait_ms,
         config=Path(args.config) if args.config else None,
+        decrypt_key_file=Path(args.decrypt_key).expanduser() if getattr(args, "decrypt_key", None) else None,
     )
     settings = _with_token(settings, args.token, getattr(args, "token_file", None))
     logs.configure(settings.log_level, settings.log_json)
