@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import tarfile
@@ -125,7 +126,7 @@ def test_sbom_holds_what_the_layers_hold(signed: Signed, sk_pod: Any, tmp_path: 
     for role in ("runtime", "deps"):
         for members in layers[role]:
             for name, meta in members.items():
-                if name.endswith("/METADATA"):
+                if re.fullmatch(rf"opt/modelpod/{role}/[^/]+\.dist-info/METADATA", name):
                     head = dict(line.split(": ", 1) for line in meta.decode().split("\n\n")[0].splitlines()
                                 if ": " in line)
                     in_layers.add((head["Name"].lower(), head["Version"], role))

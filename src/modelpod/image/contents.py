@@ -24,7 +24,7 @@ from packaging.version import InvalidVersion, Version
 from modelpod.image.oci import BlobStore, Descriptor
 from modelpod.image.plan import DEPS_DIR, POD_DIR, RUNTIME_DIR
 from modelpod.image.tarball import open_layer
-from modelpod.pod import MANIFEST_NAME, RECORD_NAME, Manifest, sha256_file
+from modelpod.pod import MANIFEST_NAME, RECORD_NAME, SIGNATURES_NAME, Manifest, sha256_file
 
 _DIST_INFO = re.compile(r"^(?P<site>.+)/(?P<dir>[^/]+)\.dist-info/(?P<file>METADATA|WHEEL|RECORD)$")
 _DPKG_STATUS = "var/lib/dpkg/status"
@@ -60,7 +60,7 @@ class PodFile:
     path: str  # relative to the pod directory
     sha256: str
     size: int
-    role: str  # weights | data | code | config | manifest | record
+    role: str  # weights | data | code | config | manifest | record | signatures | other
 
 
 @dataclass
@@ -107,8 +107,8 @@ def scan(store: BlobStore, base_layers: Sequence[Descriptor], modelpod_layers: S
     if manifest_text is not None:
         out.manifest = Manifest.from_yaml(manifest_text.decode("utf-8"))
     roles = {f.path: f.role for f in out.manifest.files} if out.manifest else {}
-    roles |= {MANIFEST_NAME: "manifest", RECORD_NAME: "record"}
-    out.pod_files = [PodFile(rel, sha, size, roles.get(rel, "code")) for rel, (sha, size) in sorted(files.items())]
+    roles |= {MANIFEST_NAME: "manifest", RECORD_NAME: "record", SIGNATURES_NAME: "signatures"}
+    out.pod_files = [PodFile(rel, sha, size, roles.get(rel, "other")) for rel, (sha, size) in sorted(files.items())]
     wheels = _wheel_index(wheel_cache)
     for key in sorted(raw):
         dist = _dist(key, raw[key], where[key], wheels)
