@@ -191,6 +191,13 @@ def test_rebased_image_runs_under_docker_and_predicts(on_a: tuple[Path, dict[str
     try:
         info = json.loads(kit.docker("image", "inspect", tag))[0]
         assert info["Id"] == rebased["config"]
+        # What Docker itself saves (no OCI index, so no referrers): the SBOM is made from its layers.
+        saved = tmp_path / "saved.tar"
+        kit.docker("save", "-o", str(saved), tag)
+        rc, doc, err = cli(sk_pod.home, "sbom", f"docker-archive:{saved}", "--generate")
+        assert rc == 0, err
+        assert any(c["name"] == "modelpod-test-patch" for c in doc["components"])
+        assert any(c["name"] == "model.skops" and c["type"] == "file" for c in doc["components"])
         # The patch layer is there under the modelpod layers.
         assert kit.docker("run", "--rm", "--entrypoint", "/bin/cat", tag, "/etc/modelpod-test-patch") == "patched"
         cid = kit.docker("run", "-d", "--network", "host", "--read-only", "--name",

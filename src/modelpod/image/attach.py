@@ -37,6 +37,10 @@ SBOM_TYPE = "application/vnd.cyclonedx+json"
 TITLE = "org.opencontainers.image.title"
 
 
+class NoIndexError(ImageError):
+    """A docker archive with no OCI index: no manifest digest, so no referrers."""
+
+
 @dataclass(frozen=True)
 class Payload:
     """One artifact to attach: its type, its one layer's bytes, a file name for it."""
@@ -145,6 +149,10 @@ def subject_of(spec: str, registry: Any = None) -> tuple[Descriptor, Any]:
         images = [d for d in entries if not d.artifact_type]
         if layout.tag is not None:
             images = [d for d in images if d.annotations.get(REF_NAME) == layout.tag]
+        if not images and layout.tar is not None and layout.tag is None:
+            layout.close()
+            raise NoIndexError(f"{spec}: an archive without an OCI index (docker save): nothing can be attached "
+                               f"to it; `modelpod sbom {spec} --generate` makes the SBOM from its layers")
         if len(images) != 1:
             layout.close()
             what = "no image" if not images else f"{len(images)} images"

@@ -11,6 +11,7 @@ from typing import Any
 from modelpod.errors import BadSignatureError, ImageError, MissingExtraError, NotSignedError, TrustError, UsageError
 from modelpod.image.attach import SBOM_TYPE, Payload
 from modelpod.image.builder import BuiltImage, ImageBuilder
+from modelpod.image.oci import Descriptor
 from modelpod.settings import Settings
 
 SIGNATURE_TITLE = "signature.json"
@@ -94,13 +95,19 @@ def add_verify_arguments(c: argparse.ArgumentParser) -> None:
 # -- modelpod sbom ------------------------------------------------------------------------------
 def sbom_command(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.cli import _emit
-    from modelpod.image.attach import find
+    from modelpod.image.attach import NoIndexError, find
     from modelpod.image.cli import _progress, _registries
     from modelpod.image.sbom import summary, validate
 
     with _progress(args) as progress:
         builder = ImageBuilder(settings.home / "cache", _registries(progress), progress)
-        subject, found = find(args.image, SBOM_TYPE, builder.registry, builder.blobs)
+        try:
+            subject, found = find(args.image, SBOM_TYPE, builder.registry, builder.blobs)
+        except NoIndexError:
+            if not args.generate:
+                raise
+            # No manifest: the config digest names the image (what `docker images --digests` lacks).
+            subject, found = _config_subject(args.image), []
         generated = False
         if not found:
             if not args.generate:
@@ -137,6 +144,18 @@ def _print_summary(info: dict[str, Any]) -> None:
         print(f"model: {m['name']} {m['digest']}")
     for f in info["files"]:
         print(f"  {f['role'] or '':8} {f['sha256']}  {f['path']}")
+
+
+def _config_subject(spec: str) -> Descriptor:
+    import tarfile
+
+    from modelpod.image.oci import DOCKER_CONFIG
+
+    with tarfile.open(spec.removeprefix("docker-archive:"), "r:*") as tar:
+        fh = tar.extractfile("manifest.json")
+        config = str(json.loads(fh.read() if fh else b"[{}]")[0].get("Config", ""))
+    hexpart = config.rsplit("/", 1)[-1].removesuffix(".json")
+    return Descriptor(DOCKER_CONFIG, f"sha256:{hexpart}", 0)
 
 
 def _generate(spec: str, builder: ImageBuilder, digest: str) -> bytes:
