@@ -12,6 +12,7 @@ from modelpod.errors import BadSignatureError, ImageError, MissingExtraError, No
 from modelpod.image.attach import SBOM_TYPE, Payload
 from modelpod.image.builder import BuiltImage, ImageBuilder
 from modelpod.image.oci import Descriptor
+from modelpod.image.registry import Reference
 from modelpod.settings import Settings
 
 SIGNATURE_TITLE = "signature.json"
@@ -57,6 +58,19 @@ def extras(builder: ImageBuilder, built: BuiltImage, args: argparse.Namespace,
         payloads.append(Payload(BUNDLE_MEDIA_TYPE, bundle, SIGNATURE_TITLE))
         outputs["signed"] = built.digest
     return payloads, outputs
+
+
+def attach_sbom(builder: ImageBuilder, built: BuiltImage, ref: Reference) -> bool:
+    """The SBOM of a pushed image attached beside it (skipped without the sbom extra)."""
+    from modelpod.image.attach import to_registry
+
+    try:
+        data = builder.sbom(built)
+    except MissingExtraError:
+        return False
+    to_registry(builder.registry(ref.host), ref.repository, built.image.descriptor(),
+                [Payload(SBOM_TYPE, data, SBOM_TITLE)], builder.blobs)
+    return True
 
 
 def add_build_arguments(c: argparse.ArgumentParser) -> None:
