@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modelpod.image.contents import license_of, parse_dpkg_status, parse_os_release, scan
+from modelpod.image.contents import license_of, parse_dpkg_status, parse_os_release, scan, scan_cached
 from modelpod.image.oci import OCI_LAYER_GZIP, BlobStore, Descriptor
 from modelpod.image.sbom import make_sbom, summary, validate
 from modelpod.image.tarball import Entry, file_entry, write_layer
@@ -107,6 +107,14 @@ def test_scan_reads_layers_and_the_sbom_validates(tmp_path: Path) -> None:
     files = {f.path: f for f in got.pod_files}
     assert files["model.skops"].sha256 == hashlib.sha256(weights).hexdigest()
     assert files["model.skops"].role == "weights" and files["modelpod.yaml"].role == "manifest"
+
+    # Remembered by layer digests: the same answer again with the layers gone from the store.
+    remembered = scan_cached(store, base, ours, wheels, tmp_path / "sbom")
+    for d in [*base, *ours]:
+        store.path(d.digest).unlink()
+    assert scan_cached(store, base, ours, wheels, tmp_path / "sbom") == remembered
+    assert remembered.python == got.python and remembered.pod_files == got.pod_files
+    assert remembered.debian == got.debian and remembered.manifest == got.manifest
 
     data = make_sbom(got, image_digest="sha256:" + "ab" * 32, name="m", created=1_700_000_000)
     assert validate(data) is None

@@ -185,12 +185,12 @@ class ImageBuilder:
 
     def sbom(self, built: BuiltImage) -> bytes:
         """The image's CycloneDX SBOM, read from its layers (hashes of wheels from the wheel cache)."""
-        from modelpod.image.contents import scan
+        from modelpod.image.contents import scan_cached
         from modelpod.image.sbom import make_sbom
 
         task = self.progress.task("SBOM (CycloneDX 1.6)", 1)
         ours = [b.descriptor for b in built.layers if b.role != "base"]
-        contents = scan(self.blobs, built.base.layers, ours, self.cache / "wheels")
+        contents = scan_cached(self.blobs, built.base.layers, ours, self.cache / "wheels", self.cache / "sbom")
         created = _epoch(built.annotations.get("org.opencontainers.image.created"))
         # The base by name only when it is a registry reference: a local path would differ per machine.
         base = built.annotations.get("org.opencontainers.image.base.name") or \

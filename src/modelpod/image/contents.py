@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import email.parser
 import hashlib
+import json
 import posixpath
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
-from modelpod.image.oci import BlobStore, Descriptor
+from modelpod.image.oci import BlobStore, Descriptor, atomic_write
 from modelpod.image.plan import DEPS_DIR, POD_DIR, RUNTIME_DIR
 from modelpod.image.tarball import open_layer
 from modelpod.pod import MANIFEST_NAME, RECORD_NAME, SIGNATURES_NAME, Manifest, sha256_file
@@ -116,6 +117,30 @@ def scan(store: BlobStore, base_layers: Sequence[Descriptor], modelpod_layers: S
             out.python.append(dist)
     out.python.sort(key=lambda d: (d.site, canonicalize_name(d.name)))
     return out
+
+
+def scan_cached(store: BlobStore, base_layers: Sequence[Descriptor], modelpod_layers: Sequence[Descriptor],
+                wheel_cache: Path | None, cache: Path) -> ImageContents:
+    """``scan``, remembered under ``cache`` by the layers' digests (a rebuild reads no layer again)."""
+    key = hashlib.sha256(json.dumps([[d.digest for d in base_layers], [d.digest for d in modelpod_layers],
+                                     str(wheel_cache)]).encode()).hexdigest()
+    path = cache / f"{key}.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            return ImageContents(
+                [PythonDist(**{**d, "tags": tuple(d["tags"])}) for d in data["python"]],
+                [DebPackage(**d) for d in data["debian"]], dict(data["os_release"]),
+                [PodFile(**f) for f in data["pod_files"]],
+                Manifest.from_yaml(data["manifest"]) if data.get("manifest") else None)
+        except (ValueError, KeyError, TypeError):
+            pass  # an older or damaged record: scan again
+    got = scan(store, base_layers, modelpod_layers, wheel_cache)
+    record = {"python": [asdict(d) for d in got.python], "debian": [asdict(p) for p in got.debian],
+              "os_release": got.os_release, "pod_files": [asdict(f) for f in got.pod_files],
+              "manifest": got.manifest.to_yaml() if got.manifest else None}
+    atomic_write(path, json.dumps(record, sort_keys=True).encode())
+    return got
 
 
 def _base_files(store: BlobStore, layers: Sequence[Descriptor]) -> tuple[bytes | None, bytes | None]:
