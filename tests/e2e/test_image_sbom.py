@@ -257,7 +257,8 @@ def test_registry_referrers_attach_and_read_back(signed: Signed, sk_pod: Any, oc
     assert rc == 0, err
     assert validate(json.dumps(doc)) is None
     assert doc["metadata"]["component"]["version"] == data["digest"]
-    assert {c["name"] for c in doc["components"] if c["type"] == "file"} >= {"model.skops"}
+    assert {c["name"] for c in doc["components"] if c["type"] == "file"} >= \
+        {f.path for f in sk_pod.record.manifest.files}
 
     rc, ok, err = cli(sk_pod.home, "verify", target, "--key", str(signed.pub))
     assert rc == 0, err
