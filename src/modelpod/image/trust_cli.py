@@ -6,14 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelpod.errors import BadSignatureError, ImageError, MissingExtraError, NotSignedError, TrustError, UsageError
 from modelpod.image.attach import SBOM_TYPE, Payload
-from modelpod.image.builder import BuiltImage, ImageBuilder
 from modelpod.image.oci import Descriptor
 from modelpod.image.registry import Reference
 from modelpod.settings import Settings
+
+if TYPE_CHECKING:  # the builder needs packaging, which images lack: `modelpod serve` there parses these args
+    from modelpod.image.builder import BuiltImage, ImageBuilder
 
 SIGNATURE_TITLE = "signature.json"
 SBOM_TITLE = "sbom.cdx.json"
@@ -114,6 +116,8 @@ def sbom_command(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.image.sbom import summary, validate
 
     with _progress(args) as progress:
+        from modelpod.image.builder import ImageBuilder
+
         builder = ImageBuilder(settings.home / "cache", _registries(progress), progress)
         try:
             subject, found = find(args.image, SBOM_TYPE, builder.registry, builder.blobs)
@@ -205,6 +209,8 @@ def verify_image_command(args: argparse.Namespace, settings: Settings) -> Any:
                              "or trust.keys / MODELPOD_TRUST_KEYS")
         keys = policy.trusted
     with _progress(args) as progress:
+        from modelpod.image.builder import ImageBuilder
+
         builder = ImageBuilder(settings.home / "cache", _registries(progress), progress)
         subject, bundles = find(args.ref, BUNDLE_MEDIA_TYPE, builder.registry, builder.blobs)
     if not bundles:
@@ -237,6 +243,8 @@ def rebase_command(args: argparse.Namespace, settings: Settings) -> Any:
         raise UsageError("rebase needs --push REGISTRY/REPO[:TAG] or --output oci:DIR[:TAG]|docker-archive:FILE")
     started = time.monotonic()
     with _progress(args) as progress:
+        from modelpod.image.builder import ImageBuilder
+
         builder = ImageBuilder(settings.home / "cache", _registries(progress), progress)
         source = read_source(args.image, builder, builder.registry)
         built = rebase(source, args.base, builder)
