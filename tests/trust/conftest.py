@@ -12,7 +12,7 @@ import pytest
 from modelpod.store import PodRecord, Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trustkit import Keys  # noqa: E402
+from trustkit import Keys
 
 
 @pytest.fixture

@@ -24,10 +24,13 @@ from modelpod.trust.encryption import decrypted, key_id, read_key
 Model = tuple[Path, np.ndarray, object]
 
 
-def windows(data: bytes, size: int = 32, count: int = 24) -> list[bytes]:
-    """Pieces of ``data`` from across it: a leak of any part of the plaintext shows up."""
-    step = max(1, (len(data) - size) // count)
-    return [data[i:i + size] for i in range(0, len(data) - size, step)][:count]
+def windows(data: bytes, size: int = 32) -> list[bytes]:
+    """The binary pieces of ``data`` (weights, CRCs; not the JSON and spaces any file may hold):
+    a leak of any of them shows up."""
+    found = [data[i:i + size] for i in range(0, len(data) - size, 4)]
+    pieces = [w for w in found if len(set(w)) >= 20 and sum(1 for b in w if b < 0x20 or b > 0x7E) >= 12]
+    assert len(pieces) >= 8, "the model file has too little binary content to look for"
+    return pieces
 
 
 def leaks(root: Path, plaintext: bytes) -> list[str]:
@@ -42,29 +45,36 @@ def leaks(root: Path, plaintext: bytes) -> list[str]:
     return found
 
 
-@pytest.fixture
-def key(tmp_path: Path) -> Path:
-    path = tmp_path / "pod.key"
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("key") / "pod.key"
     path.write_bytes(os.urandom(32))
     return path
 
 
-@pytest.fixture
-def packed(tmp_path: Path, sklearn_model: Model, key: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Any]:
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory, sklearn_model: Model, key: Path) -> tuple[Path, Any]:
+    """``pack --encrypt`` through the CLI, once for the module (the tests only read the store)."""
+    import contextlib
+    import io
+
     path, sample, _ = sklearn_model
-    np.save(tmp_path / "sample.npy", sample)
-    home = tmp_path / "home"
-    capsys.readouterr()
-    rc = main(["--home", str(home), "pack", str(path), "--name", "lr", "--sample", str(tmp_path / "sample.npy"),
-               "--encrypt", str(key), "--json"])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    return home, json.loads(out)
+    root = tmp_path_factory.mktemp("enc")
+    np.save(root / "sample.npy", sample)
+    home = root / "home"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["--home", str(home), "pack", str(path), "--name", "lr", "--sample", str(root / "sample.npy"),
+                   "--encrypt", str(key), "--json"])
+    assert rc == 0
+    return home, json.loads(out.getvalue())
 
 
-def test_pack_encrypt_stores_only_ciphertext(packed: tuple[Path, Any], sklearn_model: Model, key: Path) -> None:
+def test_pack_encrypt_stores_only_ciphertext(packed: tuple[Path, Any], sklearn_model: Model, key: Path,
+                                             template_home: tuple[Path, Any]) -> None:
     home, _ = packed
     plaintext = sklearn_model[0].read_bytes()
+    assert leaks(template_home[0], plaintext)  # the search finds the weights in a plain store
     rec = Store(home).get("lr:1")
     enc = rec.manifest.encryption
     assert enc["scheme"] == "aes-256-gcm/v1" and enc["key_id"] == key_id(key.read_bytes())
@@ -78,7 +88,7 @@ def test_pack_encrypt_stores_only_ciphertext(packed: tuple[Path, Any], sklearn_m
 def test_load_needs_the_right_key(packed: tuple[Path, Any], sklearn_model: Model, key: Path, tmp_path: Path) -> None:
     home, _ = packed
     _, sample, est = sklearn_model
-    with pytest.raises(DecryptionError, match="has encrypted weights .*--decrypt-key FILE or MODELPOD_DECRYPT_KEY_FILE"):
+    with pytest.raises(DecryptionError, match="encrypted weights .*--decrypt-key FILE or MODELPOD_DECRYPT_KEY_FILE"):
         load("lr:1", settings=Settings(home=home))
     wrong = tmp_path / "wrong.key"
     wrong.write_bytes(os.urandom(32))
@@ -92,12 +102,12 @@ def test_load_needs_the_right_key(packed: tuple[Path, Any], sklearn_model: Model
     assert after <= before  # the plaintext directory is gone once loaded
 
 
-def test_tampered_ciphertext_is_refused(packed: tuple[Path, Any], key: Path) -> None:
+def test_tampered_ciphertext_is_refused(packed: tuple[Path, Any], key: Path, tmp_path: Path) -> None:
     home, _ = packed
     store = Store(home)
     pod = store.open("lr:1")
     [weights] = [f for f in pod.manifest.files if f.role == "weights"]
-    copy = home.parent / "copy"
+    copy = tmp_path / "copy"
     copy.mkdir()
     for f in pod.manifest.files:
         (copy / f.path).parent.mkdir(parents=True, exist_ok=True)

@@ -140,7 +140,8 @@ def test_import_under_policy_keeps_signatures_and_refuses_unsigned_with_nothing_
 
 
 def test_import_cli_refuses_a_tampered_signature(home: Path, tmp_path: Path, keys: Keys,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     alice = keys.pair("alice")
     store = Store(home)
     assert main(["--home", str(home), "sign", "lr:1", "--key", str(alice.private)]) == 0
@@ -151,13 +152,8 @@ def test_import_cli_refuses_a_tampered_signature(home: Path, tmp_path: Path, key
     archive = export(store.open("lr:1"), tmp_path / "tampered.tar")
     fresh = tmp_path / "fresh"
     capsys.readouterr()
-    import os
-
-    os.environ["MODELPOD_TRUST_KEYS"] = str(alice.public)
-    try:
-        rc = main(["--home", str(fresh), "import", str(archive)])
-    finally:
-        del os.environ["MODELPOD_TRUST_KEYS"]
+    monkeypatch.setenv("MODELPOD_TRUST_KEYS", str(alice.public))
+    rc = main(["--home", str(fresh), "import", str(archive)])
     err = capsys.readouterr().err
     assert rc == 2 and "does not verify" in err and "pod lr in" in err
     assert Store(fresh).list() == []

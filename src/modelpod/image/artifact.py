@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from modelpod.archive import extract
-from modelpod.errors import ImageError, IntegrityError, NotFoundError, PodError, UnsafeArchiveError
+from modelpod.errors import BadSignatureError, ImageError, IntegrityError, NotFoundError, PodError, UnsafeArchiveError
 from modelpod.image.oci import (
     OCI_MANIFEST,
     POD_ARTIFACT,
@@ -36,7 +36,7 @@ from modelpod.image.registry import Reference, Registry, Transfers
 from modelpod.image.tarball import Entry, FileSource, write_layer
 from modelpod.pod import MANIFEST_NAME, FileEntry, Manifest, Pod, write_manifest
 from modelpod.store import PodRecord, Store
-from modelpod.trust.policy import TrustPolicy, add_signatures, read_signatures
+from modelpod.trust.policy import TrustPolicy, add_signatures, parse_signatures, read_signatures
 
 # A pod's (or image's) signature bundle (modelpod.trust.signing), as an OCI referrer's artifactType.
 SIGNATURE_ARTIFACT = "application/vnd.modelpod.signature.v1+json"
@@ -174,8 +174,10 @@ def _signatures(client: Registry, source: Reference, artifact: str, blobs: BlobS
     """The signature bundles attached to the artifact manifest ``artifact``."""
     found: list[bytes] = []
     for referrer in referrers(client, source.repository, artifact, SIGNATURE_ARTIFACT):
-        found += [data for d, data in fetch(client, source.repository, referrer, artifact, blobs)
-                  if d.media_type == SIGNATURE_ARTIFACT]
+        for d, data in fetch(client, source.repository, referrer, artifact, blobs):
+            with contextlib.suppress(BadSignatureError):  # junk is no signature; the policy decides
+                if d.media_type == SIGNATURE_ARTIFACT:
+                    found += parse_signatures(b"[" + data + b"]", f"{source} signature")
     return found
 
 

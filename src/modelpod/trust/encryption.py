@@ -15,8 +15,9 @@ push, pull and signatures work without the key; its ``encryption`` section holds
                  files: {model.onnx: {nonce: b64, sha256: <plaintext hex>, size: <plaintext bytes>}}}
 
 Loading decrypts into a private (0700) directory on a memory filesystem (``/dev/shm`` where
-there is one), because the frameworks read weights from paths; the plaintext is checked against
-its recorded sha256 and removed as soon as the model has loaded.
+there is one with room, else the temporary directory), because the frameworks read weights from
+paths; the plaintext is checked against its recorded sha256 and removed as soon as the model has
+loaded.
 """
 
 from __future__ import annotations
@@ -187,9 +188,17 @@ def decrypt_file(src: Path, dest: Path, data_key: bytes, rel: str, record: Any) 
         raise IntegrityError(f"{rel}: decrypted weights do not match their recorded sha256", rel)
 
 
-def _memory_dir() -> str | None:
+def _memory_dir(needed: int) -> str | None:
+    """``/dev/shm`` when it is writable with room for ``needed`` bytes (a container's is often
+    64 MB), else None: the system's temporary directory."""
     shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        return None
+    try:
+        stat = os.statvfs(shm)
+    except OSError:
+        return None
+    return str(shm) if stat.f_bavail * stat.f_frsize > needed + (16 << 20) else None
 
 
 @contextlib.contextmanager
@@ -202,7 +211,8 @@ def decrypted(pod: Pod, key: bytes | None) -> Iterator[Pod]:
         return
     data_key = unwrap(manifest, key, f"pod {manifest.name} ({pod.digest[:19]}…)")
     records = manifest.encryption.get("files") or {}
-    work = Path(tempfile.mkdtemp(prefix="modelpod-plain-", dir=_memory_dir()))
+    needed = sum(int(r.get("size", 0)) for r in records.values() if isinstance(r, dict))
+    work = Path(tempfile.mkdtemp(prefix="modelpod-plain-", dir=_memory_dir(needed)))
     try:
         os.chmod(work, 0o700)
         files: list[FileEntry] = []

@@ -46,8 +46,8 @@ def algorithm_of(key: Any, what: str = "key") -> str:
     if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
         if isinstance(key.curve, ec.SECP256R1):
             return "ecdsa-p256-sha256"
-        raise TrustKeyError(f"{what}: an EC key on curve {key.curve.name}; modelpod signs with P-256 (prime256v1) "
-                            "or Ed25519 keys")
+        raise TrustKeyError(f"{what}: EC keys on curve {key.curve.name} are not supported; modelpod signs with "
+                            "ECDSA P-256 (prime256v1) or Ed25519 keys")
     if isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)):
         return "ed25519"
     kind = type(key).__name__.lstrip("_").replace("PrivateKey", " private").replace("PublicKey", " public")
