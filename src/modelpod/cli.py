@@ -161,6 +161,10 @@ def _gc(args: argparse.Namespace, settings: Settings) -> Any:
 
 @command("verify")
 def _verify(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.image.trust_cli import is_image_ref, verify_image_command
+
+    if is_image_ref(args.ref):
+        return verify_image_command(args, settings)
     from modelpod.api import open_pod
     from modelpod.trust.cli import check_key_flags, verify_signatures
 
@@ -314,6 +318,20 @@ def _pull(args: argparse.Namespace, settings: Settings) -> Any:
     return pull_command(args, settings)
 
 
+@command("sbom")
+def _sbom(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.image.trust_cli import sbom_command
+
+    return sbom_command(args, settings)
+
+
+@command("rebase")
+def _rebase(args: argparse.Namespace, settings: Settings) -> Any:
+    from modelpod.image.trust_cli import rebase_command
+
+    return rebase_command(args, settings)
+
+
 @command("deploy")
 def _deploy(args: argparse.Namespace, settings: Settings) -> Any:
     from modelpod.deploy.cli import deploy_command
@@ -393,11 +411,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="remove a version even where an alias points at it")
     c = cmd("gc", "remove unreferenced blobs and what killed pack/import/pull runs left; report what it frees")
     c.add_argument("--dry-run", action="store_true", help="only report what would be freed")
-    c = cmd("verify", "re-hash every file of a pod against its manifest (--signature: and who signed it)")
+    c = cmd("verify", "re-hash every file of a pod against its manifest (--signature: and who signed it); "
+            "an image (registry ref, oci:DIR, docker-archive:FILE): check its signature with --key")
     c.add_argument("ref")
     c.add_argument("--signature", action="store_true", help="also check the pod's signatures: who signed what")
     c.add_argument("--key", action="append", metavar="PUB.pem",
                    help="a trusted key or CA certificate (repeatable; default trust.keys / MODELPOD_TRUST_KEYS)")
+    from modelpod.image.trust_cli import add_verify_arguments
+
+    add_verify_arguments(c)
     c = cmd("export", "write a pod as a tar archive")
     c.add_argument("ref")
     c.add_argument("-o", "--output", required=True)
@@ -485,6 +507,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--no-grpc", action="store_true", help="leave grpcio out: a slimmer image serving REST only")
     c.add_argument("--no-check", action="store_true",
                    help="skip loading and predicting the pod's sample with only the image's packages")
+    from modelpod.image.trust_cli import add_arguments as trust_arguments
+    from modelpod.image.trust_cli import add_build_arguments
+
+    add_build_arguments(c)
+    trust_arguments(sub, cmd)
     c = cmd("push", "push a pod to an OCI registry as an artifact")
     c.add_argument("ref")
     c.add_argument("target", metavar="REGISTRY/REPO[:TAG]")

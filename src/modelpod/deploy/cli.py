@@ -139,6 +139,9 @@ def _build_and_push(pod: Any, version: int | None, repo: str, base: str | None, 
     built = builder.build(pod, version, BuildOptions(base=base, grpc=grpc, features=("batch",) if batch else ()))
     tagged = target if target.tag else target.with_tag(str(version) if version is not None else "latest")
     builder.push(built, tagged)
+    from modelpod.image.trust_cli import attach_sbom
+
+    attach_sbom(builder, built, tagged)
     pinned = f"{target.host}/{target.repository}@{built.digest}"
     if not quiet:
         print(f"pushed {tagged}  {built.digest}", file=sys.stderr)

@@ -81,6 +81,8 @@ urllib.request.urlopen("%s://127.0.0.1:%s/v2/health/ready" % ("https" if TLS[0] 
 sys.exit(0)
 """
 ANNOTATION_DIGEST = "dev.modelpod.digest"
+ANNOTATION_BASE_LAYERS = "dev.modelpod.base.layers"
+ANNOTATION_PYTHON = "dev.modelpod.python"
 
 
 @dataclass(frozen=True)
@@ -165,12 +167,19 @@ class ImageBuilder:
             task = self.progress.task("load check (the pod with only the image's packages)", 1)
             load_check = check(pod, specs, target, self.cache / "trees")
             task.done()
-        diff_ids = list((base.config.get("rootfs") or {}).get("diff_ids") or [])
-        built = [BuiltLayer("base", f"base layer {i + 1}", d, diff_ids[i]) for i, d in enumerate(base.layers)]
         # zlib and hashing release the GIL: the big layers (runtime, deps) compress side by side.
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-            built += list(pool.map(lambda spec: self._layer(spec, opts), specs))
-        annotations = self._annotations(pod, version, base, opts)
+            ours = list(pool.map(lambda spec: self._layer(spec, opts), specs))
+        annotations = {**self._annotations(pod, version, opts), **base_annotations(base, python)}
+        return self.assemble(base, python, ours, annotations, opts, load_check)
+
+    def assemble(self, base: BaseImage, python: Interpreter, ours: Sequence[BuiltLayer],
+                 annotations: Mapping[str, str], opts: BuildOptions, load_check: str = "not run") -> BuiltImage:
+        """Config and manifest of ``base`` + ``ours`` (the modelpod layers, already in the blob cache)."""
+        diff_ids = list((base.config.get("rootfs") or {}).get("diff_ids") or [])
+        built = [BuiltLayer("base", f"base layer {i + 1}", d, diff_ids[i]) for i, d in enumerate(base.layers)]
+        built += ours
+        annotations = dict(sorted(annotations.items()))
         config = self._config(base, python, built, annotations, opts)
         config_desc = Descriptor(OCI_CONFIG, self.blobs.put_bytes(config), len(config))
         manifest = {
@@ -179,6 +188,23 @@ class ImageBuilder:
         }
         image = Image(to_json(manifest), OCI_MANIFEST, config_desc, tuple(b.descriptor for b in built))
         return BuiltImage(image, tuple(built), python, base, annotations, load_check)
+
+    def sbom(self, built: BuiltImage) -> bytes:
+        """The image's CycloneDX SBOM, read from its layers (hashes of wheels from the wheel cache)."""
+        from modelpod.image.contents import scan_cached
+        from modelpod.image.sbom import make_sbom
+
+        task = self.progress.task("SBOM (CycloneDX 1.6)", 1)
+        ours = [b.descriptor for b in built.layers if b.role != "base"]
+        contents = scan_cached(self.blobs, built.base.layers, ours, self.cache / "wheels", self.cache / "sbom")
+        created = _epoch(built.annotations.get("org.opencontainers.image.created"))
+        # The base by name only when it is a registry reference: a local path would differ per machine.
+        base = built.annotations.get("org.opencontainers.image.base.name") or \
+            built.annotations.get("org.opencontainers.image.base.digest")
+        data = make_sbom(contents, image_digest=built.digest, created=created, base=base,
+                         name=built.annotations.get("org.opencontainers.image.title") or "image")
+        task.done()
+        return data
 
     def _layer(self, spec: LayerSpec, opts: BuildOptions) -> BuiltLayer:
         key = hashlib.sha256(f"{spec.key}:{opts.mtime}:{opts.gzip_level}".encode()).hexdigest()
@@ -199,7 +225,7 @@ class ImageBuilder:
                                       "media_type": media}))
         return BuiltLayer(spec.role, spec.title, Descriptor(media, got.digest, got.size), got.diff_id)
 
-    def _annotations(self, pod: Pod, version: int | None, base: BaseImage, opts: BuildOptions) -> dict[str, str]:
+    def _annotations(self, pod: Pod, version: int | None, opts: BuildOptions) -> dict[str, str]:
         labels = pod.manifest.labels
         source = (opts.source or labels.get("org.opencontainers.image.source")
                   or _url(pod.manifest.lineage.get("source")))
@@ -214,10 +240,6 @@ class ImageBuilder:
             ANNOTATION_DIGEST: pod.digest,
             "dev.modelpod.runtime": __version__,
         }
-        if base.reference is not None:
-            out["org.opencontainers.image.base.name"] = str(base.reference.with_tag(base.reference.tag or "latest"))
-        if base.digest:
-            out["org.opencontainers.image.base.digest"] = base.digest
         return {k: v for k, v in out.items() if v}
 
     def _config(self, base: BaseImage, python: Interpreter, layers: Sequence[BuiltLayer],
@@ -267,23 +289,37 @@ class ImageBuilder:
     def write_layout(self, built: BuiltImage, directory: Path, tag: str) -> Path:
         return write_layout(directory, built.image, self.blobs, tag)
 
-    def write_docker_archive(self, built: BuiltImage, path: Path, repo_tags: Sequence[str]) -> Path:
-        return write_docker_archive(path, built.image, self.blobs, repo_tags)
+    def write_docker_archive(self, built: BuiltImage, path: Path, repo_tags: Sequence[str],
+                             referrers: Sequence[Image] = ()) -> Path:
+        return write_docker_archive(path, built.image, self.blobs, repo_tags, referrers)
 
-    def push(self, built: BuiltImage, ref: Reference) -> Transfers:
-        """Blobs the registry lacks (mounted from the base's repository when it is the same registry), then
-        the manifest, last, so a failed push never leaves a tag pointing at missing blobs."""
+    def push(self, built: BuiltImage, ref: Reference, mount_ours: Sequence[str] = ()) -> Transfers:
+        """Blobs the registry lacks (mounted from the base's repository when it is the same registry, and
+        the modelpod layers from the ``mount_ours`` repositories), then the manifest, last, so a failed
+        push never leaves a tag pointing at missing blobs."""
         client = self.registry(ref.host)
         base_ref = built.base.reference
         mount = [base_ref.repository] if base_ref is not None and base_ref.host == ref.host else []
         for layer in built.layers:
             d = layer.descriptor
             client.push_blob(ref.repository, d, self.blobs.path(d.digest),
-                             mount_from=mount if layer.role == "base" else (), label=f"push {layer.title}")
+                             mount_from=[*mount, *mount_ours] if layer.role == "base" else mount_ours,
+                             label=f"push {layer.title}")
         config = built.image.config
         client.push_blob(ref.repository, config, self.blobs.path(config.digest), label="push config")
         client.put_manifest(ref.repository, ref.tag or "latest", built.image.manifest, built.image.media_type)
         return client.transfers
+
+
+def base_annotations(base: BaseImage, python: Interpreter) -> dict[str, str]:
+    """What the image says about its base: name, digest, how many of its layers are the base's (``rebase``
+    swaps those), and the CPython minor the modelpod layers were built for."""
+    out = {ANNOTATION_BASE_LAYERS: str(len(base.layers)), ANNOTATION_PYTHON: python.version}
+    if base.reference is not None:
+        out["org.opencontainers.image.base.name"] = str(base.reference.with_tag(base.reference.tag or "latest"))
+    if base.digest:
+        out["org.opencontainers.image.base.digest"] = base.digest
+    return out
 
 
 def iso(epoch: int) -> str:
@@ -294,3 +330,12 @@ def _url(value: object) -> str | None:
     # A local path in the lineage would make the image differ per machine: only URLs are kept.
     text = str(value or "")
     return text if text.startswith(("https://", "http://", "git+")) else None
+
+
+def _epoch(text: str | None) -> int:
+    if not text:
+        return 0
+    try:
+        return int(datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp())
+    except ValueError:
+        return 0

@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,21 +136,46 @@ def build_command(args: argparse.Namespace, settings: Settings) -> Any:
             raise RegistryError(f"{exc}\nhint: without --base the image starts from {default_base(pod.manifest.python)}"
                                 " on Docker Hub; pass a base you have: --base oci:DIR[:TAG] (an OCI layout), "
                                 "--base docker-archive:FILE (docker save), or REGISTRY/REPO:TAG") from None
-        outputs: dict[str, Any] = {}
-        if kind == "oci":
-            builder.write_layout(built, out, out_tag or str(rec.version))
-            outputs["oci"] = f"{out}:{out_tag or rec.version}"
-        elif kind == "docker-archive":
-            builder.write_docker_archive(built, out, [tag])
-            outputs["docker-archive"] = str(out)
-            outputs["tag"] = tag
-        if push is not None:
-            target = push if push.tag else push.with_tag(str(rec.version))
-            transfers = builder.push(built, target)
-            outputs["pushed"] = f"{target}@{built.digest}"
-            outputs["transfers"] = transfers.to_dict()
+        target = (push if push.tag else push.with_tag(str(rec.version))) if push is not None else None
+        outputs = write_outputs(builder, built, args, kind=kind, out=out, out_tag=out_tag or str(rec.version),
+                                tag=tag, push=target)
     data = {**built.to_dict(), "pod": rec.ref, "pod_digest": pod.digest, "outputs": outputs}
     _emit(args, data, lambda: _print_build(built, outputs))
+
+
+def write_outputs(builder: ImageBuilder, built: BuiltImage, args: argparse.Namespace, *, kind: str, out: Path,
+                  out_tag: str, tag: str, push: Reference | None, mount_ours: Sequence[str] = ()) -> dict[str, Any]:
+    """Write the image where asked, its SBOM and signature beside it (as referrers), ``--sbom FILE``."""
+    from modelpod.image.trust_cli import extras
+
+    payloads, outputs = extras(builder, built, args, str(push or tag))
+    if kind == "oci":
+        builder.write_layout(built, out, out_tag)
+        outputs["oci"] = f"{out}:{out_tag}"
+        if payloads:
+            from modelpod.image.attach import to_layout
+
+            outputs["referrers"] = to_layout(out, built.image.descriptor(), payloads, builder.blobs)
+    elif kind == "docker-archive":
+        from modelpod.image.attach import artifact
+
+        made = [artifact(built.image.descriptor(), p, builder.blobs) for p in payloads]
+        builder.write_docker_archive(built, out, [tag], made)
+        outputs["docker-archive"] = str(out)
+        outputs["tag"] = tag
+        if made:
+            outputs["referrers"] = [m.digest for m in made]
+    if push is not None:
+        transfers = builder.push(built, push, mount_ours)
+        outputs["pushed"] = f"{push}@{built.digest}"
+        outputs["transfers"] = transfers.to_dict()
+        if payloads:
+            from modelpod.image.attach import to_registry
+
+            attached = to_registry(builder.registry(push.host), push.repository, built.image.descriptor(),
+                                   payloads, builder.blobs)
+            outputs["attached"] = [a.to_dict() for a in attached]
+    return outputs
 
 
 def _print_build(built: BuiltImage, outputs: Mapping[str, Any]) -> None:
@@ -161,7 +186,7 @@ def _print_build(built: BuiltImage, outputs: Mapping[str, Any]) -> None:
                   "cached" if layer.cached else "") for layer in built.layers])
     print(f"image {built.digest}  (python {built.interpreter.path}, base {built.base.name})")
     print(f"load check: {built.load_check}")
-    for key in ("oci", "docker-archive", "pushed"):
+    for key in ("oci", "docker-archive", "pushed", "sbom", "signed"):
         if key in outputs:
             print(f"{key}: {outputs[key]}")
     if "docker-archive" in outputs:

@@ -182,13 +182,15 @@ class Image:
     media_type: str
     config: Descriptor
     layers: tuple[Descriptor, ...]
+    artifact_type: str | None = None  # set for an artifact (a referrer: an SBOM, a signature)
 
     @property
     def digest(self) -> str:
         return sha256_digest(self.manifest)
 
     def descriptor(self, annotations: Mapping[str, str] | None = None) -> Descriptor:
-        return Descriptor(self.media_type, self.digest, len(self.manifest), dict(annotations or {}))
+        return Descriptor(self.media_type, self.digest, len(self.manifest), dict(annotations or {}),
+                          artifact_type=self.artifact_type)
 
     def blobs(self) -> list[Descriptor]:
         return [self.config, *self.layers]
@@ -208,8 +210,9 @@ def _place(src: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def write_layout(directory: Path, image: Image, store: BlobStore, tag: str) -> Path:
-    """Write (or add to) an OCI image layout; the manifest entry is tagged ``tag``."""
+def write_layout(directory: Path, image: Image, store: BlobStore, tag: str | None) -> Path:
+    """Write (or add to) an OCI image layout; the manifest entry is tagged ``tag`` (None: untagged, as
+    referrers are: found by their ``subject``)."""
     directory.mkdir(parents=True, exist_ok=True)
     index_path = directory / "index.json"
     index: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
@@ -220,8 +223,11 @@ def write_layout(directory: Path, image: Image, store: BlobStore, tag: str) -> P
     for d in image.blobs():
         _place(store.path(d.digest), blobs / d.digest.removeprefix("sha256:"))
     atomic_write(blobs / image.digest.removeprefix("sha256:"), image.manifest)
-    kept = [m for m in index.get("manifests") or () if (m.get("annotations") or {}).get(REF_NAME) != tag]
-    index["manifests"] = [*kept, image.descriptor({REF_NAME: tag}).to_dict()]
+    if tag is None:
+        kept = [m for m in index.get("manifests") or () if m.get("digest") != image.digest]
+    else:
+        kept = [m for m in index.get("manifests") or () if (m.get("annotations") or {}).get(REF_NAME) != tag]
+    index["manifests"] = [*kept, image.descriptor({REF_NAME: tag} if tag is not None else None).to_dict()]
     atomic_write(directory / "oci-layout", to_json({"imageLayoutVersion": "1.0.0"}))
     # index.json last: a reader never sees a tag whose blobs are not all there.
     atomic_write(index_path, to_json(index))
@@ -233,7 +239,8 @@ def read_layout(directory: Path, tag: str | None, os_: str = "linux", arch: str 
     if not (directory / "oci-layout").is_file():
         raise ImageError(f"{directory}: not an OCI image layout (no oci-layout file)")
     index = read_json(directory / "index.json", f"{directory}/index.json")
-    entries = [Descriptor.from_dict(m) for m in index.get("manifests") or ()]
+    # Referrers (SBOMs, signatures) sit in the index too, untagged, with an artifactType: not images.
+    entries = [d for d in (Descriptor.from_dict(m) for m in index.get("manifests") or ()) if not d.artifact_type]
     if tag is not None:
         entries = [d for d in entries if d.annotations.get(REF_NAME) == tag]
         if not entries:
@@ -260,24 +267,31 @@ def _layout_blob(directory: Path, digest: str) -> bytes:
     return data
 
 
-def write_docker_archive(path: Path, image: Image, store: BlobStore, repo_tags: Sequence[str]) -> Path:
-    """A tar ``docker load`` accepts; it is also an OCI layout inside, like ``docker save`` writes."""
+def write_docker_archive(path: Path, image: Image, store: BlobStore, repo_tags: Sequence[str],
+                         referrers: Sequence[Image] = ()) -> Path:
+    """A tar ``docker load`` accepts; it is also an OCI layout inside, like ``docker save`` writes, whose
+    index also lists ``referrers`` (artifacts about the image; ``docker load`` reads manifest.json only)."""
     manifest_json = [{
         "Config": f"blobs/sha256/{image.config.digest.removeprefix('sha256:')}",
         "RepoTags": list(repo_tags),
         "Layers": [f"blobs/sha256/{d.digest.removeprefix('sha256:')}" for d in image.layers],
     }]
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX,
-             "manifests": [image.descriptor({REF_NAME: repo_tags[0]} if repo_tags else {}).to_dict()]}
+             "manifests": [image.descriptor({REF_NAME: repo_tags[0]} if repo_tags else {}).to_dict(),
+                           *(r.descriptor().to_dict() for r in referrers)]}
     entries: list[Entry] = [
         file_entry("manifest.json", to_json(manifest_json)),
         file_entry("index.json", to_json(index)),
         file_entry("oci-layout", to_json({"imageLayoutVersion": "1.0.0"})),
-        file_entry(f"blobs/sha256/{image.digest.removeprefix('sha256:')}", image.manifest),
     ]
-    for d in image.blobs():
-        name = f"blobs/sha256/{d.digest.removeprefix('sha256:')}"
-        entries.append(Entry(name, "file", 0o644, d.size, FileSource(store.path(d.digest))))
+    blobs: dict[str, Entry] = {}
+    for item in (image, *referrers):
+        name = f"blobs/sha256/{item.digest.removeprefix('sha256:')}"
+        blobs[name] = file_entry(name, item.manifest)
+        for d in item.blobs():
+            name = f"blobs/sha256/{d.digest.removeprefix('sha256:')}"
+            blobs[name] = Entry(name, "file", 0o644, d.size, FileSource(store.path(d.digest)))
+    entries += blobs.values()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     with tmp.open("wb") as fh:

@@ -7,6 +7,7 @@ in the cache, so rebuilding reads nothing and downloads nothing.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -104,15 +105,27 @@ def _package_files() -> list[tuple[str, Path]]:
     return out
 
 
-def _dist_info(pins: Sequence[Pin]) -> dict[str, bytes]:
-    """A minimal dist-info so ``importlib.metadata.version('modelpod')`` works in the image."""
+def _dist_info(pins: Sequence[Pin], files: Sequence[tuple[str, Path]] = ()) -> dict[str, bytes]:
+    """A minimal dist-info so ``importlib.metadata.version('modelpod')`` works in the image; its RECORD
+    lists every file's sha256, as a wheel's does (the SBOM hashes it)."""
     meta = metadata.distribution("modelpod").metadata
     lines = ["Metadata-Version: 2.1", f"Name: {meta['Name']}", f"Version: {__version__}",
              f"Requires-Python: {meta['Requires-Python'] or ''}"]
+    if meta["License-Expression"] or meta["License"]:
+        lines.append(f"License: {meta['License-Expression'] or meta['License']}")
     lines += [f"Requires-Dist: {p.text}" for p in pins]
     info = f"modelpod-{__version__}.dist-info"
-    return {f"{info}/METADATA": ("\n".join(lines) + "\n").encode(), f"{info}/INSTALLER": b"modelpod\n",
-            f"{info}/top_level.txt": b"modelpod\n"}
+    out = {f"{info}/METADATA": ("\n".join(lines) + "\n").encode(), f"{info}/INSTALLER": b"modelpod\n",
+           f"{info}/top_level.txt": b"modelpod\n"}
+    record = [f"{rel},sha256={_b64(hashlib.sha256(path.read_bytes()).digest())},{path.stat().st_size}"
+              for rel, path in files]
+    record += [f"{name},sha256={_b64(hashlib.sha256(data).digest())},{len(data)}" for name, data in sorted(out.items())]
+    out[f"{info}/RECORD"] = ("\n".join([*record, f"{info}/RECORD,,"]) + "\n").encode()
+    return out
+
+
+def _b64(digest: bytes) -> str:
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def runtime_layer(target: Target, wheel_cache: Path, progress: Progress,
@@ -123,7 +136,7 @@ def runtime_layer(target: Target, wheel_cache: Path, progress: Progress,
         raise ImageError(f"--with {', '.join(unknown)}: unknown; choose from {', '.join(FEATURES)}")
     pins = core_pins(target, grpc, also=[d for f in features for d in FEATURES[f]])
     files = _package_files()
-    extra = _dist_info(pins)
+    extra = _dist_info(pins, files)
     digest = hashlib.sha256()
     for rel, path in files:
         digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
