@@ -205,7 +205,7 @@ class InferenceEngine:
                 self._check_outputs(entry, request.outputs)
             entry.last_used = t0
             if model.takes_parameters:
-                inputs = with_parameters(inputs, request.parameters)
+                inputs = with_parameters(inputs, request.parameters, model.row_parameters)
             outputs = await batcher.submit(inputs)
         except ModelpodError as exc:
             if variant is not None:

@@ -93,10 +93,15 @@ def resize_bilinear(img: Array, width: int, height: int) -> Array:
         return img
     y0, y1, fy = _taps(h, height)
     x0, x1, fx = _taps(w, width)
-    src = img.astype(np.float32)
-    rows = src[y0] * (1 - fy)[:, None, None] + src[y1] * fy[:, None, None]
-    out = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
-    result: Array = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    # Rows first, gathered as uint8 (only the rows used become floats), then columns; in place.
+    wy = fy[:, None, None]
+    rows = img[y0] * (1 - wy)
+    rows += img[y1] * wy
+    wx = fx[None, :, None]
+    out = rows[:, x0] * (1 - wx)
+    out += rows[:, x1] * wx
+    np.rint(out, out=out)
+    result: Array = np.clip(out, 0, 255, out=out).astype(np.uint8)
     return result
 
 
@@ -152,5 +157,9 @@ def center_crop(img: Array, size: int) -> Array:
 
 def to_tensor(images: list[Array]) -> Array:
     """HWC uint8 RGB images of one size -> an NCHW float32 batch in [0, 1]."""
-    batch = np.stack(images).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(batch, dtype=np.float32) / np.float32(255.0)
+    h, w = images[0].shape[:2]
+    out = np.empty((len(images), 3, h, w), dtype=np.float32)
+    for i, img in enumerate(images):
+        out[i] = img.transpose(2, 0, 1)  # the cast to float happens in this one copy
+    out /= np.float32(255.0)
+    return out
