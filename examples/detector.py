@@ -31,7 +31,7 @@ NAMES = ("square", "circle", "triangle")
 COLOURS = ((220, 40, 40), (40, 190, 60), (40, 70, 220))  # class i is drawn in COLOURS[i], jittered
 IMGSZ = 128  # the network's input (height = width)
 STRIDE = 8  # the head's cell size
-WIDTHS = (16, 32, 48, 64, 64, 64)  # conv1..conv5 and the head's 3x3 conv
+WIDTHS = (16, 24, 32, 48, 48, 48)  # conv1..conv5 and the head's 3x3 conv
 SEED = 0
 
 
@@ -94,14 +94,15 @@ def batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray[Any, Any], Targe
 
 
 # -- the network ---------------------------------------------------------------------------------------
-def network() -> Any:
+def network(widths: Sequence[int] = WIDTHS) -> Any:
+    """The untrained network (``widths``: the channels of conv1..conv5 and of the head's 3x3 conv)."""
     import torch
     from torch import nn
 
     class Shapes(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            c = WIDTHS
+            c = widths
             self.c1 = nn.Conv2d(3, c[0], 3, 2, 1)
             self.c2 = nn.Conv2d(c[0], c[1], 3, 2, 1)
             self.c3 = nn.Conv2d(c[1], c[2], 3, 2, 1)  # stride 8
@@ -151,13 +152,14 @@ def assign(targets: Targets) -> tuple[Any, Any, Any]:
     return torch.from_numpy(cls), torch.from_numpy(dist), torch.from_numpy(pos)
 
 
-def train(steps: int = 450, batch_size: int = 24, seed: int = SEED, log: bool = False) -> Any:
+def train(steps: int = 450, batch_size: int = 24, seed: int = SEED, log: bool = False,
+          widths: Sequence[int] = WIDTHS) -> Any:
     """The network trained on freshly generated scenes (Adam; class BCE plus L1 on the side distances)."""
     import torch
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = network()
+    net = network(widths)
     opt = torch.optim.Adam(net.parameters(), lr=4e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps, pct_start=0.15)
     for step in range(steps):

@@ -32,6 +32,7 @@ def with_parameters(batch: Batch, parameters: Mapping[str, Any], per_row: bool =
     """``batch`` plus the request's parameters under ``PARAMETERS`` (one entry per row with ``per_row``)."""
     params = dict(parameters)
     rows = next((int(v.shape[0]) for v in batch.values() if v.ndim > 0), None) if per_row else None
+    holder: np.ndarray[Any, Any]
     if rows is None:
         holder = np.empty((), dtype=object)
         holder[()] = params

@@ -20,7 +20,7 @@ from modelpod.store import Store
 pytestmark = pytest.mark.timeout(120)
 
 # name -> (height, width, bright rectangle or None), in JPEG, PNG and WebP; sizes all differ.
-PHOTOS = {"a.jpg": (40, 70, (5, 6, 30, 33)), "b.png": (90, 45, (10, 50, 40, 85)), "c.webp": (64, 64, None),
+PHOTOS = {"a.jpg": (40, 70, (5, 6, 30, 33)), "b.png": (90, 45, (10, 50, 40, 85)), "c.webp": (64, 64, (30, 2, 60, 60)),
           "d/e.png": (33, 100, (60, 3, 97, 30)), "f.png": (80, 80, (0, 0, 50, 20)),
           "g.jpeg": (120, 60, (20, 20, 40, 100))}
 COLUMNS = ["path", "x1", "y1", "x2", "y2", "score", "class_id", "class_name"]

@@ -5,7 +5,9 @@ parameters and getting exactly its own boxes back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -55,18 +57,20 @@ class Gate:
         return out
 
 
-async def _engine(model: Model, name: str) -> InferenceEngine:
+@contextlib.asynccontextmanager
+async def serving(path: Path, name: str, store: Store) -> AsyncIterator[tuple[InferenceEngine, Gate]]:
+    """The model at ``path`` packed, loaded, gated and served by an in-process engine."""
+    api.pack(path, name, store=store)
+    model = api.load(name, store=store)
+    gate = Gate(model)
     engine = InferenceEngine(Settings())
     engine.add_model(model, name=name, version=1, policy=BatchPolicy(max_batch_rows=32, max_batch_wait_ms=0))
     await engine.start()
-    return engine
-
-
-def _loaded(path: Path, name: str, store: Store) -> Model:
-    api.pack(path, name, store=store)
-    model = api.load(name, store=store)
-    model.load()
-    return model
+    try:
+        yield engine, gate
+    finally:
+        gate.opened.set()
+        await engine.close()
 
 
 async def _queue_behind_first(engine: InferenceEngine, gate: Gate, name: str,
@@ -84,10 +88,7 @@ async def _queue_behind_first(engine: InferenceEngine, gate: Gate, name: str,
 
 @pytest.mark.asyncio
 async def test_requests_of_different_sizes_share_one_run(tmp_path: Path, store: Store) -> None:
-    model = _loaded(batched_detector(tmp_path / "det.onnx"), "bdet", store)
-    gate = Gate(model)
-    engine = await _engine(model, "bdet")
-    try:
+    async with serving(batched_detector(tmp_path / "det.onnx"), "bdet", store) as (engine, gate):
         params: list[dict[str, Any]] = [{}, {"classes": [1]}, {"conf": 0.55}, {"max_det": 1}, {"classes": "0"}]
         requests = [InferRequest({"images": _images(SCENES[0])}, parameters=params[0]),
                     InferRequest({"images": _images(SCENES[1], SCENES[2])}, parameters=params[1]),
@@ -112,17 +113,11 @@ async def test_requests_of_different_sizes_share_one_run(tmp_path: Path, store: 
             for i, (_, _, box) in enumerate(shown):
                 for row in out["boxes"][i * len(ids):(i + 1) * len(ids)]:
                     np.testing.assert_allclose(row, box, atol=1.0)
-    finally:
-        gate.opened.set()
-        await engine.close()
 
 
 @pytest.mark.asyncio
 async def test_a_bad_image_fails_only_its_own_request(tmp_path: Path, store: Store) -> None:
-    model = _loaded(batched_detector(tmp_path / "det.onnx"), "bdet2", store)
-    gate = Gate(model)
-    engine = await _engine(model, "bdet2")
-    try:
+    async with serving(batched_detector(tmp_path / "det.onnx"), "bdet2", store) as (engine, gate):
         bad = np.empty(1, dtype=object)
         bad[0] = encode(canvas(20, 20, (2, 2, 9, 9)))[:40]  # a truncated PNG
         requests = [InferRequest({"images": _images(SCENES[0])}),
@@ -137,9 +132,6 @@ async def test_a_bad_image_fails_only_its_own_request(tmp_path: Path, store: Sto
             np.testing.assert_allclose(out["boxes"][0], SCENES[k][2], atol=1.0)
         assert results[1].outputs["annotated"].shape == (1,)  # only the request that asked for it
         assert "annotated" not in results[3].outputs
-    finally:
-        gate.opened.set()
-        await engine.close()
 
 
 @pytest.mark.asyncio
@@ -151,9 +143,6 @@ async def test_classifier_requests_share_a_run_and_keep_their_top_k(tmp_path: Pa
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     save(proto, str(path))
-    model = _loaded(path, "bcls", store)
-    gate = Gate(model)
-    engine = await _engine(model, "bcls")
     colours = {"red": (200, 10, 10), "green": (10, 200, 10), "blue": (10, 10, 200)}
 
     def image(name: str) -> np.ndarray[Any, Any]:
@@ -161,7 +150,7 @@ async def test_classifier_requests_share_a_run_and_keep_their_top_k(tmp_path: Pa
         arr[0] = encode(np.full((20 + len(name), 30, 3), colours[name], dtype=np.uint8))
         return arr
 
-    try:
+    async with serving(path, "bcls", store) as (engine, gate):
         requests = [InferRequest({"images": image("red")}), InferRequest({"images": image("green")},
                                                                          parameters={"top_k": 1}),
                     InferRequest({"images": image("blue")}, parameters={"top_k": 2})]
@@ -169,6 +158,3 @@ async def test_classifier_requests_share_a_run_and_keep_their_top_k(tmp_path: Pa
         assert gate.runs == [1, 2]
         assert results[1].outputs["class_names"].tolist() == [[b"green"]]
         assert results[2].outputs["class_names"].shape == (1, 2) and results[2].outputs["class_names"][0, 0] == b"blue"
-    finally:
-        gate.opened.set()
-        await engine.close()

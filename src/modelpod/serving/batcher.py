@@ -257,7 +257,7 @@ class Batcher:
 
     def _split(self, out: Batch, items: list[_Pending]) -> list[Batch] | None:
         """The model's own cut of a merged batch's outputs per request, when it has one."""
-        split = getattr(self.worker.model, "split_outputs", None)
+        split = getattr(getattr(self.worker, "model", None), "split_outputs", None)
         if split is None:
             return None
         try:
@@ -265,7 +265,7 @@ class Batcher:
         except Exception:  # a bug in the cut must not lose the requests: they run one by one
             log.exception("split_outputs failed", extra={"fields": {"model": self.worker.label}})
             return None
-        return parts
+        return parts if parts is None or len(parts) == len(items) else None
 
     def _release(self) -> None:
         """A batch slot freed up: start the next batch."""

@@ -57,15 +57,30 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image
                 raise InvalidRequestError(
                     f"{what}: {width}x{height} is {width * height} pixels, over the limit of {max_pixels}")
             im.load()
-            return _rgb(ImageOps.exif_transpose(im))
+            if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation: turn it upright (else no copy)
+                return _rgb(ImageOps.exif_transpose(im))
+            return _rgb(im)
     except InvalidRequestError:
         raise
     except UnidentifiedImageError:
-        raise InvalidRequestError(f"{what}: not a JPEG, PNG or WebP image") from None
+        raise InvalidRequestError(f"{what}: {_unreadable(data)}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidRequestError(f"{what}: refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise InvalidRequestError(f"{what}: cannot decode it: {exc}") from None
+
+
+def _unreadable(data: bytes) -> str:
+    """Why Pillow could not open ``data``: no pixels, a damaged header of a known format, or no image."""
+    kind = "JPEG" if data[:3] == b"\xff\xd8\xff" else "PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else (
+        "WebP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else "")
+    if kind == "PNG" and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if width * height == 0:
+            return f"{width}x{height} has no pixels"
+    if kind:
+        return f"cannot decode it: the {kind} header is damaged"
+    return "not a JPEG, PNG or WebP image"
 
 
 def _rgb(im: Any) -> Array:
