@@ -12,7 +12,7 @@ images of coloured shapes, exported to ONNX with Ultralytics-style metadata, rea
 Writes ``shapes.onnx`` (input ``images`` [batch, 3, 128, 128], output [batch, 7, 256]: the YOLOv8
 layout, centre boxes and three class scores), ``sample.jpg`` and ``sample.json`` (where its shapes
 really are). Classes: red squares, green circles, blue triangles. Seeded: the same run gives the
-same weights. The network: five strided 3x3 convolutions with SiLU, the stride-16 features
+same weights. The network: 3x3 convolutions with SiLU down to stride 16, the stride-16 features
 upsampled and joined to the stride-8 ones, and a 1x1 head predicting, for each stride-8 cell,
 the distances to the box's four sides and the class scores (anchor-free, as YOLOv8).
 """
@@ -152,7 +152,7 @@ def assign(targets: Targets) -> tuple[Any, Any, Any]:
     return torch.from_numpy(cls), torch.from_numpy(dist), torch.from_numpy(pos)
 
 
-def train(steps: int = 450, batch_size: int = 24, seed: int = SEED, log: bool = False,
+def train(steps: int = 300, batch_size: int = 16, seed: int = SEED, log: bool = False,
           widths: Sequence[int] = WIDTHS) -> Any:
     """The network trained on freshly generated scenes (Adam; class BCE plus L1 on the side distances)."""
     import torch
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "shapes",
                         help="output directory (default examples/out/shapes)")
-    parser.add_argument("--steps", type=int, default=450, help="training steps (24 scenes each)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps (16 scenes each)")
     parser.add_argument("--imgsz", type=int, default=IMGSZ, help="input size of the exported model (multiple of 16)")
     parser.add_argument("--pack", action="store_true", help="pack it as `shapes` (an Ultralytics export to modelpod)")
     parser.add_argument("--name", default="shapes")

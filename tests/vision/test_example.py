@@ -18,7 +18,7 @@ from modelpod import api
 from modelpod.cli import main
 from modelpod.store import Store
 
-pytestmark = pytest.mark.timeout(600)  # the session fixture trains the example (about a minute)
+pytestmark = pytest.mark.timeout(900)  # the session fixture trains the example (about a minute when quiet)
 
 
 def iou(a: Any, b: Any) -> float:
