@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,15 @@ def unwrap(data: bytes) -> bytes:
         return base64.b64decode(text, validate=True) if text else data
     except (binascii.Error, ValueError):
         return data
+
+
+def sample_png(width: int = 32, height: int = 24) -> bytes:
+    """A small grey RGB PNG, written without Pillow: the sample a vision pod's load check predicts."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    rows = (b"\0" + bytes([PAD]) * (3 * width)) * height  # filter byte 0, then the row's pixels
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> Array:
