@@ -31,6 +31,7 @@ from modelpod.pod import Pod, Signature, TensorSpec
 NAME = "onnx"
 EXTRA = "onnx"
 IMPORTS = ("onnx", "onnxruntime")
+RUNTIME_IMPORTS = ("onnxruntime",)  # serving needs no onnx (packing reads external data with it): a faster start
 DISTRIBUTIONS = ("onnx", "onnxruntime")
 TABLES = False  # takes arrays, not a DataFrame
 TAKES_TRUST = False  # no --trust: the format has no list of trusted types
