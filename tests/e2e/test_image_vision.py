@@ -5,7 +5,6 @@ daemon, run under Docker, and called with JPEG/PNG files: boxes in the images' o
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import uuid
@@ -37,7 +36,6 @@ def detector_url(tmp_path_factory: pytest.TempPathFactory, shapes_detector: tupl
     """The example packed as ``shapes``, built, loaded and run with --network host; (URL, build output)."""
     if not docker_engine:
         kit.unavailable("no Docker engine answers (docker version)")
-    from modelpod.cli import main
 
     _, out = shapes_detector
     root = tmp_path_factory.mktemp("visionimg")
@@ -46,14 +44,7 @@ def detector_url(tmp_path_factory: pytest.TempPathFactory, shapes_detector: tupl
     rec = pack(out / "shapes.onnx", "shapes", Store(home))  # recognised from the ONNX metadata
     assert rec.manifest.signature.parameters["task"] == "detect"
     tag = f"modelpod-test/vision-shapes:{uuid.uuid4().hex[:12]}"
-    archive = root / "image.tar"
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main(["--home", str(home), "build", "shapes:1", "--base", base_image.oci,
-                   "--output", f"docker-archive:{archive}", "--tag", tag, "--json"])
-    assert rc == 0
-    built = json.loads(buf.getvalue())
-    kit.docker("load", "-i", str(archive))
+    built = kit.build_loaded(home, "shapes:1", base_image.oci, root / "image.tar", tag)
     cid = ""
     port = kit.free_port()
     try:
