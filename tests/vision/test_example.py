@@ -89,4 +89,5 @@ def test_predict_the_sample_jpeg(packed: tuple[Any, Path, Store], capsys: pytest
              for shape in truth]
     assert len(truth) == 3 and sum(found) >= 2, (truth, dets)
     assert all(max(iou(d["box"], t["box"]) for t in truth) > 0.3 for d in dets if d["score"] > 0.5), (truth, dets)
-    assert Image.open(tmp_path / "boxes.png").size == (200, 150)
+    with Image.open(tmp_path / "boxes.png") as drawn:
+        assert drawn.size == (200, 150)
