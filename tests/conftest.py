@@ -47,3 +47,19 @@ def served_home(tmp_path_factory: pytest.TempPathFactory, sklearn_model: tuple[P
     rec = pack(path, "lr", store=store, sample=sample)
     store.tag(rec.name, rec.version, "production")
     return home, rec
+
+
+@pytest.fixture(scope="session")
+def shapes_detector(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """examples/detector.py run once per session: (the example module, its output directory holding
+    ``shapes.onnx`` trained on synthetic shapes, ``sample.jpg`` and ``sample.json``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "detector_example", Path(__file__).resolve().parents[1] / "examples" / "detector.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("shapes")
+    assert module.main(["--out", str(out)]) == 0
+    return module, out

@@ -8,7 +8,7 @@ Users subclass it for custom code and may write ``predict`` with typed parameter
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,22 +22,41 @@ Batch = dict[str, np.ndarray[Any, Any]]
 
 # The batch key under which the engine hands a request's ``parameters`` (a 0-d object array holding
 # a dict) to a model whose ``takes_parameters`` is true. A 0-d entry keeps the request out of merged
-# batches, so each such request runs with its own parameters.
+# batches, so each such request runs with its own parameters. A model whose ``row_parameters`` is
+# also true gets them per row instead (a ``[rows]`` object array, every row of a request holding the
+# same dict), so requests with different parameters can share a batch.
 PARAMETERS = "__parameters__"
 
 
-def with_parameters(batch: Batch, parameters: Mapping[str, Any]) -> Batch:
-    """``batch`` plus the request's parameters under ``PARAMETERS``."""
-    holder = np.empty((), dtype=object)
-    holder[()] = dict(parameters)
+def with_parameters(batch: Batch, parameters: Mapping[str, Any], per_row: bool = False) -> Batch:
+    """``batch`` plus the request's parameters under ``PARAMETERS`` (one entry per row with ``per_row``)."""
+    params = dict(parameters)
+    rows = next((int(v.shape[0]) for v in batch.values() if v.ndim > 0), None) if per_row else None
+    holder: np.ndarray[Any, Any]
+    if rows is None:
+        holder = np.empty((), dtype=object)
+        holder[()] = params
+    else:
+        holder = np.empty(rows, dtype=object)
+        holder[:] = [params] * rows  # one dict object: a merged batch still tells its requests apart
     return {**batch, PARAMETERS: holder}
 
 
 def parameters_of(batch: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, Any]:
     """The request parameters ``with_parameters`` put in a batch ({} when none: a direct call)."""
     holder = batch.get(PARAMETERS)
-    value = holder[()] if holder is not None and holder.ndim == 0 else None
+    value = holder[()] if holder is not None and holder.ndim == 0 else (
+        holder.flat[0] if holder is not None and holder.size else None)
     return dict(value) if isinstance(value, Mapping) else {}
+
+
+def row_parameters(batch: Mapping[str, np.ndarray[Any, Any]], rows: int) -> list[Mapping[str, Any]]:
+    """The parameters of each of ``rows`` rows: per row as ``with_parameters(per_row=True)`` put them,
+    else the request's (or none) for every row. Rows of one request share one dict object."""
+    holder = batch.get(PARAMETERS)
+    if holder is not None and holder.ndim == 1 and len(holder) == rows:
+        return [p if isinstance(p, Mapping) else {} for p in holder.tolist()]
+    return [parameters_of(batch)] * rows
 
 
 class Model:
@@ -45,6 +64,7 @@ class Model:
 
     signature: Signature = Signature()
     takes_parameters: bool = False  # the engine passes request parameters in the batch (``PARAMETERS``)
+    row_parameters: bool = False  # ... one entry per row, so requests with different parameters merge
 
     def __init__(self, pod: Pod | None = None) -> None:
         self.pod = pod
@@ -66,6 +86,17 @@ class Model:
     def unload(self) -> None:
         """Release memory. The model may be loaded again later."""
         self.loaded = False
+
+    def split_outputs(self, outputs: Batch, parts: Sequence[Batch]) -> list[Batch] | None:
+        """The outputs of a merged batch cut back into each request's (``parts``: the requests' inputs,
+        in order), for a model whose outputs do not keep one row per input row (a detector's boxes);
+        None when they do, and the batcher slices rows."""
+        return None
+
+    def records(self, outputs: Batch, rows: int) -> tuple[Batch, np.ndarray[Any, Any]] | None:
+        """Batch scoring: the outputs as records (one row each, e.g. one per detection) and the input
+        row each record belongs to; None when the outputs keep one row per input row."""
+        return None
 
     def model_parameters(self) -> dict[str, Any]:
         """Model-level metadata a loaded model knows (e.g. ``class_labels``); pack records it."""

@@ -162,13 +162,20 @@ def sample_inputs(pod: Pod) -> tuple[dict[str, np.ndarray[Any, Any]], bool]:
         shape = tuple(1 if d == -1 else d for d in spec.shape)
         if spec.datatype == "BYTES":
             arr = np.empty(shape, dtype=object)
-            arr.fill(b"")
+            arr.fill(_vision_sample() if pod.manifest.signature.parameters.get("task") else b"")
         else:
             from modelpod.pod import numpy_dtype
 
             arr = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
         out[spec.name] = arr
     return out, True
+
+
+def _vision_sample() -> bytes:
+    """A detector's or classifier's sample: one small image (an empty string is not an image)."""
+    from modelpod.vision.image import sample_png
+
+    return sample_png()
 
 
 def missing_module(exc: BaseException) -> str | None:

@@ -373,6 +373,24 @@ class Kit:
         return proc.stdout
 
     @staticmethod
+    def build_loaded(home: Path, ref: str, base: str, archive: Path, tag: str) -> dict[str, Any]:
+        """``modelpod build REF --output docker-archive:ARCHIVE --tag TAG --json`` in-process, then
+        ``docker load``; the build's JSON report."""
+        import contextlib
+        import io
+
+        from modelpod.cli import main
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = main(["--home", str(home), "build", ref, "--base", base, "--output", f"docker-archive:{archive}",
+                       "--tag", tag, "--json"])
+        assert rc == 0
+        docker("load", "-i", str(archive))
+        built: dict[str, Any] = json.loads(buf.getvalue())
+        return built
+
+    @staticmethod
     def cli(capsys: pytest.CaptureFixture[str], home: Path, *args: str) -> tuple[int, Any, str]:
         """``modelpod --home HOME ARGS --json`` in-process: (exit code, parsed stdout or None, stderr)."""
         from modelpod.cli import main

@@ -31,7 +31,6 @@ def table_container(tmp_path_factory: pytest.TempPathFactory, base_image: Any, k
     """The churn pipeline packed from its CSV sample, built, loaded and run; (REST URL, pipeline, build)."""
     if not docker_engine:
         kit.unavailable("no Docker engine answers (docker version)")
-    from modelpod.cli import main
 
     root = tmp_path_factory.mktemp("tabimg")
     d, pipe, _ = save_table_model(root / "m", "ignore")
@@ -41,19 +40,8 @@ def table_container(tmp_path_factory: pytest.TempPathFactory, base_image: Any, k
                outputs=["label", "probabilities"])
     assert any(r.lower().startswith("pandas==") for r in rec.manifest.requirements)
     tag = f"modelpod-test/churn:{uuid.uuid4().hex[:12]}"
-    archive = root / "image.tar"
-    out = root / "build.json"
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main(["--home", str(home), "build", "churn:1", "--base", base_image.oci,
-                   "--output", f"docker-archive:{archive}", "--tag", tag, "--json"])
-    assert rc == 0
-    built = json.loads(buf.getvalue())
-    out.write_text(buf.getvalue())
-    kit.docker("load", "-i", str(archive))
+    built = kit.build_loaded(home, "churn:1", base_image.oci, root / "image.tar", tag)
+    (root / "build.json").write_text(json.dumps(built))
     cid = ""
     try:
         cid = kit.docker("run", "-d", "--read-only", "-p", "127.0.0.1::8080", "--name",

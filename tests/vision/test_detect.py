@@ -218,3 +218,15 @@ def test_an_ultralytics_segment_export_packs_as_a_plain_model(tmp_path: Path, st
     onnx.save(proto, str(path))
     rec = api.pack(path, "seg", store=store)
     assert "vision" not in rec.manifest.options and rec.manifest.signature.inputs[0].datatype == "FP32"
+
+
+def test_the_load_check_probe_predicts_a_small_image(tmp_path: Path, store: Store) -> None:
+    """A pod packed without --sample: the build's load check (the probe) sends it one small PNG."""
+    from modelpod import probe
+
+    api.pack(batched_detector(tmp_path / "det.onnx"), "probed", store=store)
+    pod = store.open("probed")
+    inputs, synthetic = probe.sample_inputs(pod)
+    assert synthetic and inputs["images"][0][:8] == b"\x89PNG\r\n\x1a\n"
+    result = probe.run(pod.path, pod.manifest)
+    assert result.ok, result.error

@@ -68,6 +68,8 @@ def _png_header_only(width: int, height: int) -> bytes:
     (b"hello, not an image at all", "not a JPEG, PNG or WebP"),
     (_png_header_only(100_000, 100_000), "decompression bomb"),
     (_png_header_only(9000, 9000), "81000000 pixels, over the limit"),
+    (_png_header_only(0, 10), "0x10 has no pixels|cannot decode"),
+    (_png_header_only(10, 0), "10x0 has no pixels|cannot decode"),
     (encode(canvas(64, 64, (5, 5, 40, 40)), "JPEG")[:300], "cannot decode"),
     (encode(canvas(64, 64), "PNG")[:-40], "cannot decode"),
 ])

@@ -176,35 +176,43 @@ class Scorer:
         self.model = model
         self.worker = ModelWorker(model, model.name)
 
-    def predict(self, inputs: Batch, rows: int) -> tuple[Batch, dict[int, str]]:
-        """Outputs for the rows that succeed, and the reason for each row that failed."""
+    def predict(self, inputs: Batch, rows: int) -> tuple[Batch, np.ndarray[Any, Any], dict[int, str]]:
+        """Output records for the rows that succeed, the input row of each record (one per row, or
+        one per detection of a detector), and the reason for each row that failed."""
         try:
-            return self._call(inputs, rows), {}
+            return (*self._call(inputs, rows), {})
         except BatchError:
             raise
         except ModelpodError as exc:
             if rows == 1:
-                return {}, {0: f"the model failed on this row: {exc}"}
+                return {}, np.zeros(0, np.intp), {0: f"the model failed on this row: {exc}"}
         outs: list[Batch] = []
+        index: list[np.ndarray[Any, Any]] = []
         failed: dict[int, str] = {}
         for j in range(rows):
             try:
-                outs.append(self._call({k: v[j:j + 1] for k, v in inputs.items()}, 1))
+                out, at = self._call({k: v[j:j + 1] for k, v in inputs.items()}, 1)
             except BatchError:
                 raise
             except ModelpodError as exc:
                 failed[j] = f"the model failed on this row: {exc}"
+            else:
+                outs.append(out)
+                index.append(at + j)
         if not outs:
-            return {}, failed
-        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}, failed
+            return {}, np.zeros(0, np.intp), failed
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}, np.concatenate(index), failed
 
-    def _call(self, inputs: Batch, rows: int) -> Batch:
+    def _call(self, inputs: Batch, rows: int) -> tuple[Batch, np.ndarray[Any, Any]]:
         out = self.worker.call(self.model.coerce(inputs))
+        records = self.model.records(out, rows)  # a detector: one record per detection
+        if records is not None:
+            return records[0], np.asarray(records[1], dtype=np.intp)
         for k, v in out.items():
             if v.ndim == 0 or v.shape[0] != rows:
                 raise BatchError(f"model {self.model.name}: output {k!r} has shape {list(v.shape)} for {rows} "
                                  "input rows; batch scoring needs one output row per input row")
-        return out
+        return out, np.arange(rows)
 
 
 class BatchJob:
@@ -305,14 +313,11 @@ class BatchJob:
             good = conv.good
             bad = dict(conv.bad)
             if len(good):
-                outputs, failed = self.scorer.predict(conv.inputs, len(good))
-                if failed:
-                    for j, reason in failed.items():
-                        bad[int(good[j])] = reason
-                    ok = np.array([j not in failed for j in range(len(good))], dtype=bool)
-                    good = good[ok]
-                if len(good):
-                    cols = {**tensors.kept_arrays(raw, self.plan.keep, good), **tensors.output_arrays(outputs)}
+                outputs, at, failed = self.scorer.predict(conv.inputs, len(good))
+                for j, reason in failed.items():
+                    bad[int(good[j])] = reason
+                if len(at):
+                    cols = {**tensors.kept_arrays(raw, self.plan.keep, good[at]), **tensors.output_arrays(outputs)}
                     writer.write(sources.pyarrow().table(cols))
             for k in sorted(bad):
                 rec: dict[str, Any] = {"file": raw.files[k] if raw.files else raw.file, "row": raw.start + k,

@@ -102,7 +102,9 @@ def find_inputs(spec: str | Sequence[str], fmt: str | None) -> tuple[str, list[s
         p = Path(text).expanduser()
         if p.is_dir():
             files = sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-            if fmt != "images" and fmt is not None:
+            if fmt == "images":  # a photo folder may hold other files (notes, sidecars): only images
+                files = [f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+            elif fmt is not None:
                 files = [f for f in files if _SUFFIXES.get(Path(f).suffix.lower()) == fmt]
             elif fmt is None and all(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files) and files:
                 fmt = "images"

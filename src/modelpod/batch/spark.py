@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from modelpod.batch.job import Scorer
 from modelpod.batch.sources import RawBatch, pyarrow
 from modelpod.batch.tensors import Binding, bind, convert
@@ -119,10 +121,13 @@ def _score(scorer: Scorer, bindings: list[Binding], cols: list[str], series: tup
     if conv.bad:
         k = min(conv.bad)
         raise BatchError(f"row {k} of a Spark batch: {conv.bad[k]}")
-    out, failed = scorer.predict(conv.inputs, rows)
+    out, at, failed = scorer.predict(conv.inputs, rows)
     if failed:
         k = min(failed)
         raise BatchError(f"row {k} of a Spark batch: {failed[k]}")
+    if len(at) != rows or (at != np.arange(rows)).any():  # a UDF answers one value per row
+        raise BatchError(f"model {scorer.model.name} answers records, not one row per input row (a detector); "
+                         "score it with modelpod batch")
 
     def column(name: str) -> Any:
         arr = out[name]

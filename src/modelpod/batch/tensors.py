@@ -368,7 +368,8 @@ def row_values(raw: RawBatch, offset: int, columns: Sequence[str]) -> dict[str, 
 def kept_arrays(raw: RawBatch, keep: Sequence[str], good: np.ndarray[Any, Any]) -> dict[str, Any]:
     pa = pyarrow()
     out: dict[str, Any] = {}
-    all_rows = len(good) == raw.rows
+    # ``good`` may repeat rows (one per detection of an image): all rows only when it is every row once.
+    all_rows = len(good) == raw.rows and bool((np.asarray(good) == np.arange(raw.rows)).all())
     for c in keep:
         data = raw.columns[c]
         if isinstance(data, list):

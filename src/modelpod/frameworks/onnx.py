@@ -25,12 +25,13 @@ from modelpod.frameworks._util import (
     pick_file,
     unreadable,
 )
-from modelpod.model import Batch, Model, parameters_of
+from modelpod.model import Batch, Model, parameters_of, row_parameters
 from modelpod.pod import Pod, Signature, TensorSpec
 
 NAME = "onnx"
 EXTRA = "onnx"
 IMPORTS = ("onnx", "onnxruntime")
+RUNTIME_IMPORTS = ("onnxruntime",)  # serving needs no onnx (packing reads external data with it): a faster start
 DISTRIBUTIONS = ("onnx", "onnxruntime")
 TABLES = False  # takes arrays, not a DataFrame
 TAKES_TRUST = False  # no --trust: the format has no list of trusted types
@@ -178,18 +179,34 @@ class OnnxModel(Model):
         self.outputs = [o.name for o in _tensor_outputs(self.session)]
         self.strings = {i.name for i in self.session.get_inputs() if i.type == "tensor(string)"}
         self.pipeline = _pipeline(self.session, opts) if opts.get("vision") else None
-        self.takes_parameters = self.pipeline is not None
+        # Images of different requests share a run: each image carries its request's parameters.
+        self.takes_parameters = self.row_parameters = self.pipeline is not None
         super().load()
 
     def predict(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Batch:
         if self.pipeline is not None:
             from modelpod.vision.task import INPUT
 
-            out: Batch = self.pipeline(inputs[INPUT], parameters_of(inputs))
+            images = inputs[INPUT]
+            out: Batch = self.pipeline(images, row_parameters(inputs, int(images.size)))
             return out
         feeds = {k: (_strings(v) if k in self.strings else v) for k, v in inputs.items()}
         results: Sequence[Any] = self.session.run(self.outputs, feeds)
         return {name: _bytes(np.asarray(r)) for name, r in zip(self.outputs, results, strict=True)}
+
+    def split_outputs(self, outputs: Batch, parts: Sequence[Batch]) -> list[Batch] | None:
+        if self.pipeline is None:
+            return None
+        from modelpod.vision.task import INPUT
+
+        cut: list[Batch] = self.pipeline.split(outputs, [
+            {"rows": int(p[INPUT].size), "parameters": parameters_of(p)} for p in parts])
+        return cut
+
+    def records(self, outputs: Batch, rows: int) -> tuple[Batch, np.ndarray[Any, Any]] | None:
+        found: tuple[Batch, np.ndarray[Any, Any]] | None = (
+            self.pipeline.records(outputs, rows) if self.pipeline is not None else None)
+        return found
 
     def unload(self) -> None:
         self.__dict__.pop("session", None)

@@ -257,6 +257,12 @@ class Batcher:
             return
         if err is None:
             assert out is not None
+            parts = self._split(out, items)
+            if parts is not None:  # outputs that are not one row per input row (a detector's boxes)
+                for item, part in zip(items, parts, strict=True):
+                    self._finish(item, part)
+                self._release()
+                return
             if all(v.ndim > 0 and v.shape[0] == total for v in out.values()):
                 start = 0
                 for item in items:
@@ -285,6 +291,18 @@ class Batcher:
             self._ran(items, total, out, err)
         finally:
             spans.done()
+
+    def _split(self, out: Batch, items: list[_Pending]) -> list[Batch] | None:
+        """The model's own cut of a merged batch's outputs per request, when it has one."""
+        split = getattr(getattr(self.worker, "model", None), "split_outputs", None)
+        if split is None:
+            return None
+        try:
+            parts: list[Batch] | None = split(out, [i.inputs for i in items])
+        except Exception:  # a bug in the cut must not lose the requests: they run one by one
+            log.exception("split_outputs failed", extra={"fields": {"model": self.worker.label}})
+            return None
+        return parts if parts is None or len(parts) == len(items) else None
 
     def _release(self) -> None:
         """A batch slot freed up: start the next batch."""

@@ -214,7 +214,7 @@ class InferenceEngine:
             entry.last_used = t0
             model_inputs = inputs
             if model.takes_parameters:
-                inputs = with_parameters(inputs, request.parameters)
+                inputs = with_parameters(inputs, request.parameters, model.row_parameters)
             span = observe.span() if observe.tracing is not None else None
             if span is not None:
                 span.set_attributes({"modelpod.model": entry.name, "modelpod.version": entry.version_text,

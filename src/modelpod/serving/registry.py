@@ -324,7 +324,9 @@ class ModelRegistry:
         src = entry.source
         if src.model is None:
             # Import the framework first, so the RSS delta is this model's, not the library's.
-            for module in getattr(require(entry.platform), "IMPORTS", ()):
+            # (RUNTIME_IMPORTS: what loading needs, where it is less than the extra, e.g. no onnx for ONNX)
+            adapter = require(entry.platform)
+            for module in getattr(adapter, "RUNTIME_IMPORTS", getattr(adapter, "IMPORTS", ())):
                 importlib.import_module(module)
         before = rss_bytes()
         if src.model is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +38,15 @@ def unwrap(data: bytes) -> bytes:
         return data
 
 
+def sample_png(width: int = 32, height: int = 24) -> bytes:
+    """A small grey RGB PNG, written without Pillow: the sample a vision pod's load check predicts."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    rows = (b"\0" + bytes([PAD]) * (3 * width)) * height  # filter byte 0, then the row's pixels
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> Array:
     """An encoded JPEG, PNG or WebP file as an ``[H, W, 3]`` RGB uint8 array, EXIF orientation applied.
 
@@ -57,15 +68,30 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image
                 raise InvalidRequestError(
                     f"{what}: {width}x{height} is {width * height} pixels, over the limit of {max_pixels}")
             im.load()
-            return _rgb(ImageOps.exif_transpose(im))
+            if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation: turn it upright (else no copy)
+                return _rgb(ImageOps.exif_transpose(im))
+            return _rgb(im)
     except InvalidRequestError:
         raise
     except UnidentifiedImageError:
-        raise InvalidRequestError(f"{what}: not a JPEG, PNG or WebP image") from None
+        raise InvalidRequestError(f"{what}: {_unreadable(data)}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidRequestError(f"{what}: refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise InvalidRequestError(f"{what}: cannot decode it: {exc}") from None
+
+
+def _unreadable(data: bytes) -> str:
+    """Why Pillow could not open ``data``: no pixels, a damaged header of a known format, or no image."""
+    kind = "JPEG" if data[:3] == b"\xff\xd8\xff" else "PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else (
+        "WebP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else "")
+    if kind == "PNG" and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if width * height == 0:
+            return f"{width}x{height} has no pixels"
+    if kind:
+        return f"cannot decode it: the {kind} header is damaged"
+    return "not a JPEG, PNG or WebP image"
 
 
 def _rgb(im: Any) -> Array:
@@ -93,10 +119,15 @@ def resize_bilinear(img: Array, width: int, height: int) -> Array:
         return img
     y0, y1, fy = _taps(h, height)
     x0, x1, fx = _taps(w, width)
-    src = img.astype(np.float32)
-    rows = src[y0] * (1 - fy)[:, None, None] + src[y1] * fy[:, None, None]
-    out = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
-    result: Array = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    # Rows first, gathered as uint8 (only the rows used become floats), then columns; in place.
+    wy = fy[:, None, None]
+    rows = img[y0] * (1 - wy)
+    rows += img[y1] * wy
+    wx = fx[None, :, None]
+    out = rows[:, x0] * (1 - wx)
+    out += rows[:, x1] * wx
+    np.rint(out, out=out)
+    result: Array = np.clip(out, 0, 255, out=out).astype(np.uint8)
     return result
 
 
@@ -152,5 +183,9 @@ def center_crop(img: Array, size: int) -> Array:
 
 def to_tensor(images: list[Array]) -> Array:
     """HWC uint8 RGB images of one size -> an NCHW float32 batch in [0, 1]."""
-    batch = np.stack(images).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(batch, dtype=np.float32) / np.float32(255.0)
+    h, w = images[0].shape[:2]
+    out = np.empty((len(images), 3, h, w), dtype=np.float32)
+    for i, img in enumerate(images):
+        out[i] = img.transpose(2, 0, 1)  # the cast to float happens in this one copy
+    out /= np.float32(255.0)
+    return out

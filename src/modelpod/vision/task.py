@@ -12,7 +12,7 @@ import ast
 import base64
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from modelpod.vision.image import DEFAULT_MAX_PIXELS, center_crop, decode, lette
 
 Array = np.ndarray[Any, Any]
 Run = Callable[[Array], Array]  # NCHW float32 batch -> the model's first output
+_T = TypeVar("_T")
 
 INPUT = "images"
 DEFAULT_MAX_IMAGES = 64
@@ -127,7 +128,11 @@ def _imgsz(value: Any, input_shape: Sequence[int], where: str) -> list[int]:
 
 
 class Pipeline:
-    """Images in, detections or top-k classes out, around one ``run`` of the model."""
+    """Images in, detections or top-k classes out, around one ``run`` of the model.
+
+    ``params`` holds each image's request parameters; consecutive images sharing one dict object
+    are one request (the server merges requests into one batch after letterboxing, see
+    ``split``), so limits and image numbers in errors are per request."""
 
     def __init__(self, cfg: Mapping[str, Any], run: Run, *, free_hw: bool = False, free_batch: bool = False,
                  max_pixels: int | None = None, max_images: int | None = None, top_k: int | None = None) -> None:
@@ -143,40 +148,81 @@ class Pipeline:
         self.max_images = max_images or DEFAULT_MAX_IMAGES
         self.top_k = top_k or DEFAULT_TOP_K
 
-    def __call__(self, images: Array, parameters: Mapping[str, Any]) -> dict[str, Array]:
+    def __call__(self, images: Array, params: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, Array]:
         items = images.reshape(-1).tolist()
-        if len(items) > self.max_images:
-            raise InvalidRequestError(f"{len(items)} images in one request; the limit is {self.max_images}")
-        decoded = [decode(unwrap(b if isinstance(b, bytes) else bytes(b)), self.max_pixels, f"images[{i}]")
-                   for i, b in enumerate(items)]
+        per_image = [params] * len(items) if isinstance(params, Mapping) else list(params)
+        if len(per_image) != len(items):
+            per_image = [per_image[0] if per_image else {}] * len(items)
+        starts = [0] * len(items)  # where each image's request starts
+        for start, end in requests(per_image):
+            if end - start > self.max_images:
+                raise InvalidRequestError(f"{end - start} images in one request; the limit is {self.max_images}")
+            starts[start:end] = [start] * (end - start)
+        decoded = [decode(unwrap(b if isinstance(b, bytes) else bytes(b)), self.max_pixels, f"images[{i - s}]")
+                   for i, (b, s) in enumerate(zip(items, starts, strict=True))]
         if self.task == "classify":
-            return self._classify(decoded, parameters)
-        out = self._detect(decoded, request_options(parameters, len(self.names)))
-        if _flag(parameters, "annotate"):
-            out["annotated"] = self._annotate(decoded, out)
+            return self._classify(decoded, per_image)
+        out = self._detect(decoded, _per_request(per_image, lambda p: request_options(p, len(self.names))))
+        wanted = _per_request(per_image, lambda p: _flag(p, "annotate"))
+        if any(wanted):
+            out["annotated"] = self._annotate(decoded, out, wanted)
         return out
 
-    def _annotate(self, decoded: list[Array], out: Mapping[str, Array]) -> Array:
+    def split(self, out: Mapping[str, Array], parts: Sequence[Mapping[str, Any]]) -> list[dict[str, Array]]:
+        """The outputs of a merged batch cut back per request: ``parts`` are each request's image
+        count and parameters (``(rows, parameters)``), in batch order."""
+        result: list[dict[str, Array]] = []
+        first = 0
+        counts = out["detections"] if self.task == "detect" else None
+        ends = np.cumsum(counts) if counts is not None else None
+        for part in parts:
+            rows, params = int(part["rows"]), part["parameters"]
+            last = first + rows
+            if counts is not None and ends is not None:
+                lo = int(ends[first - 1]) if first else 0
+                hi = int(ends[last - 1]) if last else 0
+                mine = {k: out[k][lo:hi] for k in ("boxes", "scores", "class_ids", "class_names")}
+                mine["detections"] = out["detections"][first:last]
+                if "annotated" in out and _flag(params, "annotate"):
+                    mine["annotated"] = out["annotated"][first:last]
+            else:
+                k = min(_int_param(params, "top_k", self.top_k, 1, 1000), out["class_ids"].shape[1])
+                mine = {n: out[n][first:last, :k] for n in ("class_ids", "class_names", "probabilities")}
+            result.append(mine)
+            first = last
+        return result
+
+    def records(self, out: Mapping[str, Array], rows: int) -> tuple[dict[str, Array], Array] | None:
+        """Detections as records: one per detection (x1, y1, x2, y2, score, class_id, class_name) and
+        the image each came from. Classification keeps one row per image (None)."""
+        if self.task != "detect":
+            return None
+        boxes = out["boxes"].reshape(-1, 4)
+        cols = {"x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
+                "score": out["scores"], "class_id": out["class_ids"], "class_name": out["class_names"]}
+        return cols, np.repeat(np.arange(rows), out["detections"])
+
+    def _annotate(self, decoded: list[Array], out: Mapping[str, Array], wanted: Sequence[bool]) -> Array:
         from modelpod.vision.draw import annotate
 
         pngs = np.empty(len(decoded), dtype=object)
         start = 0
         for i, (img, n) in enumerate(zip(decoded, out["detections"].tolist(), strict=True)):
             rows = slice(start, start + n)
-            png = annotate(img, out["boxes"][rows], out["class_ids"][rows], out["scores"][rows], self.names)
-            pngs[i] = base64.b64encode(png)
+            pngs[i] = base64.b64encode(annotate(img, out["boxes"][rows], out["class_ids"][rows], out["scores"][rows],
+                                                self.names)) if wanted[i] else b""
             start += n
         return pngs
 
-    def _detect(self, decoded: list[Array], opts: Options) -> dict[str, Array]:
+    def _detect(self, decoded: list[Array], opts: Sequence[Options]) -> dict[str, Array]:
         boxes, scores, ids, counts = [], [], [], []
         boxed = [letterbox(img, self.size, self.stride, auto=self.auto) for img in decoded]
-        if self.free_batch and not self.auto and boxed:  # one size: the request's images in one run
+        if self.free_batch and not self.auto and boxed:  # one size: every image in one run
             preds = list(self.run(to_tensor([p for p, _ in boxed])))
         else:  # one run per image (a fixed batch of 1, or sizes that differ with free height/width)
             preds = [self.run(to_tensor([p]))[0] for p, _ in boxed]
-        for pred, (_, lb) in zip(preds, boxed, strict=True):
-            b, s, c = detect(pred, self.layout, opts)
+        for pred, (_, lb), opt in zip(preds, boxed, opts, strict=True):
+            b, s, c = detect(pred, self.layout, opt)
             boxes.append(to_original(b, lb))
             scores.append(s.astype(np.float32))
             ids.append(c.astype(np.int64))
@@ -190,8 +236,8 @@ class Pipeline:
             "detections": np.asarray(counts, dtype=np.int64),
         }
 
-    def _classify(self, decoded: list[Array], parameters: Mapping[str, Any]) -> dict[str, Array]:
-        k = _int_param(parameters, "top_k", self.top_k, 1, 1000)
+    def _classify(self, decoded: list[Array], params: Sequence[Mapping[str, Any]]) -> dict[str, Array]:
+        ks = _per_request(params, lambda p: _int_param(p, "top_k", self.top_k, 1, 1000))
         crops = [center_crop(img, self.size[0]) for img in decoded]
         groups = [crops] if self.free_batch else [[c] for c in crops]  # one run, or one per image
         probs = np.concatenate([np.asarray(self.run(to_tensor(g)), dtype=np.float64).reshape(len(g), -1)
@@ -199,7 +245,7 @@ class Pipeline:
         if (probs < 0).any() or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
             e = np.exp(probs - probs.max(axis=1, keepdims=True))  # logits: softmax them
             probs = e / e.sum(axis=1, keepdims=True)
-        k = min(k, probs.shape[1])
+        k = min(max(ks, default=self.top_k), probs.shape[1])  # split() trims each request to its own
         top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return {
             "class_ids": top.astype(np.int64),
@@ -211,6 +257,25 @@ class Pipeline:
         out = np.empty(len(ids), dtype=object)
         out[:] = [(self.names[i] if 0 <= i < len(self.names) else str(i)).encode() for i in ids.tolist()]
         return out
+
+
+def requests(params: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]:
+    """[start, end) of each run of images sharing one parameters object: one request each."""
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(params) + 1):
+        if i == len(params) or params[i] is not params[start]:
+            bounds.append((start, i))
+            start = i
+    return bounds
+
+
+def _per_request(params: Sequence[Mapping[str, Any]], read: Callable[[Mapping[str, Any]], _T]) -> list[_T]:
+    """``read`` of each image's parameters, read once per request (a bad value: 400)."""
+    out: list[_T] = []
+    for start, end in requests(params):
+        out.extend([read(params[start])] * (end - start))
+    return out
 
 
 def request_options(parameters: Mapping[str, Any], nc: int) -> Options:
