@@ -129,7 +129,7 @@ def test_new_weights_change_only_the_weights_and_manifest_layers(
     changed = [b["role"] for a, b in zip(old, new, strict=True) if a["digest"] != b["digest"]]
     # The manifest lists the weights' hashes, so its small layer changes with them; nothing else does.
     assert changed == ["weights", "pod"]
-    assert new[-1]["size"] < 4096
+    assert new[-1]["size"] < 8192  # the manifest and the small drift reference made from the sample
     assert all(layer["cached"] for layer in new if layer["role"] in ("runtime", "deps"))
 
 

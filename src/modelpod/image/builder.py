@@ -251,6 +251,8 @@ class ImageBuilder:
             "PYTHONUNBUFFERED": "1", "PYTHONPATH": PYTHONPATH,
             # Nothing is written at run time; a store, if something asks for one, lands in /tmp.
             "MODELPOD_HOME": "/tmp/modelpod",
+            # The image's deps layer is the pod's environment: never build another one in a container.
+            "MODELPOD_POD_ENV": "server",
         }
         env = [e for e in inherited.get("Env") or [] if e.partition("=")[0] not in ours]
         env += [f"{k}={v}" for k, v in sorted(ours.items())]

@@ -15,14 +15,16 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelpod.errors import NotFoundError, UsageError
 from modelpod.pod import Manifest
-from modelpod.serving.envbuild import EnvCache, Environment, lock_key
 from modelpod.serving.envs import choose, framework_imports, mismatches
 from modelpod.settings import Settings
 from modelpod.store import Store
+
+if TYPE_CHECKING:  # envbuild needs packaging, which images lack, and `modelpod serve` there builds this parser
+    from modelpod.serving.envbuild import EnvCache, Environment
 
 ACTIONS = ("list", "show", "build", "rm")
 
@@ -48,7 +50,15 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     a.add_argument("--all", action="store_true", help="delete every environment")
 
 
+def lock_key(pins: Any) -> str:
+    from modelpod.serving.envbuild import lock_key as key
+
+    return key(pins)
+
+
 def env_command(args: argparse.Namespace, settings: Settings) -> int:
+    from modelpod.serving.envbuild import EnvCache
+
     cache = EnvCache(settings.home)
     action = args.env_action
     if action == "list":

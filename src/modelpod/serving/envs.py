@@ -18,13 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from packaging.markers import default_environment
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
-
 from modelpod.errors import UsageError
-from modelpod.locking import applies
-from modelpod.serving.envbuild import EnvCache, lock_key
 from modelpod.serving.launch import Launch
 from modelpod.settings import Settings
 
@@ -53,6 +47,13 @@ class Mismatch:
 
 def mismatches(requirements: Iterable[str]) -> list[Mismatch]:
     """The pins of a lock that this environment does not satisfy, serving machinery aside."""
+    # Imported here: an image's runtime layer has no packaging (serving there never compares).
+    from packaging.markers import default_environment
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    from modelpod.locking import applies
+
     marker_env = {k: str(v) for k, v in default_environment().items()}
     out = []
     for text in requirements:
@@ -85,6 +86,8 @@ class EnvChoice:
 
     @property
     def key(self) -> str:
+        from modelpod.serving.envbuild import lock_key
+
         return lock_key(self.pins)
 
 
@@ -97,7 +100,10 @@ def choose(requirements: Sequence[str], mode: str = "auto", wheel_cache: Path | 
         return EnvChoice(False, "env: server", mode=mode)
     if mode == "own":
         return EnvChoice(True, "env: own", pins, wheel_cache, mode)
-    differ = mismatches(pins)
+    try:
+        differ = mismatches(pins)
+    except ImportError:  # an image's runtime layer: its deps layer is the pod's lock
+        return EnvChoice(False, "no packaging here to compare the lock with: the server's environment", mode=mode)
     if not differ:
         return EnvChoice(False, "the server's packages satisfy the lock", mode=mode)
     shown = ", ".join(m.describe() for m in differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
@@ -113,6 +119,8 @@ async def launch_in_env(choice: EnvChoice, home: Path, framework: str, label: st
     """The launch of a replica in ``choice``'s environment, built first when it is not yet (in a
     thread: the loop keeps serving the other models meanwhile). Raises EnvBuildError."""
     started = time.monotonic()
+    from modelpod.serving.envbuild import EnvCache
+
     env, built = await asyncio.to_thread(EnvCache(home).ensure, choice.pins, wheel_cache=choice.wheel_cache,
                                          imports=framework_imports(framework), what=f"model {label}")
     log.info("own environment ready", extra={"fields": {
