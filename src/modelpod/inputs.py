@@ -114,13 +114,10 @@ def from_values(name: str, datatype: str, data: Any) -> np.ndarray[Any, Any]:
     try:
         # Out of range values are refused: 300 for INT8 (OverflowError), 1e300 for FP32 (over:
         # only narrower floats need the errstate, which costs more than the conversion).
-        # The errstate is entered only when the plain conversion gave a NaN or an infinity (a value
-        # sent as such, or one that overflowed): all-finite data, the common case, skips it.
-        arr = np.asarray(data, dtype=DATATYPES[datatype])
-        if datatype in _NARROW_FLOATS and not np.isfinite(arr).all():
+        if datatype in _NARROW_FLOATS:
             with np.errstate(over="raise", invalid="raise"):
                 return np.asarray(data, dtype=DATATYPES[datatype])
-        return arr
+        return np.asarray(data, dtype=DATATYPES[datatype])
     except (ValueError, TypeError, OverflowError, FloatingPointError):
         raise InvalidRequestError(f"input {name!r}: data does not fit datatype {datatype}") from None
 
