@@ -184,7 +184,9 @@ async def test_loaded_models_are_frozen_out_of_collections_and_collected_after_u
         assert gc.get_freeze_count() > 0
         frozen = gc.get_freeze_count()
         gc.collect()
-        assert graph() is not None and gc.get_freeze_count() == frozen
+        # Nothing was thawed (a thaw empties the permanent generation); other threads left by earlier
+        # tests may free a few frozen objects meanwhile, which lowers the count by those alone.
+        assert graph() is not None and frozen - gc.get_freeze_count() < 1000
         await engine.unload_model("cyclic")
         # The unloaded model's cycle was thawed and collected; the rest is frozen again.
         assert graph() is None
