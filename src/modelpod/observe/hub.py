@@ -128,9 +128,7 @@ class Observer:
                  outputs: Batch) -> None:
         payload = self.payload
         if payload is not None:
-            trace = TRACE.get()
-            payload.offer(entry.name, entry.version_text, variant, route, rid,
-                          None if trace is None else f"00-{trace[0]}-{trace[1]}-{trace[2]}", inputs, outputs)
+            payload.offer(entry.name, entry.version_text, variant, route, rid, TRACE.get(), inputs, outputs)
 
     def failed(self, name: str, entry: ModelEntry | None, exc: BaseException) -> None:
         """Keep a failed request for ``recent_errors`` (the console's list)."""

@@ -126,8 +126,9 @@ def redact(doc: Any, names: frozenset[str]) -> Any:
     return doc
 
 
-# What the engine hands over: (time, model, version, variant, route, id, traceparent, inputs, outputs).
-Record = tuple[float, str, str, str, str, "str | None", "str | None", Batch, Batch]
+# What the engine hands over: (time, model, version, variant, route, id, trace, inputs, outputs); trace
+# is the request's (trace id, span id, flags) or None, formatted on the sink's thread, not the request's.
+Record = tuple[float, str, str, str, str, "str | None", "tuple[str, str, str] | None", Batch, Batch]
 
 
 class _Sink:
@@ -181,13 +182,14 @@ class _Sink:
         return rid, redact(request, self._names), redact(response, self._names)
 
     def _write(self, record: Record) -> None:
-        when, model, version, variant, route, _, traceparent, _, _ = record
+        when, model, version, variant, route, _, trace, _, _ = record
+        traceparent = None if trace is None else f"00-{trace[0]}-{trace[1]}-{trace[2]}"
         rid, request, response = self._docs(record)
         stamp = datetime.fromtimestamp(when, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
         if self.spec.is_url:
             self._post(rid, stamp, model, version, variant, traceparent, request, response)
             return
-        trace_id = traceparent.split("-")[1] if traceparent else None
+        trace_id = trace[0] if trace is not None else None
         doc = {"time": stamp, "id": rid, "model": model, "version": version, "variant": variant, "route": route,
                "trace_id": trace_id, "request": request, "response": response}
         self._append(orjson.dumps({k: v for k, v in doc.items() if v not in (None, "")}) + b"\n")
@@ -277,15 +279,15 @@ class PayloadLogger:
                     sink = self._sinks[spec.sink] = _Sink(spec, self._written, self._dropped)
         return sink
 
-    def offer(self, model: str, version: str, variant: str, route: str, rid: str | None, traceparent: str | None,
-              inputs: Batch, outputs: Batch) -> None:
+    def offer(self, model: str, version: str, variant: str, route: str, rid: str | None,
+              trace: tuple[str, str, str] | None, inputs: Batch, outputs: Batch) -> None:
         """Maybe log one answered request (sampled); never blocks, never raises."""
         spec = self._specs[model] if model in self._specs else self._specs.get("")
         if spec is None or self._random() >= spec.sample:
             return
         sink = self._sinks.get(spec.sink) or self._sink(spec)
         try:
-            sink.queue.put_nowait((time.time(), model, version, variant, route, rid, traceparent, inputs, outputs))
+            sink.queue.put_nowait((time.time(), model, version, variant, route, rid, trace, inputs, outputs))
         except queue.Full:
             self._dropped.labels(model, version, "queue_full").inc()
 
