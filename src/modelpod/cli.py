@@ -458,6 +458,9 @@ def parser() -> argparse.ArgumentParser:
                    "traffic splits under 'routes:' (docs/traffic.md)")
     c.add_argument("--max-batch-rows", type=int)
     c.add_argument("--max-batch-wait-ms", type=float)
+    c.add_argument("--inline-max-ms", type=float, metavar="MS",
+                   help="run a model's batches on the event loop when it answers them in under MS "
+                   "(default 1; 0: always on its own thread; or $MODELPOD_INLINE_MAX_MS)")
     c.add_argument("--token", help="require this bearer token (or $MODELPOD_TOKEN; visible in the process list); "
                    "--token-file also takes a YAML table of tokens with scopes, models and rate limits")
     c.add_argument("--token-file", metavar="PATH",

@@ -65,6 +65,10 @@ class Model:
     signature: Signature = Signature()
     takes_parameters: bool = False  # the engine passes request parameters in the batch (``PARAMETERS``)
     row_parameters: bool = False  # ... one entry per row, so requests with different parameters merge
+    # predict only computes on its inputs (no I/O, no waiting on anything): a batch it answers fast
+    # may run on the server's event loop instead of its thread (serving/worker.py). Custom code may
+    # wait on anything, so only the frameworks' own models say so.
+    computes_only: bool = False
 
     def __init__(self, pod: Pod | None = None) -> None:
         self.pod = pod

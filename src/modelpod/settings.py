@@ -60,6 +60,9 @@ class Settings:
     max_batch_rows: int | None = None
     max_batch_wait_ms: float | None = None
     max_queue: int | None = None
+    # A batch a model answers faster than this runs on the event loop, not handed to its thread
+    # (serving/worker.py); 0: always on the thread.
+    inline_max_ms: float = 1.0
     memory_budget_bytes: int | None = None
     lazy_load: bool = False
     log_level: str = "info"

@@ -186,3 +186,8 @@ def test_serve_refuses_a_bad_config_file_with_exit_2(tmp_path: Path, capsys: pyt
     cfg.write_text("models:\n  lr:\n    isolation: process\n    replicas: {min: 3, max: 2}\n")
     assert exit_code(["--home", str(tmp_path), "serve", "lr", "--port", "0", "--config", str(cfg)]) == 2
     assert "replicas.min (3) is above replicas.max (2)" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_negative_inline_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(["--home", str(tmp_path), "serve", "nothing", "--port", "0", "--inline-max-ms", "-1"]) == 2
+    assert "--inline-max-ms must be >= 0" in capsys.readouterr().err

@@ -118,6 +118,8 @@ def _run(booster: Any, x: np.ndarray[Any, Any], options: Mapping[str, Any], thre
 
 
 class LightGBMModel(Model):
+    computes_only = True
+
     def load(self) -> None:
         assert self.pod is not None
         opts: Mapping[str, Any] = self.pod.manifest.options

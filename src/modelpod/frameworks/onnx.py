@@ -172,6 +172,8 @@ def _dims(shape: Any) -> tuple[int, ...]:
 
 
 class OnnxModel(Model):
+    computes_only = True
+
     def load(self) -> None:
         assert self.pod is not None
         opts = self.pod.manifest.options

@@ -97,6 +97,8 @@ def _untrusted(file: Path, trust: Sequence[str]) -> list[str]:
 
 
 class SklearnModel(Model):
+    computes_only = True
+
     def load(self) -> None:
         assert self.pod is not None
         opts: Mapping[str, Any] = self.pod.manifest.options

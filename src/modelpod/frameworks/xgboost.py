@@ -134,6 +134,8 @@ def _run(booster: Any, x: np.ndarray[Any, Any], options: Mapping[str, Any]) -> B
 
 
 class XGBoostModel(Model):
+    computes_only = True
+
     def load(self) -> None:
         assert self.pod is not None
         opts: Mapping[str, Any] = self.pod.manifest.options

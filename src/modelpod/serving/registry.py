@@ -294,7 +294,8 @@ class ModelRegistry:
                     entry.load_seconds = time.perf_counter() - started
                     entry.memory_bytes = max(grown, entry.manifest.weights_bytes() if entry.manifest else 0)
                     entry.model = model
-                    entry.worker = ModelWorker(model, entry.label, entry.policy.max_concurrency)
+                    entry.worker = ModelWorker(model, entry.label, entry.policy.max_concurrency,
+                                               self.settings.inline_max_ms / 1000.0)
                     entry.batcher = Batcher(entry.worker, entry.policy, entry.metrics, batchable=entry.batchable)
                 entry.state = ModelState.READY
                 entry.failed, entry.reason = False, ""

@@ -49,12 +49,15 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.with_(
         host=args.host, port=args.port, grpc_port=args.grpc_port,
         max_batch_rows=args.max_batch_rows, max_batch_wait_ms=args.max_batch_wait_ms,
+        inline_max_ms=getattr(args, "inline_max_ms", None),
         config=Path(args.config) if args.config else None, console=getattr(args, "console", None),
         decrypt_key_file=Path(args.decrypt_key).expanduser() if getattr(args, "decrypt_key", None) else None,
         **scaling.settings_changes(args),
         wheel_cache=Path(args.wheel_cache).expanduser() if getattr(args, "wheel_cache", None) else None,
         pod_env=getattr(args, "pod_env", None),
     )
+    if settings.inline_max_ms < 0:
+        raise UsageError(f"--inline-max-ms must be >= 0, not {settings.inline_max_ms:g}")
     settings = _with_token(settings, args.token, getattr(args, "token_file", None))
     settings = settings.with_(tls_cert=_path(getattr(args, "tls_cert", None)),
                               tls_key=_path(getattr(args, "tls_key", None)),

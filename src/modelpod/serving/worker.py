@@ -5,6 +5,13 @@ queue. A batch crosses to a thread once and its result crosses back once: the th
 result to a callback scheduled on the caller's loop with ``call_soon_threadsafe``. That skips the
 executor's two futures and their chained callbacks per batch (run_in_executor), which at one row
 per request cost about as much as a small model's predict.
+
+A framework model (``computes_only``) that answers a batch in less than ``inline_s`` (a linear
+model, a small tree) costs less
+than the hand-over itself (a queue, a wake-up, the GIL passed back and forth, the loop woken): its
+batches of a size measured that fast run on the caller's thread, the event loop, which is blocked
+for less than ``inline_s`` each time. Every batch is timed, so a size that turns slow goes back to
+the thread, and a size never seen is first run there.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -59,10 +67,13 @@ async def awaited(submit: Callable[[Batch, Done, asyncio.AbstractEventLoop], Non
 
 
 class ModelWorker:
-    def __init__(self, model: Model, label: str, threads: int = 1) -> None:
+    def __init__(self, model: Model, label: str, threads: int = 1, inline_s: float = 0.0) -> None:
         self.model = model
         self.label = label
         self._size = max(1, threads)
+        # Only a model that computes and nothing else (with more threads, batches would overlap).
+        self._inline_s = inline_s if self._size == 1 and model.computes_only else 0.0
+        self._fast_rows = 0  # the largest batch (rows) measured under inline_s: up to it, run inline
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -72,6 +83,11 @@ class ModelWorker:
         """Run ``batch`` on a worker thread; ``done`` is then called on ``loop`` (exactly once)."""
         if self._closed:
             raise InferenceError(f"model {self.label}: the worker is closed")
+        if self._fast_rows:
+            rows = rows_of(batch)
+            if rows is not None and rows <= self._fast_rows:
+                self._inline(batch, rows, done, loop)
+                return
         if len(self._threads) < self._size:
             self._spawn()
         self._jobs.put((batch, done, loop))
@@ -79,6 +95,27 @@ class ModelWorker:
     async def predict(self, batch: Batch) -> Batch:
         """``submit`` as a coroutine: the outputs, or the error raised."""
         return await awaited(self.submit, batch)
+
+    def _inline(self, batch: Batch, rows: int, done: Done, loop: asyncio.AbstractEventLoop) -> None:
+        out: Batch | None = None
+        err: BaseException | None = None
+        started = time.perf_counter()
+        try:
+            out = self.call(batch)
+        except Exception as exc:  # handed to the caller, as from a thread
+            err = exc
+        self._timed(rows, time.perf_counter() - started)
+        loop.call_soon(done, out, err)  # not now: the caller is still inside its submit
+
+    def _timed(self, rows: int | None, seconds: float) -> None:
+        """Learn from one batch's predict time which batch sizes may run inline."""
+        if rows is None:
+            return
+        if seconds < self._inline_s:
+            if rows > self._fast_rows:
+                self._fast_rows = rows
+        elif rows <= self._fast_rows:  # slower than before (a busy machine, bigger inputs): back to the thread
+            self._fast_rows = rows - 1
 
     def _spawn(self) -> None:
         # Threads start on first use, so a worker that never runs a batch costs nothing.
@@ -98,10 +135,13 @@ class ModelWorker:
             batch, done, loop = job
             out: Batch | None = None
             err: BaseException | None = None
+            started = time.perf_counter()
             try:
                 out = self.call(batch)
             except BaseException as exc:  # handed to the caller, never lost
                 err = exc
+            if self._inline_s:
+                self._timed(rows_of(batch), time.perf_counter() - started)
             try:
                 loop.call_soon_threadsafe(done, out, err)
             except RuntimeError:  # the loop closed meanwhile: nobody is waiting any more
