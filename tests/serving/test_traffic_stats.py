@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from traffic_util import Offset
 
@@ -116,3 +117,24 @@ def test_report_numbers_on_a_fixed_sample() -> None:
     again = {v["variant"]: v for v in feedback.report(route)["variants"]}["churn:3"]["vs_baseline"]
     assert again["reward_p_value"] == pytest.approx(0.880869, abs=1e-5)
     assert math.isclose(route.pmin[("churn:2", "churn:3", "reward")], again["reward_p_value"])
+
+
+def test_answers_keep_made_up_and_client_ids_in_two_generations(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(feedback, "FEEDBACK_IDS", 4)
+    ids = feedback.Answers()
+    out = {"y": np.zeros((1, 2), dtype=np.float32)}
+    made = [ids.keep(None, "m:1", out, float(i)) for i in range(3)]
+    assert made[0].startswith(ids.prefix) and len(set(made)) == 3
+    assert ids.keep("client-1", "m:2", out, 3.0) == "client-1"  # the 4th answer: the newer generation is full
+    assert ids.find(made[1]) == (True, ("m:1", 1.0, out)) and ids.find("client-1") == (True, ("m:2", 3.0, out))
+    ids.answered(made[1])
+    assert ids.find(made[1]) == (True, None)  # joined once: a second outcome is refused
+    later = [ids.keep(None, "m:1", out, 4.0 + i) for i in range(4)]  # fills the newer again: the first 4 go
+    for gone in (*made, "client-1"):
+        assert ids.find(gone) == (False, None) and ids.expired(gone)
+    assert ids.find(later[-1])[0] and len(ids) == 4
+    # Never made here: unknown, not expired (a made-up-looking id past the last number, or another prefix).
+    for never in (f"{ids.prefix}{10**6}", f"{ids.prefix}x", "other-1", "client-2"):
+        assert ids.find(never) == (False, None) and not ids.expired(never)
+    big = {"y": np.zeros(feedback.KEEP_OUTPUT_BYTES // 4 + 1, dtype=np.float32)}
+    assert ids.find(ids.keep(None, "m:1", big, 9.0)) == (True, ("m:1", 9.0, None))  # too large: reward only

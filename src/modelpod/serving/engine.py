@@ -238,8 +238,10 @@ class InferenceEngine:
             raise InferenceError(f"inference failed in model {name!r}",
                                  detail=f"{type(exc).__name__}: {exc}") from exc
         if variant is not None:
-            rid = self.traffic.answered(variant, protocol, time.perf_counter() - t0, request.id or _header_id(headers),
-                                        request.inputs, outputs)
+            rid = request.id
+            if rid is None and headers is not None and "x-request-id" in headers:
+                rid = _header_id(headers)
+            rid = self.traffic.answered(variant, protocol, t0, rid, request.inputs, outputs)
             if observe.payload is not None:
                 observe.answered(entry, variant.name, variant.route, rid, model_inputs, outputs)
             return InferResult(entry.name, entry.version_text or None, outputs, rid, variant.route, variant.name)

@@ -9,6 +9,7 @@ that variant; an id that was never seen, or has been forgotten, is a 404 that sa
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,47 +29,98 @@ KEEP_OUTPUT_BYTES = 64 * 1024  # answers larger than this are kept without outpu
 THOMPSON_DRAWS = 4000
 
 
-# What is kept per answer: (variant, monotonic time, outputs or None); None once it has feedback.
+# What is kept per answer: (variant, perf_counter time, outputs or None).
 Sent = tuple[str, float, "Batch | None"]
 
 
 class Answers:
-    """The ids of a route's recent answers, in two generations of up to ``FEEDBACK_IDS`` each: when
-    the newer fills, the older is dropped, and its ids are remembered (keys only) as expired for
-    one more generation. Each answer costs one dict store; nothing is scanned."""
+    """The recent answers of one route, kept for feedback joins.
 
-    __slots__ = ("gone", "new", "old")
+    An answer that came without an id gets one made here: the route's random prefix and a
+    sequence number, and its variant, time and outputs go to three lists at that number's place
+    (three appends: no tuple, no hashing, nothing for the garbage collector to track). An id a
+    client gave keys a dict instead. Answers live in two generations of up to ``FEEDBACK_IDS``
+    each: when the newer fills, the older is dropped; a dropped client id is remembered (key only)
+    as expired for one more generation, and every made-up number below the oldest kept is expired.
+    Nothing is ever scanned."""
+
+    __slots__ = ("base", "gone", "named_new", "named_old", "new_start", "outputs", "prefix", "seq", "times",
+                 "variants")
 
     def __init__(self) -> None:
-        self.new: dict[str, Sent | None] = {}
-        self.old: dict[str, Sent | None] = {}
+        self.prefix = os.urandom(6).hex() + "-"
+        self.seq = 0  # the number the next made-up id gets
+        self.base = 0  # the number kept at index 0 of the lists (the older generation's first)
+        self.new_start = 0  # the newer generation's first number
+        self.variants: list[str | None] = []  # None once the answer has feedback
+        self.times: list[float] = []
+        self.outputs: list[Batch | None] = []
+        self.named_new: dict[str, Sent | None] = {}
+        self.named_old: dict[str, Sent | None] = {}
         self.gone: dict[str, Sent | None] = {}
 
-    def add(self, rid: str, sent: Sent) -> None:
-        new = self.new
-        new[rid] = sent
-        if len(new) >= FEEDBACK_IDS:
-            self.gone, self.old, self.new = self.old, new, {}
+    def keep(self, rid: str | None, variant: str, outputs: Batch, now: float) -> str:
+        """Keep one answer (its outputs only when small); its id, made up when ``rid`` is None."""
+        size = 0
+        for arr in outputs.values():
+            size += arr.nbytes
+        kept = outputs if size <= KEEP_OUTPUT_BYTES else None
+        if rid is None:
+            n = self.seq
+            self.seq = n + 1
+            self.variants.append(variant)
+            self.times.append(now)
+            self.outputs.append(kept)
+            rid = f"{self.prefix}{n}"
+        else:
+            self.named_new[rid] = (variant, now, kept)
+        if self.seq - self.new_start + len(self.named_new) >= FEEDBACK_IDS:
+            self._rotate()
+        return rid
 
-    def find(self, rid: str) -> tuple[dict[str, Sent | None] | None, Sent | None]:
-        for gen in (self.new, self.old):
-            if rid in gen:
-                return gen, gen[rid]
-        return None, None
+    def _rotate(self) -> None:
+        drop = self.new_start - self.base
+        del self.variants[:drop], self.times[:drop], self.outputs[:drop]
+        self.base, self.new_start = self.new_start, self.seq
+        self.gone, self.named_old, self.named_new = self.named_old, self.named_new, {}
+
+    def _number(self, rid: str) -> int | None:
+        """The number in a made-up id (None when ``rid`` is no id made here)."""
+        if not rid.startswith(self.prefix):
+            return None
+        digits = rid[len(self.prefix):]
+        return int(digits) if digits.isascii() and digits.isdigit() and len(digits) < 20 else None
+
+    def find(self, rid: str) -> tuple[bool, Sent | None]:
+        """(whether ``rid`` is kept, what was kept: None once it has feedback)."""
+        for named in (self.named_new, self.named_old):
+            if rid in named:
+                return True, named[rid]
+        n = self._number(rid)
+        if n is None or not self.base <= n < self.seq:
+            return False, None
+        i = n - self.base
+        variant = self.variants[i]
+        return True, None if variant is None else (variant, self.times[i], self.outputs[i])
+
+    def answered(self, rid: str) -> None:
+        """``rid`` has its feedback: a second one is refused (and its outputs are let go)."""
+        for named in (self.named_new, self.named_old):
+            if rid in named:
+                named[rid] = None
+                return
+        n = self._number(rid)
+        if n is not None and self.base <= n < self.seq:
+            self.variants[n - self.base] = self.outputs[n - self.base] = None
 
     def expired(self, rid: str) -> bool:
-        return rid in self.gone
+        if rid in self.gone:
+            return True
+        n = self._number(rid)
+        return n is not None and n < self.base
 
     def __len__(self) -> int:
-        return len(self.new) + len(self.old)
-
-
-def remember(route: Route, rid: str, variant: str, outputs: Batch, now: float) -> None:
-    """Keep an answer's id (and its outputs when small) for feedback."""
-    size = 0
-    for arr in outputs.values():
-        size += arr.nbytes
-    route.ids.add(rid, (variant, now, outputs if size <= KEEP_OUTPUT_BYTES else None))
+        return self.seq - self.base + len(self.named_new) + len(self.named_old)
 
 
 def _labels_of(outputs: Batch) -> list[Any]:
@@ -108,9 +160,9 @@ def feedback(route: Route, body: Any, now: float) -> dict[str, Any]:
                              or not math.isfinite(reward)):
         raise InvalidRequestError(f"feedback: 'reward' must be a finite number, got {reward!r}")
     name = route.spec.name
-    gen, sent = route.ids.find(rid)
-    if gen is None or (sent is not None and sent[1] < now - FEEDBACK_TTL_S):
-        if gen is not None or route.ids.expired(rid):
+    kept, sent = route.ids.find(rid)
+    if not kept or (sent is not None and sent[1] < now - FEEDBACK_TTL_S):
+        if kept or route.ids.expired(rid):
             raise NotFoundError(f"request id {rid!r} has expired: route {name} keeps the ids of at least its last "
                                 f"{FEEDBACK_IDS} answers, for {FEEDBACK_TTL_S:g} s")
         raise NotFoundError(f"unknown request id {rid!r}: route {name} answered no request with that id")
@@ -136,7 +188,7 @@ def feedback(route: Route, body: Any, now: float) -> dict[str, Any]:
         stats.correct += correct
         reward = correct / len(truths)
         out.update(predicted=predicted if isinstance(truth, list) else predicted[0], correct=correct == len(truths))
-    gen[rid] = None  # answered: a second outcome is refused
+    route.ids.answered(rid)  # a second outcome is refused
     stats.rewards.add(reward)
     if not 0.0 <= reward <= 1.0:
         route.unit_rewards = False

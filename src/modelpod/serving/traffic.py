@@ -12,10 +12,8 @@ request after the answer (``serving/shadow.py``); feedback joins outcomes to the
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import math
-import os
 import random
 import time
 from bisect import bisect_right
@@ -30,14 +28,12 @@ from modelpod.serving.metrics import ModelMetrics, ServingMetrics
 from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
 from modelpod.serving.routes import RouteSpec
 from modelpod.serving.shadow import ShadowSender
-from modelpod.serving.stats import VariantStats
+from modelpod.serving.stats import LATENCY_WINDOW, VariantStats
 from modelpod.store import Ref
 
 log = logging.getLogger("modelpod.serving")
 _SCALE = 2.0**64
-# Ids for answers that came without one: unique in this process, cheap to make (no syscall).
-_ID_PREFIX = os.urandom(6).hex() + "-"
-_IDS = itertools.count(1)
+_READY = ModelState.READY  # an Enum class attribute costs a __getattr__ hook call on 3.11: read it once
 
 
 class VersionResolver:
@@ -92,11 +88,12 @@ def set_aside(entry: ModelEntry) -> None:
 class Variant:
     """One model version inside a route (a variant or a shadow)."""
 
-    __slots__ = ("entry", "metrics", "name", "route", "stats", "weight")
+    __slots__ = ("entry", "metrics", "name", "owner", "route", "stats", "weight")
 
-    def __init__(self, route: str, entry: ModelEntry, weight: float, stats: VariantStats,
+    def __init__(self, owner: Route, entry: ModelEntry, weight: float, stats: VariantStats,
                  metrics: ModelMetrics) -> None:
-        self.route = route
+        self.owner = owner
+        self.route = owner.spec.name
         self.entry = entry
         self.name = entry.label
         self.weight = weight
@@ -131,6 +128,8 @@ class Route:
         self.variants: tuple[Variant, ...] = ()
         self.shadows: tuple[Variant, ...] = ()
         self.weights: tuple[float, ...] = ()  # in force: configured, or the bandit's
+        self.weighted: tuple[Variant, ...] = ()  # the variants with a weight above 0, in order
+        self.only: Variant | None = None  # the one variant with a weight, when there is only one
         self._cum: list[float] = []
         self._total = 0.0
         self.baseline = ""
@@ -153,9 +152,17 @@ class Route:
         for w in ws:
             total += w
             cum.append(total)
+        weighted = tuple(v for v, w in zip(self.variants, ws, strict=True) if w > 0)
         self.weights, self._cum, self._total = ws, cum, total
+        self.weighted, self.only = weighted, weighted[0] if len(weighted) == 1 else None
 
     def pick(self, headers: Mapping[str, str] | None) -> Variant:
+        chosen = self.only  # one variant with a weight takes every request, sticky or not
+        if chosen is not None:
+            entry = chosen.entry
+            if entry.state is _READY or entry.available:
+                return chosen
+            return self._pick_live(None)
         sticky = self.spec.sticky
         key = headers.get(sticky) if sticky is not None and headers is not None else None
         variants = self.variants
@@ -165,7 +172,7 @@ class Route:
             i = bisect_right(self._cum, random.random() * self._total)
             chosen = variants[i] if i < len(variants) else variants[-1]
         entry = chosen.entry
-        if entry.state is ModelState.READY or entry.available:
+        if entry.state is _READY or entry.available:
             return chosen
         return self._pick_live(key)
 
@@ -250,25 +257,29 @@ class TrafficSplit:
         if outcome != "client_error":  # bad input says nothing about the variant
             variant.stats.observe(False, seconds)
 
-    def answered(self, variant: Variant, protocol: str, seconds: float, request_id: str | None, inputs: Batch,
+    def answered(self, variant: Variant, protocol: str, started: float, request_id: str | None, inputs: Batch,
                  outputs: Batch) -> str:
-        """Count a routed answer, keep its id for feedback, send the shadow copies; returns the id."""
+        """Count a routed answer (``started``: its ``perf_counter`` at arrival), keep it for feedback,
+        send the shadow copies; returns its id (made up when ``request_id`` is None)."""
+        now = time.perf_counter()
+        seconds = now - started
         variant.metrics.observe_request(protocol, "success", seconds)
-        variant.stats.observe(True, seconds)
-        rid = request_id or f"{_ID_PREFIX}{next(_IDS)}"
-        route = self.routes.get(variant.route)
-        if route is not None:
-            feedback.remember(route, rid, variant.name, outputs, time.monotonic())
-            if route.shadows:
-                self.shadows.send(route, variant, inputs, outputs)
+        stats = variant.stats  # VariantStats.observe(True, seconds), inlined: this runs per answer
+        stats.lat[stats.pos % LATENCY_WINDOW] = seconds
+        stats.pos += 1
+        route = variant.owner
+        rid = route.ids.keep(request_id, variant.name, outputs, now)
+        if route.shadows:
+            self.shadows.send(route, variant, inputs, outputs)
         return rid
 
     def feedback(self, name: str, body: Any) -> dict[str, Any]:
         route = self.routes.get(name)
         if route is None:
             raise NotFoundError(f"{name!r} is not a route: feedback joins the answers of a route's variants")
-        out = feedback.feedback(route, body, time.monotonic())
-        feedback.refresh_bandit(route, now=time.monotonic())
+        now = time.perf_counter()  # the clock answers are kept by
+        out = feedback.feedback(route, body, now)
+        feedback.refresh_bandit(route, now=now)
         return out
 
     def report(self, name: str) -> dict[str, Any]:
@@ -285,8 +296,11 @@ class TrafficSplit:
         if route is not None and name not in self.registry:
             if version:
                 return route.by_version(version)
-            for v, w in zip(route.variants, route.weights, strict=True):
-                if w > 0 and v.entry.available:
+            weighted = route.weighted
+            if weighted and weighted[0].entry.state is _READY:
+                return weighted[0].entry
+            for v in weighted:
+                if v.entry.available:
                     return v.entry
             return route.variants[0].entry
         return self.resolver.resolve(name, version)
@@ -409,7 +423,7 @@ class TrafficSplit:
             metrics = route.metrics.get(name)
             if metrics is None:
                 metrics = route.metrics[name] = self.metrics.for_model(entry.name, entry.version_text, spec.name, name)
-            return Variant(spec.name, entry, weight, stats, metrics)
+            return Variant(route, entry, weight, stats, metrics)
 
         variants = tuple(variant(v.model, v.weight) for v in spec.variants)
         shadows = tuple(variant(s, 0.0) for s in spec.shadow)
