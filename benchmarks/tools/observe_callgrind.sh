@@ -30,6 +30,10 @@ trap 'for p in $(cat "$work"/pids 2>/dev/null); do kill "$p" 2>/dev/null || true
     --reference "$work/ref.npy" --json >/dev/null
 echo '{"drift": "off"}' >"$work/off.yaml"
 echo "{\"payload_log\": {\"sink\": \"$work/payloads.jsonl\"}}" >"$work/on.yaml"
+# One feature at a time (MODES="tracing payload drift"):
+cp "$work/off.yaml" "$work/tracing.yaml"
+echo "{\"drift\": \"off\", \"payload_log\": {\"sink\": \"$work/payloads.jsonl\"}}" >"$work/payload.yaml"
+echo '{}' >"$work/drift.yaml"
 # An OTLP/HTTP receiver that answers 200 to every export.
 "$py" - "$work/otlp.port" <<'EOF' &
 import http.server, sys
@@ -47,11 +51,11 @@ for _ in $(seq 100); do [ -s "$work/otlp.port" ] && break; sleep 0.1; done
 free_port() { "$py" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
 collected() { grep -h "^summary:" "$1" | awk '{print $2}'; }
 
-factor=1
+factor=${FACTOR:-1}
 for mode in ${MODES:-off on}; do
     port=$(free_port)
     env=()
-    [ "$mode" = on ] && env=(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$(cat "$work/otlp.port")" OTEL_SERVICE_NAME=bench)
+    case $mode in on|tracing) env=(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$(cat "$work/otlp.port")" OTEL_SERVICE_NAME=bench) ;; esac
     env "${env[@]}" valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/cg-$mode.%p" \
         "$py" "$here/serve_dilated.py" "$factor" serve logreg --config "$work/$mode.yaml" --host 127.0.0.1 --port "$port" \
         --max-batch-rows 32 --max-batch-wait-ms 5 --no-grpc >"$work/server-$mode.log" 2>&1 &
@@ -67,13 +71,22 @@ for mode in ${MODES:-off on}; do
     "$py" "$here/fixed_load.py" "$url" "$models/body.json" $((n2 - n1)) 64 >/dev/null
     t1=$(date +%s.%N)
     sleep 3  # the background threads finish what the last requests handed them
+    t2=$(date +%s.%N)
+    callgrind_control -d "$pid" >/dev/null
+    # Idle: what the threads' timed wake-ups cost a second with no requests (callgrind stretches
+    # the window ~100x, so per request they would count ~100x what they do at full speed).
+    sleep "${IDLE_S:-20}"
+    t3=$(date +%s.%N)
     callgrind_control -d "$pid" >/dev/null
     kill "$pid"; wait "$pid" || true
     files=$(ls "$work"/cg-$mode.$pid.* | sort -t. -k3 -n)
     first=$(for f in $files; do collected "$f"; done | sed -n 1p)
     second=$(for f in $files; do collected "$f"; done | sed -n 2p)
+    idle=$(for f in $files; do collected "$f"; done | sed -n 3p)
     rps=$("$py" -c "print(round($((n2 - n1)) / ($t1 - $t0), 1))")
+    net=$("$py" -c "w = $t2 - $t0; i = $idle / ($t3 - $t2); print(int(($second - i * w) / $((n2 - n1)))), int(i))")
     echo "$mode: $((second / (n2 - n1))) instructions/request over $((n2 - n1)) requests ($((first / n1)) over the first $n1); $rps req/s under callgrind, rates x $factor"
+    echo "  less the idle wake-ups (instructions/request, idle instructions/s): $net"
     [ "$mode" = off ] && factor=$("$py" -c "print($rps / ${REAL_RPS:-20000})")
-    [ "$mode" = on ] && echo "  payload lines: $(wc -l <"$work/payloads.jsonl")"
+    [ -f "$work/payloads.jsonl" ] && echo "  payload lines: $(wc -l <"$work/payloads.jsonl")"
 done
