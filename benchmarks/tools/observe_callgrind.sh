@@ -84,7 +84,7 @@ for mode in ${MODES:-off on}; do
     second=$(for f in $files; do collected "$f"; done | sed -n 2p)
     idle=$(for f in $files; do collected "$f"; done | sed -n 3p)
     rps=$("$py" -c "print(round($((n2 - n1)) / ($t1 - $t0), 1))")
-    net=$("$py" -c "w = $t2 - $t0; i = $idle / ($t3 - $t2); print(int(($second - i * w) / $((n2 - n1)))), int(i))")
+    net=$("$py" -c "w = $t2 - $t0; i = $idle / ($t3 - $t2); print(int(($second - i * w) / $((n2 - n1))), int(i))")
     echo "$mode: $((second / (n2 - n1))) instructions/request over $((n2 - n1)) requests ($((first / n1)) over the first $n1); $rps req/s under callgrind, rates x $factor"
     echo "  less the idle wake-ups (instructions/request, idle instructions/s): $net"
     [ "$mode" = off ] && factor=$("$py" -c "print($rps / ${REAL_RPS:-20000})")
