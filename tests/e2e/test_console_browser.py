@@ -228,6 +228,17 @@ def test_charts_update_as_requests_arrive(served: Served, browser: Any) -> None:
     assert "lr:1 80.0%" in _text(browser, '[data-route="lr-ab"] .legend')
 
 
+def test_the_drift_section_shows_each_model_version(served: Served, browser: Any) -> None:
+    """lr was packed with a sample, so it has a drift reference: the page shows its drift table."""
+    wait_for(lambda: "Drift" in _text(browser, "#section-drift h2"), 60, "the drift section")
+    def rows() -> list[str]:
+        return [str(t) for t in browser.execute_script(
+            "return [...document.querySelectorAll('#section-drift tbody tr td:first-child')].map(e => e.textContent);")]
+
+    wait_for(lambda: {"lr:1", "lr:2"} <= set(rows()), 60, "a drift row per version of lr")
+    assert _count(browser, "#section-replicas") == 0  # no model runs in replicas: no such section
+
+
 def test_try_it_returns_a_prediction(served: Served, browser: Any) -> None:
     from selenium.webdriver.support.ui import Select
 

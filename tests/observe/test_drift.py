@@ -151,6 +151,22 @@ def test_served_drift_endpoint_metrics_and_cli(live: LiveServer) -> None:
     assert missing.returncode == 2 and "nope" in missing.stderr
 
 
+def test_the_console_shows_drift_per_model_and_feature(live: LiveServer) -> None:
+    from modelpod.console import views
+
+    engine = live.engine
+    assert "drift" in views.overview(engine, 0.0)["sections"]  # the model has a reference: the section is on
+    _send(live, RNG.normal(size=(300, 20)).astype(np.float32))
+    assert engine.observe.drift.drain(10)
+    table = views.sections(engine)["drift"]
+    assert table["title"] == "Drift" and table["columns"] == ["model", "feature", "psi", "status", "live rows"]
+    score, *features = table["rows"]
+    assert score[:2] == ["scorer:1", "(score)"] and score[3] in ("ok", "moderate", "drift")
+    assert len(features) == 10 and all(r[0] == "scorer:1" and "[" in r[1] for r in features)
+    psis = [r[2] for r in features]
+    assert psis == sorted(psis, reverse=True) and score[2] == psis[0]  # the score is the largest PSI
+
+
 def test_drift_reads_nothing_without_a_reference() -> None:
     from servutil import EchoModel
 

@@ -136,6 +136,21 @@ async def test_onnx_and_torch_in_processes_answer_as_in_threads(kind: str, tmp_p
         np.testing.assert_array_equal(v, got["process"][k])
 
 
+# -- the console ------------------------------------------------------------------------------------------
+async def test_the_console_lists_each_replica_of_a_model_in_processes(pods: dict[str, Any]) -> None:
+    async with serving(pods["home"], ["behave"], {"behave": {"isolation": "thread"}}) as engine:
+        assert "replicas" not in engine.console_sections  # no replicas: no section
+    async with serving(pods["home"], ["behave"], {"behave": {"isolation": "process", "replicas": 2}}) as engine:
+        def settled() -> dict[str, Any] | None:
+            table = dict(engine.console_sections["replicas"]())
+            return table if len(table["rows"]) == 2 and all(r[3] == "idle" for r in table["rows"]) else None
+
+        table = await until(settled, 60, "two idle replicas in the table")
+        assert table["title"] == "Replicas" and table["columns"][:4] == ["model", "replica", "pid", "state"]
+        assert {r[0] for r in table["rows"]} == {"behave:1"} and {r[2] for r in table["rows"]} == pids(engine, "behave")
+        assert all(isinstance(r[4], float) and r[4] > 0 for r in table["rows"])  # rss MiB, as the replicas report
+
+
 # -- healing --------------------------------------------------------------------------------------------
 async def test_a_crashed_replica_is_replaced_and_its_batch_retried(pods: dict[str, Any], tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,8 +7,10 @@ categorical one as its ``MAX_CATEGORIES`` most frequent values plus "other". A f
 input, or one column of a 2-D input ``x`` (named ``x[0]``, ``x[1]``…); wider tensors (images) have
 none.
 
-Serving, each batch is handed to one background thread (a bounded queue: a batch that does not
-fit is skipped and counted), which bins it with ``searchsorted`` + ``bincount``. The live
+Serving, at most ``BATCHES_PER_S`` batches a second are handed to one background thread (a list
+append; the rest are left out, so under load drift sees a sample of the traffic), which every
+``INTERVAL_S`` joins each model version's batches and bins them in one go (``searchsorted`` +
+``bincount``, or a broadcast compare for a 2-D input's columns). The live
 distribution is the last two windows of ``window`` rows, so drift shows within a few thousand
 rows and fades once inputs come back. Per feature the population stability index
 ``PSI = sum((live - ref) * ln(live / ref))`` (shares floored at 1e-4); the drift score of a model
@@ -17,10 +19,8 @@ version is its largest PSI. Rules of thumb: below 0.1 stable, 0.1-0.25 moderate,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import queue
 import threading
 import time
 from collections import Counter as Tally
@@ -41,7 +41,8 @@ MAX_CATEGORIES = 20
 MAX_COLUMNS = 256  # a 2-D input wider than this (an image row, an embedding) is not tracked
 MIN_ROWS = 100  # live rows before a PSI is reported
 WINDOW_ROWS = 5000
-BATCHES_PER_S, BURST = 100.0, 200.0  # batches binned a second (sustained, burst)
+BATCHES_PER_S = 100.0  # batches taken for binning a second, at most
+INTERVAL_S = 0.25  # how often the drift thread bins what it was handed
 MODERATE, DRIFT = 0.1, 0.25
 _FLOOR = 1e-4
 _OTHER = "__other__"
@@ -284,37 +285,47 @@ class DriftMonitor:
 
 
 class DriftWorker:
-    """The one thread that bins batches for every monitor, fed by a bounded queue.
+    """The one thread that bins batches for every monitor.
 
-    At most ``rate`` batches a second are binned (bursts of up to ``burst``): under load the
-    histograms are a sample of the traffic, and their cost stays a small, fixed share of a core."""
+    The event loop's side is an ``append`` to a list (no lock, no wake-up), at most ``rate``
+    batches a second: the thread wakes every ``INTERVAL_S``, takes what is there and bins each
+    monitor's batches together (one concatenation, one binning). Under load the histograms are a
+    sample of the traffic (the first batches of each interval), and their cost stays a small,
+    fixed share of a core. ``size`` caps the batches waiting; more are skipped and counted."""
 
-    def __init__(self, size: int = 256, rate: float = BATCHES_PER_S, burst: float = BURST) -> None:
-        self.rate, self.burst = rate, burst
-        self._tokens = burst
-        self._last = time.monotonic()
+    def __init__(self, size: int = 256, rate: float | None = None, interval_s: float = INTERVAL_S) -> None:
+        self.size = size
+        self.interval_s = interval_s
+        self.rate = BATCHES_PER_S if rate is None else rate
+        # A token bucket whose refill runs on the thread: the loop's side is ``taken < limit``,
+        # the whole batches the bucket holds until the thread next wakes.
+        self._depth = max(1.0, self.rate * interval_s)
+        self._credit = self._depth
+        self.limit = int(self._credit)
+        self.taken = 0
+        self._refilled = time.monotonic()
         self.sampled_out = 0  # batches left out by the rate (not counted as skipped)
-        self.queue: queue.Queue[tuple[DriftMonitor, Batch] | threading.Event | None] = queue.Queue(size)
+        self.pending: list[tuple[DriftMonitor, Batch]] = []
         self.skipped: dict[tuple[str, str], int] = {}
+        self._wake = threading.Event()
+        self._markers: list[threading.Event] = []
+        self._closing = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def offer(self, monitor: DriftMonitor, batch: Batch) -> None:
         """Hand a batch over (on the event loop); never waits."""
-        if self._thread is None:
-            self._start()
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens < 1.0:
-            self.sampled_out += 1
-            return
-        self._tokens -= 1.0
-        try:
-            self.queue.put_nowait((monitor, batch))
-        except queue.Full:
+        pending = self.pending
+        if len(pending) >= self.size:
             key = (monitor.model, monitor.version)
             self.skipped[key] = self.skipped.get(key, 0) + 1
+        elif self.taken < self.limit:
+            self.taken += 1
+            pending.append((monitor, batch))
+            if self._thread is None:
+                self._start()
+        else:
+            self.sampled_out += 1
 
     def _start(self) -> None:
         with self._lock:
@@ -323,33 +334,50 @@ class DriftWorker:
                 self._thread.start()
 
     def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            monitor, batch = item
+        while not self._closing:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            markers, self._markers = self._markers, []
+            items, self.pending = self.pending, []  # (an append racing this swap may be lost: a sample)
+            now = time.monotonic()
+            credit = self._credit - self.taken + self.rate * (now - self._refilled)
+            self._credit = min(max(credit, 0.0), self._depth)
+            self._refilled, self.taken, self.limit = now, 0, int(self._credit)
+            self._bin(items)
+            del items
+            for marker in markers:
+                marker.set()
+
+    @staticmethod
+    def _bin(items: list[tuple[DriftMonitor, Batch]]) -> None:
+        groups: dict[int, tuple[DriftMonitor, list[Batch]]] = {}
+        for monitor, batch in items:
+            groups.setdefault(id(monitor), (monitor, []))[1].append(batch)
+        for monitor, batches in groups.values():
             try:
-                monitor.observe(batch)
+                monitor.observe(join(batches))
             except Exception as exc:  # a strange batch must not stop drift for every model
-                log.debug("drift: batch not binned", extra={"fields": {"model": monitor.model, "error": str(exc)}})
-            del item, monitor, batch
+                log.debug("drift: batches not binned", extra={"fields": {"model": monitor.model, "error": str(exc)}})
 
     def drain(self, timeout_s: float = 5.0) -> bool:
         """Wait until every batch handed over so far is binned (tests, the benchmark); True if it was."""
         if self._thread is None:
             return True
         marker = threading.Event()
-        try:
-            self.queue.put(marker, timeout=timeout_s)
-        except queue.Full:
-            return False
+        self._markers.append(marker)
+        self._wake.set()
         return marker.wait(timeout_s)
 
     def close(self) -> None:
-        if self._thread is not None:
-            with contextlib.suppress(queue.Full):
-                self.queue.put(None, timeout=1.0)
+        self._closing = True
+        self._wake.set()
 
+
+def join(batches: list[Batch]) -> Batch:
+    """One batch of the rows of ``batches`` (those with the first one's inputs and shapes)."""
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    same = [b for b in batches if b.keys() == first.keys()
+            and all(b[k].ndim and b[k].shape[1:] == v.shape[1:] for k, v in first.items())]
+    return {k: np.concatenate([b[k] for b in same]) for k in first}

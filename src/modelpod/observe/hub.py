@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from modelpod.errors import ModelpodError
 from modelpod.model import Batch
 from modelpod.observe.context import SPAN, TRACE
-from modelpod.observe.drift import DriftMonitor, DriftWorker, read_reference
+from modelpod.observe.drift import DRIFT, MODERATE, DriftMonitor, DriftWorker, read_reference
 from modelpod.observe.payload import PayloadLogger, PayloadLogSpec
 from modelpod.serving.metrics import Counter, CounterFunc, GaugeFunc, LabelValues, ServingMetrics
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modelpod.observe")
 ERRORS_KEPT = 100
+SECTION_FEATURES = 10  # features per model version in the console's drift table
 _OTEL_ON = ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 
@@ -47,8 +48,11 @@ class Observer:
     def __init__(self, metrics: ServingMetrics, registry: ModelRegistry,
                  payload_logs: Mapping[str, PayloadLogSpec | None] | None = None,
                  entries: Callable[[str, str | None], list[ModelEntry]] | None = None,
-                 drift_on: Callable[[str], bool] | None = None) -> None:
+                 drift_on: Callable[[str], bool] | None = None,
+                 sections: dict[str, Callable[[], Mapping[str, Any]]] | None = None) -> None:
         self.registry = registry
+        # The console's optional sections (engine.console_sections): "drift" joins once a model has a monitor.
+        self.sections = sections if sections is not None else {}
         self.drift_on = drift_on or (lambda name: True)  # the config file's ``drift: on|off``
         self._tracing: Tracing | None = None
         # The entries a name stands for: the engine's knows routes (their variants and shadows).
@@ -116,6 +120,7 @@ class Observer:
             if reference is None:
                 return
             monitor = self.monitors[key] = DriftMonitor(reference, entry.name, entry.version_text, entry.label)
+            self.sections.setdefault("drift", self.drift_section)
         worker = self.drift
 
         def on_batch(batch: Batch) -> None:
@@ -128,7 +133,7 @@ class Observer:
                  outputs: Batch) -> None:
         payload = self.payload
         if payload is not None:
-            payload.offer(entry.name, entry.version_text, variant, route, rid, TRACE.get(), inputs, outputs)
+            payload.offer(entry.name, entry.version_text, variant, route, rid, inputs, outputs)
 
     def failed(self, name: str, entry: ModelEntry | None, exc: BaseException) -> None:
         """Keep a failed request for ``recent_errors`` (the console's list)."""
@@ -162,6 +167,18 @@ class Observer:
                                  "rows": 0, "score": None, "status": "no reference" if entry.ready else "not loaded",
                                  "features": []})
         return {"model": name, "variants": variants}
+
+    def drift_section(self) -> dict[str, Any]:
+        """The console's drift table: each monitored version's score, then its features by PSI."""
+        rows: list[list[Any]] = []
+        for m in sorted(self.monitors.values(), key=lambda m: (m.model, m.version)):
+            table = m.table()
+            rows.append([m.variant, "(score)", table["score"], table["status"], table["window_rows"]])
+            features = sorted(table["features"], key=lambda f: -(f["psi"] or 0.0))[:SECTION_FEATURES]
+            rows.extend([m.variant, f["feature"], f["psi"], f["status"], f["rows"]] for f in features)
+        return {"title": "Drift", "columns": ["model", "feature", "psi", "status", "live rows"], "rows": rows,
+                "note": f"PSI of live inputs against the pod's reference (the {SECTION_FEATURES} highest per model "
+                        f"version); below {MODERATE:g} stable, {MODERATE:g}-{DRIFT:g} moderate, above {DRIFT:g} drift."}
 
     def _versions(self, name: str, version: str | None) -> list[ModelEntry]:
         if version is not None:

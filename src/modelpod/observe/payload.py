@@ -7,10 +7,12 @@ over the global ones; ``payload_log: off`` turns a model's off)::
     models:
       fraud: {payload_log: {sink: "http://logger.default/", sample: 1}}
 
-A request is chosen with probability ``sample`` and handed to its sink's bounded queue; a
-background thread per sink encodes and writes it. A full queue drops the record (never waits), a
-failed write drops it too: both are counted in ``modelpod_payload_log_dropped_total``. So a sink
-that is down, slow or full never slows or fails inference.
+A request is chosen with probability ``sample`` (drawn before anything is built for it) and
+appended to its sink's bounded buffer; a background thread per sink wakes every ``FLUSH_S`` (or
+when the buffer is half full), encodes what is there and writes it as one batch. A full buffer
+drops the record (never waits), a failed write drops it too: both are counted in
+``modelpod_payload_log_dropped_total``. So a sink that is down, slow or full never slows or fails
+inference.
 
 A file sink writes one JSON object per line and rotates at ``max_bytes`` (``path.1`` … ``path.N``
 for ``backups: N``), so it never holds more than ``max_bytes * (backups + 1)``. A URL sink posts
@@ -24,12 +26,12 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
-import queue
 import random
 import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -41,6 +43,7 @@ import orjson
 
 from modelpod.errors import UsageError
 from modelpod.model import Batch
+from modelpod.observe.context import TRACE
 from modelpod.serving.metrics import Counter
 
 log = logging.getLogger("modelpod.observe")
@@ -48,6 +51,7 @@ log = logging.getLogger("modelpod.observe")
 CE_REQUEST = "org.kubeflow.serving.inference.request"
 CE_RESPONSE = "org.kubeflow.serving.inference.response"
 REDACTED = "[REDACTED]"
+FLUSH_S = 0.5  # how often a sink's thread looks for records (sooner when its buffer is half full)
 KEYS = ("sink", "sample", "redact", "max_bytes", "backups", "queue", "timeout_s", "namespace", "source")
 
 
@@ -132,11 +136,19 @@ Record = tuple[float, str, str, str, str, "str | None", "tuple[str, str, str] | 
 
 
 class _Sink:
-    """One sink's queue and the thread that drains it."""
+    """One sink's bounded buffer and the thread that drains it.
+
+    The request's side is a ``deque.append`` (no lock, no wake-up): the thread looks every
+    ``FLUSH_S``, or at once when the buffer is half full, and writes everything there as one batch
+    (a file sink in one ``write`` per rotation). A record counts against ``queue`` until it is
+    written or dropped."""
 
     def __init__(self, spec: PayloadLogSpec, written: Counter, dropped: Counter) -> None:
         self.spec = spec
-        self.queue: queue.Queue[Record | None] = queue.Queue(spec.queue)
+        self.records: deque[Record] = deque()
+        self._wake = threading.Event()
+        self._half = max(1, spec.queue // 2)
+        self._closing = False
         self._written = written
         self._dropped = dropped
         self._names = frozenset(spec.redact)
@@ -147,20 +159,76 @@ class _Sink:
         self._thread = threading.Thread(target=self._drain, name="modelpod-payload-log", daemon=True)
         self._thread.start()
 
+    def put(self, record: Record) -> bool:
+        """Buffer one record (on the event loop); False when the buffer is full."""
+        records = self.records
+        if len(records) >= self.spec.queue:
+            return False
+        records.append(record)
+        if len(records) == self._half:
+            self._wake.set()
+        return True
+
     def _drain(self) -> None:
         while True:
-            record = self.queue.get()
-            if record is None:
+            self._wake.wait(FLUSH_S)
+            self._wake.clear()
+            closing = self._closing
+            n = len(self.records)
+            if n:
+                self._write_batch(n)
+            if closing:
                 break
-            try:
-                self._write(record)
-            except Exception as exc:  # a sink failure loses the record, never the request
-                self._dropped.labels(record[1], record[2], "sink_error").inc()
-                log.debug("payload log write failed", extra={"fields": {"sink": self.spec.sink, "error": str(exc)}})
-                self._reset()
-            else:
-                self._written.labels(record[1], record[2]).inc()
         self._reset()
+
+    def _write_batch(self, n: int) -> None:
+        """Write the oldest ``n`` records, then take them off the buffer."""
+        records = self.records
+        batch = [records[i] for i in range(n)]
+        popped = 0
+        try:
+            if self.spec.is_url:
+                for record in batch:  # a CloudEvent pair per record, as KServe's sinks take them
+                    try:
+                        self._post(record)
+                    except Exception as exc:
+                        self._failed([record], exc)
+                    else:
+                        self._count(self._written, [record])
+                    records.popleft()
+                    popped += 1
+                return
+            lines: list[bytes] = []
+            kept: list[Record] = []
+            for record in batch:
+                try:
+                    lines.append(self._line(record))
+                except Exception as exc:
+                    self._failed([record], exc)
+                else:
+                    kept.append(record)
+            done, error = self._append(lines)
+            if error is not None:
+                self._failed(kept[done:], error)
+            self._count(self._written, kept[:done])
+        finally:
+            for _ in range(n - popped):  # only this thread takes records off (appends go on the right)
+                records.popleft()
+
+    def _failed(self, lost: list[Record], exc: Exception) -> None:
+        """A sink failure loses these records, never a request."""
+        if lost:
+            self._count(self._dropped, lost, "sink_error")
+            log.debug("payload log write failed", extra={"fields": {"sink": self.spec.sink, "error": str(exc)}})
+            self._reset()
+
+    @staticmethod
+    def _count(counter: Counter, records: list[Record], *reason: str) -> None:
+        tally: dict[tuple[str, str], int] = {}
+        for r in records:
+            tally[r[1], r[2]] = tally.get((r[1], r[2]), 0) + 1
+        for (model, version), k in tally.items():
+            counter.labels(model, version, *reason).inc(k)
 
     def _reset(self) -> None:
         for closing in (self._file, self._conn):
@@ -181,52 +249,64 @@ class _Sink:
             response["model_version"] = version
         return rid, redact(request, self._names), redact(response, self._names)
 
-    def _write(self, record: Record) -> None:
+    @staticmethod
+    def _stamp(when: float) -> str:
+        return datetime.fromtimestamp(when, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+    def _line(self, record: Record) -> bytes:
+        """One JSON Lines record: the pair, its ids and labels."""
         when, model, version, variant, route, _, trace, _, _ = record
-        traceparent = None if trace is None else f"00-{trace[0]}-{trace[1]}-{trace[2]}"
         rid, request, response = self._docs(record)
-        stamp = datetime.fromtimestamp(when, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-        if self.spec.is_url:
-            self._post(rid, stamp, model, version, variant, traceparent, request, response)
-            return
-        trace_id = trace[0] if trace is not None else None
-        doc = {"time": stamp, "id": rid, "model": model, "version": version, "variant": variant, "route": route,
-               "trace_id": trace_id, "request": request, "response": response}
-        self._append(orjson.dumps({k: v for k, v in doc.items() if v not in (None, "")}) + b"\n")
+        doc = {"time": self._stamp(when), "id": rid, "model": model, "version": version, "variant": variant,
+               "route": route, "trace_id": trace[0] if trace is not None else None,
+               "request": request, "response": response}
+        return orjson.dumps({k: v for k, v in doc.items() if v not in (None, "")}) + b"\n"
 
     # -- a file, rotated ----------------------------------------------------------------------------
-    def _append(self, line: bytes) -> None:
+    def _append(self, lines: list[bytes]) -> tuple[int, Exception | None]:
+        """Append ``lines``, rotating at ``max_bytes``, one write per file: how many were written
+        (and the error that stopped the rest)."""
         path = Path(self.spec.sink)
-        if self._file is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Unbuffered: each record is one write, so a failed write is that record's, and nothing
-            # is left in a buffer to fail again when the file is closed.
-            self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open across records
-            self._size = self._file.tell()
-        if self._size and self._size + len(line) > self.spec.max_bytes:
-            self._file.close()
-            self._file = None
-            rotate(path, self.spec.backups)
-            self._file = open(path, "ab", buffering=0)  # noqa: SIM115
-            self._size = 0
-        view = memoryview(line)
-        while view:
-            view = view[self._file.write(view):]
-        self._size += len(line)
+        done = 0
+        try:
+            while done < len(lines):
+                if self._file is None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    # Unbuffered: a failed write is that batch's, and nothing is left in a buffer
+                    # to fail again when the file is closed.
+                    self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open across batches
+                    self._size = self._file.tell()
+                end, size = done, self._size
+                while end < len(lines) and (size == 0 or size + len(lines[end]) <= self.spec.max_bytes):
+                    size += len(lines[end])
+                    end += 1
+                if end > done:
+                    view = memoryview(b"".join(lines[done:end]))
+                    while view:
+                        view = view[self._file.write(view):]
+                    self._size, done = size, end
+                if done < len(lines):  # the next line does not fit: a new file
+                    self._file.close()
+                    self._file = None
+                    rotate(path, self.spec.backups)
+        except Exception as exc:
+            return done, exc
+        return done, None
 
     # -- CloudEvents over HTTP ----------------------------------------------------------------------
-    def _post(self, rid: str, stamp: str, model: str, version: str, variant: str, traceparent: str | None,
-              request: dict[str, Any], response: dict[str, Any]) -> None:
+    def _post(self, record: Record) -> None:
+        when, model, version, variant, _, _, trace, _, _ = record
+        rid, request, response = self._docs(record)
         url = urlsplit(self.spec.sink)
         source = self.spec.source or f"http://{self._host}/v2/models/{model}"
         common = {
-            "ce-specversion": "1.0", "ce-id": rid, "ce-source": source, "ce-time": stamp,
+            "ce-specversion": "1.0", "ce-id": rid, "ce-source": source, "ce-time": self._stamp(when),
             "ce-inferenceservicename": model, "ce-namespace": self.spec.namespace, "ce-component": "predictor",
             "ce-endpoint": variant, "ce-metadata": orjson.dumps({"version": [version]} if version else {}).decode(),
             "content-type": "application/json",
         }
-        if traceparent:
-            common["ce-traceparent"] = traceparent
+        if trace is not None:
+            common["ce-traceparent"] = f"00-{trace[0]}-{trace[1]}-{trace[2]}"
         for kind, body in ((CE_REQUEST, request), (CE_RESPONSE, response)):
             data = orjson.dumps(body)
             if self._conn is None:
@@ -239,10 +319,9 @@ class _Sink:
                 raise OSError(f"the sink answered {answer.status}")
 
     def close(self, timeout_s: float) -> None:
-        try:
-            self.queue.put(None, timeout=timeout_s)
-        except queue.Full:
-            return
+        """Write what is buffered (for at most ``timeout_s``) and stop the thread."""
+        self._closing = True
+        self._wake.set()
         self._thread.join(timeout_s)
 
 
@@ -279,16 +358,15 @@ class PayloadLogger:
                     sink = self._sinks[spec.sink] = _Sink(spec, self._written, self._dropped)
         return sink
 
-    def offer(self, model: str, version: str, variant: str, route: str, rid: str | None,
-              trace: tuple[str, str, str] | None, inputs: Batch, outputs: Batch) -> None:
-        """Maybe log one answered request (sampled); never blocks, never raises."""
+    def offer(self, model: str, version: str, variant: str, route: str, rid: str | None, inputs: Batch,
+              outputs: Batch) -> None:
+        """Maybe log one answered request: the sample is drawn first, so a request not chosen costs
+        a dict lookup and a random number; never blocks, never raises."""
         spec = self._specs[model] if model in self._specs else self._specs.get("")
         if spec is None or self._random() >= spec.sample:
             return
         sink = self._sinks.get(spec.sink) or self._sink(spec)
-        try:
-            sink.queue.put_nowait((time.time(), model, version, variant, route, rid, trace, inputs, outputs))
-        except queue.Full:
+        if not sink.put((time.time(), model, version, variant, route, rid, TRACE.get(), inputs, outputs)):
             self._dropped.labels(model, version, "queue_full").inc()
 
     def close(self, timeout_s: float = 5.0) -> None:

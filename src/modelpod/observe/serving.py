@@ -24,19 +24,21 @@ def _enter(span: Any) -> tuple[Any, Any]:
     return SPAN.set(span), TRACE.set(ids)
 
 
-def _begin(tracing: Tracing, name: str, traceparent: str | None, tracestate: str | None,
-           attributes: dict[str, Any]) -> tuple[Any, tuple[Any, Any]]:
+def _begin(tracing: Tracing, name: Callable[[], str], traceparent: str | None, tracestate: str | None,
+           attributes: Callable[[], dict[str, Any]]) -> tuple[Any, tuple[Any, Any]]:
     """(the server span or None, the context tokens). With the default sampling, a request that is
-    not sampled gets trace ids (the caller's, or new ones) for its headers and logs, and no span."""
+    not sampled gets trace ids (the caller's, or new ones) for its headers and logs, and no span:
+    its name and attributes are never built."""
     roots = tracing.roots
     if roots is not None:
-        parsed = parse_traceparent(traceparent)
+        parsed = parse_traceparent(traceparent) if traceparent else None
         sampled = bool(parsed[2] & 1) if parsed is not None else roots.take()
         if not sampled:
-            trace_id = parsed[0] if parsed is not None else (random.getrandbits(128) or 1)
-            ids = (f"{trace_id:032x}", f"{random.getrandbits(64) or 1:016x}", "00")
-            return None, (SPAN.set(None), TRACE.set(ids))
-    span = tracing.request(name, traceparent, tracestate, attributes)
+            # One draw for both ids (an all-zero id, which W3C forbids, has odds of 2**-128).
+            ids = f"{random.getrandbits(192):048x}"
+            trace_id = f"{parsed[0]:032x}" if parsed is not None else ids[:32]
+            return None, (SPAN.set(None), TRACE.set((trace_id, ids[32:], "00")))
+    span = tracing.request(name(), traceparent, tracestate, attributes())
     return span, _enter(span)
 
 
@@ -58,9 +60,9 @@ async def traced_rest(tracing: Tracing, req: Request, answer: Callable[[Request]
     from modelpod.protocols.http import Response
 
     headers = req.headers
-    span, tokens = _begin(tracing, _span_name(req.method, req.path), headers.get("traceparent"),
-                          headers.get("tracestate"),
-                          {"http.request.method": req.method, "url.path": req.path, "rpc.system": "oip-v2-rest"})
+    span, tokens = _begin(tracing, lambda: _span_name(req.method, req.path), headers.get("traceparent"),
+                          headers.get("tracestate"), lambda: {"http.request.method": req.method, "url.path": req.path,
+                                                              "rpc.system": "oip-v2-rest"})
     try:
         response = await answer(req)
         trace_headers = response_headers()
@@ -79,9 +81,9 @@ async def traced_rest(tracing: Tracing, req: Request, answer: Callable[[Request]
 async def traced_grpc(tracing: Tracing, method: str, metadata: Any, call: Callable[[], Awaitable[Any]]) -> Any:
     """Run one gRPC call inside its server span (``traceparent`` read from the invocation metadata)."""
     found = {str(k): str(v) for k, v in metadata or () if k in ("traceparent", "tracestate")}
-    span, tokens = _begin(tracing, method, found.get("traceparent"), found.get("tracestate"),
-                          {"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService",
-                           "rpc.method": method.rsplit("/", 1)[-1]})
+    span, tokens = _begin(tracing, lambda: method, found.get("traceparent"), found.get("tracestate"),
+                          lambda: {"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService",
+                                   "rpc.method": method.rsplit("/", 1)[-1]})
     status = 200
     try:
         return await call()

@@ -30,6 +30,7 @@ from modelpod.serving.config import BatchPolicy, ServeConfig
 from modelpod.serving.messages import InferRequest, InferResult
 from modelpod.serving.metrics import ServingMetrics, outcome_of
 from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
+from modelpod.serving.replicas import console_table
 from modelpod.serving.traffic import TrafficSplit
 from modelpod.settings import Settings
 from modelpod.store import Ref, directory_hint, is_path
@@ -61,14 +62,21 @@ class InferenceEngine:
         self.registry = ModelRegistry(self.settings, self.config, self.metrics)
         self.traffic = TrafficSplit(self.registry, self.metrics)
         self.resolver = self.traffic.resolver
-        self.observe = Observer(self.metrics, self.registry, self.config.payload_logs, self._entries_of,
-                                self.config.drift)
-        self._routes_configured = False
         # Optional console sections (drift, replicas, ...): name -> a callable returning one table,
-        # {"title", "columns", "rows"[, "note"]} (modelpod.console.views). The console shows each one set here.
+        # {"title", "columns", "rows"[, "note"]} (modelpod.console.views). The console shows each one set
+        # here: "drift" (observe/) once a model has a drift reference, "replicas" once one runs in replicas.
         self.console_sections: dict[str, Callable[[], Mapping[str, Any]]] = {}
+        self.observe = Observer(self.metrics, self.registry, self.config.payload_logs, self._entries_of,
+                                self.config.drift, self.console_sections)
+        self.registry.on_ready.append(self._replicas_section)
+        self._routes_configured = False
         self.started = False
         self.draining = False
+
+    def _replicas_section(self, entry: ModelEntry) -> None:
+        if entry.replicas is not None:
+            self.console_sections.setdefault("replicas", lambda: console_table(
+                [rs for e in self.registry if (rs := e.replicas) is not None]))
 
     # -- registering ------------------------------------------------------------------------------
     def add(self, ref: str) -> ModelEntry:

@@ -28,7 +28,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -416,3 +416,13 @@ class ReplicaSet:
         self._reconcile()
 
 
+def console_table(sets: Iterable[ReplicaSet]) -> dict[str, Any]:
+    """The console's replicas table (``engine.console_sections["replicas"]``): one row per replica."""
+    rows: list[list[Any]] = []
+    for rs in sets:
+        if rs.failed:
+            rows.append([rs.label, None, None, f"failed: {rs.failed}"[:200], None, None])
+        for r in rs.describe():
+            rows.append([rs.label, r["replica"], r["pid"], r["state"], round(r["rss_bytes"] / 2**20, 1), r["batches"]])
+    return {"title": "Replicas", "columns": ["model", "replica", "pid", "state", "rss MiB", "batches"],
+            "rows": rows, "note": "The worker processes of models served in replicas (isolation: process)."}
