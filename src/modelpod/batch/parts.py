@@ -1,9 +1,10 @@
 """Resumable parts: a job's directory of committed parts and the journal that says which are done.
 
 ``OUTPUT.parts/`` holds ``job.json`` (what the job reads, with which pod, mapped how), the part files
-and ``journal.jsonl``. A part is committed in this order: its file is written under a temporary name,
-synced, renamed, the directory synced, and only then its line (rows, checksum) is appended to the
-journal and synced. A crash at any point leaves either a journal line whose file is whole, or no
+and ``journal.jsonl``. A part is committed in this order: its file is written under a temporary
+name and renamed, and only then its line (rows, size, checksum) is appended to the journal, which is
+synced (the part's file is not: see ``publish``). A crash at any point leaves a journal line whose
+file is whole, a line whose file a power cut lost or cut short (its size or checksum tells), or no
 line: on resume a torn last line is cut off, files without a line are deleted, every listed file is
 re-hashed (a damaged one is dropped and its rows done again), and the job carries on with the rows no
 committed part covers. So every input row lands in exactly one committed part.
@@ -77,13 +78,18 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def publish(tmp: Path, final: Path, digest: bool = True) -> tuple[str, int]:
-    """Sync ``tmp``, rename it to ``final`` atomically, sync the directory; (sha256 or "", size) of the file."""
-    with tmp.open("rb+") as fh:
-        os.fsync(fh.fileno())
+def publish(tmp: Path, final: Path, digest: bool = True, sync: bool = True) -> tuple[str, int]:
+    """Sync ``tmp``, rename it to ``final`` atomically, sync the directory; (sha256 or "", size) of the file.
+
+    ``sync=False`` (a part): the rename only. A part need not be on disk before its journal line is,
+    since resuming checks every listed part's size and checksum: one a power cut lost is done again."""
+    if sync:
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
     sha, size = (sha256_of(tmp) if digest else ""), tmp.stat().st_size
     os.replace(tmp, final)
-    fsync_dir(final.parent)
+    if sync:
+        fsync_dir(final.parent)
     return sha, size
 
 
