@@ -86,7 +86,7 @@ class BatchSummary:
     shard: str | None = None
     inputs: int = 0
     dropped_parts: tuple[str, ...] = field(default=())
-    load_seconds: float = 0.0  # loading the model, before ``seconds`` starts
+    load_seconds: float = 0.0  # loading the model (and pyarrow's readers), before ``seconds`` starts
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -43,6 +43,16 @@ def pyarrow() -> Any:
     return pa
 
 
+def import_readers() -> None:
+    """Import the pyarrow modules every job uses, as part of start-up (beside the model's load) rather
+    than inside the first batch."""
+    import importlib
+
+    pyarrow()
+    for name in ("pyarrow.compute", "pyarrow.csv", "pyarrow.parquet"):
+        importlib.import_module(name)
+
+
 @dataclass(frozen=True)
 class InputFile:
     path: str
