@@ -202,11 +202,11 @@ def test_several_outputs_and_tensor_outputs(tmp_path: Path, store: Store, suffix
 
 
 def test_default_batch_rows_follow_the_row_width(tmp_path: Path, store: Store) -> None:
-    """20 FP32 features (80 bytes a row): 16,384 rows a call; text inputs (size unknown): 1,024."""
+    """20 FP32 features (80 bytes a row): 65,536 rows a call (8 MiB at most); text inputs: 1,024."""
     events: list[dict[str, Any]] = []
     src = write_parquet(tmp_path / "in.parquet", features(100))
     run("lr", src, tmp_path / "out.parquet", store=store, keep_columns="id", on_event=events.append)
-    assert events[0]["batch_rows"] == 16384
+    assert events[0]["batch_rows"] == 65536
     import pyarrow as pa
 
     pq.write_table(pa.table({"age": np.ones(10, np.float32), "city": ["a"] * 10}), tmp_path / "named.parquet")

@@ -121,14 +121,15 @@ class Plan:
         return "sha256:" + hashlib.sha256(orjson.dumps(same, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-BATCH_BYTES = 4 << 20  # input bytes per predict call the default batch size aims at
-MIN_BATCH_ROWS, MAX_BATCH_ROWS = 1024, 16384
+BATCH_BYTES = 8 << 20  # input bytes per predict call the default batch size aims at
+MIN_BATCH_ROWS, MAX_BATCH_ROWS = 1024, PART_ROWS
 
 
 def default_batch_rows(model: Model, fmt: str) -> int:
     """Images and image-shaped inputs: the pod's ``max_batch_rows``. Rows of fixed width: the power
-    of two nearest ``BATCH_BYTES`` of input, within 1,024 … 16,384 rows (so per-call costs are spread
-    over many rows while a batch the model fails on, retried row by row, stays small)."""
+    of two at most ``BATCH_BYTES`` of input, within 1,024 rows … a part's rows (65,536): per-call
+    costs (the model's own checks, conversions) are spread over many rows. The price: a batch the
+    model fails on as a whole is retried row by row, so it costs that many single-row calls."""
     serving = model.pod.manifest.serving.max_batch_rows if model.pod is not None else 1
     if fmt == "images" or any(len(t.shape) > 2 for t in model.signature.inputs):
         return max(1, serving)
