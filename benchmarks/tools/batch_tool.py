@@ -1,10 +1,13 @@
 """Batch benchmark helpers that run inside the repository's venv (modelpod + pyarrow).
 
     python batch_tool.py data ROWS OUT.parquet          workload A's 20 features + id, row groups of 65,536
-    python batch_tool.py inprocess HOME REF IN.parquet  the pod's own predict on in-memory rows, per batch size
+    python batch_tool.py inprocess HOME REF IN.parquet OUT.parquet
+                                                        the pod's own predict on in-memory rows, per batch size
 
-``inprocess`` prints JSON: rows/s at each batch size and the best one. The rows are read into memory
-first, so this is the model alone: the ceiling a batch job is compared with.
+``inprocess`` prints JSON: rows/s at each batch size and the best one (the rows are read into memory
+first, so this is the model alone: the ceiling a batch job is compared with); then, at the best
+batch size, read + predict, and read + predict + write to OUT.parquet (a hand-written loop with no
+resumability: the floor a file-to-file job should come close to).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def data(rows: int, out: Path) -> None:
             writer.write_table(table, row_group_size=1 << 16)
 
 
-def inprocess(home: Path, ref: str, src: Path) -> dict[str, object]:
+def inprocess(home: Path, ref: str, src: Path, out: Path) -> dict[str, object]:
     import pyarrow.parquet as pq
 
     import modelpod
@@ -64,7 +67,36 @@ def inprocess(home: Path, ref: str, src: Path) -> dict[str, object]:
             model.predict({name: xs[start:start + int(best)]})
     read_rate = len(x) / (time.perf_counter() - t0)
     return {"rows": len(x), "rows_per_s": results, "best_batch": int(best), "best_rows_per_s": results[best],
-            "read_and_predict_rows_per_s": read_rate}
+            "read_and_predict_rows_per_s": read_rate,
+            "read_predict_write_rows_per_s": read_predict_write(model, src, int(best), out)}
+
+
+def read_predict_write(model: object, src: Path, batch: int, out: Path) -> float:
+    """The floor of a file job: read each row group, predict, write `id` and the outputs to one
+    Parquet file with pyarrow's defaults (what a hand-written loop does), no resumability."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = model.signature.inputs[0].name  # type: ignore[attr-defined]
+    columns = [f"f{i}" for i in range(FEATURES)]
+    t0 = time.perf_counter()
+    pf = pq.ParquetFile(src)
+    writer = None
+    rows = 0
+    for g in range(pf.metadata.num_row_groups):
+        part = pf.read_row_group(g, columns=["id", *columns])
+        xs = np.stack([part.column(c).to_numpy() for c in columns], axis=1)
+        for start in range(0, len(xs), batch):
+            got = model.predict({name: xs[start:start + batch]})  # type: ignore[attr-defined]
+            table = pa.table({"id": part.column("id").slice(start, batch),
+                              **{k: pa.array(np.asarray(v).reshape(-1)) for k, v in got.items()}})
+            if writer is None:
+                writer = pq.ParquetWriter(out, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+    if writer is not None:
+        writer.close()
+    return rows / (time.perf_counter() - t0)
 
 
 def main(argv: list[str]) -> int:
@@ -72,7 +104,7 @@ def main(argv: list[str]) -> int:
         data(int(argv[1]), Path(argv[2]))
         return 0
     if argv[:1] == ["inprocess"]:
-        print(json.dumps(inprocess(Path(argv[1]), argv[2], Path(argv[3]))))
+        print(json.dumps(inprocess(Path(argv[1]), argv[2], Path(argv[3]), Path(argv[4]))))
         return 0
     print(__doc__, file=sys.stderr)
     return 2

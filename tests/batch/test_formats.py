@@ -199,3 +199,17 @@ def test_several_outputs_and_tensor_outputs(tmp_path: Path, store: Store, suffix
                         {"label": "neg", "scores_0": -2.0, "scores_1": 2.0}]
     else:
         assert read_jsonl(out) == [{"label": "pos", "scores": [1.5, -1.5]}, {"label": "neg", "scores": [-2.0, 2.0]}]
+
+
+def test_default_batch_rows_follow_the_row_width(tmp_path: Path, store: Store) -> None:
+    """20 FP32 features (80 bytes a row): 65,536 rows a call (8 MiB at most); text inputs: 1,024."""
+    events: list[dict[str, Any]] = []
+    src = write_parquet(tmp_path / "in.parquet", features(100))
+    run("lr", src, tmp_path / "out.parquet", store=store, keep_columns="id", on_event=events.append)
+    assert events[0]["batch_rows"] == 65536
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"age": np.ones(10, np.float32), "city": ["a"] * 10}), tmp_path / "named.parquet")
+    events.clear()
+    run("named", tmp_path / "named.parquet", tmp_path / "named-out.parquet", store=store, on_event=events.append)
+    assert events[0]["batch_rows"] == 1024

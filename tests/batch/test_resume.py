@@ -118,11 +118,11 @@ def test_torn_journal_line_and_damaged_part_are_redone(tmp_path: Path, store: St
     with pytest.raises(Stop):
         run("lr", src, out, store=store, part_rows=250, keep_columns="id", on_event=stop_after(5))
     parts_dir = tmp_path / "out.parquet.parts"
-    first = sorted(parts_dir.glob("part-*.arrow"))[0]
+    first = sorted(parts_dir.glob("part-*.parquet"))[0]
     first.write_bytes(first.read_bytes()[:-10] + b"0123456789")  # same size, other bytes
     with (parts_dir / JOURNAL).open("ab") as fh:
         fh.write(b'{"unit": 3, "start": 0, "end"')  # a line cut off by the crash
-    (parts_dir / "part-000003-0000000000.arrow").write_bytes(b"half a file")  # never committed
+    (parts_dir / "part-000003-0000000000.parquet").write_bytes(b"half a file")  # never committed
     summary = run("lr", src, out, store=store, part_rows=250, keep_columns="id")
     assert summary.resumed_parts == 4 and first.name in summary.dropped_parts
     assert pq.read_table(out)["output-0"].to_pylist() == estimator.predict(x).tolist()

@@ -11,6 +11,7 @@ from modelpod.batch.job import BatchJob, BatchOptions, BatchSummary, Event, make
 from modelpod.batch.parts import Part, PartStore, unit_complete
 from modelpod.batch.shards import default_errors_path, shard_dir, shard_name, write_record
 from modelpod.batch.sinks import EXTENSION, assemble, disk_full, join_errors, output_format
+from modelpod.batch.sources import import_readers
 from modelpod.errors import BatchError
 from modelpod.model import Model
 from modelpod.settings import Settings
@@ -81,6 +82,7 @@ def run(ref: str | Path, input: str | Path | Sequence[str | Path], output: str |
     t_load = time.monotonic()
     if model is None:
         model, digest = load_model(ref, store, settings)
+    import_readers()
     t0 = time.monotonic()
     plan = make_plan(model, digest or "", str(ref), input, out_fmt, opts)
     parts = PartStore(parts_dir)

@@ -28,6 +28,7 @@ from modelpod.batch.sources import RawBatch, Unit
 from modelpod.batch.tensors import Binding
 from modelpod.errors import BatchError, ModelpodError, TooManyErrorsError
 from modelpod.model import Batch, Model
+from modelpod.pod import DATATYPES
 from modelpod.serving.worker import ModelWorker
 
 Event = Callable[[dict[str, Any]], None]
@@ -85,7 +86,7 @@ class BatchSummary:
     shard: str | None = None
     inputs: int = 0
     dropped_parts: tuple[str, ...] = field(default=())
-    load_seconds: float = 0.0  # loading the model, before ``seconds`` starts
+    load_seconds: float = 0.0  # loading the model (and pyarrow's readers), before ``seconds`` starts
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -120,11 +121,29 @@ class Plan:
         return "sha256:" + hashlib.sha256(orjson.dumps(same, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+BATCH_BYTES = 8 << 20  # input bytes per predict call the default batch size aims at
+MIN_BATCH_ROWS, MAX_BATCH_ROWS = 1024, PART_ROWS
+
+
 def default_batch_rows(model: Model, fmt: str) -> int:
+    """Images and image-shaped inputs: the pod's ``max_batch_rows``. Rows of fixed width: the power
+    of two at most ``BATCH_BYTES`` of input, within 1,024 rows … a part's rows (65,536): per-call
+    costs (the model's own checks, conversions) are spread over many rows. The price: a batch the
+    model fails on as a whole is retried row by row, so it costs that many single-row calls."""
     serving = model.pod.manifest.serving.max_batch_rows if model.pod is not None else 1
     if fmt == "images" or any(len(t.shape) > 2 for t in model.signature.inputs):
         return max(1, serving)
-    return 1024
+    row_bytes = 0
+    for t in model.signature.inputs:
+        width = int(np.prod(t.shape[1:], dtype=np.int64))
+        dtype = DATATYPES.get(t.datatype)
+        if width < 1 or dtype is None or dtype.kind in "OSU":
+            return MIN_BATCH_ROWS  # free dims or text: their size is not known before reading
+        row_bytes += width * dtype.itemsize
+    rows = MIN_BATCH_ROWS
+    while rows < MAX_BATCH_ROWS and rows * 2 * row_bytes <= BATCH_BYTES:
+        rows *= 2
+    return rows
 
 
 def make_plan(model: Model, digest: str, ref: str, input: Any, out_fmt: str, opts: BatchOptions) -> Plan:

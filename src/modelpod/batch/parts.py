@@ -1,12 +1,14 @@
 """Resumable parts: a job's directory of committed parts and the journal that says which are done.
 
 ``OUTPUT.parts/`` holds ``job.json`` (what the job reads, with which pod, mapped how), the part files
-and ``journal.jsonl``. A part is committed in this order: its file is written under a temporary name,
-synced, renamed, the directory synced, and only then its line (rows, checksum) is appended to the
-journal and synced. A crash at any point leaves either a journal line whose file is whole, or no
-line: on resume a torn last line is cut off, files without a line are deleted, every listed file is
-re-hashed (a damaged one is dropped and its rows done again), and the job carries on with the rows no
-committed part covers. So every input row lands in exactly one committed part.
+and ``journal.jsonl``. A part is committed in this order: its file is written under a temporary
+name and renamed, and only then its line (rows, size, checksum) is appended to the journal, which is
+synced about once a second (``PartStore.commit``; a part's file is never synced: see ``publish``).
+A crash at any point leaves a journal line whose file is whole, a line whose file a power cut lost
+or cut short (its size or checksum tells), or no line: on resume a torn or garbled line is cut off,
+files without a line are deleted, every listed file is re-hashed (a damaged one is dropped and its
+rows done again), and the job carries on with the rows no committed part covers. So every input row
+lands in exactly one committed part.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ from modelpod.errors import BatchError
 
 JOB_FILE = "job.json"
 JOURNAL = "journal.jsonl"
+SYNC_EVERY_S = 1.0  # the journal is synced at most this often (see ``PartStore.commit``)
 FORMAT = 1
 # What must be the same for a resumed job to continue the first one (the rest may change).
 _SAME = ("pod", "inputs", "format", "bindings", "keep", "output_format", "shard", "cast")
@@ -77,13 +81,18 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def publish(tmp: Path, final: Path, digest: bool = True) -> tuple[str, int]:
-    """Sync ``tmp``, rename it to ``final`` atomically, sync the directory; (sha256 or "", size) of the file."""
-    with tmp.open("rb+") as fh:
-        os.fsync(fh.fileno())
+def publish(tmp: Path, final: Path, digest: bool = True, sync: bool = True) -> tuple[str, int]:
+    """Sync ``tmp``, rename it to ``final`` atomically, sync the directory; (sha256 or "", size) of the file.
+
+    ``sync=False`` (a part): the rename only. A part need not be on disk before its journal line is,
+    since resuming checks every listed part's size and checksum: one a power cut lost is done again."""
+    if sync:
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
     sha, size = (sha256_of(tmp) if digest else ""), tmp.stat().st_size
     os.replace(tmp, final)
-    fsync_dir(final.parent)
+    if sync:
+        fsync_dir(final.parent)
     return sha, size
 
 
@@ -101,6 +110,7 @@ class PartStore:
         self._lock = threading.Lock()
         self.parts: list[Part] = []
         self.dropped: list[str] = []  # damaged parts found on resume (their rows are done again)
+        self._synced = time.monotonic()  # the journal's last sync (its creation counts as one)
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -165,12 +175,18 @@ class PartStore:
         return True
 
     def commit(self, part: Part) -> None:
+        """Append the part's line. The write alone survives a kill -9 (the kernel holds it); it is
+        synced against a power cut when ``SYNC_EVERY_S`` has passed since the last sync (a group
+        commit: a power cut loses at most that much work, whose files are then deleted and redone)."""
         line = orjson.dumps(part.to_dict()) + b"\n"
         with self._lock:
             with (self.directory / JOURNAL).open("ab") as fh:
                 fh.write(line)
                 fh.flush()
-                os.fsync(fh.fileno())
+                now = time.monotonic()
+                if now - self._synced >= SYNC_EVERY_S:
+                    os.fsync(fh.fileno())
+                    self._synced = now
             self.parts.append(part)
 
     def remove(self) -> None:

@@ -1,10 +1,13 @@
 """Writing outputs: one file per part, then the parts joined, in input order, under the final name.
 
-Parquet parts are Parquet files, joined by re-writing their row groups (one part in memory at a
-time). CSV parts are CSV without a header and JSON Lines parts are lines, joined by copying bytes.
-The joined file is written under a temporary name in the output's directory and renamed when whole,
-so the final name only ever holds a complete output. CSV cannot hold lists: a tensor output of
-shape [rows, k] becomes the columns NAME_0 … NAME_k-1 there.
+Parquet parts are Parquet files of one row group each (a part's tables are held until it closes:
+at most ``part_rows`` rows of outputs and kept columns), joined at the file level (``footer``):
+their bytes are copied and one footer lists their row groups, so no value is decoded or encoded
+twice. Parts whose schemas differ are re-written instead (one part in memory at a time). CSV parts
+are CSV without a header and JSON Lines parts are lines, joined by copying bytes. The joined file is
+written under a temporary name in the output's directory and renamed when whole, so the final name
+only ever holds a complete output. CSV cannot hold lists: a tensor output of shape [rows, k] becomes
+the columns NAME_0 … NAME_k-1 there.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from modelpod.batch import footer
 from modelpod.batch.parts import Part, publish
 from modelpod.batch.sources import pyarrow
 from modelpod.errors import BatchError
@@ -28,8 +32,7 @@ OUTPUT_FORMATS = ("parquet", "csv", "jsonl")
 _OUT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl",
                  ".json": "jsonl"}
 EXTENSION = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}
-# Parquet outputs are encoded once, when joined: their parts are Arrow IPC files (no encoding).
-PART_EXTENSION = {"parquet": "arrow", "csv": "csv", "jsonl": "jsonl"}
+PART_EXTENSION = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}
 
 
 def output_format(output: Path, given: str | None) -> str:
@@ -96,20 +99,20 @@ class PartWriter:
         self._writer: Any = None
         self._fh: Any = None
         self._schema: Any = None
+        self._tables: list[Any] = []
 
     def write(self, table: Any) -> None:
         if table.num_rows == 0:
             return
         pa = pyarrow()
         try:
-            if self.fmt == "parquet":
-                if self._writer is None:
+            if self.fmt == "parquet":  # held until close: the part is one row group
+                if self._schema is None:
                     self._schema = table.schema
                     self.columns = tuple(table.column_names)
-                    self._writer = pa.ipc.new_file(str(self.tmp), table.schema)
                 elif table.schema != self._schema:
                     table = table.cast(self._schema)
-                self._writer.write_table(table)
+                self._tables.append(table)
             elif self.fmt == "csv":
                 import pyarrow.csv as pcsv
 
@@ -143,12 +146,19 @@ class PartWriter:
                 with contextlib.suppress(Exception):
                     handle.close()
         self._writer = self._fh = None
+        self._tables = []
         with contextlib.suppress(OSError):
             self.tmp.unlink(missing_ok=True)
 
     def close(self) -> tuple[str | None, str, int]:
         """(file name or None when empty, sha256, size)."""
         try:
+            if self._tables:
+                import pyarrow.parquet as pq
+
+                tables, self._tables = self._tables, []
+                table = tables[0] if len(tables) == 1 else pyarrow().concat_tables(tables)
+                pq.write_table(table, self.tmp, row_group_size=max(1, table.num_rows))
             writer, fh, self._writer, self._fh = self._writer, self._fh, None, None
             if writer is not None:
                 writer.close()
@@ -157,7 +167,7 @@ class PartWriter:
             if self.rows == 0:
                 self.tmp.unlink(missing_ok=True)
                 return None, "", 0
-            digest, size = publish(self.tmp, self.final)
+            digest, size = publish(self.tmp, self.final, sync=False)
         except OSError as exc:
             raise disk_full(self.tmp, exc) from None
         return self.final.name, digest, size
@@ -169,7 +179,7 @@ def write_errors(directory: Path, name: str, records: Sequence[dict[str, Any]]) 
     tmp = directory / f".{name}.tmp"
     try:
         tmp.write_bytes(b"".join(orjson.dumps(r, default=_json_default) + b"\n" for r in records))
-        digest, size = publish(tmp, directory / name)
+        digest, size = publish(tmp, directory / name, sync=False)
     except OSError as exc:
         raise disk_full(tmp, exc) from None
     return name, digest, size
@@ -230,23 +240,17 @@ def _join_parquet(files: Sequence[Path], tmp: Path, empty_columns: Sequence[str]
     if not files:
         pq.write_table(pa.table({c: pa.array([], pa.null()) for c in empty_columns}), tmp)
         return
-    def read(f: Path) -> Any:
-        if f.suffix == ".arrow":  # a part: Arrow IPC, mapped rather than read
-            with pa.memory_map(str(f)) as source:
-                return pa.ipc.open_file(source).read_all()
-        return pq.read_table(f)
-
-    def schema_of(f: Path) -> Any:
-        if f.suffix == ".arrow":
-            with pa.memory_map(str(f)) as source:
-                return pa.ipc.open_file(source).schema
-        return pq.read_schema(f)
-
-    schemas = [schema_of(f) for f in files]
-    schema = pa.unify_schemas(schemas, promote_options="permissive") if len(set(schemas)) > 1 else schemas[0]
+    try:
+        with tmp.open("wb") as out:
+            if footer.join(files, out):
+                return
+    except footer.FooterError as exc:
+        raise BatchError(f"cannot join the parts: {exc}; rerun with --overwrite") from None
+    schemas = [pq.read_schema(f) for f in files]
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
     with pq.ParquetWriter(tmp, schema) as writer:
         for f in files:
-            table = read(f)
+            table = pq.read_table(f)
             if table.schema != schema:
                 table = table.cast(schema)
             writer.write_table(table, row_group_size=1 << 20)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob as globlib
 import hashlib
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,16 @@ def pyarrow() -> Any:
     except ImportError:
         raise MissingExtraError("batch", "pyarrow", "modelpod batch") from None
     return pa
+
+
+def import_readers() -> None:
+    """Import the pyarrow modules every job uses, as part of start-up (beside the model's load) rather
+    than inside the first batch."""
+    import importlib
+
+    pyarrow()
+    for name in ("pyarrow.compute", "pyarrow.csv", "pyarrow.parquet"):
+        importlib.import_module(name)
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,21 @@ def _parquet(path: str) -> Any:
                          ) from None
 
 
+_opened = threading.local()  # each thread's last ParquetFile: a file's units are read one after another
+
+
+def _open_parquet(path: str) -> Any:
+    """The file's ParquetFile, opened (and its footer parsed) once per thread while its units are read."""
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    last = getattr(_opened, "last", None)
+    if last is not None and last[0] == key:
+        return last[1]
+    pf = _parquet(path)
+    _opened.last = (key, pf)
+    return pf
+
+
 def _npy(path: str) -> np.ndarray[Any, Any]:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -251,7 +277,7 @@ def read_unit(fmt: str, unit: Unit, columns: Sequence[str], batch_rows: int, ski
 def _read_parquet(unit: Unit, columns: Sequence[str], batch_rows: int, skip: int) -> Iterator[RawBatch]:
     if unit.row_group is None:
         return
-    pf = _parquet(unit.file)
+    pf = _open_parquet(unit.file)
     at = unit.start
     for rb in pf.iter_batches(batch_size=batch_rows, row_groups=[unit.row_group], columns=list(columns)):
         n = rb.num_rows
