@@ -7,6 +7,7 @@ works as its SIMD code does: ``((h0 >> 4) * b0 >> 16) + ((h1 >> 4) * b1 >> 16)``
 Columns past an edge take the edge pixel with weight 1; rows past an edge are clamped but keep
 their weights (as OpenCV does: the rounding differs by at most one level from a float resize).
 Exactly half the size in both directions is OpenCV's fast area path: ``(a + b + c + d + 2) >> 2``.
+The passes run over blocks of output rows, so the int32 intermediates stay in cache.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 Array = np.ndarray[Any, Any]
 COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS
 COEF_SCALE = 1 << COEF_BITS
+BLOCK = 32  # output rows per pass
 
 
 def resize_bilinear(img: Array, width: int, height: int) -> Array:
@@ -32,19 +34,23 @@ def resize_bilinear(img: Array, width: int, height: int) -> Array:
     flat = np.ascontiguousarray(img).reshape(h, w * c)
     rows, r0, r1, b0, b1 = _rows(h, height)
     i0, i1, a0, a1 = _columns(w, width, c)
-    src = flat if len(rows) == h else flat[rows]  # only the rows some output row reads
-    hz = np.multiply(np.take(src, i0, axis=1), a0, dtype=np.int32)
-    hz += np.multiply(np.take(src, i1, axis=1), a1, dtype=np.int32)
-    hz >>= 4
-    out = np.multiply(np.take(hz, r0, axis=0), b0)
-    out >>= 16
-    low = np.multiply(np.take(hz, r1, axis=0), b1)
-    low >>= 16
-    out += low
-    out += 2
-    out >>= 2
-    result: Array = out.astype(np.uint8).reshape(height, width, c)
-    return result
+    out = np.empty((height, width * c), np.uint8)
+    for start in range(0, height, BLOCK):  # a block's int32 rows stay in cache between the passes
+        end = min(height, start + BLOCK)
+        first, last = int(r0[start]), int(r1[end - 1]) + 1
+        src = flat[rows[first:last]]  # the source rows this block reads, each once
+        hz = np.multiply(np.take(src, i0, axis=1), a0, dtype=np.int32)
+        hz += np.multiply(np.take(src, i1, axis=1), a1, dtype=np.int32)
+        hz >>= 4
+        top = np.multiply(np.take(hz, r0[start:end] - first, axis=0), b0[start:end])
+        top >>= 16
+        low = np.multiply(np.take(hz, r1[start:end] - first, axis=0), b1[start:end])
+        low >>= 16
+        top += low
+        top += 2
+        top >>= 2
+        out[start:end] = top
+    return out.reshape(height, width, c)
 
 
 def _half(img: Array) -> Array:
