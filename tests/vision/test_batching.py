@@ -191,3 +191,20 @@ async def test_under_process_isolation_each_request_gets_its_own_boxes(tmp_path:
                     np.testing.assert_allclose(row, box, atol=1.0)
     finally:
         await engine.close()
+
+
+def test_the_server_side_cut_comes_from_the_manifest_options_alone() -> None:
+    from modelpod.model import with_parameters
+    from modelpod.vision.task import splitter
+
+    assert splitter({}) is None and splitter({"file": "m.onnx"}) is None
+    cut = splitter({"vision": {"task": "classify", "names": ["a", "b", "c", "d"]}, "top_k": "3"})
+    assert cut is not None
+    ids = np.array([[3, 2, 1, 0], [0, 1, 2, 3], [1, 0, 2, 3]], dtype=np.int64)
+    out = {"class_ids": ids, "class_names": ids.astype(bytes), "probabilities": np.ones((3, 4), np.float32)}
+    one = np.empty(1, dtype=object)
+    two = np.empty(2, dtype=object)
+    parts = [with_parameters({"images": one}, {}), with_parameters({"images": two}, {"top_k": 1})]
+    first, second = cut(out, parts)
+    assert first["class_ids"].tolist() == [[3, 2, 1]]  # the pod's top_k option: 3
+    assert second["class_ids"].tolist() == [[0], [1]]  # the request's own top_k
