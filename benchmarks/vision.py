@@ -103,8 +103,9 @@ def pinned(fn: Any, *args: Any) -> Any:
         os.sched_setaffinity(0, before)
 
 
-def ort_floor(model: Path, files: list[bytes], batch: int, seconds: float) -> float:
-    """ONNX Runtime alone (one thread) on tensors decoded and letterboxed beforehand: images/s."""
+def ort_floor(model: Path, files: list[bytes], batch: int, seconds: float) -> tuple[float, float]:
+    """ONNX Runtime alone (one thread) on tensors decoded and letterboxed beforehand: images/s and
+    CPU seconds per image."""
     import onnxruntime as ort
 
     from modelpod.vision.image import decode, letterbox, to_tensor
@@ -114,15 +115,16 @@ def ort_floor(model: Path, files: list[bytes], batch: int, seconds: float) -> fl
     session = ort.InferenceSession(str(model), sess_options=so, providers=["CPUExecutionProvider"])
     x = to_tensor([letterbox(decode(files[i % len(files)]), (IMGSZ, IMGSZ))[0] for i in range(batch)])
     session.run(None, {"images": x})
-    done, t0 = 0, time.perf_counter()
+    done, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         session.run(None, {"images": x})
         done += batch
-    return done / (time.perf_counter() - t0)
+    return done / (time.perf_counter() - t0), (time.process_time() - c0) / done
 
 
-def in_process(files: list[bytes], batch: int, seconds: float) -> float:
-    """The pod's own predict (decode, letterbox, ONNX Runtime, NMS, boxes back), no HTTP: images/s."""
+def in_process(files: list[bytes], batch: int, seconds: float) -> tuple[float, float]:
+    """The pod's own predict (decode, letterbox, ONNX Runtime, NMS, boxes back), no HTTP: images/s
+    and CPU seconds per image."""
     import modelpod
     from modelpod.store import Store
 
@@ -130,11 +132,11 @@ def in_process(files: list[bytes], batch: int, seconds: float) -> float:
     arr = np.empty(batch, dtype=object)
     arr[:] = [files[i % len(files)] for i in range(batch)]
     model({"images": arr})
-    done, t0 = 0, time.perf_counter()
+    done, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         model({"images": arr})
         done += batch
-    return done / (time.perf_counter() - t0)
+    return done / (time.perf_counter() - t0), (time.process_time() - c0) / done
 
 
 def body(files: list[bytes]) -> bytes:
@@ -146,6 +148,32 @@ def serve(port: int, tag: str) -> Any:
     cmd = [str(REPO_DIR / ".venv" / "bin" / "modelpod"), "--home", str(HOME), "serve", POD, "--port", str(port)]
     env = {**os.environ, "PYTHONPATH": str(REPO_DIR / "src")}
     return launch(tag, cmd, env, REPO_DIR, OUT / "logs" / f"{tag}.log", SERVER_CPU)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process, all its threads (from /proc)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape(port: int) -> str:
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text: str = resp.read().decode()
+    return text
+
+
+def settled(port: int) -> str:
+    """The metrics once the requests wrk left in flight are answered (the image count stops moving)."""
+    text, deadline = scrape(port), time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        again = scrape(port)
+        if metric(again, "modelpod_batch_rows_sum") == metric(text, "modelpod_batch_rows_sum"):
+            return again
+        text = again
+    return text
 
 
 def metric(text: str, name: str) -> float:
@@ -192,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_first_prediction(server, f"http://127.0.0.1:{port}{url}", req, 120)
         post_json(f"http://127.0.0.1:{port}{url}", req, 30)
+        images0, cpu0 = metric(scrape(port), "modelpod_batch_rows_sum"), cpu_seconds(server.proc.pid)
         load = run_wrk(f"http://127.0.0.1:{port}{url}", OUT / "body.json", args.concurrency, seconds,
                        OUT / "logs" / "wrk.log")
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
+        text = settled(port)
+        server_cpu = (cpu_seconds(server.proc.pid) - cpu0) / max(1.0, metric(text, "modelpod_batch_rows_sum") - images0)
     finally:
         stop(server)
     batches = metric(text, "modelpod_batch_rows_count")
@@ -204,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     batch = max(1, round(mean_batch))
     log(f"server at c={args.concurrency}: {load.ok_rps:.1f} images/s, p50 {load.p50_ms:.1f} ms, "
         f"mean batch {mean_batch:.2f} images, {load.non2xx} non-2xx")
-    floor = pinned(ort_floor, model, files, batch, seconds)
-    floor_c = pinned(ort_floor, model, files, args.concurrency, seconds) if batch != args.concurrency else floor
-    inproc = pinned(in_process, files, batch, seconds)
+    floor, floor_cpu = pinned(ort_floor, model, files, batch, seconds)
+    floor_c = pinned(ort_floor, model, files, args.concurrency, seconds)[0] if batch != args.concurrency else floor
+    inproc, inproc_cpu = pinned(in_process, files, batch, seconds)
     results = {
         "imgsz": IMGSZ, "photo": list(PHOTO), "concurrency": args.concurrency, "seconds": seconds,
         "width_mult": args.width_mult, "cold_start_s": cold_s, "cold_starts_s": starts,
@@ -216,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         "in_process_images_per_s": inproc,
         "ratio_server_vs_ort": load.ok_rps / floor if floor else 0.0,
         "ratio_in_process_vs_ort": inproc / floor if floor else 0.0,
+        # CPU time per image (less moved by other work on a shared machine than images/s):
+        "ort_cpu_ms_per_image": floor_cpu * 1e3, "in_process_cpu_ms_per_image": inproc_cpu * 1e3,
+        "server_cpu_ms_per_image": server_cpu * 1e3,
+        "cpu_ratio_server_vs_ort": floor_cpu / server_cpu if server_cpu else 0.0,
+        "cpu_ratio_in_process_vs_ort": floor_cpu / inproc_cpu if inproc_cpu else 0.0,
     }
     (OUT / "vision-results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nvision benchmark ({'smoke' if args.quick else 'full'}; {IMGSZ}x{IMGSZ}, {PHOTO[0]}x{PHOTO[1]} JPEGs, "
@@ -228,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  server JPEG in, boxes out, c={args.concurrency}:      {load.ok_rps:8.1f} images/s   "
           f"ratio {results['ratio_server_vs_ort']:.2f} (target >= 0.80)")
     print(f"  cold start of the detector pod:        {cold_s:8.3f} s            (target <= 1 s)")
+    print(f"  CPU ms per image: ONNX Runtime {floor_cpu * 1e3:.1f}, in-process {inproc_cpu * 1e3:.1f} "
+          f"(ratio {results['cpu_ratio_in_process_vs_ort']:.2f}), server {server_cpu * 1e3:.1f} "
+          f"(ratio {results['cpu_ratio_server_vs_ort']:.2f})")
     return 0
 
 

@@ -158,3 +158,53 @@ async def test_classifier_requests_share_a_run_and_keep_their_top_k(tmp_path: Pa
         assert gate.runs == [1, 2]
         assert results[1].outputs["class_names"].tolist() == [[b"green"]]
         assert results[2].outputs["class_names"].shape == (1, 2) and results[2].outputs["class_names"][0, 0] == b"blue"
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(240)
+async def test_under_process_isolation_each_request_gets_its_own_boxes(tmp_path: Path, store: Store) -> None:
+    from modelpod.serving.config import ServeConfig
+
+    api.pack(batched_detector(tmp_path / "det.onnx"), "pdet", store=store)
+    settings = Settings(home=tmp_path / "home", max_batch_wait_ms=0)
+    engine = InferenceEngine(settings, ServeConfig.from_settings(settings, {"models": {"pdet": {
+        "isolation": "process", "max_batch_rows": 32}}}))
+    engine.add("pdet")
+    await engine.start()
+    try:
+        params: list[dict[str, Any]] = [{"max_det": 1}, {}, {"classes": [1]}, {"conf": 0.55}, {"classes": "0"}]
+        shown = [[SCENES[4]], [SCENES[0]], [SCENES[1], SCENES[2]], [SCENES[3]], [SCENES[2], SCENES[0]]]
+        # All sent at once: the first runs alone on the one replica, the rest queue and merge (their
+        # images have more boxes than there are images: only the model's own cut can split them).
+        results = await asyncio.gather(*[engine.infer("pdet", None, InferRequest({"images": _images(*s)}, parameters=p))
+                                         for s, p in zip(shown, params, strict=True)])
+        text = engine.metrics.render().decode()
+        assert 'modelpod_batch_requests_sum{model="pdet",version="1"} 5' in text
+        assert 'modelpod_batch_requests_count{model="pdet",version="1"} 5' not in text  # some shared a run
+        want_ids = [[1], [1, 0], [1], [1], [0]]
+        for result, ids, scenes in zip(results, want_ids, shown, strict=True):
+            out = result.outputs
+            assert out["detections"].tolist() == [len(ids)] * len(scenes)
+            assert out["class_ids"].tolist() == ids * len(scenes)
+            for i, (_, _, box) in enumerate(scenes):
+                for row in out["boxes"][i * len(ids):(i + 1) * len(ids)]:
+                    np.testing.assert_allclose(row, box, atol=1.0)
+    finally:
+        await engine.close()
+
+
+def test_the_server_side_cut_comes_from_the_manifest_options_alone() -> None:
+    from modelpod.model import with_parameters
+    from modelpod.vision.task import splitter
+
+    assert splitter({}) is None and splitter({"file": "m.onnx"}) is None
+    cut = splitter({"vision": {"task": "classify", "names": ["a", "b", "c", "d"]}, "top_k": "3"})
+    assert cut is not None
+    ids = np.array([[3, 2, 1, 0], [0, 1, 2, 3], [1, 0, 2, 3]], dtype=np.int64)
+    out = {"class_ids": ids, "class_names": ids.astype(bytes), "probabilities": np.ones((3, 4), np.float32)}
+    one = np.empty(1, dtype=object)
+    two = np.empty(2, dtype=object)
+    parts = [with_parameters({"images": one}, {}), with_parameters({"images": two}, {"top_k": 1})]
+    first, second = cut(out, parts)
+    assert first["class_ids"].tolist() == [[3, 2, 1]]  # the pod's top_k option: 3
+    assert second["class_ids"].tolist() == [[0], [1]]  # the request's own top_k

@@ -12,7 +12,8 @@ from imgutil import canvas, encode
 from PIL import Image
 
 from modelpod.errors import InvalidRequestError
-from modelpod.vision.image import center_crop, decode, letterbox, resize_bilinear, to_tensor
+from modelpod.vision.image import center_crop, decode, letterbox, to_tensor
+from modelpod.vision.resize import resize_bilinear
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
@@ -100,6 +101,82 @@ def test_resize_matches_half_pixel_bilinear() -> None:
     assert out[0, 1, 0] == 25 and out[1, 1, 0] == round(0.75 * 0.75 * 0 + 0.75 * 0.25 * 100 + 0.25 * 0.75 * 200
                                                           + 0.25 * 0.25 * 40)
     assert np.array_equal(resize_bilinear(np.full((7, 9, 3), 77, np.uint8), 3, 5), np.full((5, 3, 3), 77))
+
+
+def _float_resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The reference: half-pixel bilinear in float64, taps clamped at the edges, rounded once."""
+    def taps(size: int, new: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.clip((np.arange(new) + 0.5) * (size / new) - 0.5, 0, size - 1)
+        lo = np.floor(pos).astype(int)
+        return lo, np.minimum(lo + 1, size - 1), pos - lo
+    y0, y1, fy = taps(img.shape[0], height)
+    x0, x1, fx = taps(img.shape[1], width)
+    src = img.astype(np.float64)
+    rows = src[y0] * (1 - fy)[:, None, None] + src[y1] * fy[:, None, None]
+    out = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _opencv_resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """OpenCV's fixed-point INTER_LINEAR (resize.cpp: 11-bit weights, exact horizontal sums, the
+    vertical pass as its SIMD code computes it), one output pixel at a time."""
+    h, w, c = img.shape
+    def tap(dst: int, size: int, new: int, clamp: bool) -> tuple[int, int, int, int]:
+        f = np.float32((dst + 0.5) * (1.0 / (new / size)) - 0.5)
+        s = int(np.floor(f))
+        f = np.float32(f - np.float32(s))
+        if clamp and (s < 0 or s >= size - 1):
+            f, s = np.float32(0.0), min(max(s, 0), size - 1)
+        w0 = int(np.rint((np.float32(1.0) - f) * np.float32(2048)))
+        return min(max(s, 0), size - 1), min(max(s + 1, 0), size - 1), w0, int(np.rint(f * np.float32(2048)))
+    out = np.empty((height, width, c), np.uint8)
+    px = img.astype(np.int64)
+    for dy in range(height):
+        r0, r1, b0, b1 = tap(dy, h, height, False)
+        for dx in range(width):
+            c0, c1, a0, a1 = tap(dx, w, width, True)
+            h0 = px[r0, c0] * a0 + px[r0, c1] * a1
+            h1 = px[r1, c0] * a0 + px[r1, c1] * a1
+            out[dy, dx] = ((((h0 >> 4) * b0) >> 16) + (((h1 >> 4) * b1) >> 16) + 2) >> 2
+    return out
+
+
+def _random_cases(n: int, top: int, seed: int) -> list[tuple[np.ndarray, int, int]]:
+    """Random images and target sizes: shrinking, growing, mixed, exactly half, one pixel."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(1, top, 2))
+        if i % 4 == 0:
+            h, w = 2 * h, 2 * w
+            nh, nw = h // 2, w // 2
+        else:
+            nh, nw = (int(v) for v in rng.integers(1, top + top // 2, 2))
+        cases.append((rng.integers(0, 256, (h, w, 3), dtype=np.uint8), nw, nh))
+    return cases
+
+
+def test_resize_within_one_level_of_a_float_bilinear() -> None:
+    # Tolerance: 1 grey level. The fixed-point weights (11 bits) and OpenCV's truncating vertical
+    # pass move a value by less than one level before rounding, so never by more than one after.
+    for img, nw, nh in _random_cases(60, 120, seed=3):
+        got, ref = resize_bilinear(img, nw, nh), _float_resize(img, nw, nh)
+        assert got.shape == ref.shape == (nh, nw, 3)
+        assert int(np.abs(got.astype(int) - ref).max()) <= 1, (img.shape, nw, nh)
+
+
+def test_resize_is_opencv_fixed_point_bit_for_bit() -> None:
+    for img, nw, nh in _random_cases(40, 14, seed=4):
+        assert np.array_equal(resize_bilinear(img, nw, nh), _opencv_resize(img, nw, nh)), (img.shape, nw, nh)
+    img = np.random.default_rng(5).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    half = img.astype(int).reshape(10, 2, 15, 2, 3).sum(axis=(1, 3))
+    assert np.array_equal(resize_bilinear(img, 15, 10), (half + 2) >> 2)  # OpenCV's 2x area path
+
+
+def test_resize_equals_opencv_where_it_is_installed() -> None:
+    cv2 = pytest.importorskip("cv2")  # not a dependency; where it is, the answers are the same
+    for img, nw, nh in _random_cases(80, 300, seed=6):
+        assert np.array_equal(resize_bilinear(img, nw, nh), cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR))
 
 
 @pytest.mark.parametrize(("h", "w"), [(50, 100), (100, 50), (333, 517), (640, 640), (17, 3)])

@@ -25,7 +25,7 @@ from modelpod.frameworks._util import (
     pick_file,
     unreadable,
 )
-from modelpod.model import Batch, Model, parameters_of, row_parameters
+from modelpod.model import Batch, Model, row_parameters
 from modelpod.pod import Pod, Signature, TensorSpec
 
 NAME = "onnx"
@@ -199,10 +199,9 @@ class OnnxModel(Model):
     def split_outputs(self, outputs: Batch, parts: Sequence[Batch]) -> list[Batch] | None:
         if self.pipeline is None:
             return None
-        from modelpod.vision.task import INPUT
+        from modelpod.vision.task import split_outputs
 
-        cut: list[Batch] = self.pipeline.split(outputs, [
-            {"rows": int(p[INPUT].size), "parameters": parameters_of(p)} for p in parts])
+        cut: list[Batch] = split_outputs(self.pipeline.task, self.pipeline.top_k, outputs, parts)
         return cut
 
     def records(self, outputs: Batch, rows: int) -> tuple[Batch, np.ndarray[Any, Any]] | None:

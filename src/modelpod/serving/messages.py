@@ -97,6 +97,7 @@ class Ready:
     load_seconds: float
     rss_bytes: int
     takes_parameters: bool = False
+    row_parameters: bool = False  # ... one entry per row (requests with different parameters merge)
 
 
 @dataclass(frozen=True)

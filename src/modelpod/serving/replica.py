@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -28,12 +28,13 @@ from typing import Any
 from modelpod import errors
 from modelpod.errors import InferenceError, ModelpodError
 from modelpod.model import Batch, Model
-from modelpod.pod import Signature
+from modelpod.pod import Manifest, Signature
 from modelpod.serving.messages import Ran, RunFailed
 from modelpod.serving.shm import Reader, Writer, shm_dir
 from modelpod.serving.worker import Done
 
 log = logging.getLogger("modelpod.serving")
+Split = Callable[[Batch, Sequence[Batch]], list[Batch]]
 
 STDERR_LINES = 20
 STARTING, IDLE, BUSY, STOPPING = "starting", "idle", "busy", "stopping"
@@ -59,13 +60,16 @@ class Job:
 
 
 class RemoteModel(Model):
-    """The parent's stand-in for a model that lives in replicas: its signature, never a predict."""
+    """The parent's stand-in for a model that lives in replicas: its signature, never a predict;
+    ``split``: the cut of a merged batch's outputs per request, for a model whose outputs do not keep
+    one row per input row (a detector's boxes), made from its manifest without loading it."""
 
-    def __init__(self, name: str, signature: Signature) -> None:
+    def __init__(self, name: str, signature: Signature, split: Split | None = None) -> None:
         super().__init__(None)
         self._name = name
         self.signature = signature
         self.loaded = True
+        self._split = split
 
     @property
     def name(self) -> str:
@@ -73,6 +77,19 @@ class RemoteModel(Model):
 
     def predict(self, inputs: Any) -> Batch:  # pragma: no cover - the replicas predict
         raise InferenceError(f"model {self._name} runs in replica processes")
+
+    def split_outputs(self, outputs: Batch, parts: Sequence[Batch]) -> list[Batch] | None:
+        return self._split(outputs, parts) if self._split is not None else None
+
+
+def splitter(manifest: Manifest | None) -> Split | None:
+    """The output cut a pod's manifest implies: a detector's or classifier's (``modelpod.vision``)."""
+    if manifest is None or not manifest.options.get("vision"):
+        return None
+    from modelpod.vision.task import splitter as vision_splitter
+
+    found: Split | None = vision_splitter(manifest.options)
+    return found
 
 
 class Replica:

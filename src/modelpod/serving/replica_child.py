@@ -73,7 +73,8 @@ def serve(conn: Connection) -> int:
         return 3
     worker = ModelWorker(model, start.label)
     takes = bool(getattr(model, "takes_parameters", False))
-    conn.send(Ready(os.getpid(), time.perf_counter() - t0, rss_bytes(), takes))
+    per_row = takes and bool(getattr(model, "row_parameters", False))
+    conn.send(Ready(os.getpid(), time.perf_counter() - t0, rss_bytes(), takes, per_row))
     reader, writer = Reader(), Writer(f"modelpod-out-{os.getpid()}")
     try:
         while True:

@@ -14,7 +14,7 @@ from modelpod.serving import launch
 from modelpod.serving.batcher import Batcher
 from modelpod.serving.messages import Start
 from modelpod.serving.metrics import ServingMetrics
-from modelpod.serving.replica import RemoteModel
+from modelpod.serving.replica import RemoteModel, splitter
 from modelpod.serving.replicas import ReplicaHooks, ReplicaSet
 from modelpod.settings import Settings
 
@@ -30,7 +30,7 @@ async def load_replicas(entry: ModelEntry, settings: Settings, metrics: ServingM
     start = Start(entry.label, str(settings.home), ref=src.ref, path=str(src.path) if src.path is not None else None)
     policy = entry.replica_policy
     replicas = ReplicaSet(entry.label, start, how, policy, entry.policy.timeout_s, entry.policy.max_batch_rows)
-    model = replicas.model = RemoteModel(entry.name, entry.signature)
+    model = replicas.model = RemoteModel(entry.name, entry.signature, splitter(entry.manifest))
     batcher = Batcher(replicas, entry.policy, entry.metrics, batchable=entry.batchable, slots=replicas.slots)
     name, version = entry.metrics.key
     replicas.hooks = ReplicaHooks(

@@ -215,6 +215,7 @@ class ReplicaSet:
             self.takes_parameters = msg.takes_parameters
             if self.model is not None:
                 self.model.takes_parameters = msg.takes_parameters
+                self.model.row_parameters = msg.row_parameters
             self._start_failures = 0
             log.info("replica ready", extra={"fields": {"model": self.label, "replica": r.id, "pid": msg.pid,
                                                         "seconds": round(msg.load_seconds, 4),

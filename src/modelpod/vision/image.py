@@ -1,4 +1,5 @@
-"""Image bytes -> RGB uint8 arrays (Pillow), and the Ultralytics letterbox in numpy."""
+"""Image bytes -> RGB uint8 arrays (Pillow), and the Ultralytics letterbox in numpy (its resize:
+``vision/resize.py``, OpenCV's INTER_LINEAR bit for bit)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from modelpod.errors import InvalidRequestError
+from modelpod.vision.resize import resize_bilinear
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_PIXELS = 40_000_000  # about 8000 x 5000: far above any detector's input, far below a bomb
@@ -109,34 +111,6 @@ def _rgb(im: Any) -> Array:
         im = im.convert("RGB")
     out: Array = np.asarray(im, dtype=np.uint8)
     return out
-
-
-def resize_bilinear(img: Array, width: int, height: int) -> Array:
-    """Bilinear resize with half-pixel centres and no antialiasing: OpenCV's INTER_LINEAR, which
-    Ultralytics uses (Pillow's BILINEAR filters when shrinking, so boxes would drift)."""
-    h, w = img.shape[:2]
-    if (w, h) == (width, height):
-        return img
-    y0, y1, fy = _taps(h, height)
-    x0, x1, fx = _taps(w, width)
-    # Rows first, gathered as uint8 (only the rows used become floats), then columns; in place.
-    wy = fy[:, None, None]
-    rows = img[y0] * (1 - wy)
-    rows += img[y1] * wy
-    wx = fx[None, :, None]
-    out = rows[:, x0] * (1 - wx)
-    out += rows[:, x1] * wx
-    np.rint(out, out=out)
-    result: Array = np.clip(out, 0, 255, out=out).astype(np.uint8)
-    return result
-
-
-def _taps(size: int, new: int) -> tuple[Array, Array, Array]:
-    pos = (np.arange(new, dtype=np.float64) + 0.5) * (size / new) - 0.5
-    pos = np.clip(pos, 0, size - 1)
-    lo = np.floor(pos).astype(np.intp)
-    hi = np.minimum(lo + 1, size - 1)
-    return lo, hi, (pos - lo).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import ast
 import base64
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
 from modelpod.errors import FrameworkError, InvalidRequestError
+from modelpod.model import parameters_of
 from modelpod.pod import Signature, TensorSpec
 from modelpod.vision import TASKS
 from modelpod.vision.boxes import LAYOUTS, Options, detect, guess_layout, to_original
@@ -132,7 +134,7 @@ class Pipeline:
 
     ``params`` holds each image's request parameters; consecutive images sharing one dict object
     are one request (the server merges requests into one batch after letterboxing, see
-    ``split``), so limits and image numbers in errors are per request."""
+    ``split_outputs``), so limits and image numbers in errors are per request."""
 
     def __init__(self, cfg: Mapping[str, Any], run: Run, *, free_hw: bool = False, free_batch: bool = False,
                  max_pixels: int | None = None, max_images: int | None = None, top_k: int | None = None) -> None:
@@ -167,30 +169,6 @@ class Pipeline:
         if any(wanted):
             out["annotated"] = self._annotate(decoded, out, wanted)
         return out
-
-    def split(self, out: Mapping[str, Array], parts: Sequence[Mapping[str, Any]]) -> list[dict[str, Array]]:
-        """The outputs of a merged batch cut back per request: ``parts`` are each request's image
-        count and parameters (``(rows, parameters)``), in batch order."""
-        result: list[dict[str, Array]] = []
-        first = 0
-        counts = out["detections"] if self.task == "detect" else None
-        ends = np.cumsum(counts) if counts is not None else None
-        for part in parts:
-            rows, params = int(part["rows"]), part["parameters"]
-            last = first + rows
-            if counts is not None and ends is not None:
-                lo = int(ends[first - 1]) if first else 0
-                hi = int(ends[last - 1]) if last else 0
-                mine = {k: out[k][lo:hi] for k in ("boxes", "scores", "class_ids", "class_names")}
-                mine["detections"] = out["detections"][first:last]
-                if "annotated" in out and _flag(params, "annotate"):
-                    mine["annotated"] = out["annotated"][first:last]
-            else:
-                k = min(_int_param(params, "top_k", self.top_k, 1, 1000), out["class_ids"].shape[1])
-                mine = {n: out[n][first:last, :k] for n in ("class_ids", "class_names", "probabilities")}
-            result.append(mine)
-            first = last
-        return result
 
     def records(self, out: Mapping[str, Array], rows: int) -> tuple[dict[str, Array], Array] | None:
         """Detections as records: one per detection (x1, y1, x2, y2, score, class_id, class_name) and
@@ -257,6 +235,50 @@ class Pipeline:
         out = np.empty(len(ids), dtype=object)
         out[:] = [(self.names[i] if 0 <= i < len(self.names) else str(i)).encode() for i in ids.tolist()]
         return out
+
+
+Split = Callable[[Mapping[str, Array], Sequence[Mapping[str, Array]]], list[dict[str, Array]]]
+
+
+def splitter(options: Mapping[str, Any]) -> Split | None:
+    """The cut of a merged batch's outputs per request for a pod with manifest ``options``, or None
+    for a pod that is not a detector or classifier. Needs no model: a server whose replica processes
+    run the model cuts their answers with it."""
+    cfg = options.get("vision")
+    if not isinstance(cfg, Mapping) or "task" not in cfg:
+        return None
+    try:
+        top_k = int(options.get("top_k") or DEFAULT_TOP_K)
+    except (TypeError, ValueError):
+        top_k = DEFAULT_TOP_K  # the model's load refuses the option: no batch ever comes back
+    return partial(split_outputs, str(cfg["task"]), top_k)
+
+
+def split_outputs(task: str, top_k: int, out: Mapping[str, Array],
+                  parts: Sequence[Mapping[str, Array]]) -> list[dict[str, Array]]:
+    """The outputs of a merged batch cut back per request: ``parts`` are the requests' inputs (their
+    images and parameters), in batch order. Detections go by ``detections`` (per image), top-k rows
+    by image, trimmed to each request's ``top_k``."""
+    result: list[dict[str, Array]] = []
+    first = 0
+    counts = out["detections"] if task == "detect" else None
+    ends = np.cumsum(counts) if counts is not None else None
+    for part in parts:
+        rows, params = int(part[INPUT].size), parameters_of(part)
+        last = first + rows
+        if counts is not None and ends is not None:
+            lo = int(ends[first - 1]) if first else 0
+            hi = int(ends[last - 1]) if last else 0
+            mine = {k: out[k][lo:hi] for k in ("boxes", "scores", "class_ids", "class_names")}
+            mine["detections"] = out["detections"][first:last]
+            if "annotated" in out and _flag(params, "annotate"):
+                mine["annotated"] = out["annotated"][first:last]
+        else:
+            k = min(_int_param(params, "top_k", top_k, 1, 1000), out["class_ids"].shape[1])
+            mine = {n: out[n][first:last, :k] for n in ("class_ids", "class_names", "probabilities")}
+        result.append(mine)
+        first = last
+    return result
 
 
 def requests(params: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]:
