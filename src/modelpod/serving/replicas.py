@@ -367,6 +367,9 @@ class ReplicaSet:
         self.replicas.append(r)
         try:
             if self.template is None or not self.template.alive:
+                if self.template is not None:
+                    self.template.close()  # it died (its replicas with it): a new one preloads again
+                    self.template = None
                 self.template = Template(self.launch, self.start_record, self.label)
             r.proc, r.conn = self.template.fork(r.id)
         except OSError as exc:
