@@ -151,6 +151,25 @@ async def test_the_console_lists_each_replica_of_a_model_in_processes(pods: dict
         assert all(isinstance(r[4], float) and r[4] > 0 for r in table["rows"])  # rss MiB, as the replicas report
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[1])
+
+
+async def test_replicas_are_forked_from_one_template_and_outlive_none_of_it(pods: dict[str, Any]) -> None:
+    async with serving(pods["home"], ["behave"], {"behave": {"isolation": "process", "replicas": 2}}) as engine:
+        rs = engine.resolve("behave").replicas
+        assert rs is not None and rs.template is not None
+        template = rs.template.proc.pid
+        children = pids(engine, "behave")
+        assert len(children) == 2 and {parent_of(p) for p in children} == {template} != {os.getpid()}
+        os.kill(template, 9)  # the replicas follow their template; new ones come from a new template
+        await until(lambda: all(not alive(p) for p in children), 30, "the replicas to follow the template")
+        await until(lambda: len(pids(engine, "behave")) == 2, 60, "two new replicas")
+        assert rs.template is not None and rs.template.proc.pid != template
+        out = await engine.infer("behave", None, x(5))
+        assert out.outputs["y"][0].tolist() == [10.0, 4.0] and parent_of(int(out.outputs["pid"][0])) != template
+
+
 # -- healing --------------------------------------------------------------------------------------------
 async def test_a_crashed_replica_is_replaced_and_its_batch_retried(pods: dict[str, Any], tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:

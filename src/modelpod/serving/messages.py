@@ -13,6 +13,13 @@ Conversation, server (S) and child (C)::
     S -> C  Run                   one batch at a time
     C -> S  Ran | RunFailed       its outputs (or the model's error)
     S -> C  Stop                  finish and exit 0 (EOF on the socket means the same)
+
+A replica is forked from its model's template process (``serving/replica_template.py``), which
+has imported the framework and verified the pod once; server (S) and template (T)::
+
+    S -> T  Start                 once, first: what to preload
+    S -> T  Fork                  one per replica, with the replica's socket and output pipe (fds)
+    T -> S  Forked | Exited       the replica's pid; later its exit status (the template reaps it)
 """
 
 from __future__ import annotations
@@ -138,6 +145,27 @@ class RunFailed:
 @dataclass(frozen=True)
 class Stop:
     pass
+
+
+@dataclass(frozen=True)
+class Fork:
+    """Fork replica ``replica``; its socket and its output pipe travel with the record (SCM_RIGHTS)."""
+
+    replica: int
+
+
+@dataclass(frozen=True)
+class Forked:
+    replica: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Exited:
+    """A forked replica exited: ``code`` as ``subprocess`` gives it (negative: killed by that signal)."""
+
+    pid: int
+    code: int
 
 
 ToChild = Start | Run | Stop

@@ -29,6 +29,7 @@ from modelpod import errors
 from modelpod.errors import InferenceError, ModelpodError
 from modelpod.model import Batch, Model
 from modelpod.pod import Manifest, Signature
+from modelpod.serving.forking import ForkedProcess
 from modelpod.serving.messages import Ran, RunFailed
 from modelpod.serving.shm import Reader, Writer, shm_dir
 from modelpod.serving.worker import Done
@@ -98,7 +99,7 @@ class Replica:
     def __init__(self, rid: int, label: str) -> None:
         self.id = rid
         self.state = STARTING
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | ForkedProcess | None = None
         self.conn: Connection | None = None
         tag = re.sub(r"[^A-Za-z0-9_.-]", "_", label)
         self.writer = Writer(f"modelpod-in-{os.getpid()}-{tag}-{rid}")

@@ -19,6 +19,7 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelpod.errors import InferenceError, ModelpodError
 from modelpod.model import PARAMETERS, Model
@@ -27,25 +28,41 @@ from modelpod.serving.replica import rss_bytes
 from modelpod.serving.shm import Reader, Writer
 from modelpod.serving.worker import ModelWorker
 
+if TYPE_CHECKING:
+    from modelpod.pod import Pod
 
-def load(start: Start) -> Model:
-    """The model ``start`` names, loaded as the registry loads it in thread mode."""
-    from modelpod.frameworks import require
+# Set in a template process before it forks replicas: (home, ref, path) -> the verified pod.
+PRELOADED: tuple[tuple[str, str | None, str | None], Pod] | None = None
+PRELOADED_MODEL: tuple[tuple[str, str | None, str | None], Model] | None = None  # loaded, no threads
+
+
+def open_pod(start: Start) -> Pod:
+    """The pod ``start`` names, verified (once: a replica forked from its template reuses its pod)."""
     from modelpod.pod import Pod
     from modelpod.store import Store
 
+    if PRELOADED and PRELOADED[0] == (start.home, start.ref, start.path):
+        return PRELOADED[1]
     if start.path is not None:
         pod = Pod.open(Path(start.path), verify=True)
     else:
         assert start.ref is not None
         pod = Store(Path(start.home)).open(start.ref, verify=True)
+    return pod
+
+
+def load(start: Start) -> Model:
+    """The model ``start`` names, loaded as the registry loads it in thread mode."""
+    from modelpod.frameworks import require
+
+    pod = open_pod(start)
     model = require(pod.manifest.framework).load(pod)
     if not getattr(model, "loaded", False):
         model.load()
     return model
 
 
-def _watch_parent() -> None:
+def watch_parent() -> None:
     """Exit when the server is gone, even while a predict hangs (EOF is only seen between batches)."""
     parent = os.getppid()
 
@@ -64,7 +81,8 @@ def serve(conn: Connection) -> int:
         return 2
     t0 = time.perf_counter()
     try:
-        model = load(start)
+        kept = PRELOADED_MODEL
+        model = kept[1] if kept and kept[0] == (start.home, start.ref, start.path) else load(start)
     except BaseException as exc:  # whatever custom code raises at import or load
         detail = traceback.format_exc()
         sys.stderr.write(detail)
@@ -114,8 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="modelpod.serving.replica_child")
     parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair to the server")
     args = parser.parse_args(argv)
-    _watch_parent()
-    conn = Connection(args.fd)
+    return run(args.fd)
+
+
+def run(fd: int) -> int:
+    """Serve the server on socket ``fd`` (a fresh interpreter, or a fork of the template)."""
+    watch_parent()
+    conn = Connection(fd)
     try:
         return serve(conn)
     finally:

@@ -22,20 +22,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
-import subprocess
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
 from modelpod.errors import InferenceError, InferenceTimeoutError, ModelNotReadyError, ModelpodError
 from modelpod.model import Batch
 from modelpod.serving.autoscale import Autoscaler, demand_of
+from modelpod.serving.forking import Template
 from modelpod.serving.launch import Launch
 from modelpod.serving.messages import Ran, Ready, Run, RunFailed, Start, StartFailed, Stop
 from modelpod.serving.replica import (
@@ -85,6 +82,7 @@ class ReplicaSet:
         self.autoscaler = Autoscaler(policy, clock)
         self.clock = clock
         self.replicas: list[Replica] = []
+        self.template: Template | None = None  # forks the replicas (serving/forking.py)
         self.held: deque[Job] = deque()
         self.target = 0
         self.takes_parameters = False
@@ -143,8 +141,8 @@ class ReplicaSet:
         self._fail_held(ModelNotReadyError(f"model {self.label} is unloaded"))
         for r in list(self.replicas):
             self._retire(r, "closing")
-        if not self.replicas and self._gone is not None:
-            self._gone.set()
+        if not self.replicas:
+            self._all_gone()
 
     async def wait_closed(self, timeout_s: float = 10.0) -> None:
         """After ``close``: wait for the replicas to exit; kill what is left after ``timeout_s``."""
@@ -157,6 +155,14 @@ class ReplicaSet:
                 log.warning("replica did not stop in time: killed", extra={"fields": {
                     "model": self.label, "replica": r.id, "pid": r.pid}})
                 self._kill(r)
+
+    def _all_gone(self) -> None:
+        """Closed and every replica exited: the template goes too."""
+        if self.template is not None:
+            self.template.close()
+            self.template = None
+        if self._gone is not None:
+            self._gone.set()
 
     def ready_count(self) -> int:
         return sum(1 for r in self.replicas if r.state in (IDLE, BUSY))
@@ -264,8 +270,8 @@ class ReplicaSet:
                 self.held.appendleft(job)  # runs again on the next free replica
             else:
                 job.done(None, InferenceError(f"model {self.label}: the replica running this batch died ({how})"))
-        if self.closed and not self.replicas and self._gone is not None:
-            self._gone.set()
+        if self.closed and not self.replicas:
+            self._all_gone()
         self._reconcile()
         self._dispatch()
         self.hooks.wake()
@@ -360,20 +366,17 @@ class ReplicaSet:
         r = Replica(self._next_id, self.label)
         self._next_id += 1
         self.replicas.append(r)
-        parent, child = socket.socketpair()
-        env = {**os.environ, **self.launch.env}
         try:
-            r.proc = subprocess.Popen(self.launch.argv(child.fileno()), pass_fds=(child.fileno(),), env=env,
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+            if self.template is None or not self.template.alive:
+                if self.template is not None:
+                    self.template.close()  # it died (its replicas with it): a new one preloads again
+                    self.template = None
+                self.template = Template(self.launch, self.start_record, self.label)
+            r.proc, r.conn = self.template.fork(r.id)
         except OSError as exc:
-            parent.close()
             r.start_error = f"cannot run {self.launch.python}: {exc.strerror or exc}"
             self._loop.call_soon(self._exited, r, 127)
             return
-        finally:
-            child.close()
-        r.conn = Connection(parent.detach())
         r.conn.send(Start(self.label, self.start_record.home, self.start_record.ref, self.start_record.path, r.id))
         loop = self._loop
         threading.Thread(target=read_messages, args=(r, loop, self.label, self._message, self._exited), daemon=True,

@@ -1,0 +1,163 @@
+"""The server's end of a model's template process (``serving/replica_template.py``): replicas by fork.
+
+``Template`` starts the template once per replica set (with the replica's launch: interpreter and
+environment), hands it the ``Start`` record, and asks it for one fork per replica. A forked replica is
+the template's child, not the server's, so ``ForkedProcess`` stands in for ``subprocess.Popen``: its
+pid comes with the ``Forked`` record, its exit status with ``Exited`` (the template reaps), its
+output through a pipe of its own. A template that dies takes its replicas with it (they watch their
+parent); their exits are reported as SIGKILL and the next replica starts a new template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import threading
+from multiprocessing.connection import Connection
+from typing import IO
+
+from modelpod.serving.launch import Launch
+from modelpod.serving.messages import Exited, Fork, Forked, Start
+
+log = logging.getLogger("modelpod.serving")
+
+TEMPLATE_MODULE = "modelpod.serving.replica_template"
+MAX_RECORD = 1 << 16
+
+
+class ForkedProcess:
+    """A replica forked by the template, with the part of ``Popen``'s interface the replica set uses."""
+
+    def __init__(self, stdout: IO[bytes]) -> None:
+        self.stdout: IO[bytes] | None = stdout
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self._exited = threading.Event()
+        self._kill_when_forked = False
+        self._lock = threading.Lock()
+
+    def forked(self, pid: int) -> None:
+        with self._lock:
+            self.pid = pid
+            kill = self._kill_when_forked
+        if kill:
+            self.send_signal(signal.SIGKILL)
+
+    def exited(self, code: int) -> None:
+        with self._lock:
+            if self.returncode is None:
+                self.returncode = code
+        self._exited.set()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._exited.wait(timeout):
+            raise subprocess.TimeoutExpired("replica", timeout or 0.0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        with self._lock:
+            if self.returncode is not None:
+                return  # reaped: the pid may be another process's by now
+            if self.pid is None:
+                self._kill_when_forked = self._kill_when_forked or sig == signal.SIGKILL
+                return
+            pid = self.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Template:
+    """One template process; ``fork`` returns a replica's process and the server's end of its socket."""
+
+    def __init__(self, launch: Launch, start: Start, label: str) -> None:
+        self.label = label
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {**os.environ, **launch.env}
+        try:
+            self.proc = subprocess.Popen([launch.python, "-m", TEMPLATE_MODULE, "--fd", str(theirs.fileno())],
+                                         pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.alive = True
+        self._lock = threading.Lock()
+        self._pending: dict[int, ForkedProcess] = {}  # replica id -> not yet forked
+        self._children: dict[int, ForkedProcess] = {}  # pid -> running
+        self.sock.send(pickle.dumps(start, protocol=pickle.HIGHEST_PROTOCOL))
+        threading.Thread(target=self._read, daemon=True, name=f"modelpod-template-{label}").start()
+
+    def fork(self, replica: int) -> tuple[ForkedProcess, Connection]:
+        """Ask for replica ``replica``; it runs once the template has preloaded (the socket queues)."""
+        ours, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        proc = ForkedProcess(os.fdopen(out_r, "rb"))
+        try:
+            with self._lock:
+                if not self.alive:
+                    raise OSError("the template process is gone")
+                self._pending[replica] = proc
+            socket.send_fds(self.sock, [pickle.dumps(Fork(replica))], [theirs.fileno(), out_w])
+        except OSError:
+            with self._lock:
+                self._pending.pop(replica, None)
+            ours.close()
+            assert proc.stdout is not None
+            proc.stdout.close()
+            raise
+        finally:
+            theirs.close()
+            os.close(out_w)
+        return proc, Connection(ours.detach())
+
+    def _read(self) -> None:
+        try:
+            while True:
+                data = self.sock.recv(MAX_RECORD)
+                if not data:
+                    break
+                record = pickle.loads(data)
+                with self._lock:
+                    if isinstance(record, Forked):
+                        proc = self._pending.pop(record.replica, None)
+                        if proc is not None:
+                            self._children[record.pid] = proc
+                    elif isinstance(record, Exited):
+                        proc = self._children.pop(record.pid, None)
+                if isinstance(record, Forked) and proc is not None:
+                    proc.forked(record.pid)
+                elif isinstance(record, Exited) and proc is not None:
+                    proc.exited(record.code)
+        except (OSError, pickle.UnpicklingError, EOFError):
+            pass
+        with self._lock:
+            self.alive = False
+            orphans = [*self._pending.values(), *self._children.values()]
+            self._pending.clear()
+            self._children.clear()
+        for proc in orphans:  # they exit on their own (their parent is gone): report them killed
+            proc.kill()
+            proc.exited(-signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+    def close(self) -> None:
+        """Stop the template (after its replicas: they exit when it does)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
