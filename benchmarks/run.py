@@ -385,6 +385,13 @@ def bench_small_pod(workload: Workload, opts: Options) -> dict[str, Any]:
             "cold_start_runs_s": colds, "check": check}
 
 
+def floor_text(floor: dict[str, Any]) -> str:
+    if floor.get("status") != "ok":
+        return f"{floor.get('status')}: {floor.get('error')}"
+    runs = ", ".join(f"{c:.2f}" for c in floor["cold_start_runs_s"])
+    return f"{runs} s, median {floor['cold_start_s']:.2f} s ({floor['check']})"
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     preflight()
@@ -414,13 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         servers[floors.HTTP_FLOOR] = bench_server(
             floors.HTTP_FLOOR, functools.partial(floors.http_floor_launch, workload), workload, opts)
         framework_floor = floors.framework_cold_start(workload)
-        log(f"framework floor {key}: {framework_floor}")
+        log(f"framework floor {key}: {floor_text(framework_floor)}")
         measured[key] = {"inprocess": inproc[key], "servers": servers, "framework_floor": framework_floor}
         if opts.with_modelpod and key == "A" and key not in modelpod_reasons:
             measured[key]["small_pod"] = bench_small_pod(workload, opts)
             measured[key]["small_pod"]["framework_floor"] = onnx_floor = floors.framework_cold_start(
                 workload, floors.ONNX_FLOOR)
-            log(f"framework floor {key} as ONNX: {onnx_floor}")
+            log(f"framework floor {key} as ONNX: {floor_text(onnx_floor)}")
     if perf_reason:
         notes.append(f"perf_analyzer: not run ({perf_reason})")
     results: dict[str, Any] = {

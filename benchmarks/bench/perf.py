@@ -128,7 +128,7 @@ def run_point(
         log.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
     if proc.returncode != 0 or not csv_path.exists():
         text = (proc.stdout + proc.stderr).strip()
-        hint = (" (perf_analyzer asks for the model's Triton config; over gRPC that is Triton's ModelConfig "
-                "RPC, which the server does not offer)" if wire == "grpc" and "model config" in text else "")
+        hint = (" (the server has no gRPC ModelConfig, Triton's RPC that perf_analyzer reads first)"
+                if wire == "grpc" and "model config" in text else "")
         raise PerfUnavailable(f"perf_analyzer exit {proc.returncode}: {' | '.join(text.splitlines()[-3:])}{hint}")
     return {"wire": wire, **_parse_csv(csv_path.read_text())}

@@ -100,8 +100,8 @@ def _wires(perf: dict[str, Any], keys: list[str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     runs = perf.get("workloads", {})
     for key in keys:
-        for wire in ("binary", "grpc"):
-            for concurrency in CONCURRENCIES:
+        for concurrency in CONCURRENCIES:
+            for wire in ("binary", "grpc"):
                 name = f"{key} c={concurrency} {'binary' if wire == 'binary' else 'gRPC'} / JSON infer/s"
                 goal = (ABOVE, 1.0)
                 run = runs.get(key)
@@ -152,10 +152,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     """One line per target: name, value, goal, met / NOT MET / n/a, and what the value is made of."""
     width = max((len(r["name"]) for r in rows), default=0)
+    goal_width = max((len(r["goal"]) for r in rows), default=0)
     lines = []
     for r in rows:
         seconds = r["name"].endswith("(s)")
         value = "n/a" if r["value"] is None else f"{r['value']:+.2f}" if seconds else f"{r['value']:.3f}"
         verdict = "n/a" if r["met"] is None else "met" if r["met"] else "NOT MET"
-        lines.append(f"{r['name'].ljust(width)}  {value:>7}  (target {r['goal']})  {verdict:<7}  {r['detail']}")
+        goal = f"(target {r['goal']})".ljust(goal_width + 9)
+        lines.append(f"{r['name'].ljust(width)}  {value:>7}  {goal}  {verdict:<7}  {r['detail']}")
     return lines
