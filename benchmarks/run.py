@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import floors, loadgen, modelpod, perf, procs, report, venvs
+from bench import floors, loadgen, modelpod, perf, procs, report, targets, venvs
 from bench.config import (
     ALL_PEERS,
     ALL_WORKLOADS,
@@ -101,7 +101,6 @@ def bench_server(
     make_spec: Callable[[int], LaunchSpec],
     workload: Workload,
     opts: Options,
-    after_load: Callable[[int, dict[str, str], list[dict[str, Any]]], Any] | None = None,
 ) -> dict[str, Any]:
     """Launch one server, time its cold start, check its answer, drive it at each concurrency."""
     port = procs.free_port()
@@ -142,8 +141,6 @@ def bench_server(
         result["load"] = points
         result["memory"] = procs.tree_memory(server)
         result["loadavg_1m_after"] = os.getloadavg()[0]  # others' work on the box skews everything
-        if after_load is not None:
-            result["after_load"] = after_load(port, spec.headers, points)
         result["status"] = "ok"
     except (procs.ServerError, loadgen.LoadError, OSError) as exc:
         summary = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -244,36 +241,40 @@ def prepare_perf(opts: Options) -> str | None:
 PERF_MAX_WINDOW = 5000
 
 
-def perf_hook(workload: Workload, opts: Options, sink: dict[str, Any]
-              ) -> Callable[[int, dict[str, str], list[dict[str, Any]]], Any]:
-    """perf_analyzer at each concurrency, in windows of as many requests as wrk answered in a quarter
-    of a point at that concurrency, at least 500 and at most PERF_MAX_WINDOW."""
-
-    def run(port: int, headers: dict[str, str], wrk_points: list[dict[str, Any]]) -> str:
-        rates = {p["concurrency"]: p["ok_rps"] for p in wrk_points}
-        points: list[dict[str, Any]] = []
+def bench_wires(workload: Workload, opts: Options, wrk_points: list[dict[str, Any]]) -> dict[str, Any]:
+    """perf_analyzer at each concurrency in each wire format (JSON and binary tensors over REST,
+    gRPC), interleaved per concurrency, against one modelpod launched with gRPC on its own port.
+    Windows: as many requests as wrk answered in a quarter of a point at that concurrency, at least
+    500 and at most PERF_MAX_WINDOW."""
+    port, grpc_port = procs.free_port(), procs.free_port()
+    spec = modelpod.serve_grpc_launch(workload, grpc_port, port)
+    log_path = LOGS_DIR / f"server-modelpod-grpc-{workload.key}.log"
+    url = f"http://127.0.0.1:{port}{workload.route}"
+    rates = {p["concurrency"]: p["ok_rps"] for p in wrk_points}
+    points: dict[str, list[dict[str, Any]]] = {wire: [] for wire in perf.WIRES}
+    server = launch_quiet("modelpod-grpc", spec, log_path)
+    try:
+        procs.wait_first_prediction(server, url, workload.body_path.read_bytes(),
+                                    opts.durations.cold_start_deadline_s, spec.headers)
+        warmup_log = LOGS_DIR / f"wrk-modelpod-grpc-{workload.key}.log"
+        loadgen.run_wrk(url, workload.body_path, 8, opts.durations.warmup_s, warmup_log, spec.headers)
         for concurrency in CONCURRENCIES:
-            try:
-                points.append(
-                    perf.run_point(
-                        port,
-                        workload.model_name,
-                        workload.features,
-                        concurrency,
-                        # a quarter of a wrk point at the rate wrk measured, within [500, 5000]
-                        min(PERF_MAX_WINDOW, max(500, int(rates.get(concurrency, 0) * opts.durations.load_s / 4))),
-                        RUNTIME_DIR,
-                        LOGS_DIR / f"perf-{workload.key}.log",
-                        headers,
-                    )
-                )
-            except perf.PerfUnavailable as exc:  # one point lost; the others still count
-                points.append({"concurrency": concurrency, "error": str(exc)})
-                log(f"perf_analyzer {workload.key} c={concurrency}: {exc}")
-        sink[workload.key] = points
-        return "perf_analyzer ok" if all("error" not in p for p in points) else "perf_analyzer: some points failed"
-
-    return run
+            window = min(PERF_MAX_WINDOW, max(500, int(rates.get(concurrency, 0) * opts.durations.load_s / 4)))
+            for wire in perf.WIRES:
+                try:
+                    point = perf.run_point(port, workload.model_name, workload.features, concurrency, window,
+                                           RUNTIME_DIR, LOGS_DIR / f"perf-{workload.key}.log", spec.headers,
+                                           wire=wire, grpc_port=grpc_port)
+                    log(f"perf_analyzer {workload.key} {wire} c={concurrency}: {point['infer_per_s']:,.0f} infer/s")
+                except perf.PerfUnavailable as exc:  # one point lost; the others still count
+                    point = {"wire": wire, "concurrency": concurrency, "error": str(exc)}
+                    log(f"perf_analyzer {workload.key} {wire} c={concurrency}: {exc}")
+                points[wire].append(point)
+    except (procs.ServerError, loadgen.LoadError, OSError) as exc:
+        return {"error": f"modelpod with gRPC: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"}
+    finally:
+        procs.stop(server)
+    return {"command": spec.cmd, **points}
 
 
 def machine_info() -> dict[str, Any]:
@@ -344,16 +345,11 @@ def bench_peers(workload: Workload, opts: Options, failed: dict[str, str]) -> di
     return servers
 
 
-def bench_modelpod(
-    workload: Workload, opts: Options, pack_error: str | None,
-    hook: Callable[[int, dict[str, str], list[dict[str, Any]]], Any] | None,
-) -> tuple[dict[str, Any], str | None]:
+def bench_modelpod(workload: Workload, opts: Options, pack_error: str | None) -> tuple[dict[str, Any], str | None]:
     """modelpod's entry and, when it could not be used, the note saying why."""
     if pack_error is not None:
         return {"status": "not available", "error": pack_error}, f"modelpod: not available ({pack_error})"
-    entry = bench_server(
-        "modelpod", functools.partial(modelpod.serve_launch, workload), workload, opts, after_load=hook
-    )
+    entry = bench_server("modelpod", functools.partial(modelpod.serve_launch, workload), workload, opts)
     if entry.get("stage") == "start":  # `modelpod serve` never answered
         entry["status"] = "not available"
         return entry, f"modelpod: not available ({entry['error']})"
@@ -389,6 +385,13 @@ def bench_small_pod(workload: Workload, opts: Options) -> dict[str, Any]:
             "cold_start_runs_s": colds, "check": check}
 
 
+def floor_text(floor: dict[str, Any]) -> str:
+    if floor.get("status") != "ok":
+        return f"{floor.get('status')}: {floor.get('error')}"
+    runs = ", ".join(f"{c:.2f}" for c in floor["cold_start_runs_s"])
+    return f"{runs} s, median {floor['cold_start_s']:.2f} s ({floor['check']})"
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     preflight()
@@ -405,11 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     for key, workload in workloads.items():
         servers = bench_peers(workload, opts, failed)
         if opts.with_modelpod:
-            hook = None if perf_reason else perf_hook(workload, opts, perf_points)
-            servers["modelpod"], note = bench_modelpod(workload, opts, modelpod_reasons.get(key), hook)
+            servers["modelpod"], note = bench_modelpod(workload, opts, modelpod_reasons.get(key))
             if note is not None and note not in notes:
                 log(note)
                 notes.append(note)
+            if not perf_reason and servers["modelpod"].get("status") == "ok":
+                perf_points[key] = bench_wires(workload, opts, servers["modelpod"]["load"])
             if baseline_src is not None or baseline_reasons:
                 servers[f"modelpod@{opts.baseline}"] = bench_baseline(workload, opts, baseline_src,
                                                                       baseline_reasons.get(key))
@@ -417,10 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         servers[floors.HTTP_FLOOR] = bench_server(
             floors.HTTP_FLOOR, functools.partial(floors.http_floor_launch, workload), workload, opts)
         framework_floor = floors.framework_cold_start(workload)
-        log(f"framework floor {key}: {framework_floor}")
+        log(f"framework floor {key}: {floor_text(framework_floor)}")
         measured[key] = {"inprocess": inproc[key], "servers": servers, "framework_floor": framework_floor}
         if opts.with_modelpod and key == "A" and key not in modelpod_reasons:
             measured[key]["small_pod"] = bench_small_pod(workload, opts)
+            measured[key]["small_pod"]["framework_floor"] = onnx_floor = floors.framework_cold_start(
+                workload, floors.ONNX_FLOOR)
+            log(f"framework floor {key} as ONNX: {floor_text(onnx_floor)}")
     if perf_reason:
         notes.append(f"perf_analyzer: not run ({perf_reason})")
     results: dict[str, Any] = {
@@ -439,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "perf_analyzer": {"skipped": perf_reason} if perf_reason else {"workloads": perf_points},
     }
     results["ratios"] = report.ratios(results)
+    results["targets"] = targets.targets(results)
     print()
     print(report.render(results))
     report.write(results, RESULTS_PATH)

@@ -3,9 +3,10 @@
 - **HTTP floor**: `peers/http_floor.py`, a bare uvloop + httptools server answering every request
   with the workload's canned OIP response, on the server core, driven by the same wrk runs.
 - **Framework floor for cold start**: `python -c` that imports the framework, loads the model
-  (A: scikit-learn's joblib file; B: the TorchScript file modelpod serves) and predicts once on the
-  request's row, on the server core, from the repository venv (the libraries `modelpod serve`
-  imports); the time from launch to exit, median of the cold-start launches.
+  (A: scikit-learn's joblib file; B: the TorchScript file modelpod serves; ONNX: A's model as
+  `model.onnx` in an onnxruntime session, the small pod's floor) and predicts once on the request's
+  row, on the server core, from the repository venv (the libraries `modelpod serve` imports); the
+  time from launch to exit, median of the cold-start launches.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from .workloads import Workload, check_prediction
 
 HTTP_FLOOR = "http-floor"
 
-# One statement list per workload, run as `python -c CODE MODEL_DIR`; prints the prediction as JSON.
+# One statement list per floor, run as `python -c CODE MODEL_DIR BODY_FILE`; prints the prediction
+# as JSON (ONNX: the label output, the first of the two skl2onnx writes).
 _READ_ROW = ("import json, sys; import numpy as np; d = sys.argv[1]; "
-             "t = json.load(open(d + '/body.json'))['inputs'][0]; "
+             "t = json.load(open(sys.argv[2]))['inputs'][0]; "
              "x = np.asarray(t['data'], dtype=np.float32).reshape(t['shape']); ")
+ONNX_FLOOR = "onnx"
 FRAMEWORK_CODE = {
     # scikit-learn's own persistence (joblib): the least a process pays to answer from this model.
     "A": _READ_ROW + ("import joblib; m = joblib.load(d + '/model.joblib'); "
@@ -35,6 +38,10 @@ FRAMEWORK_CODE = {
     "B": _READ_ROW + ("import torch; torch.set_num_threads(1); torch.set_grad_enabled(False); "
                       "m = torch.jit.load(d + '/model.pt').eval(); "
                       "print(json.dumps(m(torch.from_numpy(x)).numpy().ravel().tolist()))"),
+    ONNX_FLOOR: _READ_ROW + ("import onnxruntime as ort; so = ort.SessionOptions(); so.intra_op_num_threads = 1; "
+                             "s = ort.InferenceSession(d + '/model.onnx', sess_options=so, "
+                             "providers=['CPUExecutionProvider']); "
+                             "print(json.dumps(s.run(None, {t['name']: x})[0].ravel().tolist()))"),
 }
 
 
@@ -50,15 +57,18 @@ def http_floor_launch(workload: Workload, port: int) -> LaunchSpec:
     return LaunchSpec(cmd=[str(VENV / "bin" / "python"), str(PEERS_DIR / "http_floor.py")], env=env, cwd=PEERS_DIR)
 
 
-def framework_cold_start(workload: Workload, deadline_s: float = 180.0) -> dict[str, Any]:
-    """Median seconds of ``COLD_STARTS`` runs of the framework's own import + load + one predict."""
-    code = FRAMEWORK_CODE.get(workload.key)
+def framework_cold_start(workload: Workload, floor: str | None = None, deadline_s: float = 180.0) -> dict[str, Any]:
+    """Median seconds of ``COLD_STARTS`` runs of the framework's own import + load + one predict;
+    ``floor`` is the workload's key by default, or ``ONNX_FLOOR`` for its ONNX model."""
+    floor = floor or workload.key
+    code = FRAMEWORK_CODE.get(floor)
     python = VENV / "bin" / "python"
-    if code is None or not python.exists():
-        return {"status": "not available", "error": f"no framework floor for {workload.key} or no {python}"}
+    body = workload.onnx_body_path if floor == ONNX_FLOOR else workload.body_path
+    if code is None or not python.exists() or not body.exists():
+        return {"status": "not available", "error": f"no framework floor {floor}, no {python} or no {body}"}
     runs: list[float] = []
     answer: Any = None
-    cmd = ["taskset", "-c", SERVER_CPU, str(python), "-c", code, str(workload.model_dir)]
+    cmd = ["taskset", "-c", SERVER_CPU, str(python), "-c", code, str(workload.model_dir), str(body)]
     for _ in range(COLD_STARTS):
         wait_quiet()
         started = time.perf_counter()
@@ -73,4 +83,4 @@ def framework_cold_start(workload: Workload, deadline_s: float = 180.0) -> dict[
         answer = json.loads(proc.stdout.strip().splitlines()[-1])
     check = check_prediction(workload, {"outputs": [{"data": answer}]})
     return {"status": "ok", "cold_start_s": statistics.median(runs), "cold_start_runs_s": runs, "check": check,
-            "command": ["python", "-c", code, str(workload.model_dir)]}
+            "command": ["python", "-c", code, str(workload.model_dir), str(body)]}

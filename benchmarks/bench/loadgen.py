@@ -36,6 +36,8 @@ class LoadResult:
     non2xx: int
     socket_errors: int
     timeouts: int
+    p50_us: int  # wrk's histogram in microseconds, as post.lua prints it (the ms fields derive from these)
+    p99_us: int
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +82,8 @@ def parse(output: str, concurrency: int) -> LoadResult:
         non2xx=raw["non2xx"],
         socket_errors=raw["connect_errors"] + raw["read_errors"] + raw["write_errors"],
         timeouts=raw["timeouts"],
+        p50_us=int(raw["p50_us"]),
+        p99_us=int(raw["p99_us"]),
     )
 
 

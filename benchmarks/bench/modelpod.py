@@ -137,15 +137,23 @@ def serve_launch(workload: Workload, port: int) -> LaunchSpec:
     return serve_named(workload.model_name, port)
 
 
-def serve_named(model_name: str, port: int) -> LaunchSpec:
+def serve_grpc_launch(workload: Workload, grpc_port: int, port: int) -> LaunchSpec:
+    """As ``serve_launch``, with gRPC on ``grpc_port`` (the wire-format runs of perf_analyzer)."""
+    return serve_named(workload.model_name, port, grpc_port)
+
+
+def serve_named(model_name: str, port: int, grpc_port: int | None = None) -> LaunchSpec:
     """`modelpod serve NAME --host 127.0.0.1 --port P --max-batch-rows 32 --max-batch-wait-ms 5`.
 
-    REST only (`--no-grpc`, when the CLI has it): the benchmark speaks REST, and a default gRPC
-    port could collide with other servers on the machine. Auth is on (`MODELPOD_TOKEN`), so every
-    measured request is checked against a bearer token, as in production; the peers run without."""
+    REST only (`--no-grpc`, when the CLI has it) unless ``grpc_port`` is given (`--grpc-port G`):
+    wrk speaks REST, and a default gRPC port could collide with other servers on the machine. Auth
+    is on (`MODELPOD_TOKEN`), so every measured request is checked against a bearer token, as in
+    production; the peers run without."""
     cmd = [*base_command(), "serve", model_name, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--max-batch-rows", str(MAX_BATCH_ROWS), "--max-batch-wait-ms", f"{MAX_BATCH_WAIT_MS:g}"]
-    if "--no-grpc" in _serve_help():
+    if grpc_port is not None:
+        cmd += ["--grpc-port", str(grpc_port)]
+    elif "--no-grpc" in _serve_help():
         cmd.append("--no-grpc")
     token = secrets.token_urlsafe(24)
     return LaunchSpec(cmd=cmd, env={**_env(), "MODELPOD_TOKEN": token}, cwd=REPO_DIR,

@@ -77,30 +77,46 @@ def _parse_csv(text: str) -> dict[str, Any]:
     }
 
 
+# How each wire format is asked for: JSON tensors over REST (the reference), the binary tensor data
+# extension over REST, and gRPC (perf_analyzer's gRPC client; tensors are always binary there).
+WIRES = ("json", "binary", "grpc")
+
+
+def _wire_flags(wire: str, port: int, grpc_port: int | None) -> list[str]:
+    if wire == "grpc":
+        if grpc_port is None:
+            raise PerfUnavailable("no gRPC port")
+        return ["-i", "grpc", "-u", f"127.0.0.1:{grpc_port}"]
+    if wire not in ("json", "binary"):
+        raise ValueError(f"unknown wire format {wire!r}")
+    return ["-i", "http", "-u", f"127.0.0.1:{port}", "--input-tensor-format", wire, "--output-tensor-format", wire]
+
+
 def run_point(
     port: int, model: str, features: int, concurrency: int, requests: int, out_dir: Path, log_path: Path,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None, wire: str = "json", grpc_port: int | None = None,
 ) -> dict[str, Any]:
-    """One perf_analyzer measurement at fixed concurrency, JSON tensors both ways, windows of
-    ``requests`` requests.
+    """One perf_analyzer measurement at fixed concurrency in one wire format (``WIRES``), windows of
+    ``requests`` requests. The input's shape is read over REST at ``port`` whatever the wire.
 
     Asynchronous, two client threads: in its default synchronous mode perf_analyzer runs one thread
     per outstanding request, and at c=64 on its one core those threads starved the thread that
     closes the measurement windows (at ~20k requests/s no window closed within two minutes)."""
-    csv_path = out_dir / f"perf_{model}_c{concurrency}.csv"
+    csv_path = out_dir / f"perf_{model}_{wire}_c{concurrency}.csv"
+    csv_path.unlink(missing_ok=True)  # a stale file from an earlier run must not pass for this one
     # perf_analyzer re-measures until 3 windows agree within --stability-percentage; on a shared
     # 2-core machine they rarely do, so the bound is loose and the last window is what we report.
     # Zeros, not its default random bytes: random FP32 bit patterns include NaN/Inf, which it then
     # writes into the JSON body as bare NaN (invalid JSON).
-    flags = (
-        f"-m {model} -u 127.0.0.1:{port} -i http --concurrency-range {concurrency}:{concurrency} "
+    flags = [*f"-m {model}".split(), *_wire_flags(wire, port, grpc_port)]
+    flags += (
+        f"--concurrency-range {concurrency}:{concurrency} "
         f"--async --max-threads 2 --measurement-mode count_windows --measurement-request-count {requests} "
-        "--max-trials 3 --stability-percentage 1000 "
-        "--input-tensor-format json --output-tensor-format json --input-data zero"
+        "--max-trials 3 --stability-percentage 1000 --input-data zero"
     ).split()
     headers = headers or {}
-    for name, value in headers.items():
-        flags += ["-H", f"{name}:{value}"]
+    for name, value in headers.items():  # gRPC metadata keys are lower case
+        flags += ["-H", f"{name.lower() if wire == 'grpc' else name}:{value}"]
     cmd = ["taskset", "-c", LOADGEN_CPU, str(binary()), *flags, *_input_shape_arg(port, model, features, headers)]
     cmd += ["-f", str(csv_path)]
     deadline = 120
@@ -111,6 +127,8 @@ def run_point(
     with log_path.open("a") as log:
         log.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
     if proc.returncode != 0 or not csv_path.exists():
-        last = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        raise PerfUnavailable(f"perf_analyzer exit {proc.returncode}: {' | '.join(last)}")
-    return _parse_csv(csv_path.read_text())
+        text = (proc.stdout + proc.stderr).strip()
+        hint = (" (the server has no gRPC ModelConfig, Triton's RPC that perf_analyzer reads first)"
+                if wire == "grpc" and "model config" in text else "")
+        raise PerfUnavailable(f"perf_analyzer exit {proc.returncode}: {' | '.join(text.splitlines()[-3:])}{hint}")
+    return {"wire": wire, **_parse_csv(csv_path.read_text())}

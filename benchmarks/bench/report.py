@@ -9,6 +9,8 @@ from typing import Any
 from .config import COLD_STARTS, CONCURRENCIES
 from .floors import HTTP_FLOOR
 from .peers import DISPLAY
+from .perf import WIRES
+from .targets import target_lines
 
 WORKLOAD_TITLES = {
     "A": "A: scikit-learn LogisticRegression, 20 features, 1 row/request",
@@ -208,8 +210,12 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
     lines += ["", ratio[0], *(bullet + line.strip() for line in ratio[1:])]
     perf = results.get("perf_analyzer")
     if perf:
-        lines += ["", "perf_analyzer against modelpod:"]
+        lines += ["", "perf_analyzer against modelpod (a launch with gRPC on; JSON / binary over REST, gRPC):"]
         lines += [bullet + line for line in _perf_lines(perf)]
+    if "targets" in results:
+        block = target_lines(results["targets"])
+        lines += ["", "Issue 17 targets (value, target, verdict, what it is made of):"]
+        lines += ["```", *block, "```"] if markdown else [bullet + line for line in block]
     return "\n".join(lines)
 
 
@@ -219,18 +225,20 @@ def _perf_lines(perf: dict[str, Any]) -> list[str]:
     if not perf.get("workloads"):
         return ["not run: modelpod was not measured"]
     lines = []
-    for key, points in perf["workloads"].items():
-        if isinstance(points, str):
-            lines.append(f"{key}: {points}")
+    for key, run in perf["workloads"].items():
+        if "error" in run:
+            lines.append(f"{key}: failed: {run['error']}")
             continue
-        for p in points:
-            if "error" in p:
-                lines.append(f"{key} c={p['concurrency']}: failed: {p['error']}")
-                continue
-            lines.append(
-                f"{key} c={p['concurrency']}: {p['infer_per_s']:,.0f} infer/s, "
-                f"p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms"
-            )
+        for concurrency in CONCURRENCIES:
+            cells = []
+            for wire in WIRES:
+                p = next((p for p in run.get(wire, []) if p["concurrency"] == concurrency), None)
+                if p is None or "error" in p:
+                    cells.append(f"{wire} failed" + (f" ({p['error'][:160]})" if p else ""))
+                else:
+                    cells.append(f"{wire} {p['infer_per_s']:,.0f} infer/s (p50 {p['p50_ms']:.2f} ms, "
+                                 f"p99 {p['p99_ms']:.2f} ms)")
+            lines.append(f"{key} c={concurrency}: " + "; ".join(cells))
     return lines
 
 
