@@ -25,7 +25,11 @@ import orjson
 from modelpod.model import Batch, Model
 from modelpod.pod import Signature, TensorSpec
 from modelpod.protocols.rest import RestApp
-from modelpod.protocols.wire import Request
+
+try:
+    from modelpod.protocols.wire import Request
+except ImportError:  # revisions before protocols/wire.py (an A/B against an older commit)
+    from modelpod.protocols.http import Request
 from modelpod.serving.config import BatchPolicy
 from modelpod.serving.engine import InferenceEngine
 from modelpod.settings import Settings
