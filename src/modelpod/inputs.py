@@ -145,14 +145,13 @@ def _flat_numbers(datatype: str, data: list[Any]) -> np.ndarray[Any, Any] | None
         return None
     out = np.empty(n, dtype=DATATYPES[datatype])
     try:
-        struct.pack_into(f"={n}{_FLAT[datatype]}", out, 0, *data)
+        struct.pack_into(f"={n}{_FLAT[datatype]}", memoryview(out), 0, *data)
     except (struct.error, TypeError, OverflowError):
         return None
     # struct takes booleans as numbers: a short list is scanned for them, a long one only when it
     # holds 0 or 1 at all.
-    if n < FLAT_SCAN or ((out == 0) | (out == 1)).any():
-        if bool in set(map(type, data)):
-            return None
+    if (n < FLAT_SCAN or ((out == 0) | (out == 1)).any()) and bool in set(map(type, data)):
+        return None
     return out
 
 
