@@ -145,7 +145,7 @@ def _flat_numbers(datatype: str, data: list[Any]) -> np.ndarray[Any, Any] | None
         return None
     out = np.empty(n, dtype=DATATYPES[datatype])
     try:
-        struct.pack_into(f"={n}{_FLAT[datatype]}", memoryview(out), 0, *data)
+        struct.pack_into(f"={n}{_FLAT[datatype]}", out.data, 0, *data)
     except (struct.error, TypeError, OverflowError):
         return None
     # struct takes booleans as numbers: a short list is scanned for them, a long one only when it
