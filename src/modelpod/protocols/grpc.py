@@ -47,6 +47,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised where grpcio is missing
     raise MissingExtraError("grpc", "grpcio", "the gRPC endpoint") from exc
 
+from google.protobuf import json_format
+
 from modelpod.inputs import MAX_DIMS, STEP, InputCheck, check_shape
 from modelpod.observe.context import response_headers
 from modelpod.observe.serving import traced_grpc
@@ -258,6 +260,11 @@ class GrpcService:
             name=meta["name"], versions=meta["versions"], platform=meta["platform"],
             inputs=[tensor(**t) for t in meta["inputs"]], outputs=[tensor(**t) for t in meta["outputs"]])
 
+    async def model_config(self, request: Any, context: Any) -> Any:
+        # The dict REST's /config answers, read field by field: a key ModelConfig lacks is an error.
+        config = self.engine.model_config(request.name, request.version or None)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
+
     async def model_infer(self, request: Any, context: Any) -> Any:
         started = time.perf_counter()
         check = self.engine.input_check(request.model_name, request.model_version or None)
@@ -298,6 +305,7 @@ class GrpcService:
             "ServerMetadata": unary(self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse, READ),
             "ModelMetadata": unary(self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse, READ,
                                    name),
+            "ModelConfig": unary(self.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse, READ, name),
             "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse, INFER, model_name,
                                 traced=f"/{SERVICE}/ModelInfer"),
         })
