@@ -7,11 +7,10 @@ executor's two futures and their chained callbacks per batch (run_in_executor), 
 per request cost about as much as a small model's predict.
 
 A framework model (``computes_only``) that answers a batch in less than ``inline_s`` (a linear
-model, a small tree) costs less
-than the hand-over itself (a queue, a wake-up, the GIL passed back and forth, the loop woken): its
-batches of a size measured that fast run on the caller's thread, the event loop, which is blocked
-for less than ``inline_s`` each time. Every batch is timed, so a size that turns slow goes back to
-the thread, and a size never seen is first run there.
+model, a small tree) costs less than the hand-over itself (a queue, a wake-up, the GIL passed back
+and forth, the loop woken): its batches of a size measured that fast run on the caller's thread,
+the event loop, which is blocked for less than ``inline_s`` each time. Every batch is timed, so a
+size that turns slow goes back to the thread, and a size never seen is first run there.
 """
 
 from __future__ import annotations
