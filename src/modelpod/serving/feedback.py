@@ -91,15 +91,19 @@ class Answers:
         digits = rid[len(self.prefix):]
         return int(digits) if digits.isascii() and digits.isdigit() and len(digits) < 20 else None
 
+    def _slot(self, rid: str) -> int | None:
+        """The list index of a made-up id still kept (None otherwise)."""
+        n = self._number(rid)
+        return None if n is None or not self.base <= n < self.seq else n - self.base
+
     def find(self, rid: str) -> tuple[bool, Sent | None]:
         """(whether ``rid`` is kept, what was kept: None once it has feedback)."""
         for named in (self.named_new, self.named_old):
             if rid in named:
                 return True, named[rid]
-        n = self._number(rid)
-        if n is None or not self.base <= n < self.seq:
+        i = self._slot(rid)
+        if i is None:
             return False, None
-        i = n - self.base
         variant = self.variants[i]
         return True, None if variant is None else (variant, self.times[i], self.outputs[i])
 
@@ -109,9 +113,9 @@ class Answers:
             if rid in named:
                 named[rid] = None
                 return
-        n = self._number(rid)
-        if n is not None and self.base <= n < self.seq:
-            self.variants[n - self.base] = self.outputs[n - self.base] = None
+        i = self._slot(rid)
+        if i is not None:
+            self.variants[i] = self.outputs[i] = None
 
     def expired(self, rid: str) -> bool:
         if rid in self.gone:
