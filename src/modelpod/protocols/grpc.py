@@ -1,7 +1,8 @@
 """OIP v2 gRPC (``inference.GRPCInferenceService``) on grpc.aio, in the server's own event loop.
 
 Inputs arrive as typed ``contents`` or as ``raw_input_contents``; the answer uses the same form
-(raw whenever the request was raw, or an output is FP16/BF16, which only travel raw). Errors map
+(raw whenever the request was raw, or an output is FP16/BF16, which only travel raw; the tensors'
+translation is protocols/grpc_tensors.py). Errors map
 to status codes through ``ModelpodError.grpc_code``. Every answer carries the trailing
 metadata ``modelpod-variant: NAME:VERSION``; a route's sticky key is read from the invocation
 metadata. gRPC is an optional extra: importing this module without grpcio raises
@@ -10,7 +11,7 @@ MissingExtraError with the install hint.
 Tokens as over REST (protocols/auth.py): ``authorization: Bearer <token>`` metadata; a call without a
 known token is UNAUTHENTICATED, outside its scopes or models PERMISSION_DENIED, over its rate
 RESOURCE_EXHAUSTED with ``retry-after`` (seconds), ``grpc-retry-pushback-ms`` and a ``google.rpc.RetryInfo``
-in ``grpc-status-details-bin``. The
+in ``grpc-status-details-bin``; a model's full queue is UNAVAILABLE with the same three. The
 health calls (ServerLive, ServerReady) are open. Bounds (``server_options``): RPCs in progress,
 streams per connection, connections (``max_connections``), metadata (``max_header_bytes``) and
 received messages (``max_body_bytes``) as over REST, the TLS/HTTP/2 handshake within
