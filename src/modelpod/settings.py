@@ -48,7 +48,9 @@ class Settings:
     max_connections: int = 4096
     # gRPC bounds (protocols/grpc.py); connections, metadata and messages share the HTTP ones.
     grpc_max_concurrent_rpcs: int = 1024  # RPCs in progress at once; more get RESOURCE_EXHAUSTED
-    grpc_max_concurrent_streams: int = 100  # per connection (HTTP/2 SETTINGS)
+    # Per connection (HTTP/2 SETTINGS); keep it well above the calls a client has in flight on one
+    # connection: a stream over it is refused (REFUSED_STREAM), see protocols/grpc.py.
+    grpc_max_concurrent_streams: int = 1024
     grpc_keepalive_time_s: float = 60.0  # ping a quiet client this often ...
     grpc_keepalive_timeout_s: float = 20.0  # ... and drop it when the ping is not answered in this
     grpc_max_connection_age_s: float = 1800.0  # then GOAWAY: the client reconnects ...

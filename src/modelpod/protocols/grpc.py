@@ -1,7 +1,8 @@
 """OIP v2 gRPC (``inference.GRPCInferenceService``) on grpc.aio, in the server's own event loop.
 
 Inputs arrive as typed ``contents`` or as ``raw_input_contents``; the answer uses the same form
-(raw whenever the request was raw, or an output is FP16/BF16, which only travel raw). Errors map
+(raw whenever the request was raw, or an output is FP16/BF16, which only travel raw; the tensors'
+translation is protocols/grpc_tensors.py). Errors map
 to status codes through ``ModelpodError.grpc_code``. Every answer carries the trailing
 metadata ``modelpod-variant: NAME:VERSION``; a route's sticky key is read from the invocation
 metadata. gRPC is an optional extra: importing this module without grpcio raises
@@ -10,7 +11,7 @@ MissingExtraError with the install hint.
 Tokens as over REST (protocols/auth.py): ``authorization: Bearer <token>`` metadata; a call without a
 known token is UNAUTHENTICATED, outside its scopes or models PERMISSION_DENIED, over its rate
 RESOURCE_EXHAUSTED with ``retry-after`` (seconds), ``grpc-retry-pushback-ms`` and a ``google.rpc.RetryInfo``
-in ``grpc-status-details-bin``. The
+in ``grpc-status-details-bin``; a model's full queue is UNAVAILABLE with the same three. The
 health calls (ServerLive, ServerReady) are open. Bounds (``server_options``): RPCs in progress,
 streams per connection, connections (``max_connections``), metadata (``max_header_bytes``) and
 received messages (``max_body_bytes``) as over REST, the TLS/HTTP/2 handshake within
@@ -30,8 +31,6 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-
 from modelpod.errors import (
     InvalidRequestError,
     MissingExtraError,
@@ -49,142 +48,65 @@ except ImportError as exc:  # pragma: no cover - exercised where grpcio is missi
 
 from google.protobuf import json_format
 
-from modelpod.inputs import MAX_DIMS, STEP, InputCheck, check_shape
 from modelpod.observe.context import response_headers
 from modelpod.observe.serving import traced_grpc
-from modelpod.pod import DATATYPES, Signature, datatype_of
 from modelpod.protocols._generated import open_inference_pb2 as pb
 from modelpod.protocols.auth import INFER, READ, Auth
-from modelpod.protocols.codec import tensor_from_bytes, tensor_to_bytes
+from modelpod.protocols.grpc_tensors import encode_infer, read_heads, read_tensors
 from modelpod.protocols.tls import TlsFiles
 from modelpod.serving.engine import InferenceEngine
-from modelpod.serving.messages import InferRequest, InferResult
 from modelpod.settings import Settings
 
 log = logging.getLogger("modelpod.serving")
 
 SERVICE = "inference.GRPCInferenceService"
-_CONTENTS = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
-}
-Rpc = Callable[[Any, "aio.ServicerContext[Any, Any]"], Awaitable[Any]]
+INFER_METHOD = f"/{SERVICE}/ModelInfer"
+Rpc = Callable[[Any, Any, Any], Awaitable[Any]]  # (request, context, invocation metadata or None)
+Handler = Callable[[Any, Any], Awaitable[Any]]
 
 
-# The numpy type each typed-contents field arrives as (protobuf's own scalar types).
-_WIRE = {"bool_contents": np.bool_, "int_contents": np.int32, "int64_contents": np.int64,
-         "uint_contents": np.uint32, "uint64_contents": np.uint64, "fp32_contents": np.float32,
-         "fp64_contents": np.float64}
+class Deadlines:
+    """The server's deadline for the calls that come without one, kept by one timer for all of
+    them (a sweep every ``tick`` seconds while any is open) instead of a timer per call: a call
+    over it is cancelled within ``tick`` of its deadline and answered DEADLINE_EXCEEDED."""
 
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.tick = min(1.0, seconds / 4)
+        self._open: dict[asyncio.Task[Any], float] = {}  # in order of arrival, so of deadline
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
 
-def _parameter(p: Any) -> Any:
-    which = p.WhichOneof("parameter_choice")
-    return getattr(p, which) if which else None
+    def enter(self, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self._open[task] = loop.time() + self.seconds
+        if self._timer is None:
+            self._timer = loop.call_later(self.tick, self._sweep, loop)
 
+    def leave(self, task: asyncio.Task[Any]) -> None:
+        self._open.pop(task, None)
 
-def decode_infer(msg: Any, check: InputCheck | None = None) -> InferRequest:
-    """A ModelInferRequest as the engine's InferRequest; with ``check``, headers are checked first."""
-    raw = msg.raw_input_contents
-    if raw and len(raw) != len(msg.inputs):
-        raise InvalidRequestError(f"{len(raw)} raw_input_contents for {len(msg.inputs)} inputs")
-    if not msg.inputs:
-        raise InvalidRequestError("the request has no inputs")
-    check = check or InputCheck(Signature())
-    if check.typed and len(msg.inputs) > len(check.signature.inputs):
-        check.names((), len(msg.inputs))  # raises: more inputs than the model takes
-    heads: list[tuple[str, str, tuple[int, ...]]] = []
-    seen: set[str] = set()
-    for i, t in enumerate(msg.inputs):
-        name, datatype = t.name, t.datatype
-        if not name:
-            raise InvalidRequestError(f"inputs[{i}] has no name")
-        if name in seen:
-            raise InvalidRequestError(f"input {name!r} given twice")
-        seen.add(name)
-        if datatype not in DATATYPES:
-            raise InvalidRequestError(f"input {name!r}: unknown datatype {datatype!r}")
-        if len(t.shape) > MAX_DIMS:
-            raise InvalidRequestError(f"input {name!r}: {len(t.shape)} dimensions; at most {MAX_DIMS} are allowed")
-        shape = tuple(int(d) for d in t.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidRequestError(f"input {name!r}: negative dimension in shape {list(shape)}")
-        check.header(name, datatype, shape)
-        heads.append((name, datatype, shape))
-    check.names(seen, len(seen))
-    inputs: dict[str, np.ndarray[Any, Any]] = {}
-    for i, (name, datatype, shape) in enumerate(heads):
-        if raw:
-            arr = tensor_from_bytes(name, datatype, shape, memoryview(raw[i]))
-        else:
-            arr = _from_contents(name, datatype, shape, msg.inputs[i].contents)
-        inputs[name] = check.finish(name, arr)
-    outputs = {o.name: True for o in msg.outputs} or None
-    params = {k: _parameter(v) for k, v in msg.parameters.items()}
-    return InferRequest(inputs, msg.id or None, params, outputs, binary_output=bool(raw),
-                        checked=check.signature if check.typed else None)
-
-
-def _big(msg: Any) -> bool:
-    """Whether decoding ``msg`` is worth a thread: raw tensors over 256 kB, or many typed values."""
-    if sum(len(r) for r in msg.raw_input_contents) > 256 * 1024:
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """Whether ``task`` was cancelled by this deadline (not by its client), once."""
+        if task not in self._expired:
+            return False
+        self._expired.discard(task)
+        uncancel = getattr(task, "uncancel", None)
+        if uncancel is not None:  # Python 3.11+: the cancellation was ours and is handled
+            uncancel()
         return True
-    for t in msg.inputs:
-        n = 1
-        for d in t.shape:
-            n *= max(int(d), 0)
-        if n > STEP:
-            return True
-    return False
 
-
-def _from_contents(name: str, datatype: str, shape: tuple[int, ...], contents: Any) -> np.ndarray[Any, Any]:
-    field = _CONTENTS.get(datatype)
-    if field is None:
-        raise InvalidRequestError(f"input {name!r}: {datatype} travels only as raw_input_contents")
-    values = getattr(contents, field)
-    n = check_shape(name, shape)
-    if len(values) != n:
-        raise InvalidRequestError(f"input {name!r}: {len(values)} values for shape {list(shape)}")
-    if datatype == "BYTES":
-        arr = np.empty(n, dtype=object)
-        for i in range(0, n, STEP):
-            arr[i:i + STEP] = list(values[i:i + STEP])
-        return arr.reshape(shape)
-    # int_contents carries INT8/INT16 as int32: values must fit the declared type, never wrap.
-    wide: np.ndarray[Any, Any] = np.empty(n, dtype=_WIRE[field])
-    for i in range(0, n, STEP):  # in steps: each numpy call holds the GIL
-        wide[i:i + STEP] = values[i:i + STEP]
-    want = DATATYPES[datatype]
-    if want != wide.dtype and wide.size:
-        info = np.iinfo(want)
-        if wide.min() < info.min or wide.max() > info.max:
-            raise InvalidRequestError(f"input {name!r}: values do not fit {datatype}")
-    return wide.astype(want).reshape(shape)
-
-
-def encode_infer(result: InferResult, request: InferRequest) -> Any:
-    """The engine's answer as a ModelInferResponse, raw or typed like the request."""
-    msg = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version or "",
-                                id=request.id or "")
-    wanted = request.outputs
-    chosen = [(n, np.asarray(a)) for n, a in result.outputs.items() if wanted is None or n in wanted]
-    if wanted:
-        missing = [n for n in wanted if n not in result.outputs]
-        if missing:
-            raise InvalidRequestError(f"unknown output(s) {', '.join(missing)}")
-    kinds = [(n, a, datatype_of(a)) for n, a in chosen]
-    raw = request.binary_output or any(dt not in _CONTENTS for _, _, dt in kinds)
-    for name, arr, datatype in kinds:
-        out = msg.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
-        if raw:
-            msg.raw_output_contents.append(tensor_to_bytes(arr))
-        elif datatype == "BYTES":
-            out.contents.bytes_contents.extend(
-                v if isinstance(v, bytes) else str(v).encode() for v in arr.reshape(-1).tolist())
-        else:
-            getattr(out.contents, _CONTENTS[datatype]).extend(arr.reshape(-1).tolist())
-    return msg
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        overdue = []
+        for task, end in self._open.items():
+            if end > now:
+                break
+            overdue.append(task)
+        for task in overdue:
+            del self._open[task]
+            self._expired.add(task)
+            task.cancel()
+        self._timer = loop.call_later(self.tick, self._sweep, loop) if self._open else None
 
 
 class GrpcService:
@@ -196,42 +118,32 @@ class GrpcService:
         if self.auth is not None:
             self.auth.attach(engine.metrics)
         self.deadline_s = settings.grpc_default_deadline_s
+        self.deadlines = Deadlines(settings.grpc_default_deadline_s)
         self._decoder = ThreadPoolExecutor(2, thread_name_prefix="modelpod-grpc-decode")
 
-    def _authorize(self, context: Any, scope: str, model: str | None) -> None:
+    def _authorize(self, metadata: Any, scope: str, model: str | None) -> None:
         assert self.auth is not None
-        given: list[str] = [str(v) for k, v in context.invocation_metadata() or () if k == "authorization"]
+        given: list[str] = [str(v) for k, v in metadata or () if k == "authorization"]
         if len(given) > 1:
             raise InvalidRequestError("more than one authorization metadata entry")
         self.auth.check(given[0] if given else None, scope, model)
 
-    def _wrap(self, fn: Rpc, scope: str | None, model: Callable[[Any], str] | None = None, traced: str = "") -> Rpc:
+    def _wrap(self, fn: Rpc, scope: str | None, model: Callable[[Any], str] | None = None, traced: str = "") -> Handler:
         async def call(request: Any, context: Any) -> Any:
             try:
+                metadata = None
                 if scope is not None and self.auth is not None:
-                    self._authorize(context, scope, model(request) if model is not None else None)
+                    metadata = context.invocation_metadata()
+                    self._authorize(metadata, scope, model(request) if model is not None else None)
                 tracing = self.engine.observe.tracing
                 if traced and tracing is not None:  # a server span, child of the metadata's traceparent
-                    def run() -> Any:
-                        if context.time_remaining() is None:  # no deadline from the client: ours
-                            return _within(fn(request, context), self.deadline_s)
-                        return fn(request, context)
-                    return await traced_grpc(tracing, traced, context.invocation_metadata(), run)
-                if context.time_remaining() is None:  # no deadline from the client: ours
-                    return await _within(fn(request, context), self.deadline_s)
-                return await fn(request, context)
+                    if metadata is None:
+                        metadata = context.invocation_metadata()
+                    found = metadata
+                    return await traced_grpc(tracing, traced, found, lambda: self._bounded(fn, request, context, found))
+                return await self._bounded(fn, request, context, metadata)
             except ModelpodError as exc:
-                if isinstance(exc, RateLimitedError):
-                    context.set_trailing_metadata((
-                        ("retry-after", str(exc.retry_after_s)),
-                        ("grpc-retry-pushback-ms", str(math.ceil(exc.wait_s * 1000))),
-                        ("grpc-status-details-bin", retry_status(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
-                                                                 exc.message, exc.wait_s))))
-                elif isinstance(exc, OverloadedError):
-                    context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
-                if exc.grpc_code == "INTERNAL":
-                    await context.abort(grpc.StatusCode.INTERNAL, _internal(request, exc))
-                await context.abort(getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL), exc.message)
+                await self._refuse(context, request, exc)
             except TimeoutError:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                     f"the call came without a deadline and took longer than the server's "
@@ -240,50 +152,81 @@ class GrpcService:
                 await context.abort(grpc.StatusCode.INTERNAL, _internal(request, exc))
         return call
 
-    async def server_live(self, request: Any, context: Any) -> Any:
+    async def _bounded(self, fn: Rpc, request: Any, context: Any, metadata: Any) -> Any:
+        """``fn``, within the server's deadline when the client set none (TimeoutError past it)."""
+        if context.time_remaining() is not None:
+            return await fn(request, context, metadata)
+        task = asyncio.current_task()
+        assert task is not None
+        self.deadlines.enter(task, asyncio.get_running_loop())
+        try:
+            return await fn(request, context, metadata)
+        except asyncio.CancelledError:
+            if self.deadlines.expired(task):
+                raise TimeoutError from None
+            raise
+        finally:
+            self.deadlines.leave(task)
+
+    async def _refuse(self, context: Any, request: Any, exc: ModelpodError) -> None:
+        """Abort the call with ``exc``'s status; an overload or a rate limit says when to retry (in
+        seconds, gRPC's retry pushback in milliseconds, and a google.rpc.RetryInfo)."""
+        if isinstance(exc, OverloadedError):
+            wait_s = exc.wait_s if isinstance(exc, RateLimitedError) else float(exc.retry_after_s)
+            code = getattr(grpc.StatusCode, exc.grpc_code)
+            context.set_trailing_metadata((
+                ("retry-after", str(exc.retry_after_s)),
+                ("grpc-retry-pushback-ms", str(math.ceil(wait_s * 1000))),
+                ("grpc-status-details-bin", retry_status(code.value[0], exc.message, wait_s))))
+        if exc.grpc_code == "INTERNAL":
+            await context.abort(grpc.StatusCode.INTERNAL, _internal(request, exc))
+        await context.abort(getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL), exc.message)
+
+    async def server_live(self, request: Any, context: Any, metadata: Any) -> Any:
         return pb.ServerLiveResponse(live=self.engine.live())
 
-    async def server_ready(self, request: Any, context: Any) -> Any:
+    async def server_ready(self, request: Any, context: Any, metadata: Any) -> Any:
         return pb.ServerReadyResponse(ready=self.engine.ready())
 
-    async def model_ready(self, request: Any, context: Any) -> Any:
+    async def model_ready(self, request: Any, context: Any, metadata: Any) -> Any:
         return pb.ModelReadyResponse(ready=self.engine.model_ready(request.name, request.version or None))
 
-    async def server_metadata(self, request: Any, context: Any) -> Any:
+    async def server_metadata(self, request: Any, context: Any, metadata: Any) -> Any:
         meta = self.engine.metadata()
         return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"], extensions=meta["extensions"])
 
-    async def model_metadata(self, request: Any, context: Any) -> Any:
+    async def model_metadata(self, request: Any, context: Any, metadata: Any) -> Any:
         meta = self.engine.model_metadata(request.name, request.version or None)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"],
             inputs=[tensor(**t) for t in meta["inputs"]], outputs=[tensor(**t) for t in meta["outputs"]])
 
-    async def model_config(self, request: Any, context: Any) -> Any:
+    async def model_config(self, request: Any, context: Any, metadata: Any) -> Any:
         # The dict REST's /config answers, read field by field: a key ModelConfig lacks is an error.
         config = self.engine.model_config(request.name, request.version or None)
         return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
 
-    async def model_infer(self, request: Any, context: Any) -> Any:
+    async def model_infer(self, request: Any, context: Any, metadata: Any) -> Any:
         started = time.perf_counter()
-        check = self.engine.input_check(request.model_name, request.model_version or None)
-        if _big(request):  # decoded on a thread, in steps, so the event loop keeps answering
+        engine = self.engine
+        name, version = request.model_name, request.model_version or None
+        check = engine.input_check(name, version)
+        heads, big = read_heads(request, check)
+        if big:  # decoded on a thread, in steps, so the event loop keeps answering
             loop = asyncio.get_running_loop()
-            decoded = await loop.run_in_executor(self._decoder, decode_infer, request, check)
+            decoded = await loop.run_in_executor(self._decoder, read_tensors, request, heads, check)
         else:
-            decoded = decode_infer(request, check)
+            decoded = read_tensors(request, heads, check)
         headers = None
-        if self.engine.traffic.routes:  # a route's sticky key may be in the metadata
-            headers = {str(k): str(v) for k, v in context.invocation_metadata() or ()}
-        result = await self.engine.infer(request.model_name, request.model_version or None, decoded,
-                                         protocol="grpc", started=started, headers=headers)
+        if engine.traffic.routes:  # a route's sticky key may be in the metadata
+            if metadata is None:
+                metadata = context.invocation_metadata()
+            headers = {str(k): str(v) for k, v in metadata or ()}
+        result = await engine.infer(name, version, decoded, protocol="grpc", started=started, headers=headers)
         context.set_trailing_metadata((("modelpod-variant", result.variant or result.model_name),
                                        *response_headers()))
-        msg = encode_infer(result, decoded)
-        if result.id:  # a routed answer always has one, for feedback
-            msg.id = result.id
-        return msg
+        return encode_infer(result, decoded)  # a routed answer's id is the one feedback names
 
     def handler(self) -> Any:
         def unary(fn: Rpc, req: Any, resp: Any, scope: str | None, model: Callable[[Any], str] | None = None,
@@ -307,7 +250,7 @@ class GrpcService:
                                    name),
             "ModelConfig": unary(self.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse, READ, name),
             "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse, INFER, model_name,
-                                traced=f"/{SERVICE}/ModelInfer"),
+                                traced=INFER_METHOD),
         })
 
 
@@ -343,15 +286,6 @@ def retry_status(code: int, message: str, wait_s: float) -> bytes:
     return b"\x08" + _varint(code) + _field(2, message.encode()) + _field(3, detail)
 
 
-async def _within(call: Awaitable[Any], seconds: float) -> Any:
-    """``await call``, raising TimeoutError after ``seconds``."""
-    timeout = getattr(asyncio, "timeout", None)
-    if timeout is None:  # pragma: no cover - Python 3.10
-        return await asyncio.wait_for(call, seconds)
-    async with timeout(seconds):
-        return await call
-
-
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """The grpc core channel arguments bounding what clients may hold (see the module docstring)."""
     def ms(seconds: float) -> int:
@@ -361,6 +295,11 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", settings.max_body_bytes),
         ("grpc.max_send_message_length", -1),  # answers are not capped over REST either
         ("grpc.max_metadata_size", settings.max_header_bytes),
+        # Streams per connection. grpc core counts a stream until the server has freed it, which the
+        # Python side does a loop turn or two after the client saw its answer; a stream beyond the
+        # count is refused (REFUSED_STREAM), even from a client that keeps to the advertised limit.
+        # That count is core's defence against rapid reset (CVE-2023-44487) and stays on: the limit
+        # is set well above the calls one client holds (the default, 1024, is the RPC cap).
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
         ("grpc.max_allowed_incoming_connections", settings.max_connections),
         ("grpc.server_handshake_timeout_ms", ms(settings.header_timeout_s)),
