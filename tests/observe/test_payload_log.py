@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 from servutil import PYTHON, EchoModel, LiveServer, ServeProcess, echo_request, metric_value, wait_for
 
@@ -203,3 +204,96 @@ def test_serve_config_file_turns_it_on(tmp_path: Path, served_home: tuple[Path, 
         server.stop()
     record = json.loads(sink.read_text().splitlines()[0])
     assert record["model"] == "lr" and record["request"]["inputs"][0]["data"][0] == REDACTED
+
+
+def test_pick_then_put_logs_exactly_the_pairs_the_old_offer_chose(tmp_path: Path) -> None:
+    """The engine draws the sample first (``pick``) and builds the record only for a chosen pair
+    (``put``): the pairs written are those the one-call ``offer`` chose, in order, unchanged."""
+    from random import Random
+
+    from modelpod.observe.payload import PayloadLogger
+    from modelpod.serving.metrics import Counter
+
+    raw = {"": {"sink": str(tmp_path / "all.jsonl"), "sample": 0.3},
+           "a": {"sink": str(tmp_path / "a.jsonl"), "sample": 0.7}, "b": "off"}
+    specs = parse_specs(raw)
+    labels = ("model", "version")
+    written = Counter("t_written_total", "t", labels)
+    logger = PayloadLogger(specs, written, Counter("t_dropped_total", "t", (*labels, "reason")))
+    logger._random = Random(7).random
+    rng = np.random.default_rng(16)
+    reference = Random(7)  # the same draws, judged as offer judged them before pick existed
+    expected: dict[str, list[dict[str, Any]]] = {"all.jsonl": [], "a.jsonl": []}
+    for i in range(300):
+        model = str(rng.choice(["a", "b", "c", "d"]))
+        x = rng.normal(size=(int(rng.integers(1, 4)), 3)).astype(np.float32)
+        y = (x.sum(axis=1) > 0).astype(np.int64)
+        rid = f"r{i}" if i % 3 else None
+        spec = specs[model] if model in specs else specs.get("")
+        if spec is not None and reference.random() < spec.sample:
+            expected["a.jsonl" if model == "a" else "all.jsonl"].append(
+                {"model": model, "id": rid, "x": x.reshape(-1).tolist(), "y": y.tolist()})
+        sink = logger.pick(model)
+        if sink is not None:
+            logger.put(sink, model, "1", f"{model}:1", "", rid, {"x": x}, {"y": y})
+    logger.close()
+    for name, want in expected.items():
+        lines = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        got = [{"model": r["model"], "id": r["id"] if r["id"].startswith("r") else None,  # or a uuid4 of the sink
+                "x": r["request"]["inputs"][0]["data"], "y": r["response"]["outputs"][0]["data"]} for r in lines]
+        assert got == want and len(want) > 20, name
+        assert all(r["request"]["id"] == r["id"] == r["response"]["id"] for r in lines)
+    assert not any(r["model"] == "b" for r in map(json.loads, (tmp_path / "all.jsonl").read_text().splitlines()))
+    assert logger.pick("b") is None
+
+
+def _old_line(record: tuple[Any, ...], names: frozenset[str]) -> bytes:
+    """A JSON Lines record as the sink wrote it before its fast path (datetime, a filtered dict)."""
+    from datetime import datetime, timezone
+
+    from modelpod.protocols.codec import tensor_to_json
+
+    when, model, version, variant, route, rid, trace, inputs, outputs = record
+    request = {"id": rid, "inputs": [tensor_to_json(n, a) for n, a in inputs.items()]}
+    response: dict[str, Any] = {"model_name": model, "id": rid,
+                                "outputs": [tensor_to_json(n, a) for n, a in outputs.items()]}
+    if version:
+        response["model_version"] = version
+    stamp = datetime.fromtimestamp(when, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    doc = {"time": stamp, "id": rid, "model": model, "version": version, "variant": variant, "route": route,
+           "trace_id": trace[0] if trace is not None else None,
+           "request": redact(request, names), "response": redact(response, names)}
+    return orjson.dumps({k: v for k, v in doc.items() if v not in (None, "")}) + b"\n"
+
+
+def test_sink_lines_are_the_same_bytes_as_before_its_fast_path(tmp_path: Path) -> None:
+    import uuid
+    from random import Random
+
+    from modelpod.observe.payload import PayloadLogSpec, PayloadSink, uuid4_hex
+    from modelpod.serving.metrics import Counter
+
+    rng, draw = np.random.default_rng(16), Random(16)
+    for redacted in ((), ("y", "ssn")):
+        spec = PayloadLogSpec(sink=str(tmp_path / "p.jsonl"), redact=redacted)
+        sink = PayloadSink(spec, Counter("t1_total", "t", ("model", "version")),
+                           Counter("t2_total", "t", ("model", "version", "reason")))
+        try:
+            for i in range(400):
+                # Whole seconds, halves of a microsecond and the edge of the next second included.
+                base = float(draw.randrange(0, 4_000_000_000))
+                when = base + draw.choice([0.0, 0.5e-6, 1.5e-6, 0.9999995, 0.9999996, 0.4999995, draw.random()])
+                x = rng.normal(size=(int(rng.integers(1, 4)), 3)).astype(draw.choice([np.float32, np.float64]))
+                record = (when, draw.choice(["m", "a-b"]), draw.choice(["", "3"]), draw.choice(["", "m:3"]),
+                          draw.choice(["", "route"]), f"id-{i}",
+                          draw.choice([None, ("ab" * 16, "cd" * 8, "01")]),
+                          {"x": x, "ssn": np.array([b"1", b"2"], dtype=object)[: len(x) % 2 + 1]},
+                          {"y": (x > 0).astype(np.int64)})
+                assert sink._line(record) == _old_line(record, frozenset(redacted)), record
+        finally:
+            sink.close(5)
+    made = {uuid4_hex() for _ in range(200)}
+    assert len(made) == 200
+    for hex_id in made:
+        parsed = uuid.UUID(hex_id)
+        assert parsed.hex == hex_id and parsed.version == 4 and parsed.variant == uuid.RFC_4122

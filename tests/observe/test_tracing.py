@@ -322,3 +322,84 @@ def test_default_sampling_follows_the_caller_and_makes_no_span_when_not_sampled(
     assert int(second.headers["modelpod-trace-id"], 16) not in traces  # over the rate: ids, no spans
     assert second.headers["modelpod-trace-id"] != first.headers["modelpod-trace-id"]
     assert sampled.headers["traceparent"].endswith("-01")
+
+
+class _OldBucket:
+    """The root sampler as it was before its fast path: the bucket refilled on every call."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate, self.tokens, self.last = max(0.0, rate), max(1.0, rate), now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def test_root_sampler_fast_path_decides_as_a_bucket_refilled_on_every_call() -> None:
+    from functools import partial
+    from operator import getitem
+    from random import Random
+
+    from modelpod.observe.tracing import RateLimitedSampler
+
+    rng = Random(16)
+    for case in range(40):
+        # Rates and times in powers of two: the float sums are exact, so both must agree on every call.
+        rate = rng.choice([0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 64.0])
+        clock = [float(rng.randrange(0, 1 << 10)) / 64]
+        sampler = RateLimitedSampler(rate, clock=partial(getitem, clock, 0))
+        old = _OldBucket(rate, clock[0])
+        got, want = [], []
+        for _ in range(400):
+            clock[0] += rng.choice([0.0, 0.0, 1 / 1024, 1 / 64, 1 / 8, 0.5, 3.0])
+            got.append(sampler.take())
+            want.append(old.take(clock[0]))
+        assert got == want, (case, rate)
+        assert rate == 0.0 or any(want) and not all(want) or rate >= 64.0
+
+
+def test_unsampled_requests_get_ids_and_headers_but_no_span() -> None:
+    import asyncio
+
+    from modelpod.observe.context import SPAN
+    from modelpod.observe.context import TRACE as CURRENT
+    from modelpod.observe.serving import traced_rest
+    from modelpod.observe.tracing import RateLimitedSampler
+    from modelpod.protocols.wire import Request, Response
+
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.with_exporter(exporter)
+    tracing.roots = RateLimitedSampler(0.0)
+    assert tracing.roots.take()  # its one token spent: nothing more is sampled
+    seen: list[Any] = []
+
+    async def answer(req: Request) -> Response:
+        seen.append((CURRENT.get(), SPAN.get()))
+        return Response(201, b"{}", headers=[("x-kept", "1")])
+
+    async def main() -> list[Response]:
+        out = []
+        for headers in ({}, {"traceparent": f"00-{TRACE}-{PARENT}-00"}, {"traceparent": "bad"}, {}):
+            req = Request("POST", "/v2/models/m/infer", "", headers, b"", True, 0.0)
+            out.append(await traced_rest(tracing, req, answer))
+        assert CURRENT.get() is None and SPAN.get() is None
+        return out
+
+    answers = asyncio.run(main())
+    assert exporter.get_finished_spans() == ()
+    trace_ids = set()
+    for r, (trace, span) in zip(answers, seen, strict=True):
+        assert r.status == 201 and r.body == b"{}" and span is None
+        head = dict(r.headers or ())
+        assert head["x-kept"] == "1" and head["modelpod-trace-id"] == trace[0]
+        assert head["traceparent"] == f"00-{trace[0]}-{trace[1]}-00" == f"00-{trace[0]}-{trace[1]}-{trace[2]}"
+        assert parse_traceparent(head["traceparent"]) is not None
+        assert len(trace[0]) == 32 and len(trace[1]) == 16 and int(trace[1], 16) != 0
+        trace_ids.add(trace[0])
+    assert seen[1][0][0] == TRACE and seen[1][0][1] != PARENT  # the caller's trace, a span id of ours
+    assert len(trace_ids) == 4
+    tracing.shutdown()

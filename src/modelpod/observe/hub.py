@@ -16,13 +16,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from modelpod.errors import ModelpodError
 from modelpod.model import Batch
 from modelpod.observe.context import SPAN, TRACE
 from modelpod.observe.drift import DRIFT, MODERATE, DriftMonitor, DriftWorker, read_reference
-from modelpod.observe.payload import PayloadLogger, PayloadLogSpec
+from modelpod.observe.payload import PayloadLogger, PayloadLogSpec, PayloadSink
 from modelpod.serving.metrics import Counter, CounterFunc, GaugeFunc, LabelValues, ServingMetrics
 
 if TYPE_CHECKING:
@@ -121,18 +122,19 @@ class Observer:
                 return
             monitor = self.monitors[key] = DriftMonitor(reference, entry.name, entry.version_text, entry.label)
             self.sections.setdefault("drift", self.drift_section)
-        worker = self.drift
-
-        def on_batch(batch: Batch) -> None:
-            worker.offer(monitor, batch)
-
-        batcher.on_batch = on_batch
+        batcher.on_batch = partial(self.drift.offer, monitor)  # per batch: no Python frame of its own
 
     # -- the hot path (called by the engine) -------------------------------------------------------
     def answered(self, entry: ModelEntry, variant: str, route: str, rid: str | None, inputs: Batch,
-                 outputs: Batch) -> None:
+                 outputs: Batch, sink: PayloadSink | None = None) -> None:
+        """Log an answered request's payload: to ``sink`` when the engine drew it already
+        (``payload.pick``, before building these arguments), else if the sample chooses it."""
         payload = self.payload
-        if payload is not None:
+        if payload is None:
+            return
+        if sink is not None:
+            payload.put(sink, entry.name, entry.version_text, variant, route, rid, inputs, outputs)
+        else:
             payload.offer(entry.name, entry.version_text, variant, route, rid, inputs, outputs)
 
     def failed(self, name: str, entry: ModelEntry | None, exc: BaseException) -> None:

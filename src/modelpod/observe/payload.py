@@ -26,15 +26,15 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
+import math
+import os
 import random
 import socket
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -135,7 +135,7 @@ def redact(doc: Any, names: frozenset[str]) -> Any:
 Record = tuple[float, str, str, str, str, "str | None", "tuple[str, str, str] | None", Batch, Batch]
 
 
-class _Sink:
+class PayloadSink:
     """One sink's bounded buffer and the thread that drains it.
 
     The request's side is a ``deque.append`` (no lock, no wake-up): the thread looks every
@@ -156,6 +156,7 @@ class _Sink:
         self._size = 0
         self._conn: http.client.HTTPConnection | None = None
         self._host = socket.gethostname()
+        self._second, self._prefix = -1, ""  # _stamp's last whole second, formatted
         self._thread = threading.Thread(target=self._drain, name="modelpod-payload-log", daemon=True)
         self._thread.start()
 
@@ -241,26 +242,49 @@ class _Sink:
         from modelpod.protocols.codec import tensor_to_json
 
         _, model, version, _, _, rid, _, inputs, outputs = record
-        rid = rid or uuid.uuid4().hex
+        rid = rid or uuid4_hex()
         request = {"id": rid, "inputs": [tensor_to_json(n, a) for n, a in inputs.items()]}
         response: dict[str, Any] = {"model_name": model, "id": rid,
                                     "outputs": [tensor_to_json(n, a) for n, a in outputs.items()]}
         if version:
             response["model_version"] = version
-        return rid, redact(request, self._names), redact(response, self._names)
+        if self._names:
+            return rid, redact(request, self._names), redact(response, self._names)
+        return rid, request, response
 
-    @staticmethod
-    def _stamp(when: float) -> str:
-        return datetime.fromtimestamp(when, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    def _stamp(self, when: float) -> str:
+        """``when`` as RFC 3339 UTC to the microsecond, as ``datetime.fromtimestamp(when, utc).isoformat()``
+        writes it (rounded half to even), with the date and time of day made once a second."""
+        fraction, whole = math.modf(when)
+        us = round(fraction * 1e6)
+        if us >= 1_000_000:
+            us -= 1_000_000
+            whole += 1.0
+        elif us < 0:
+            us += 1_000_000
+            whole -= 1.0
+        second = int(whole)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{us:06d}Z"
 
     def _line(self, record: Record) -> bytes:
-        """One JSON Lines record: the pair, its ids and labels."""
+        """One JSON Lines record: the pair, its ids and labels (empty ones left out)."""
         when, model, version, variant, route, _, trace, _, _ = record
         rid, request, response = self._docs(record)
-        doc = {"time": self._stamp(when), "id": rid, "model": model, "version": version, "variant": variant,
-               "route": route, "trace_id": trace[0] if trace is not None else None,
-               "request": request, "response": response}
-        return orjson.dumps({k: v for k, v in doc.items() if v not in (None, "")}) + b"\n"
+        doc: dict[str, Any] = {"time": self._stamp(when), "id": rid}
+        if model:
+            doc["model"] = model
+        if version:
+            doc["version"] = version
+        if variant:
+            doc["variant"] = variant
+        if route:
+            doc["route"] = route
+        if trace is not None and trace[0]:
+            doc["trace_id"] = trace[0]
+        doc["request"], doc["response"] = request, response
+        return orjson.dumps(doc, option=orjson.OPT_APPEND_NEWLINE)
 
     # -- a file, rotated ----------------------------------------------------------------------------
     def _append(self, lines: list[bytes]) -> tuple[int, Exception | None]:
@@ -325,6 +349,15 @@ class _Sink:
         self._thread.join(timeout_s)
 
 
+def uuid4_hex() -> str:
+    """What ``uuid.uuid4().hex`` gives (16 random bytes, version 4, the RFC 4122 variant) without
+    making a UUID object: a record without an id gets one on the sink's thread."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return raw.hex()
+
+
 def rotate(path: Path, backups: int) -> None:
     """``path`` becomes ``path.1``, ``path.1`` becomes ``path.2``… keeping ``backups`` files."""
     if backups <= 0:
@@ -345,29 +378,40 @@ class PayloadLogger:
         self._specs = dict(specs)  # "" is the global spec
         self._written = written
         self._dropped = dropped
-        self._sinks: dict[str, _Sink] = {}
+        self._sinks: dict[str, PayloadSink] = {}
         self._lock = threading.Lock()
         self._random = random.random
 
-    def _sink(self, spec: PayloadLogSpec) -> _Sink:
+    def _sink(self, spec: PayloadLogSpec) -> PayloadSink:
         sink = self._sinks.get(spec.sink)
         if sink is None:
             with self._lock:
                 sink = self._sinks.get(spec.sink)
                 if sink is None:
-                    sink = self._sinks[spec.sink] = _Sink(spec, self._written, self._dropped)
+                    sink = self._sinks[spec.sink] = PayloadSink(spec, self._written, self._dropped)
         return sink
+
+    def pick(self, model: str) -> PayloadSink | None:
+        """Draw the sample for one answered request of ``model``: its sink when it is chosen, else
+        None. The engine calls this before it reads or builds anything for the record, so a
+        request not chosen costs two dict lookups and a random number."""
+        spec = self._specs.get(model, self._specs.get(""))  # a model's own None turns it off
+        if spec is None or self._random() >= spec.sample:
+            return None
+        return self._sinks.get(spec.sink) or self._sink(spec)
+
+    def put(self, sink: PayloadSink, model: str, version: str, variant: str, route: str, rid: str | None,
+            inputs: Batch, outputs: Batch) -> None:
+        """Hand a chosen pair (``pick``) to its sink; never blocks, never raises."""
+        if not sink.put((time.time(), model, version, variant, route, rid, TRACE.get(), inputs, outputs)):
+            self._dropped.labels(model, version, "queue_full").inc()
 
     def offer(self, model: str, version: str, variant: str, route: str, rid: str | None, inputs: Batch,
               outputs: Batch) -> None:
-        """Maybe log one answered request: the sample is drawn first, so a request not chosen costs
-        a dict lookup and a random number; never blocks, never raises."""
-        spec = self._specs[model] if model in self._specs else self._specs.get("")
-        if spec is None or self._random() >= spec.sample:
-            return
-        sink = self._sinks.get(spec.sink) or self._sink(spec)
-        if not sink.put((time.time(), model, version, variant, route, rid, TRACE.get(), inputs, outputs)):
-            self._dropped.labels(model, version, "queue_full").inc()
+        """Maybe log one answered request: ``pick``, then ``put`` if it was chosen."""
+        sink = self.pick(model)
+        if sink is not None:
+            self.put(sink, model, version, variant, route, rid, inputs, outputs)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Write what is queued (for at most ``timeout_s`` a sink) and stop the threads."""

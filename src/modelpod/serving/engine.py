@@ -25,6 +25,7 @@ from modelpod.errors import (
 )
 from modelpod.inputs import InputCheck
 from modelpod.model import Model, with_parameters
+from modelpod.observe.context import SPAN
 from modelpod.observe.hub import Observer
 from modelpod.serving.config import BatchPolicy, ServeConfig
 from modelpod.serving.messages import InferRequest, InferResult
@@ -227,8 +228,9 @@ class InferenceEngine:
             model_inputs = inputs
             if model.takes_parameters:
                 inputs = with_parameters(inputs, request.parameters, model.row_parameters)
-            span = observe.span() if observe.tracing is not None else None
-            if span is not None:
+            # The request's server span, if it has one and it records (observe.span(), inlined: per request).
+            span = SPAN.get() if observe.tracing is not None else None
+            if span is not None and span.is_recording():
                 span.set_attributes({"modelpod.model": entry.name, "modelpod.version": entry.version_text,
                                      "modelpod.variant": entry.label})
                 outputs = await batcher.submit(inputs, (span, time.time_ns()))
@@ -254,12 +256,15 @@ class InferenceEngine:
             if rid is None and headers is not None and "x-request-id" in headers:
                 rid = _header_id(headers)
             rid = self.traffic.answered(variant, protocol, t0, rid, request.inputs, outputs)
-            if observe.payload is not None:
-                observe.answered(entry, variant.name, variant.route, rid, model_inputs, outputs)
+            # The payload sample is drawn before the record's fields are read (most are not chosen).
+            sink = observe.payload.pick(entry.name) if observe.payload is not None else None
+            if sink is not None:
+                observe.answered(entry, variant.name, variant.route, rid, model_inputs, outputs, sink)
             return InferResult(entry.name, entry.version_text or None, outputs, rid, variant.route, variant.name)
         entry.metrics.observe_request(protocol, "success", time.perf_counter() - t0)
-        if observe.payload is not None:
-            observe.answered(entry, entry.label, "", request.id or _header_id(headers), model_inputs, outputs)
+        sink = observe.payload.pick(entry.name) if observe.payload is not None else None
+        if sink is not None:
+            observe.answered(entry, entry.label, "", request.id or _header_id(headers), model_inputs, outputs, sink)
         return InferResult(entry.name, entry.version_text or None, outputs, request.id, None, entry.label)
 
     def input_check(self, entry: ModelEntry | str, version: str | None = None) -> InputCheck:
