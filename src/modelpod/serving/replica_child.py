@@ -57,6 +57,7 @@ def load(start: Start) -> Model:
     pod = open_pod(start)
     model = require(pod.manifest.framework).load(pod)
     if not getattr(model, "loaded", False):
+        model.replica = True
         model.load()
     return model
 
