@@ -14,7 +14,8 @@ Rows (each one ``modelpod serve`` launch or more, driven by wrk as in run.py):
   + 0.3 s).
 - ``pss``: an ONNX model with 200 MB of weights, 1 vs 2 replicas; PSS of the server's process tree
   after one request to each replica (target: 2 replicas <= 1.3x the PSS of 1); packed twice, as is
-  and with ``--option threads=1`` (which the template keeps loaded for its replicas to share).
+  (one intra-op thread per replica: the template keeps it loaded for its replicas to share) and with
+  ``--option threads=0`` (ONNX Runtime's own pool: each replica loads its own).
 
 Prints each row's numbers and ratio; everything goes to ``benchmarks/.work/replicas.json``.
 """
@@ -191,12 +192,13 @@ def onnx_weights(path: Path, mb: int) -> Path:
 
 
 def pss(mb: int) -> dict[str, Any]:
-    """Both ONNX pods: the default (ONNX Runtime's thread pool: each replica loads its own) and
-    ``threads=1`` (no pool: the template keeps it loaded and the replicas share its pages)."""
+    """Both ONNX pods: the default (in replicas one intra-op thread, no pool: the template keeps it
+    loaded and the replicas share its pages) and ``threads=0`` (ONNX Runtime's pool: each replica
+    loads its own)."""
     d = onnx_weights(WORK_DIR / "replicas-onnx", mb)
     body = (d / "body.json").read_bytes()
     out: dict[str, Any] = {}
-    for name, extra in (("bigonnx", []), ("bigonnx1", ["--option", "threads=1"])):
+    for name, extra in (("bigonnx", []), ("bigonnx0", ["--option", "threads=0"])):
         modelpod.pack_file(d / "big.onnx", name, ["--sample", str(d / "sample.npy"), *extra])
         row: dict[str, Any] = {}
         for n in (1, 2):

@@ -134,3 +134,38 @@ def test_list_prints_a_table_without_rich(home: Path, capsys: pytest.CaptureFixt
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "VERSION", "ALIASES", "FRAMEWORK", "SIZE", "DIGEST"]
     assert [ln.split()[:3] for ln in lines[1:]] == [["half", "1", "production"], ["half", "2", "python"]]
+
+
+def test_a_command_names_the_one_argument_group_to_build() -> None:
+    from modelpod.arguments import command_of
+
+    assert command_of(["serve", "lr"]) == "serve"
+    assert command_of(["--home", "serve", "pack", "x"]) == "pack"  # --home takes the word after it
+    assert command_of(["--home=/h", "list"]) == "list"
+    assert command_of(["--help", "serve"]) is None  # the global help lists every command
+    assert command_of(["nope"]) is None and command_of([]) is None
+
+
+def test_each_command_parses_as_with_every_argument_built(capsys: pytest.CaptureFixture[str]) -> None:
+    from modelpod.arguments import ARGUMENTS, parser
+
+    for names, _ in ARGUMENTS:
+        for name in names:
+            helps = []
+            for p in (parser(), parser(name)):
+                with pytest.raises(SystemExit):
+                    p.parse_args([name, "--help"])
+                helps.append(capsys.readouterr().out)
+            assert helps[0] == helps[1] and name in helps[0]
+
+
+def test_serve_imports_none_of_the_other_commands_tooling() -> None:
+    """`modelpod serve` parses its arguments without the image, deploy, batch or trust command modules."""
+    code = ("import sys; from modelpod.cli import command_of, parser; "
+            "argv = ['--home', '/nowhere', 'serve', 'lr', '--port', '0']; parser(command_of(argv)).parse_args(argv); "
+            "print(sorted(m for m in sys.modules if m.startswith(('modelpod.image', 'modelpod.deploy', "
+            "'modelpod.batch', 'modelpod.trust.cli', 'modelpod.serving.env_cli', 'modelpod.serving.route_cli'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING, Any
+
 from modelpod.api import load, open_pod, pack
 from modelpod.errors import ModelpodError
-from modelpod.frameworks.python import Tensor
 from modelpod.model import Model
 from modelpod.pod import Manifest, Pod, Signature, TensorSpec
 from modelpod.settings import Settings
@@ -28,3 +29,17 @@ __all__ = [
     "open_pod",
     "pack",
 ]
+
+
+if TYPE_CHECKING:
+    from modelpod.frameworks.python import Tensor
+
+
+def __getattr__(name: str) -> Any:
+    # Tensor comes with the custom-code adapter, imported on first use: a server of framework pods
+    # (ONNX, scikit-learn, ...) never loads frameworks/python.py.
+    if name == "Tensor":
+        from modelpod.frameworks.python import Tensor
+
+        return Tensor
+    raise AttributeError(f"module 'modelpod' has no attribute {name!r}")

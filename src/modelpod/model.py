@@ -69,6 +69,9 @@ class Model:
     # may run on the server's event loop instead of its thread (serving/worker.py). Custom code may
     # wait on anything, so only the frameworks' own models say so.
     computes_only: bool = False
+    # Set before ``load`` in a process replica (``isolation: process``): the cores are shared with the
+    # other replicas, so a framework with its own thread pool sizes it for one (docs/replicas.md).
+    replica: bool = False
 
     def __init__(self, pod: Pod | None = None) -> None:
         self.pod = pod

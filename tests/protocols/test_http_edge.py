@@ -387,3 +387,15 @@ def test_limits_must_be_positive() -> None:
     with pytest.raises(UsageError, match="max_connections must be positive"):
         HttpLimits.from_settings(Settings.from_env({"MODELPOD_MAX_CONNECTIONS": "0"}))
     assert HttpLimits.from_settings(Settings.from_env({"MODELPOD_HEADER_TIMEOUT_S": "2.5"})).header_timeout_s == 2.5
+
+
+def test_the_date_header_is_imf_fixdate_as_the_email_package_writes_it() -> None:
+    from email.utils import formatdate
+
+    from modelpod.protocols.http import http_date
+
+    rng = np.random.default_rng(9)
+    # leap days, year ends, the epoch, and random seconds across two centuries
+    moments = [0.0, 951782400.0, 1330473599.0, 4102444799.0, *rng.uniform(0, 4.1e9, 200).tolist()]
+    for when in moments:
+        assert http_date(when) == formatdate(when, usegmt=True)

@@ -86,3 +86,19 @@ def torch_pod(root: Path, home: Path) -> tuple[PodRecord, np.ndarray]:
     torch.jit.save(torch.jit.script(net), str(path))
     x = np.random.default_rng(2).normal(size=(16, 4)).astype(np.float32)
     return pack(path, "mlp", store=Store(home), sample=x[:4]), x
+
+
+def weights_pod(root: Path, home: Path, mb: int) -> tuple[PodRecord, int]:
+    """An ONNX model ``y = x @ W`` whose W (float32, random) holds ``mb`` MB; (record, W's bytes)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = int((mb * 2**20 / 4) ** 0.5)
+    w = np.random.default_rng(4).standard_normal((n, n), dtype=np.float32) * 0.01
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "weights",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+                              [numpy_helper.from_array(w, "W")])
+    path = root / "weights.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return pack(path, "weights", store=Store(home)), w.nbytes

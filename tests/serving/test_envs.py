@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import textwrap
 from importlib import metadata
 from pathlib import Path
 
@@ -15,7 +20,7 @@ from modelpod.packing import pack
 from modelpod.serving.config import ServeConfig
 from modelpod.serving.engine import InferenceEngine
 from modelpod.serving.envbuild import EnvCache, lock_key
-from modelpod.serving.envs import choose, mismatches
+from modelpod.serving.envs import choose, dist_info_versions, mismatches
 from modelpod.settings import Settings
 from modelpod.store import Store
 
@@ -44,6 +49,37 @@ def test_serving_machinery_and_other_platforms_do_not_count() -> None:
     assert mismatches(["pyyaml==5.1", "orjson==3.0.0", "grpcio==1.0.0", "pywin32==306; sys_platform == 'win32'"]) == []
     # numpy is not machinery: arrays and pickles depend on it.
     assert [m.pin for m in mismatches(["numpy==1.0.0"])] == ["numpy==1.0.0"]
+
+
+def test_the_dist_info_folder_names_give_the_versions_importlib_metadata_reads() -> None:
+    # The fast path trusts the folder name's version only when it is the pin, character for character;
+    # here every distribution installed in this environment says the same as its METADATA.
+    found = dist_info_versions()
+    assert {"numpy", "scikit-learn", "pyyaml"} <= set(found)
+    for dist in metadata.distributions():
+        name = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+        if name in found and Path(str(dist._path)).name.endswith(".dist-info"):  # type: ignore[attr-defined]
+            assert found[name] == dist.version, name
+
+
+def test_a_lock_this_environment_holds_is_decided_without_packaging(tmp_path: Path) -> None:
+    """An image's runtime layer has no packaging: pins it holds are still seen to hold, and a pin it
+    does not hold still needs packaging (choose then falls back to the server's environment)."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["packaging"] = None  # as in an image's runtime layer
+        from modelpod.serving.envs import choose, dist_info_versions, mismatches
+        assert mismatches(["numpy=={NUMPY}", "Scikit_Learn=={SKLEARN}", "pyyaml==5.1"]) == []
+        assert "satisf" in choose(["numpy=={NUMPY}"]).reason
+        assert "no packaging here" in choose(["numpy==1.0.0"]).reason
+        assert "packaging" not in sys.modules or sys.modules["packaging"] is None
+        assert "importlib.metadata" not in sys.modules
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
 
 
 def test_modes_force_either_way() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from replica_pods import behave_pod, onnx_pod, torch_pod
+from replica_pods import behave_pod, onnx_pod, torch_pod, weights_pod
 from servutil import metric_value
 from test_metrics import promtool_check
 
@@ -134,6 +134,53 @@ async def test_onnx_and_torch_in_processes_answer_as_in_threads(kind: str, tmp_p
     assert set(got["thread"]) == set(got["process"])
     for k, v in got["thread"].items():
         np.testing.assert_array_equal(v, got["process"][k])
+
+
+def smaps(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup in bytes: Rss, Pss, Shared_Clean, Private_Dirty, ..."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == "kB":
+            out[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    return out
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs /proc/PID/smaps_rollup")
+async def test_onnx_replicas_share_the_weights_pages(tmp_path: Path) -> None:
+    """Issue 12: two replicas of an ONNX model with 64 MB of weights take at most 1.3x the PSS of one
+    (template and replicas), neither holds the weights privately, and both answer as the threads do."""
+    home = tmp_path / "home"
+    rec, weights = weights_pod(tmp_path, home, 64)
+    rows = np.random.default_rng(6).standard_normal((8, int((weights / 4) ** 0.5)), dtype=np.float32)
+    requests = [InferRequest({"x": rows[i:i + 1]}) for i in range(len(rows))]
+    async with serving(home, [rec.name], {rec.name: {"isolation": "thread"}}) as engine:
+        expected = [(await engine.infer(rec.name, None, r)).outputs["y"] for r in requests]
+    pss: dict[int, int] = {}
+    for n in (1, 2):
+        config = {rec.name: {"isolation": "process", "replicas": n, "max_batch_rows": 1}}
+        async with serving(home, [rec.name], config) as engine:
+            for _ in range(20):  # every replica answers at least one batch (bounded)
+                outs = await asyncio.gather(*(engine.infer(rec.name, None, r) for r in requests))
+                for got, want in zip(outs, expected, strict=True):
+                    np.testing.assert_array_equal(got.outputs["y"], want)
+                served = engine.resolve(rec.name).replicas.describe()  # type: ignore[union-attr]
+                if len(served) == n and all(r["batches"] for r in served):
+                    break
+            assert len(served) == n and all(r["batches"] for r in served), served
+            children = [r["pid"] for r in served]
+            template = {parent(p) for p in children}
+            assert len(template) == 1 and template != {os.getpid()}
+            pss[n] = sum(smaps(p)["Pss"] for p in [*template, *children])
+            if n == 2:
+                for pid in children:
+                    mem = smaps(pid)
+                    assert mem["Private_Clean"] + mem["Private_Dirty"] < weights / 4, mem
+    assert pss[2] <= 1.3 * pss[1], (pss, weights)
 
 
 # -- the console ------------------------------------------------------------------------------------------

@@ -98,11 +98,16 @@ def _tensors(graph: Any) -> Iterator[Any]:
                 yield from _tensors(sub)
 
 
-def _session(path: Path, options: Mapping[str, Any]) -> Any:
+def _session(path: Path, options: Mapping[str, Any], replica: bool = False) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     threads = int_option(options, "threads")
+    if threads is None and replica:
+        # A process replica runs one intra-op thread: the replicas are the parallelism, and a session
+        # that starts no thread pool can be loaded once in the template and shared by every replica
+        # (its weights, pre-packed ones included, stay shared pages). threads=0: ORT's own pool.
+        threads = 1
     if threads:
         so.intra_op_num_threads = threads
     providers = options.get("providers") or DEFAULT_PROVIDERS
@@ -177,7 +182,7 @@ class OnnxModel(Model):
     def load(self) -> None:
         assert self.pod is not None
         opts = self.pod.manifest.options
-        self.session = _session(self.pod.file(str(opts["file"])), opts)
+        self.session = _session(self.pod.file(str(opts["file"])), opts, self.replica)
         self.outputs = [o.name for o in _tensor_outputs(self.session)]
         self.strings = {i.name for i in self.session.get_inputs() if i.type == "tensor(string)"}
         self.pipeline = _pipeline(self.session, opts) if opts.get("vision") else None

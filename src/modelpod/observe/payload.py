@@ -24,7 +24,6 @@ them): ``ce-type`` ``org.kubeflow.serving.inference.request`` then ``...response
 from __future__ import annotations
 
 import contextlib
-import http.client
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -45,6 +44,9 @@ from modelpod.errors import UsageError
 from modelpod.model import Batch
 from modelpod.observe.context import TRACE
 from modelpod.serving.metrics import Counter
+
+if TYPE_CHECKING:  # imported by the HTTP sink when it first connects: a server without one never needs it
+    import http.client
 
 log = logging.getLogger("modelpod.observe")
 
@@ -334,6 +336,8 @@ class PayloadSink:
         for kind, body in ((CE_REQUEST, request), (CE_RESPONSE, response)):
             data = orjson.dumps(body)
             if self._conn is None:
+                import http.client
+
                 cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
                 self._conn = cls(url.hostname or "localhost", url.port, timeout=self.spec.timeout_s)
             self._conn.request("POST", url.path or "/", data, {**common, "ce-type": kind})

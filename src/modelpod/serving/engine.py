@@ -31,7 +31,6 @@ from modelpod.serving.config import BatchPolicy, ServeConfig
 from modelpod.serving.messages import InferRequest, InferResult
 from modelpod.serving.metrics import ServingMetrics, outcome_of
 from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
-from modelpod.serving.replicas import console_table
 from modelpod.serving.traffic import TrafficSplit
 from modelpod.settings import Settings
 from modelpod.store import Ref, directory_hint, is_path
@@ -76,6 +75,8 @@ class InferenceEngine:
 
     def _replicas_section(self, entry: ModelEntry) -> None:
         if entry.replicas is not None:
+            from modelpod.serving.replicas import console_table
+
             self.console_sections.setdefault("replicas", lambda: console_table(
                 [rs for e in self.registry if (rs := e.replicas) is not None]))
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,67 @@ class Mismatch:
         return f"{self.pin} (here {self.installed})" if self.installed else f"{self.pin} (not installed here)"
 
 
+# A pin written NAME==VERSION whose version is the installed one, character for character, holds.
+# Every pin of a pod packed with this environment is decided so, from the names of the
+# ``NAME-VERSION.dist-info`` folders on sys.path (what pip writes): no packaging (its parsers and
+# markers, some fifteen modules), no importlib.metadata (its email parser) at a server's start.
+# Anything else, and a pin whose distribution has no such folder, goes through packaging.
+_EXACT = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!_-]+)")
+
+
 def mismatches(requirements: Iterable[str]) -> list[Mismatch]:
     """The pins of a lock that this environment does not satisfy, serving machinery aside."""
+    out = []
+    found_here: dict[str, str] | None = None
+    compare: Callable[[str], Mismatch | None] | None = None
+    for text in requirements:
+        exact = _EXACT.fullmatch(text)
+        if exact is not None:
+            name = _canonical(exact[1])
+            if name in SERVER_OWNED:
+                continue
+            found_here = found_here if found_here is not None else dist_info_versions()
+            if found_here.get(name) == exact[2]:
+                continue
+        compare = compare or _comparer()
+        mismatch = compare(text)
+        if mismatch is not None:
+            out.append(mismatch)
+    return out
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def dist_info_versions(path: Iterable[str] | None = None) -> dict[str, str]:
+    """Canonical name -> version of the distributions whose ``NAME-VERSION.dist-info`` folder is on
+    ``path`` (sys.path); the first entry that has one wins, as for imports."""
+    out: dict[str, str] = {}
+    for entry in sys.path if path is None else path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for folder in names:
+            if folder.endswith(".dist-info"):
+                name, _, version = folder[: -len(".dist-info")].partition("-")
+                if version:
+                    out.setdefault(_canonical(name), version)
+    return out
+
+
+def _installed(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _comparer() -> Callable[[str], Mismatch | None]:
+    """Checks one pin with packaging: its markers, its specifier (raises ImportError without packaging)."""
     # Imported here: an image's runtime layer has no packaging (serving there never compares).
     from packaging.markers import default_environment
     from packaging.requirements import InvalidRequirement, Requirement
@@ -55,22 +116,22 @@ def mismatches(requirements: Iterable[str]) -> list[Mismatch]:
     from modelpod.locking import applies
 
     marker_env = {k: str(v) for k, v in default_environment().items()}
-    out = []
-    for text in requirements:
+
+    def compare(text: str) -> Mismatch | None:
         try:
             req = Requirement(text)
         except InvalidRequirement:
-            continue  # the pod's manifest was checked at pack; nothing to compare
+            return None  # the pod's manifest was checked at pack; nothing to compare
         if canonicalize_name(req.name) in SERVER_OWNED or not applies(req, marker_env, ()):
-            continue
-        try:
-            version = metadata.version(req.name)
-        except metadata.PackageNotFoundError:
-            out.append(Mismatch(text, None))
-            continue
+            return None
+        version = _installed(req.name)
+        if version is None:
+            return Mismatch(text, None)
         if req.specifier and not req.specifier.contains(version, prereleases=True):
-            out.append(Mismatch(text, version))
-    return out
+            return Mismatch(text, version)
+        return None
+
+    return compare
 
 
 @dataclass(frozen=True)

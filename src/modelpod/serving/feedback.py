@@ -282,7 +282,14 @@ def thompson(route: Route, rng: np.random.Generator) -> list[float] | None:
     return [float(np.mean(best == i)) for i in range(len(stats))]
 
 
-_RNG = np.random.default_rng()
+_RNGS: list[np.random.Generator] = []  # the server's one generator, made on a bandit's first use:
+# numpy.random (25 modules, its C generators among them) is imported only where a bandit runs
+
+
+def _rng() -> np.random.Generator:
+    if not _RNGS:
+        _RNGS.append(np.random.default_rng())
+    return _RNGS[0]
 
 
 def refresh_bandit(route: Route, *, force: bool = False, now: float = 0.0, rng: np.random.Generator | None = None
@@ -293,7 +300,7 @@ def refresh_bandit(route: Route, *, force: bool = False, now: float = 0.0, rng: 
     if not force and now - route.bandit_at < 0.05:
         return
     route.bandit_at = now
-    probs = thompson(route, rng or _RNG)
+    probs = thompson(route, rng or _rng())
     if probs is None:
         return
     floor, k = route.spec.floor, len(probs)

@@ -20,13 +20,14 @@ import asyncio
 import gc
 import importlib
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from enum import Enum
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from modelpod.errors import ConflictError, ModelNotReadyError, NotFoundError, OverloadedError, UsageError
 from modelpod.frameworks import require
@@ -37,14 +38,15 @@ from modelpod.serving.batcher import Batcher
 from modelpod.serving.config import BatchPolicy, ServeConfig
 from modelpod.serving.envs import EnvChoice, choose
 from modelpod.serving.metrics import ModelMetrics, ServingMetrics
-from modelpod.serving.replica import rss_bytes
-from modelpod.serving.replicas import ReplicaSet
 from modelpod.serving.scaling import ReplicaPolicy
-from modelpod.serving.worker import BatchWorker, ModelWorker
+from modelpod.serving.worker import BatchWorker, ModelWorker, rss_bytes
 from modelpod.settings import Settings
 from modelpod.store import Ref, Store
 from modelpod.trust.gate import load_model
 from modelpod.trust.policy import TrustPolicy
+
+if TYPE_CHECKING:  # the replica machinery is imported by a process load only (serving/replica_load.py)
+    from modelpod.serving.replicas import ReplicaSet
 
 log = logging.getLogger("modelpod.serving")
 T = TypeVar("T")
@@ -101,7 +103,7 @@ class ModelEntry:
     @property
     def replicas(self) -> ReplicaSet | None:
         """The replica processes, when the model runs in them (``isolation: process``)."""
-        return self.worker if isinstance(self.worker, ReplicaSet) else None
+        return replica_set(self.worker)
 
     @property
     def version_text(self) -> str:
@@ -133,6 +135,13 @@ class ModelEntry:
 
     def __repr__(self) -> str:
         return f"ModelEntry({self.label}, {self.state.value})"
+
+
+def replica_set(worker: object) -> ReplicaSet | None:
+    """``worker`` when it is a ReplicaSet. None while the replica machinery was never imported: a
+    server whose models all run on its threads does without it."""
+    replicas = sys.modules.get("modelpod.serving.replicas")
+    return cast("ReplicaSet", worker) if replicas is not None and isinstance(worker, replicas.ReplicaSet) else None
 
 
 def _quietly(hook: Callable[[ModelEntry], None], entry: ModelEntry) -> None:
@@ -363,8 +372,8 @@ class ModelRegistry:
             batcher.close(reason)
         if worker is not None:
             worker.close()
-            if isinstance(worker, ReplicaSet):
-                await worker.wait_closed()
+            if (replicas := replica_set(worker)) is not None:
+                await replicas.wait_closed()
                 model = None  # a stand-in: nothing to unload here
         if model is not None:
             try:

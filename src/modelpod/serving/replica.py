@@ -41,15 +41,6 @@ STDERR_LINES = 20
 STARTING, IDLE, BUSY, STOPPING = "starting", "idle", "busy", "stopping"
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 @dataclass(eq=False)
 class Job:
     """A batch handed to the replica set, until its ``done`` is called."""

@@ -24,9 +24,8 @@ from typing import TYPE_CHECKING
 from modelpod.errors import InferenceError, ModelpodError
 from modelpod.model import PARAMETERS, Model
 from modelpod.serving.messages import Ran, Ready, Run, RunFailed, Start, StartFailed, Stop
-from modelpod.serving.replica import rss_bytes
 from modelpod.serving.shm import Reader, Writer
-from modelpod.serving.worker import ModelWorker
+from modelpod.serving.worker import ModelWorker, rss_bytes
 
 if TYPE_CHECKING:
     from modelpod.pod import Pod
@@ -58,6 +57,7 @@ def load(start: Start) -> Model:
     pod = open_pod(start)
     model = require(pod.manifest.framework).load(pod)
     if not getattr(model, "loaded", False):
+        model.replica = True
         model.load()
     return model
 

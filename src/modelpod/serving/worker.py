@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import re
 import threading
@@ -34,6 +35,15 @@ log = logging.getLogger("modelpod.serving")
 # Called on the loop thread with (outputs, None) or (None, error).
 Done = Callable[[Batch | None, BaseException | None], None]
 _Job = tuple[Batch, Done, asyncio.AbstractEventLoop]
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class BatchWorker(Protocol):
