@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import threading
-from multiprocessing.connection import Connection
 from typing import IO
 
 from modelpod.serving.launch import Launch
@@ -102,9 +101,10 @@ class Template:
         self.sock.send(pickle.dumps(start, protocol=pickle.HIGHEST_PROTOCOL))
         threading.Thread(target=self._read, daemon=True, name=f"modelpod-template-{label}").start()
 
-    def fork(self, replica: int) -> tuple[ForkedProcess, Connection]:
-        """Ask for replica ``replica``; it runs once the template has preloaded (the socket queues)."""
-        ours, theirs = socket.socketpair()
+    def fork(self, replica: int) -> tuple[ForkedProcess, socket.socket]:
+        """Ask for replica ``replica``; it runs once the template has preloaded (the socket queues).
+        Returns its process and the server's end of its socket (``SOCK_SEQPACKET``: one record a packet)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         out_r, out_w = os.pipe()
         proc = ForkedProcess(os.fdopen(out_r, "rb"))
         try:
@@ -123,7 +123,7 @@ class Template:
         finally:
             theirs.close()
             os.close(out_w)
-        return proc, Connection(ours.detach())
+        return proc, ours
 
     def _read(self) -> None:
         try:
