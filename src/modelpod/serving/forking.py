@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import threading
+from collections.abc import Mapping
 from typing import IO
 
 from modelpod.serving.launch import Launch
@@ -27,6 +28,22 @@ log = logging.getLogger("modelpod.serving")
 
 TEMPLATE_MODULE = "modelpod.serving.replica_template"
 MAX_RECORD = 1 << 16
+MATH_THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def math_threads(replicas: int, env: Mapping[str, str]) -> dict[str, str]:
+    """The math libraries' thread counts for the replicas of a model that may run ``replicas`` of them:
+    the cores this server may use, shared out (at least one each), so that replicas do not fight over
+    cores with pools of their own (OpenMP's threads spin while they wait); nothing where the
+    environment already says, or for one replica."""
+    if replicas <= 1 or any(name in env for name in MATH_THREADS):
+        return {}
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call on this system
+        cores = os.cpu_count() or 1
+    count = str(max(1, cores // replicas))
+    return {name: count for name in MATH_THREADS}
 
 
 class ForkedProcess:
@@ -80,10 +97,11 @@ class ForkedProcess:
 class Template:
     """One template process; ``fork`` returns a replica's process and the server's end of its socket."""
 
-    def __init__(self, launch: Launch, start: Start, label: str) -> None:
+    def __init__(self, launch: Launch, start: Start, label: str, replicas: int = 1) -> None:
         self.label = label
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**os.environ, **launch.env}
+        env.update(math_threads(replicas, env))
         try:
             self.proc = subprocess.Popen([launch.python, "-m", TEMPLATE_MODULE, "--fd", str(theirs.fileno())],
                                          pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,

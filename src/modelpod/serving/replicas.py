@@ -405,7 +405,7 @@ class ReplicaSet:
                 if self.template is not None:
                     self.template.close()  # it died (its replicas with it): a new one preloads again
                     self.template = None
-                self.template = Template(self.launch, self.start_record, self.label)
+                self.template = Template(self.launch, self.start_record, self.label, self.policy.max)
             r.proc, r.conn = self.template.fork(r.id)
         except OSError as exc:
             r.start_error = f"cannot run {self.launch.python}: {exc.strerror or exc}"
