@@ -32,7 +32,7 @@ from typing import Any
 from modelpod.errors import InferenceError, InferenceTimeoutError, ModelNotReadyError, ModelpodError
 from modelpod.model import Batch
 from modelpod.serving.autoscale import Autoscaler, demand_of
-from modelpod.serving.forking import Template
+from modelpod.serving.forking import Template, take
 from modelpod.serving.launch import Launch
 from modelpod.serving.messages import Ran, Ready, Run, RunFailed, Start, StartFailed, Stop
 from modelpod.serving.replica import (
@@ -405,7 +405,8 @@ class ReplicaSet:
                 if self.template is not None:
                     self.template.close()  # it died (its replicas with it): a new one preloads again
                     self.template = None
-                self.template = Template(self.launch, self.start_record, self.label, self.policy.max)
+                self.template = (take(self.launch, self.start_record)  # forked while the server started
+                                 or Template(self.launch, self.start_record, self.label, self.policy.max))
             r.proc, r.conn = self.template.fork(r.id)
         except OSError as exc:
             r.start_error = f"cannot run {self.launch.python}: {exc.strerror or exc}"
