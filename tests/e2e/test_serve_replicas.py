@@ -37,6 +37,10 @@ def gone(pid: int) -> bool:
         return True
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def infer_body(name: str, rows: np.ndarray) -> dict[str, Any]:
     return {"inputs": [{"name": name, "shape": list(rows.shape), "datatype": "FP32",
                         "data": rows.reshape(-1).tolist()}]}
@@ -115,6 +119,11 @@ def test_sigterm_drains_every_replica(tmp_path: Path) -> None:
         url = server.url
         children = replica_pids(url, "behave")
         assert len(children) == 2
+        # Their template was forked from the server as it started (no interpreter of its own): its parent
+        # is the server and its command line the server's.
+        (template,) = {parent_of(p) for p in children}
+        assert parent_of(template) == server.proc.pid
+        assert Path(f"/proc/{template}/cmdline").read_bytes() == Path(f"/proc/{server.proc.pid}/cmdline").read_bytes()
         results: list[int] = []
 
         def slow() -> None:

@@ -102,3 +102,42 @@ def weights_pod(root: Path, home: Path, mb: int) -> tuple[PodRecord, int]:
     path = root / "weights.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return pack(path, "weights", store=Store(home)), w.nbytes
+
+
+ECHO = '''
+import numpy as np
+
+from modelpod import Model
+
+
+class Echo(Model):
+    def predict(self, inputs):
+        return {name + "_out": np.array(value) for name, value in inputs.items()}
+'''
+
+
+def echo_sample(rows: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """One input per OIP datatype, ``rows`` rows of 3, random values (every bit pattern for numbers)."""
+    from modelpod.pod import DATATYPES
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for datatype, dtype in sorted(DATATYPES.items()):
+        if datatype == "BYTES":
+            flat = np.empty(rows * 3, dtype=object)
+            flat[:] = [bytes(rng.integers(0, 256, size=int(rng.integers(0, 6)), dtype=np.uint8))
+                       for _ in range(rows * 3)]
+            out[datatype.lower()] = flat.reshape(rows, 3)
+        elif dtype.kind == "b":
+            out[datatype.lower()] = rng.integers(0, 2, size=(rows, 3)).astype(bool)
+        else:
+            out[datatype.lower()] = np.frombuffer(rng.bytes(rows * 3 * dtype.itemsize), dtype).reshape(rows, 3)
+    return out
+
+
+def echo_pod(root: Path, home: Path) -> PodRecord:
+    """A custom model that answers each input as ``NAME_out``; one input per datatype."""
+    code = root / "echo"
+    code.mkdir(parents=True, exist_ok=True)
+    (code / "model.py").write_text(textwrap.dedent(ECHO))
+    return pack(code, "echo", store=Store(home), sample=echo_sample())

@@ -1,17 +1,19 @@
-"""``ForkedProcess``: a replica's pid arrives twice (the template's ``Forked``, the replica's ``Ready``).
+"""ForkedProcess and the template's choices before it starts (no template process here).
 
-The two records come on two sockets read by two threads, so either may be first; the first wins,
-and a kill asked for before any pid was known is sent once, to that pid.
+A replica's pid arrives twice (the template's ``Forked``, the replica's ``Ready``) on two sockets read
+apart, so either may be first; the first wins, and a kill asked for before any pid was known is sent
+once, to that pid.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import sys
 
-from modelpod.serving.forking import ForkedProcess
+from modelpod.serving.forking import MATH_THREADS, ForkedProcess, math_threads
 
 
 def sleeper() -> subprocess.Popen[bytes]:
@@ -46,3 +48,12 @@ def test_a_second_report_changes_nothing() -> None:
         for p in (first, second):
             p.kill()
             p.wait()
+
+
+def test_replicas_share_out_the_cores_to_their_math_libraries_unless_told() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert math_threads(1, {}) == {}  # one replica: the libraries' own defaults
+    shared = math_threads(2, {})
+    assert set(shared) == set(MATH_THREADS) and set(shared.values()) == {str(max(1, cores // 2))}
+    assert set(math_threads(4 * cores, {}).values()) == {"1"}  # never none
+    assert math_threads(2, {"OMP_NUM_THREADS": "3"}) == {}  # the user's (or the pod environment's) word wins

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from replica_pods import behave_pod, onnx_pod, torch_pod, weights_pod
+from replica_pods import behave_pod, echo_pod, echo_sample, onnx_pod, torch_pod, weights_pod
 from servutil import metric_value
 from test_metrics import promtool_check
 
@@ -181,6 +181,25 @@ async def test_onnx_replicas_share_the_weights_pages(tmp_path: Path) -> None:
                     mem = smaps(pid)
                     assert mem["Private_Clean"] + mem["Private_Dirty"] < weights / 4, mem
     assert pss[2] <= 1.3 * pss[1], (pss, weights)
+
+
+async def test_random_tensors_of_every_datatype_come_back_exactly_through_the_replicas(tmp_path: Path) -> None:
+    """Concurrent requests (merged into batches, then cut back) of every datatype, every bit pattern."""
+    home = tmp_path / "home"
+    echo_pod(tmp_path, home)
+    async with serving(home, ["echo"], {"echo": {"isolation": "process", "replicas": 2}}) as engine:
+        sent = [echo_sample(rows=1 + i % 5, seed=i) for i in range(40)]
+        outs = await asyncio.gather(*(engine.infer("echo", None, InferRequest(dict(s))) for s in sent))
+        for inputs, out in zip(sent, outs, strict=True):
+            assert set(out.outputs) == {f"{k}_out" for k in inputs}
+            for name, arr in inputs.items():
+                got = out.outputs[f"{name}_out"]
+                assert got.dtype == arr.dtype and got.shape == arr.shape, name
+                if arr.dtype.kind == "O":
+                    assert got.tolist() == arr.tolist()
+                else:
+                    assert got.tobytes() == arr.tobytes(), name  # bit for bit: NaN payloads, -0.0
+        assert sum(r["batches"] for r in engine.resolve("echo").replicas.describe()) < 40  # batches were merged
 
 
 # -- the console ------------------------------------------------------------------------------------------

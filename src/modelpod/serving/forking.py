@@ -17,8 +17,11 @@ import pickle
 import signal
 import socket
 import subprocess
+import sys
 import threading
-from multiprocessing.connection import Connection
+import time
+import traceback
+from collections.abc import Mapping
 from typing import IO
 
 from modelpod.serving.launch import Launch
@@ -28,6 +31,22 @@ log = logging.getLogger("modelpod.serving")
 
 TEMPLATE_MODULE = "modelpod.serving.replica_template"
 MAX_RECORD = 1 << 16
+MATH_THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def math_threads(replicas: int, env: Mapping[str, str]) -> dict[str, str]:
+    """The math libraries' thread counts for the replicas of a model that may run ``replicas`` of them:
+    the cores this server may use, shared out (at least one each), so that replicas do not fight over
+    cores with pools of their own (OpenMP's threads spin while they wait); nothing where the
+    environment already says, or for one replica."""
+    if replicas <= 1 or any(name in env for name in MATH_THREADS):
+        return {}
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call on this system
+        cores = os.cpu_count() or 1
+    count = str(max(1, cores // replicas))
+    return {name: count for name in MATH_THREADS}
 
 
 class ForkedProcess:
@@ -82,17 +101,52 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
-class Template:
-    """One template process; ``fork`` returns a replica's process and the server's end of its socket."""
+class _Child:
+    """A template forked from this process (``Template(..., here=True)``): ``Popen``'s part it uses."""
 
-    def __init__(self, launch: Launch, start: Start, label: str) -> None:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            with contextlib.suppress(ChildProcessError):
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("template", timeout or 0.0)
+            time.sleep(0.02)
+        assert self.returncode is not None
+        return self.returncode
+
+
+class Template:
+    """One template process; ``fork`` returns a replica's process and the server's end of its socket.
+
+    Started as a fresh interpreter with the launch's Python and environment, or (``here``: the
+    server's own interpreter, while this process is still single-threaded) forked from this process,
+    which has imported modelpod and numpy already: no interpreter start, no second import of them."""
+
+    def __init__(self, launch: Launch, start: Start, label: str, replicas: int = 1, *, here: bool = False) -> None:
         self.label = label
+        self.launch = launch
+        self.start = start
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**os.environ, **launch.env}
+        changes = math_threads(replicas, env)
         try:
-            self.proc = subprocess.Popen([launch.python, "-m", TEMPLATE_MODULE, "--fd", str(theirs.fileno())],
-                                         pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+            if here:
+                self.proc: subprocess.Popen[bytes] | _Child = _Child(_fork_here(theirs, ours, changes))
+            else:
+                self.proc = subprocess.Popen([launch.python, "-m", TEMPLATE_MODULE, "--fd", str(theirs.fileno())],
+                                             pass_fds=(theirs.fileno(),), env={**env, **changes},
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError:
             ours.close()
             raise
@@ -103,12 +157,13 @@ class Template:
         self._lock = threading.Lock()
         self._pending: dict[int, ForkedProcess] = {}  # replica id -> not yet forked
         self._children: dict[int, ForkedProcess] = {}  # pid -> running
+        self._reading = False  # the reader starts with the first fork: until then no thread (see early)
         self.sock.send(pickle.dumps(start, protocol=pickle.HIGHEST_PROTOCOL))
-        threading.Thread(target=self._read, daemon=True, name=f"modelpod-template-{label}").start()
 
-    def fork(self, replica: int) -> tuple[ForkedProcess, Connection]:
-        """Ask for replica ``replica``; it runs once the template has preloaded (the socket queues)."""
-        ours, theirs = socket.socketpair()
+    def fork(self, replica: int) -> tuple[ForkedProcess, socket.socket]:
+        """Ask for replica ``replica``; it runs once the template has preloaded (the socket queues).
+        Returns its process and the server's end of its socket (``SOCK_SEQPACKET``: one record a packet)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         out_r, out_w = os.pipe()
         proc = ForkedProcess(os.fdopen(out_r, "rb"))
         try:
@@ -116,6 +171,9 @@ class Template:
                 if not self.alive:
                     raise OSError("the template process is gone")
                 self._pending[replica] = proc
+                if not self._reading:
+                    self._reading = True
+                    threading.Thread(target=self._read, daemon=True, name=f"modelpod-template-{self.label}").start()
             socket.send_fds(self.sock, [pickle.dumps(Fork(replica))], [theirs.fileno(), out_w])
         except OSError:
             with self._lock:
@@ -127,7 +185,7 @@ class Template:
         finally:
             theirs.close()
             os.close(out_w)
-        return proc, Connection(ours.detach())
+        return proc, ours
 
     def _read(self) -> None:
         try:
@@ -160,8 +218,70 @@ class Template:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
 
+    def serves(self, launch: Launch, start: Start) -> bool:
+        """Whether this template is alive and forks what ``launch`` and ``start`` ask for."""
+        return self.alive and self.proc.poll() is None and self.launch == launch and self.start == start
+
     def close(self) -> None:
         """Stop the template (after its replicas: they exit when it does)."""
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+
+def _fork_here(theirs: socket.socket, ours: socket.socket, env: Mapping[str, str]) -> int:
+    """Fork a template from this process on socket ``theirs``; returns its pid (here, in the parent)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.setsid()  # as a started template: its own session, out of the terminal's ^C
+        ours.close()
+        for other in _early.values():
+            other.sock.close()  # the server's ends of the templates forked before this one
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.environ.update(env)
+        from modelpod.serving import replica_template
+
+        code = replica_template.serve(theirs)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+# Templates forked by ``start_early`` and not yet taken by their replica set, by what they load.
+_early: dict[Start, Template] = {}
+
+
+def start_early(start: Start, label: str, replicas: int) -> None:
+    """Fork the template of a model that will run in replicas of the server's own environment now,
+    while the server is still starting (``modelpod serve``, before its event loop and threads): the
+    template's imports and load run while the server imports, binds and starts; ``take`` hands it to
+    the replica set. Refused (the set starts its own later) once this process runs other threads."""
+    if start in _early or threading.active_count() != 1 or not hasattr(os, "fork"):
+        return
+    try:
+        _early[start] = Template(Launch(why="server environment"), start, label, replicas, here=True)
+    except OSError as exc:
+        log.warning("could not start a replica template early", extra={"fields": {"model": label, "error": str(exc)}})
+
+
+def take(launch: Launch, start: Start) -> Template | None:
+    """The template ``start_early`` forked for ``start``, if it serves ``launch`` and is alive."""
+    template = _early.pop(start, None)
+    if template is None:
+        return None
+    if template.serves(launch, start):
+        return template
+    template.close()
+    return None

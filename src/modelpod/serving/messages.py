@@ -1,10 +1,12 @@
 """The records that cross a boundary: protocol -> engine (InferRequest/InferResult) and server <-> replica.
 
-Everything here is a small frozen dataclass of plain values (cog's ``eventtypes`` idea), so both
+Everything here is a small immutable record of plain values (cog's ``eventtypes`` idea), so both
 sides agree on one definition and nothing else travels. Between the server and a replica process
-(``serving/replicas.py`` and ``serving/replica_child.py``) the records go pickled over a socket pair;
-tensors never do: they sit in a shared-memory region (``serving/shm.py``) and only their
-``TensorRef`` (where, what dtype, what shape) is in the record.
+(``serving/replicas.py`` and ``serving/replica_child.py``) each record is one packet on a
+``SOCK_SEQPACKET`` socket pair (``pack``/``unpack``): the two that go once per batch, ``Run`` and
+``Ran``, in a fixed little-endian layout, the rare others pickled. Tensors never travel: they sit
+in a shared-memory region (``serving/shm.py``) and only their ``TensorRef`` (where, what dtype,
+what shape) is in the record.
 
 Conversation, server (S) and child (C)::
 
@@ -24,9 +26,11 @@ has imported the framework and verified the pod once; server (S) and template (T
 
 from __future__ import annotations
 
+import pickle
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -65,16 +69,17 @@ class InferResult:
 
 
 # -- server <-> replica process -------------------------------------------------------------------
-@dataclass(frozen=True)
-class Region:
+# The per-batch records (Region, TensorRef, Run, Ran) are named tuples: built twice per batch and
+# tensor on each side, where a frozen dataclass's field-by-field __setattr__ would cost more than
+# the rest of the record's trip.
+class Region(NamedTuple):
     """A shared-memory file (under /dev/shm) of ``size`` bytes, mapped by both sides."""
 
     path: str
     size: int
 
 
-@dataclass(frozen=True)
-class TensorRef:
+class TensorRef(NamedTuple):
     """Where one tensor lies in a region. ``kind``: ``raw`` (the array's bytes), ``bytes``/``str``
     (BYTES elements: ``count`` little-endian uint32 lengths, then the data), ``pickle`` (anything
     else an object array may hold, e.g. the request parameters)."""
@@ -115,15 +120,13 @@ class StartFailed:
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class Run:
+class Run(NamedTuple):
     seq: int
     region: Region
     tensors: tuple[TensorRef, ...]
 
 
-@dataclass(frozen=True)
-class Ran:
+class Ran(NamedTuple):
     seq: int
     region: Region  # the child's output region (it grows by replacement: a new path)
     tensors: tuple[TensorRef, ...]
@@ -170,3 +173,105 @@ class Exited:
 
 ToChild = Start | Run | Stop
 FromChild = Ready | StartFailed | Ran | RunFailed
+
+
+# -- the server <-> replica wire format -------------------------------------------------------------
+# One record per packet, its first byte the tag. Run and Ran: the tag, seq and rss (0 for Run),
+# then the layout: tensor count, path length, region size, the region's path, and per tensor a
+# fixed part (kind, ndim, dtype and name lengths, offset, nbytes), its shape as int64s, its dtype
+# string and name. Pickling those (dataclasses) cost ~100k instructions a record: pickle looks each
+# class up by module and name. Batch after batch the layout repeats (the same region, names and,
+# mostly, shapes), so both ends keep the last layouts they packed or read. Everything else is rare
+# and pickled.
+MAX_PACKET = 1 << 17  # the largest record (under the sockets' default buffer); error texts are clipped to fit
+_RUN, _RAN, _PICKLED = b"R"[0], b"D"[0], b"P"[0]
+_HEAD = struct.Struct("<BQQ")  # tag, seq, rss
+_LAYOUT = struct.Struct("<HHQ")  # tensors, path length, region size
+_TENSOR = struct.Struct("<BBBxHQQ")
+_KINDS = {"raw": 0, "bytes": 1, "str": 2, "pickle": 3}
+_KIND_NAMES = tuple(_KINDS)
+_SHAPES = tuple(struct.Struct(f"<{n}q") for n in range(65))  # numpy has at most 64 dimensions
+_CACHED = 256  # layouts kept on each side (then the cache starts again)
+_packed: dict[tuple[Region, tuple[TensorRef, ...]], bytes] = {}
+_read: dict[bytes, tuple[Region, tuple[TensorRef, ...]]] = {}
+
+
+def pack(record: ToChild | FromChild) -> bytes:
+    """``record`` as one packet."""
+    if isinstance(record, (Run, Ran)):
+        key = (record.region, record.tensors)
+        layout = _packed.get(key)
+        if layout is None:
+            layout = _pack_layout(*key)
+            if len(_packed) >= _CACHED:
+                _packed.clear()
+            _packed[key] = layout
+        if isinstance(record, Ran):
+            return _HEAD.pack(_RAN, record.seq, record.rss_bytes) + layout
+        return _HEAD.pack(_RUN, record.seq, 0) + layout
+    return bytes((_PICKLED,)) + pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _pack_layout(region: Region, tensors: tuple[TensorRef, ...]) -> bytes:
+    path = region.path.encode("utf-8", "surrogateescape")
+    parts = [_LAYOUT.pack(len(tensors), len(path), region.size), path]
+    for ref in tensors:
+        name = ref.name.encode("utf-8", "surrogatepass")
+        dtype = ref.dtype.encode("ascii")
+        ndim = len(ref.shape)
+        parts.append(_TENSOR.pack(_KINDS[ref.kind], ndim, len(dtype), len(name), ref.offset, ref.nbytes))
+        parts.append(_SHAPES[ndim].pack(*ref.shape))
+        parts.append(dtype)
+        parts.append(name)
+    return b"".join(parts)
+
+
+def unpack(data: bytes | memoryview) -> ToChild | FromChild:
+    """The record one packet holds; ``ValueError`` (or ``struct.error``) for one that is malformed."""
+    tag = data[0]
+    if tag == _PICKLED:
+        record: ToChild | FromChild = pickle.loads(data[1:])  # from our own server or replica
+        if not isinstance(record, (Start, Ready, StartFailed, RunFailed, Stop)):
+            raise ValueError(f"not a replica record: {type(record).__name__}")
+        return record
+    if tag != _RUN and tag != _RAN:
+        raise ValueError(f"unknown record tag {tag}")
+    _, seq, rss = _HEAD.unpack_from(data)
+    raw = bytes(data[_HEAD.size :])
+    layout = _read.get(raw)
+    if layout is None:
+        layout = _unpack_layout(raw)
+        if len(_read) >= _CACHED:
+            _read.clear()
+        _read[raw] = layout
+    if tag == _RUN:
+        return Run(seq, *layout)
+    return Ran(seq, *layout, rss)
+
+
+def _unpack_layout(data: bytes) -> tuple[Region, tuple[TensorRef, ...]]:
+    count, plen, size = _LAYOUT.unpack_from(data)
+    pos = _LAYOUT.size
+    path = str(data[pos : pos + plen], "utf-8", "surrogateescape")
+    pos += plen
+    refs = []
+    fixed = _TENSOR.size
+    for _ in range(count):
+        kind, ndim, dlen, nlen, offset, nbytes = _TENSOR.unpack_from(data, pos)
+        pos += fixed
+        shape: tuple[int, ...] = _SHAPES[ndim].unpack_from(data, pos)
+        pos += 8 * ndim
+        dtype = str(data[pos : pos + dlen], "ascii")
+        pos += dlen
+        name = str(data[pos : pos + nlen], "utf-8", "surrogatepass")
+        pos += nlen
+        refs.append(TensorRef(name, _KIND_NAMES[kind], dtype, shape, offset, nbytes))
+    if pos != len(data):
+        raise ValueError("a record with trailing bytes")
+    return Region(path, size), tuple(refs)
+
+
+def clip(text: str, limit: int = 8192) -> str:
+    """``text`` cut to ``limit`` characters: an error's message and traceback must fit one packet
+    (two texts of 8192 characters are at most 64 KiB of UTF-8)."""
+    return text if len(text) <= limit else text[: limit - 20] + "\n... (cut)"

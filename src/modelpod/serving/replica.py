@@ -1,9 +1,10 @@
-"""Replica: one worker process as the server sees it, and the threads that read its socket and output.
+"""Replica: one worker process as the server sees it: its socket, its regions, its exit and output.
 
-``ReplicaSet`` (``serving/replicas.py``) owns the replicas and runs on the event loop; the two
-threads here block on the child's socket and on its stdout/stderr, and hand every record to the
-loop (``call_soon_threadsafe``). A ``Ran`` record's outputs are copied out of shared memory on the
-reader thread, so the loop never copies tensors back.
+``ReplicaSet`` (``serving/replicas.py``) owns the replicas and runs on the event loop, which reads
+each replica's socket itself (``receive``, from a reader callback: the loop wakes once per record,
+and no thread hands records over or competes for the GIL). A ``Ran`` record's outputs are copied
+out of shared memory there, small next to the batch they answer. Two threads per replica only
+wait: one for the process to exit (``watch_exit``), one for its stdout/stderr (``read_output``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +24,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
 from modelpod import errors
@@ -30,7 +31,17 @@ from modelpod.errors import InferenceError, ModelpodError
 from modelpod.model import Batch, Model
 from modelpod.pod import Manifest, Signature
 from modelpod.serving.forking import ForkedProcess
-from modelpod.serving.messages import Ran, RunFailed
+from modelpod.serving.messages import (
+    MAX_PACKET,
+    FromChild,
+    Ran,
+    Ready,
+    RunFailed,
+    StartFailed,
+    ToChild,
+    pack,
+    unpack,
+)
 from modelpod.serving.shm import Reader, Writer, shm_dir
 from modelpod.serving.worker import Done
 
@@ -91,7 +102,7 @@ class Replica:
         self.id = rid
         self.state = STARTING
         self.proc: subprocess.Popen[bytes] | ForkedProcess | None = None
-        self.conn: Connection | None = None
+        self.conn: socket.socket | None = None  # non-blocking, read by the loop
         tag = re.sub(r"[^A-Za-z0-9_.-]", "_", label)
         self.writer = Writer(f"modelpod-in-{os.getpid()}-{tag}-{rid}")
         self.reader = Reader()
@@ -107,12 +118,47 @@ class Replica:
         self.start_error = ""
         self.tail: deque[str] = deque(maxlen=STDERR_LINES)
         self.output: threading.Thread | None = None
+        self._buf = bytearray(MAX_PACKET)
+        self._view = memoryview(self._buf)
+
+    def send(self, record: ToChild) -> None:
+        """One record to the child (``OSError`` once its socket is gone)."""
+        if self.conn is None:
+            raise OSError("the replica's socket is closed")
+        self.conn.send(pack(record))
+
+    def receive(self) -> tuple[FromChild, Batch | None] | None:
+        """The next record waiting on the socket and, for ``Ran``, its outputs (copied); None when
+        nothing waits. ``EOFError`` once the child's end is closed; ``ValueError`` (or another
+        ``Exception``) for a record that cannot be read."""
+        conn = self.conn
+        if conn is None:
+            raise EOFError
+        try:
+            n = conn.recv_into(self._buf, MAX_PACKET, socket.MSG_TRUNC)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:  # reset: the child is gone
+            raise EOFError from exc
+        if n == 0:
+            raise EOFError
+        if n > MAX_PACKET:
+            raise ValueError(f"a record of {n} bytes: more than {MAX_PACKET}")
+        msg = unpack(self._view[:n])
+        if type(msg) is Ran:
+            return msg, self.reader.read(msg.region, msg.tensors, copy=True)
+        if not isinstance(msg, (Ready, StartFailed, RunFailed)):
+            raise ValueError(f"not a record from a replica: {type(msg).__name__}")
+        return msg, None
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
     def cleanup(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
         self.writer.close()
         self.reader.close()
         if self.pid is not None:  # output regions the child made and never told us about
@@ -129,29 +175,10 @@ class Replica:
         return f"Replica({self.id}, pid={self.pid}, {self.state})"
 
 
-def read_messages(r: Replica, loop: asyncio.AbstractEventLoop, label: str,
-                  on_message: Callable[[Replica, Any, Batch | None], None],
-                  on_exit: Callable[[Replica, int], None]) -> None:
-    """The replica's socket, read on its own thread; each record goes to the loop, then its exit."""
-    conn = r.conn
-    assert conn is not None and r.proc is not None
-    try:
-        while True:
-            msg = conn.recv()
-            outputs = r.reader.read(msg.region, msg.tensors, copy=True) if isinstance(msg, Ran) else None
-            loop.call_soon_threadsafe(on_message, r, msg, outputs)
-    except (EOFError, OSError, ValueError):
-        pass
-    except Exception as exc:  # a record we cannot read: treat the replica as broken
-        log.error("bad record from a replica", extra={"fields": {"model": label, "error": repr(exc)}})
-        r.kill()
-    finally:
-        conn.close()
-    try:
-        code = r.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        r.proc.kill()
-        code = r.proc.wait()
+def watch_exit(r: Replica, loop: asyncio.AbstractEventLoop, on_exit: Callable[[Replica, int], None]) -> None:
+    """Wait (on its own thread) for the replica's process to exit, then report it to the loop."""
+    assert r.proc is not None
+    code = r.proc.wait()
     if r.output is not None:
         r.output.join(2.0)  # its last stderr lines are the reason a start failed
     with contextlib.suppress(RuntimeError):  # a closed loop: the server is gone

@@ -7,7 +7,7 @@ interpreter, which environment) comes from ``serving/launch.py``'s ``prepare``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from modelpod.serving import launch
@@ -26,8 +26,7 @@ async def load_replicas(entry: ModelEntry, settings: Settings, metrics: ServingM
                         on_failed: Callable[[ReplicaSet, str], None]) -> tuple[RemoteModel, ReplicaSet, Batcher]:
     """Start ``entry``'s first replicas; returns once one serves (raises once the model failed)."""
     how = await launch.prepare(entry, settings)
-    src = entry.source
-    start = Start(entry.label, str(settings.home), ref=src.ref, path=str(src.path) if src.path is not None else None)
+    start = start_record(entry, settings)
     policy = entry.replica_policy
     replicas = ReplicaSet(entry.label, start, how, policy, entry.policy.timeout_s, entry.policy.max_batch_rows)
     model = replicas.model = RemoteModel(entry.name, entry.signature, splitter(entry.manifest))
@@ -47,3 +46,22 @@ async def load_replicas(entry: ModelEntry, settings: Settings, metrics: ServingM
         await replicas.wait_closed()
         raise
     return model, replicas, batcher
+
+
+def start_record(entry: ModelEntry, settings: Settings) -> Start:
+    """What ``entry``'s replicas (and their template) load."""
+    src = entry.source
+    return Start(entry.label, str(settings.home), ref=src.ref, path=str(src.path) if src.path is not None else None)
+
+
+def start_early(entries: Iterable[ModelEntry], settings: Settings) -> None:
+    """Fork the templates of the models that will load into replicas of the server's own environment,
+    now (``modelpod serve``, before the event loop starts): see ``forking.start_early``."""
+    from modelpod.serving.forking import start_early as fork_early
+
+    if settings.lazy_load:
+        return
+    for entry in entries:
+        own_env = entry.env is not None and entry.env.own
+        if entry.replica_policy.process and entry.available and entry.source.model is None and not own_env:
+            fork_early(start_record(entry, settings), entry.label, entry.replica_policy.max)

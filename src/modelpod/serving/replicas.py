@@ -32,7 +32,7 @@ from typing import Any
 from modelpod.errors import InferenceError, InferenceTimeoutError, ModelNotReadyError, ModelpodError
 from modelpod.model import Batch
 from modelpod.serving.autoscale import Autoscaler, demand_of
-from modelpod.serving.forking import ForkedProcess, Template
+from modelpod.serving.forking import ForkedProcess, Template, take
 from modelpod.serving.launch import Launch
 from modelpod.serving.messages import Ran, Ready, Run, RunFailed, Start, StartFailed, Stop
 from modelpod.serving.replica import (
@@ -45,8 +45,8 @@ from modelpod.serving.replica import (
     Replica,
     error_of,
     exit_text,
-    read_messages,
     read_output,
+    watch_exit,
 )
 from modelpod.serving.scaling import ReplicaPolicy
 from modelpod.serving.worker import Done, awaited
@@ -55,6 +55,7 @@ log = logging.getLogger("modelpod.serving")
 
 TICK_S = 0.1
 MAX_START_FAILURES = 3
+HANGUP_S = 30.0  # a child that closed its socket but has not exited by then is killed
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class ReplicaSet:
             self._send(replica, self.held.popleft())
 
     def _send(self, r: Replica, job: Job) -> None:
-        assert r.conn is not None and self._loop is not None
+        assert self._loop is not None
         try:
             region, refs = r.writer.write(job.batch)
         except OSError as exc:  # /dev/shm full: this batch fails (on the next turn), the replica stays
@@ -193,7 +194,7 @@ class ReplicaSet:
         r.seq += 1
         r.job, r.state, r.busy_since = job, BUSY, self._loop.time()
         with contextlib.suppress(OSError):  # it died meanwhile: its exit puts the job back
-            r.conn.send(Run(r.seq, region, refs))
+            r.send(Run(r.seq, region, refs))
 
     def _finish(self, r: Replica, out: Batch | None, err: BaseException | None, rss: int) -> None:
         job, r.job = r.job, None
@@ -213,9 +214,46 @@ class ReplicaSet:
         self._dispatch()
         self.hooks.wake()
 
-    # -- messages from the reader threads (run on the loop) ---------------------------------------
+    # -- records from the replicas (read on the loop) ---------------------------------------------
+    def _readable(self, r: Replica, drain: bool = False) -> None:
+        """The loop's reader callback for a replica's socket: the next record (the poll is level
+        triggered: it calls again while more wait); with ``drain``, every record waiting."""
+        while True:
+            try:
+                got = r.receive()
+            except EOFError:
+                self._hangup(r)
+                return
+            except Exception as exc:  # a record we cannot read: treat the replica as broken
+                log.error("bad record from a replica", extra={"fields": {"model": self.label, "error": repr(exc)}})
+                r.kill()
+                self._hangup(r)
+                return
+            if got is None:
+                return
+            self._message(r, *got)
+            if not drain:
+                return
+
+    def _hangup(self, r: Replica) -> None:
+        """The child's end closed (it exits): stop reading; kill it if it lingers."""
+        if r.conn is None:
+            return
+        with contextlib.suppress(Exception):  # a closed loop, or a reader already gone
+            if self._loop is not None:
+                self._loop.remove_reader(r.conn.fileno())
+        r.conn.close()
+        r.conn = None
+        if self._loop is not None and r.proc is not None and r.proc.poll() is None:
+            self._loop.call_later(HANGUP_S, r.kill)
+
     def _message(self, r: Replica, msg: Any, outputs: Batch | None) -> None:
-        if isinstance(msg, Ready):
+        if type(msg) is Ran:
+            if r.job is not None and msg.seq == r.seq:
+                if r.writer.region is not None:
+                    r.writer.region.unlink()  # the child has mapped it: the name is not needed any more
+                self._finish(r, outputs, None, msg.rss_bytes)
+        elif isinstance(msg, Ready):
             if isinstance(r.proc, ForkedProcess):
                 r.proc.forked(msg.pid)  # Ready can overtake the template's Forked record
             r.state = IDLE if not r.retiring else STOPPING
@@ -236,16 +274,15 @@ class ReplicaSet:
             self.hooks.wake()
         elif isinstance(msg, StartFailed):
             r.start_error = msg.error
-        elif isinstance(msg, Ran) and r.job is not None and msg.seq == r.seq:
-            if r.writer.region is not None:
-                r.writer.region.unlink()  # the child has mapped it: the name is not needed any more
-            self._finish(r, outputs, None, msg.rss_bytes)
         elif isinstance(msg, RunFailed) and r.job is not None and msg.seq == r.seq:
             self._finish(r, None, error_of(msg), msg.rss_bytes)
 
     def _exited(self, r: Replica, code: int) -> None:
         if r in self.replicas:
-            self.replicas.remove(r)
+            self.replicas.remove(r)  # first: nothing is dispatched to it while its last records are read
+        if r.conn is not None:  # what it said before it died comes first (a Ran, a StartFailed)
+            self._readable(r, drain=True)
+            self._hangup(r)
         r.cleanup()
         how = exit_text(code)
         job, r.job = r.job, None
@@ -354,11 +391,8 @@ class ReplicaSet:
             self._kill(r)
             return
         r.state = STOPPING
-        try:
-            if r.conn is not None:
-                r.conn.send(Stop())
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            r.send(Stop())
 
     def _kill(self, r: Replica) -> None:
         r.kill()
@@ -373,19 +407,22 @@ class ReplicaSet:
                 if self.template is not None:
                     self.template.close()  # it died (its replicas with it): a new one preloads again
                     self.template = None
-                self.template = Template(self.launch, self.start_record, self.label)
+                self.template = (take(self.launch, self.start_record)  # forked while the server started
+                                 or Template(self.launch, self.start_record, self.label, self.policy.max))
             r.proc, r.conn = self.template.fork(r.id)
         except OSError as exc:
             r.start_error = f"cannot run {self.launch.python}: {exc.strerror or exc}"
             self._loop.call_soon(self._exited, r, 127)
             return
-        r.conn.send(Start(self.label, self.start_record.home, self.start_record.ref, self.start_record.path, r.id))
+        r.conn.setblocking(False)
+        r.send(Start(self.label, self.start_record.home, self.start_record.ref, self.start_record.path, r.id))
         loop = self._loop
-        threading.Thread(target=read_messages, args=(r, loop, self.label, self._message, self._exited), daemon=True,
-                         name=f"modelpod-replica-{self.label}-{r.id}").start()
+        loop.add_reader(r.conn.fileno(), self._readable, r)
         r.output = threading.Thread(target=read_output, args=(r,), daemon=True,
                                     name=f"modelpod-replica-out-{self.label}-{r.id}")
         r.output.start()
+        threading.Thread(target=watch_exit, args=(r, loop, self._exited), daemon=True,
+                         name=f"modelpod-replica-{self.label}-{r.id}").start()
         log.info("replica starting", extra={"fields": {"model": self.label, "replica": r.id, "pid": r.pid,
                                                        "python": self.launch.python, "env": self.launch.why}})
 

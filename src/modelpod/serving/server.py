@@ -38,6 +38,7 @@ from modelpod.protocols.tls import TlsFiles
 from modelpod.serving import logs, scaling
 from modelpod.serving.config import ServeConfig
 from modelpod.serving.engine import InferenceEngine
+from modelpod.serving.replica_load import start_early
 from modelpod.settings import Settings, read_token_file
 
 log = logging.getLogger("modelpod.serving")
@@ -77,6 +78,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     for ref in args.refs:
         engine.add(ref)
     engine.configure_routes()  # a bad route stops the start here (exit 2), before anything listens
+    start_early(engine.registry, settings)  # replica templates: forked now, they load while the server starts
     return run(engine, settings, grpc=grpc_mode, as_json=bool(getattr(args, "json", False)))
 
 

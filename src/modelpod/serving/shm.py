@@ -39,10 +39,6 @@ def shm_dir() -> Path:
     return Path(tempfile.gettempdir())
 
 
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
 class SharedRegion:
     """One mapped file. ``create`` makes it (this process owns the name); otherwise it maps ``path``."""
 
@@ -60,15 +56,12 @@ class SharedRegion:
         finally:
             os.close(fd)
         self.linked = create
+        self.record = Region(path, size)
 
     @classmethod
     def new(cls, prefix: str, size: int) -> SharedRegion:
         size = max(MIN_SIZE, 1 << max(0, size - 1).bit_length())  # a power of two: few regrowths
         return cls(str(shm_dir() / f"{prefix}-{secrets.token_hex(4)}"), size, create=True)
-
-    @property
-    def record(self) -> Region:
-        return Region(self.path, self.size)
 
     def unlink(self) -> None:
         """Remove the name (the mappings stay valid); once both sides have mapped it, or on exit."""
@@ -83,32 +76,39 @@ class SharedRegion:
 
 
 class Writer:
-    """Packs batches into a region it owns, growing it (a new name) when a batch does not fit."""
+    """Packs batches into a region it owns (the same one batch after batch), growing it under a new
+    name when a batch does not fit."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.region: SharedRegion | None = None
 
     def write(self, batch: Batch) -> tuple[Region, tuple[TensorRef, ...]]:
-        parts = [_encode(name, arr) for name, arr in batch.items()]
+        parts = []
         total = 0
-        for _, payload in parts:
-            total = _aligned(total) + payload.nbytes
+        for name, arr in batch.items():
+            dtype = arr.dtype
+            if dtype.kind == "O":
+                kind, data = _objects(arr)
+                parts.append((name, kind, "|O", arr.shape, data, data.nbytes, total))
+            else:
+                parts.append((name, "raw", dtype.str, arr.shape, arr, arr.nbytes, total))
+            total = (total + parts[-1][5] + ALIGN - 1) & -ALIGN
         region = self.region
         if region is None or region.size < total:
             if region is not None:
                 region.unlink()
                 region.close()
             region = self.region = SharedRegion.new(self.prefix, total)
-        refs: list[TensorRef] = []
-        offset = 0
-        for ref, payload in parts:
-            offset = _aligned(offset)
-            n = payload.nbytes
+        buf: Any = region.map  # an ndarray is a buffer (C-contiguous: no copy to get one)
+        refs = []
+        for name, kind, dstr, shape, data, n, offset in parts:
             if n:
-                np.ndarray((n,), np.uint8, buffer=region.map, offset=offset)[:] = payload
-            refs.append(TensorRef(ref.name, ref.kind, ref.dtype, ref.shape, offset, n))
-            offset += n
+                try:  # a C-contiguous array: one memcpy
+                    buf[offset : offset + n] = data
+                except (BufferError, ValueError, TypeError):  # any other strides: numpy copies them in
+                    np.ndarray(data.shape, data.dtype, buffer=buf, offset=offset)[...] = data
+            refs.append(TensorRef(name, kind, dstr, shape, offset, n))
         return region.record, tuple(refs)
 
     def close(self) -> None:
@@ -133,8 +133,8 @@ class Reader:
         return region
 
     def read(self, record: Region, refs: tuple[TensorRef, ...], *, copy: bool) -> Batch:
-        region = self.attach(record)
-        return {ref.name: decode(region.map, ref, copy=copy) for ref in refs}
+        buf = self.attach(record).map
+        return {ref.name: decode(buf, ref, copy=copy) for ref in refs}
 
     def close(self) -> None:
         if self.region is not None:
@@ -142,28 +142,33 @@ class Reader:
             self.region = None
 
 
-def _encode(name: str, arr: np.ndarray[Any, Any]) -> tuple[TensorRef, np.ndarray[Any, Any]]:
-    """A tensor as a ref (offset 0 for now) and the bytes to copy, as a flat uint8 array."""
-    if arr.dtype.kind != "O":
-        flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-        return TensorRef(name, "raw", arr.dtype.str, tuple(arr.shape), 0, flat.nbytes), flat
+def _objects(arr: np.ndarray[Any, Any]) -> tuple[str, np.ndarray[Any, Any]]:
+    """An object array's kind and bytes: BYTES/str elements as lengths + data, anything else pickled."""
     items = arr.reshape(-1).tolist()
     if items and all(isinstance(x, bytes) for x in items):
         kind, data = "bytes", items
     elif items and all(isinstance(x, str) for x in items):
         kind, data = "str", [x.encode("utf-8", "surrogatepass") for x in items]
     else:
-        blob = pickle.dumps(arr, protocol=pickle.HIGHEST_PROTOCOL)
-        return TensorRef(name, "pickle", "|O", tuple(arr.shape), 0, len(blob)), np.frombuffer(blob, np.uint8)
+        return "pickle", np.frombuffer(pickle.dumps(arr, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
     lengths = np.fromiter((len(x) for x in data), dtype=_U32, count=len(data))
-    payload = np.frombuffer(lengths.tobytes() + b"".join(data), np.uint8)
-    return TensorRef(name, kind, "|O", tuple(arr.shape), 0, payload.nbytes), payload
+    return kind, np.frombuffer(lengths.tobytes() + b"".join(data), np.uint8)
+
+
+_DTYPES: dict[str, np.dtype[Any]] = {}
 
 
 def decode(buf: Any, ref: TensorRef, *, copy: bool) -> np.ndarray[Any, Any]:
     """The tensor ``ref`` describes in ``buf``: a view into it, or (``copy``) an array of its own."""
     if ref.kind == "raw":
-        view = np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=buf, offset=ref.offset)
+        dtype = _DTYPES.get(ref.dtype)
+        if dtype is None:
+            dtype = np.dtype(ref.dtype)
+            if dtype.kind == "O":
+                raise ValueError("a raw tensor cannot hold objects")
+            if len(_DTYPES) < 256:
+                _DTYPES[ref.dtype] = dtype
+        view = np.ndarray(ref.shape, dtype, buffer=buf, offset=ref.offset)
         return view.copy() if copy else view
     raw = memoryview(buf)[ref.offset : ref.offset + ref.nbytes]
     try:
