@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import orjson
@@ -60,3 +61,15 @@ def test_nan_and_infinity_in_pieces() -> None:
     raw = b'{"inputs": [{"name": "x", "data": [' + b"1.5, NaN, -Infinity, " * 10 + b"2]}]}"
     data = bigjson.loads(raw, 10, 64)["inputs"][0]["data"]
     assert len(data) == 31 and data[1] != data[1] and data[2] == float("-inf")
+
+
+def test_the_bracket_count_agrees_with_a_plain_count_on_short_and_long_bodies() -> None:
+    from modelpod.protocols.rest import _more_brackets
+
+    rng = random.Random(7)
+    for size in (0, 1, 50, 300, 2048, 2049, 9000):
+        for _ in range(20):
+            data = bytes(rng.choice(b'[]{}"a1,: ') for _ in range(size))
+            n = data.count(b"[") + data.count(b"{")
+            for limit in (0, n - 1, n, n + 1, 64):
+                assert _more_brackets(data, limit) == (n > limit), (size, limit)

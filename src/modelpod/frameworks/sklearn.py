@@ -29,10 +29,11 @@ import numpy as np
 from modelpod import table
 from modelpod.errors import FrameworkError, UnsafeModelError, UsageError
 from modelpod.frameworks import Packed, PackRequest
+from modelpod.frameworks._sklearn_fast import fast_method
 from modelpod.frameworks._skops_trust import VETTED, check_loaded
 from modelpod.frameworks._util import chosen_outputs, one_line, pick_file, text_output, unreadable
 from modelpod.model import Batch, Model
-from modelpod.pod import Pod
+from modelpod.pod import Pod, numpy_dtype
 from modelpod.safety import check_load_allowed, refuse_pickle, scan_pickle
 
 NAME = "sklearn"
@@ -138,6 +139,11 @@ class SklearnModel(Model):
         fn = getattr(self.estimator, name, None)
         if fn is None:
             raise FrameworkError(f"{type(self.estimator).__name__} has no {name}(); it cannot answer that output")
+        sig = self.signature
+        if not sig.is_table and len(sig.inputs) == 1:  # a linear model's own product, proven equal at load
+            fast = fast_method(self.estimator, name, numpy_dtype(sig.inputs[0].datatype))
+            if fast is not None:
+                return fast
         return fn
 
     def predict(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Batch:

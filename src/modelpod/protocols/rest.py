@@ -57,6 +57,7 @@ from modelpod.protocols.http import Request, Response, error_response
 from modelpod.serving.engine import InferenceEngine
 from modelpod.serving.messages import InferRequest
 from modelpod.serving.metrics import CONTENT_TYPE
+from modelpod.serving.registry import ModelEntry
 from modelpod.settings import Settings
 
 log = logging.getLogger("modelpod.serving")
@@ -109,8 +110,8 @@ def _more_brackets(data: bytes, limit: int) -> bool:
     find() jumps between brackets with memchr, and tensor bodies have few brackets in kilobytes
     of numbers, so this reads far less than count() would; it stops at ``limit + 1``.
     """
-    if len(data) <= 2048:  # short: two plain counts cost less than the calls below
-        return data.count(b"[") + data.count(b"{") > limit
+    if len(data) <= 2048:  # short: one pass deleting the brackets costs less than the calls below
+        return len(data) - len(data.translate(None, b"[{")) > limit
     n = 0
     for bracket in (b"[", b"{"):
         i = data.find(bracket)
@@ -262,17 +263,20 @@ class RestApp:
 
     # -- inference --------------------------------------------------------------------------------
     async def _infer(self, req: Request, name: str, version: str | None) -> Response:
-        check = self.engine.input_check(name, version)  # 404 before any decoding
+        resolved = self.engine.resolve(name, version)  # 404 before any decoding
+        check = self.engine.input_check(resolved)
+        entry: ModelEntry | None = resolved
         if len(req.body) > OFF_LOOP_BYTES or "content-encoding" in req.headers:
             # Big bodies are decoded on a thread in bounded steps, so health checks keep answering.
             loop = asyncio.get_running_loop()
             request = await loop.run_in_executor(self._decoder, self._decode, req, check)
+            entry = None  # it may have been unloaded or replaced meanwhile: the engine looks again
         else:
             request = self._decode(req, check)
         if request.id is not None and "x-request-id" not in req.headers:
             req.headers["x-request-id"] = request.id  # so the response and the log line carry it
         result = await self.engine.infer(name, version, request, protocol="rest", started=req.received,
-                                         headers=req.headers)
+                                         headers=req.headers, resolved=entry)
         out, tails = encode_response(result.model_name, result.model_version, result.outputs, request)
         if result.id is not None:  # a routed answer always has one (made here if need be), for feedback
             out["id"] = result.id

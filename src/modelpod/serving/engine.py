@@ -192,9 +192,12 @@ class InferenceEngine:
 
     # -- inference --------------------------------------------------------------------------------
     async def infer(self, name: str, version: str | None, request: InferRequest, *, protocol: str = "rest",
-                    started: float | None = None, headers: Mapping[str, str] | None = None) -> InferResult:
+                    started: float | None = None, headers: Mapping[str, str] | None = None,
+                    resolved: ModelEntry | None = None) -> InferResult:
         """Run one request; every answered request (ok or not) is counted under its model (and, when a
-        route chose the model, under the route and variant). ``headers``: where sticky keys are read."""
+        route chose the model, under the route and variant). ``headers``: where sticky keys are read.
+        ``resolved``: the entry ``name`` and ``version`` resolved to just before, with nothing awaited
+        since (the caller's input check), so it is not looked up twice; a route still picks its variant."""
         t0 = started if started is not None else time.perf_counter()
         entry: ModelEntry | None = None
         variant = None
@@ -203,7 +206,8 @@ class InferenceEngine:
             if self.draining:
                 raise ModelNotReadyError("the server is shutting down")
             variant = self.traffic.pick(name, version, headers) if self.traffic.routes else None
-            entry = variant.entry if variant is not None else self.traffic.resolve(name, version)
+            entry = variant.entry if variant is not None else (
+                resolved if resolved is not None else self.traffic.resolve(name, version))
             if entry.state is not ModelState.READY:
                 if entry.state is ModelState.UNLOADING:
                     raise ModelNotReadyError(f"model {entry.label} is being unloaded")

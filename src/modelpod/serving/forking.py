@@ -61,9 +61,13 @@ class ForkedProcess:
         self._lock = threading.Lock()
 
     def forked(self, pid: int) -> None:
+        """Its pid: from the template's ``Forked`` record or the replica's own ``Ready``, whichever
+        reaches the server first (they come on two sockets, read by two threads)."""
         with self._lock:
+            if self.pid is not None:
+                return
             self.pid = pid
-            kill = self._kill_when_forked
+            kill, self._kill_when_forked = self._kill_when_forked, False
         if kill:
             self.send_signal(signal.SIGKILL)
 

@@ -3,11 +3,12 @@
 Started by ``serving/forking.py`` as ``python -m modelpod.serving.replica_template --fd N`` (the
 replica's launch: interpreter and environment, ``serving/launch.py``), with ``N`` a SOCK_SEQPACKET
 socket to the server, or forked from ``modelpod serve`` itself while it starts (``serve`` on that
-socket: the server's environment, modelpod and numpy already imported). It reads the ``Start`` record, imports what the model's framework needs and
-opens the pod verified (best effort: an error here is met again, and reported, by the replica that
-loads), then forks one replica per ``Fork`` record, which brings the replica's socket and output
-pipe as file descriptors. A replica starts from the forked state: no interpreter start, no imports,
-no second hash of the weights; it loads the model and serves (``replica_child.run``).
+socket: the server's environment, modelpod and numpy already imported). It reads the ``Start``
+record, imports what the model's framework needs and opens the pod verified (best effort: an error
+here is met again, and reported, by the replica that loads), then forks one replica per ``Fork``
+record, which brings the replica's socket and output pipe as file descriptors. A replica starts from
+the forked state: no interpreter start, no imports, no second hash of the weights; it loads the
+model and serves (``replica_child.run``).
 
 The template stays single-threaded in Python (it waits in ``select``): forking a process whose other
 threads may hold locks is what not to do. Native threads the imports start (OpenBLAS's pool) have

@@ -32,7 +32,7 @@ from typing import Any
 from modelpod.errors import InferenceError, InferenceTimeoutError, ModelNotReadyError, ModelpodError
 from modelpod.model import Batch
 from modelpod.serving.autoscale import Autoscaler, demand_of
-from modelpod.serving.forking import Template, take
+from modelpod.serving.forking import ForkedProcess, Template, take
 from modelpod.serving.launch import Launch
 from modelpod.serving.messages import Ran, Ready, Run, RunFailed, Start, StartFailed, Stop
 from modelpod.serving.replica import (
@@ -254,6 +254,8 @@ class ReplicaSet:
                     r.writer.region.unlink()  # the child has mapped it: the name is not needed any more
                 self._finish(r, outputs, None, msg.rss_bytes)
         elif isinstance(msg, Ready):
+            if isinstance(r.proc, ForkedProcess):
+                r.proc.forked(msg.pid)  # Ready can overtake the template's Forked record
             r.state = IDLE if not r.retiring else STOPPING
             r.ready_at, r.rss = time.monotonic(), msg.rss_bytes
             self.takes_parameters = msg.takes_parameters
