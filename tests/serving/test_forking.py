@@ -1,8 +1,8 @@
-"""ForkedProcess and the template's choices before it starts (no template process here).
+"""The server's end of a template: ``ForkedProcess`` and what is decided before a template starts.
 
-A replica's pid arrives twice (the template's ``Forked``, the replica's ``Ready``) on two sockets read
-apart, so either may be first; the first wins, and a kill asked for before any pid was known is sent
-once, to that pid.
+A replica's pid arrives twice (the template's ``Forked``, the replica's ``Ready``): the two records
+come on two sockets read by two threads (the loop, the template's reader), so either may be first;
+the first wins, and a kill asked for before any pid was known is sent once, to that pid.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO
 
 from modelpod.serving.launch import Launch
@@ -229,8 +229,9 @@ class Template:
         self.sock.close()
 
 
-def _fork_here(theirs: socket.socket, ours: socket.socket, env: Mapping[str, str]) -> int:
-    """Fork a template from this process on socket ``theirs``; returns its pid (here, in the parent)."""
+def fork_running(body: Callable[[], int]) -> int:
+    """Fork; the child runs ``body`` and exits with its status (1, with the traceback on stderr, if it
+    raises), never returning. Returns the child's pid, here in the parent."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -238,6 +239,21 @@ def _fork_here(theirs: socket.socket, ours: socket.socket, env: Mapping[str, str
         return pid
     code = 1
     try:
+        code = body()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _fork_here(theirs: socket.socket, ours: socket.socket, env: Mapping[str, str]) -> int:
+    """Fork a template from this process on socket ``theirs``; returns its pid (here, in the parent)."""
+
+    def template() -> int:
         os.setsid()  # as a started template: its own session, out of the terminal's ^C
         ours.close()
         for other in _early.values():
@@ -248,15 +264,9 @@ def _fork_here(theirs: socket.socket, ours: socket.socket, env: Mapping[str, str
         os.environ.update(env)
         from modelpod.serving import replica_template
 
-        code = replica_template.serve(theirs)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+        return replica_template.serve(theirs)
+
+    return fork_running(template)
 
 
 # Templates forked by ``start_early`` and not yet taken by their replica set, by what they load.

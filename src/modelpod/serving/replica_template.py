@@ -2,11 +2,13 @@
 
 Started by ``serving/forking.py`` as ``python -m modelpod.serving.replica_template --fd N`` (the
 replica's launch: interpreter and environment, ``serving/launch.py``), with ``N`` a SOCK_SEQPACKET
-socket to the server. It reads the ``Start`` record, imports what the model's framework needs and
-opens the pod verified (best effort: an error here is met again, and reported, by the replica that
-loads), then forks one replica per ``Fork`` record, which brings the replica's socket and output
-pipe as file descriptors. A replica starts from the forked state: no interpreter start, no imports,
-no second hash of the weights; it loads the model and serves (``replica_child.run``).
+socket to the server, or forked from ``modelpod serve`` itself while it starts (``serve`` on that
+socket: the server's environment, modelpod and numpy already imported). It reads the ``Start``
+record, imports what the model's framework needs and opens the pod verified (best effort: an error
+here is met again, and reported, by the replica that loads), then forks one replica per ``Fork``
+record, which brings the replica's socket and output pipe as file descriptors. A replica starts from
+the forked state: no interpreter start, no imports, no second hash of the weights; it loads the
+model and serves (``replica_child.run``).
 
 The template stays single-threaded in Python (it waits in ``select``): forking a process whose other
 threads may hold locks is what not to do. Native threads the imports start (OpenBLAS's pool) have
@@ -27,9 +29,9 @@ import select
 import signal
 import socket
 import sys
-import traceback
 
 from modelpod.serving import replica_child
+from modelpod.serving.forking import fork_running
 from modelpod.serving.messages import Exited, Fork, Forked, Start
 
 MAX_RECORD = 1 << 16
@@ -126,13 +128,8 @@ def reap(sock: socket.socket) -> None:
 
 def fork(record: Fork, fds: list[int], own: tuple[int, ...]) -> int:
     """Fork a replica on ``fds`` (its socket, its output pipe); returns its pid, here in the template."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
+
+    def replica() -> int:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in own:
@@ -142,15 +139,9 @@ def fork(record: Fork, fds: list[int], own: tuple[int, ...]) -> int:
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
         os.close(out_fd)
-        code = replica_child.run(conn_fd)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+        return replica_child.run(conn_fd)
+
+    return fork_running(replica)
 
 
 def main(argv: list[str] | None = None) -> int:
