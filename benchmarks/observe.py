@@ -2,6 +2,7 @@
 defaults, against the same server with all three off.
 
 Usage: .venv/bin/python benchmarks/observe.py [--quick] [--duration S] [--rounds N] [--models-python PY]
+                                             [--model-dir DIR]
 
 Two `modelpod serve` runs of workload A's model (pinned to the server core, wrk on the other), in
 turn, ``--rounds`` times, medians compared:
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import loadgen, modelpod, procs, venvs
 from bench.config import LOGS_DIR, MAX_BATCH_ROWS, MAX_BATCH_WAIT_MS, REPO_DIR, SERVER_CPU, WORK_DIR, WORKLOADS_ENV
-from bench.workloads import make_models
+from bench.workloads import MODEL_NAMES, Workload, make_models
 
 CONCURRENCY = 64
 RESULTS = WORK_DIR / "observe.json"
@@ -63,13 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="rounds of the two modes (default 3; 1 quick)")
     p.add_argument("--models-python", type=Path, help="a Python with scikit-learn, skops and torch to make the "
                    "models with (default: run.py's workloads venv, installed on first use)")
+    p.add_argument("--model-dir", type=Path, help="workload A's files already made (model.skops, sample.npy, "
+                   "body.json: tools/make_models.py's A/), instead of making them in the workloads venv")
     args = p.parse_args(argv)
     duration = args.duration or (2 if args.quick else 10)
     rounds = args.rounds or (1 if args.quick else 3)
     LOGS_DIR.mkdir(parents=True, exist_ok=True)
 
-    python = args.models_python or venvs.ensure(WORKLOADS_ENV, 1800)
-    workload = make_models(python)["A"]
+    if args.model_dir is not None:
+        features = int(np.load(args.model_dir / "sample.npy").shape[1])
+        workload = Workload("A", MODEL_NAMES["A"], args.model_dir.resolve(), features, (), "INT64", False)
+    else:
+        workload = make_models(args.models_python or venvs.ensure(WORKLOADS_ENV, 1800))["A"]
     modelpod.check_available()
     modelpod.reset_home()
     name = workload.model_name

@@ -16,7 +16,7 @@ from servutil import PYTHON, REPO, LiveServer, metric_value
 
 from modelpod.api import pack
 from modelpod.errors import UsageError
-from modelpod.observe.drift import REFERENCE_NAME, DriftMonitor, build_reference, psi, read_reference
+from modelpod.observe.drift import MIN_ROWS, REFERENCE_NAME, DriftMonitor, build_reference, psi, read_reference
 from modelpod.serving.engine import InferenceEngine
 from modelpod.settings import Settings
 from modelpod.store import Store
@@ -192,3 +192,50 @@ def test_drift_thread_never_blocks_the_loop() -> None:
     assert worker.drain(10)
     assert monitor.rows + 100 * worker.skipped[("m", "1")] == 5000
     worker.close()
+
+
+def _old_column_counts(ref: dict[str, Any], name: str, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """Per feature of input ``name``, the counts as the column binner made them before its fast path
+    (one 3-D compare of every value with every padded edge, summed over the edges)."""
+    feats = [f for f in ref["features"] if f["input"] == name and f["kind"] == "numeric"]
+    width = max(len(f["edges"]) for f in feats)
+    edges = np.full((len(feats), width), np.inf)
+    for row, f in enumerate(feats):
+        edges[row, : len(f["edges"])] = f["edges"]
+    x = batch[:, [f["index"] for f in feats]].astype(np.float64)
+    bins = (x[:, :, None] >= edges[None, :, :]).sum(axis=2)
+    bins[~np.isfinite(x)] = width + 1
+    return {f["feature"]: np.bincount(bins[:, j], minlength=width + 2)[: len(f["reference"])]
+            for j, f in enumerate(feats)}
+
+
+def test_column_binning_fast_path_gives_the_old_histograms_and_psi() -> None:
+    rng = np.random.default_rng(16)
+    for case in range(12):
+        cols = int(rng.integers(4, 30))
+        sample = rng.normal(size=(500, cols)) * rng.uniform(0.1, 100)
+        sample[:, 1] = rng.integers(0, 3, size=500)  # few distinct values: fewer edges than the others
+        if case % 2:
+            sample[:, cols // 2 + 1] = np.nan  # no feature for this column: the others are gathered, not sliced
+        dtype = [np.float32, np.float64, np.int64][case % 3]
+        ref = build_reference({"x": sample.astype(dtype) if dtype is not np.int64 else
+                               np.nan_to_num(sample).astype(np.int64)})
+        assert ref is not None
+        monitor = DriftMonitor(ref, "m", "1", "m:1", window=10**9)
+        want: dict[str, np.ndarray] = {}
+        for _ in range(int(rng.integers(1, 6))):
+            live = rng.normal(size=(int(rng.integers(1, 300)), cols)) * rng.uniform(0.1, 100)
+            live[rng.random(live.shape) < 0.05] = rng.choice([np.nan, np.inf, -np.inf])
+            edge_of = ref["features"][-1]
+            on_edges = min(len(edge_of["edges"]), len(live))
+            live[:on_edges, edge_of["index"]] = edge_of["edges"][:on_edges]  # values right on the edges
+            live = live.astype(dtype) if dtype is not np.int64 else np.nan_to_num(live, posinf=7, neginf=-7).astype(
+                np.int64)
+            monitor.observe({"x": live})
+            for k, v in _old_column_counts(ref, "x", live).items():
+                want[k] = want.get(k, 0) + v
+        got = {f.name: f.live() for f in monitor.features}
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want), case
+        refs = {f["feature"]: np.asarray(f["reference"]) for f in ref["features"]}
+        expected = {k: psi(v, refs[k]) for k, v in want.items() if v.sum() > 0}
+        assert dict(monitor.scores()) == (expected if monitor.window_rows >= MIN_ROWS else {})

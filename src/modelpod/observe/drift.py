@@ -177,18 +177,25 @@ class _Feature:
 
 
 class _Columns:
-    """The numeric column features of one 2-D input, binned together: three numpy calls a batch.
+    """The numeric column features of one 2-D input, binned together: two numpy calls an edge rank a batch.
 
     Each feature's counts are a view of one row of ``current``/``previous`` (rotated in place)."""
 
     def __init__(self, name: str, features: list[_Feature]) -> None:
         self.input = name
         self.index = np.array([int(f.index or 0) for f in features], dtype=np.intp)
+        # Columns side by side (the usual case: every column of x) are a slice, not a gather.
+        first = int(self.index[0])
+        self.take: slice | np.ndarray[Any, Any] = (
+            slice(first, first + len(features))
+            if np.array_equal(self.index, np.arange(first, first + len(features))) else self.index)
         width = max(f.edges.size for f in features)
         self.edges = np.full((len(features), width), np.inf)  # padded with +inf: never reached
         for row, f in enumerate(features):
             self.edges[row, : f.edges.size] = f.edges
+        self.ranks = list(np.ascontiguousarray(self.edges.T))  # the k-th edge of every feature, contiguous
         self.slots = width + 2  # the bins, plus one for values that are not finite
+        self.bin_type: type[np.integer[Any]] = np.uint8 if self.slots <= 256 else np.intp
         self.offsets = (np.arange(len(features)) * self.slots)[None, :]
         self.current = np.zeros((len(features), self.slots), dtype=np.int64)
         self.previous = np.zeros_like(self.current)
@@ -200,10 +207,18 @@ class _Columns:
         arr = batch.get(self.input)
         if arr is None or arr.ndim != 2 or arr.shape[1] <= int(self.index[-1]) or arr.dtype.kind not in "biuf":
             return
-        x = arr[:, self.index].astype(np.float64, copy=False)
-        bins = (x[:, :, None] >= self.edges[None, :, :]).sum(axis=2)  # = searchsorted(edges, x, "right")
+        x = arr[:, self.take].astype(np.float64, copy=False)
+        # searchsorted(edges, x, "right") for every column at once: the number of its edges <= x,
+        # one edge rank at a time (a compare and an add over the whole batch each; summing a 3-D
+        # compare over its short last axis instead costs ~30x more, in numpy's reduction loop).
+        bins = np.zeros(x.shape, dtype=self.bin_type)
+        above = np.empty(x.shape, dtype=np.bool_)
+        step = above.view(np.uint8) if self.bin_type is np.uint8 else above
+        for edge in self.ranks:
+            np.greater_equal(x, edge, out=above)
+            bins += step
         bins[~np.isfinite(x)] = self.slots - 1
-        counts = np.bincount((bins + self.offsets).ravel(), minlength=self.current.size)
+        counts = np.bincount(np.add(bins, self.offsets, dtype=np.intp).ravel(), minlength=self.current.size)
         self.current += counts.reshape(self.current.shape)
 
 

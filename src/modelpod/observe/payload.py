@@ -159,6 +159,10 @@ class PayloadSink:
         self._conn: http.client.HTTPConnection | None = None
         self._host = socket.gethostname()
         self._second, self._prefix = -1, ""  # _stamp's last whole second, formatted
+        # Imported here, once: an import statement in _docs costs two failed attribute look-ups a record.
+        from modelpod.protocols.codec import tensor_to_json
+
+        self._to_json = tensor_to_json
         self._thread = threading.Thread(target=self._drain, name="modelpod-payload-log", daemon=True)
         self._thread.start()
 
@@ -241,8 +245,7 @@ class PayloadSink:
         self._file = self._conn = None
 
     def _docs(self, record: Record) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        from modelpod.protocols.codec import tensor_to_json
-
+        tensor_to_json = self._to_json
         _, model, version, _, _, rid, _, inputs, outputs = record
         rid = rid or uuid4_hex()
         request = {"id": rid, "inputs": [tensor_to_json(n, a) for n, a in inputs.items()]}

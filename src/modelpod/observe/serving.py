@@ -63,8 +63,12 @@ async def traced_rest(tracing: Tracing, req: Request, answer: Callable[[Request]
     traceparent = headers.get("traceparent")
     roots = tracing.roots
     if roots is not None:
-        parsed = parse_traceparent(traceparent) if traceparent else None
-        if not (parsed[2] & 1 if parsed is not None else roots.take()):
+        if traceparent:
+            parsed = parse_traceparent(traceparent)
+            sampled = bool(parsed[2] & 1) if parsed is not None else roots.take()
+        else:  # take()'s own first test, inlined: almost every request stops there
+            parsed, sampled = None, roots.clock() >= roots.next_at and roots.take()
+        if not sampled:
             # Not sampled (the hot path): ids for the headers and log lines, no span, no SPAN change
             # (it is None in every request's task: only a sampled request sets it, and resets it).
             ids = new_ids()

@@ -50,23 +50,24 @@ class RateLimitedSampler(sampling.Sampler):
     """Samples at most ``rate`` traces a second (a token bucket, one second deep).
 
     ``take`` runs for every request a server answers, and almost always says no: so the bucket
-    also keeps the time it next holds a whole token (``_next``), and a no before then is one clock
-    read and one comparison, with no lock and no write. The bucket's level is brought up to date
-    only when a token may be there, which gives the same answers as refilling it on every call."""
+    also keeps the time it next holds a whole token (``next_at``), and a no before then is one clock
+    read and one comparison, with no lock and no write (``clock() < next_at``: callers on the hot
+    path test that themselves, before calling). The bucket's level is brought up to date only when
+    a token may be there, which gives the same answers as refilling it on every call."""
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = max(0.0, rate)
         self._depth = max(1.0, self.rate)
         self._tokens = self._depth
-        self._clock = clock
+        self.clock = clock
         self._last = clock()
-        self._next = self._last  # a whole token is there from this time on
+        self.next_at = self._last  # a whole token is there from this time on
         self._lock = threading.Lock()
 
     def take(self) -> bool:
         """Whether one more trace fits in the rate now (and count it)."""
-        now = self._clock()
-        if now < self._next:
+        now = self.clock()
+        if now < self.next_at:
             return False
         with self._lock:
             tokens = min(self._depth, self._tokens + (now - self._last) * self.rate)
@@ -76,7 +77,7 @@ class RateLimitedSampler(sampling.Sampler):
                 tokens -= 1.0
             self._tokens = tokens
             # When the level reaches 1 again (never, at rate 0, once the one token is spent).
-            self._next = now if tokens >= 1.0 else (now + (1.0 - tokens) / self.rate if self.rate else math.inf)
+            self.next_at = now if tokens >= 1.0 else (now + (1.0 - tokens) / self.rate if self.rate else math.inf)
         return take
 
     def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
