@@ -392,7 +392,7 @@ def test_limits_must_be_positive() -> None:
 def test_the_date_header_is_imf_fixdate_as_the_email_package_writes_it() -> None:
     from email.utils import formatdate
 
-    from modelpod.protocols.http import http_date
+    from modelpod.protocols.wire import http_date
 
     rng = np.random.default_rng(9)
     # leap days, year ends, the epoch, and random seconds across two centuries

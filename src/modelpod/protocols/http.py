@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from modelpod.protocols.wire import Handler, HttpLimits, Request, Response, error_response
+from modelpod.protocols.wire import Handler, HttpLimits, Request, Response, error_response, http_date
 
 if TYPE_CHECKING:
     from modelpod.protocols.tls import TlsListener
@@ -52,18 +52,6 @@ _SINGLE = frozenset({"host", "authorization", "content-length", "content-type", 
                      "inference-header-content-length", "origin", "expect"})
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})  # for probes, without a client certificate
 _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
-
-
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def http_date(when: float | None = None) -> str:
-    """The Date header's IMF-fixdate (RFC 9110), as ``email.utils.formatdate(usegmt=True)`` writes it,
-    without importing the email package into every server."""
-    t = time.gmtime(when)
-    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
-            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
 
 
 class HttpServer:

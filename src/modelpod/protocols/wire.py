@@ -1,4 +1,4 @@
-"""The records of an HTTP exchange: the limits a connection works under, a request, a response.
+"""The records of an HTTP exchange: the limits a connection works under, a request, a response, the Date.
 
 Kept apart from the server (protocols/http.py) so the handlers (rest, v1, routes) and the tests
 import what they build and read without the connection machinery.
@@ -6,6 +6,7 @@ import what they build and read without the connection machinery.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
@@ -79,3 +80,15 @@ def error_response(status: int, message: str, *, headers: list[tuple[str, str]] 
     import orjson
 
     return Response(status, orjson.dumps({"error": message}), headers=headers, close=close)
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(when: float | None = None) -> str:
+    """The Date header's IMF-fixdate (RFC 9110), as ``email.utils.formatdate(usegmt=True)`` writes it,
+    without importing the email package into every server."""
+    t = time.gmtime(when)
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
