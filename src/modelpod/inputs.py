@@ -103,7 +103,7 @@ def from_values(name: str, datatype: str, data: Any) -> np.ndarray[Any, Any]:
             raise InvalidRequestError(f"input {name!r}: nested data rows differ in length")
         return np.concatenate(parts)
     if type(data) is list and datatype in _FLAT:
-        fast = _flat_numbers(datatype, data)
+        fast = flat_numbers(datatype, data)
         if fast is not None:
             return fast
     types = set(map(type, data)) if isinstance(data, list) else {type(data)}
@@ -137,7 +137,7 @@ _FLAT = {"FP16": "e", "FP32": "f", "FP64": "d", "INT8": "b", "INT16": "h", "INT3
          "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q"}
 
 
-def _flat_numbers(datatype: str, data: list[Any]) -> np.ndarray[Any, Any] | None:
+def flat_numbers(datatype: str, data: list[Any]) -> np.ndarray[Any, Any] | None:
     """A flat list of numbers as ``datatype``, or None when the checked path must decide (anything
     but numbers in the list, booleans, values out of range): the same array, less work."""
     n = len(data)
@@ -217,6 +217,10 @@ class InputCheck:
     _fast: Mapping[str, tuple[str, int, tuple[tuple[int, int], ...], np.dtype[Any]]] = field(
         init=False, repr=False, compare=False)
     _names: frozenset[str] = field(init=False, repr=False, compare=False)
+    # The plain request's plan (protocols/codec.py ``decode_plain``): per input, (datatype, rank,
+    # fixed dimensions), when every input is numeric and the check is this class's own rules.
+    plain: Mapping[str, tuple[str, int, tuple[tuple[int, int], ...]]] | None = field(
+        init=False, repr=False, compare=False)
     typed: bool = field(init=False, repr=False, compare=False)  # the signature names its inputs
 
     def __post_init__(self) -> None:
@@ -229,6 +233,8 @@ class InputCheck:
                                                     DATATYPES[t.datatype])
                                            for t in self.signature.inputs})
         object.__setattr__(self, "_names", frozenset(self._specs))
+        plain = {n: f[:3] for n, f in self._fast.items()} if type(self) is InputCheck else {}
+        object.__setattr__(self, "plain", plain if plain and all(f[0] in _FLAT for f in plain.values()) else None)
         object.__setattr__(self, "typed", bool(self._specs))
 
     def names(self, names: Iterable[str], count: int) -> None:

@@ -52,7 +52,7 @@ from modelpod.inputs import InputCheck, release
 from modelpod.observe.serving import traced_rest
 from modelpod.protocols import bigjson, v1
 from modelpod.protocols.auth import EVERY_MODEL, INFER, MANAGE, READ, Auth
-from modelpod.protocols.codec import decode_request, encode_response
+from modelpod.protocols.codec import decode_plain, decode_request, encode_response
 from modelpod.protocols.http import Request, Response, error_response
 from modelpod.serving.engine import InferenceEngine
 from modelpod.serving.messages import InferRequest
@@ -300,7 +300,9 @@ class RestApp:
             tail = memoryview(body)[n:]
             body = body[:n]
         if len(body) <= OFF_LOOP_BYTES:
-            return decode_request(self._json(body), tail, check)
+            obj = self._json(body)
+            plain = decode_plain(obj, check) if tail is None else None
+            return plain if plain is not None else decode_request(obj, tail, check)
         # Only here (on the decoding thread): parsed in steps, object count and depth capped first.
         n_in, n_out = len(check.signature.inputs), len(check.signature.outputs)
         obj = bigjson.loads(body, 2 * (n_in + n_out) + 66 if check.typed else 100_000, self.max_depth)
