@@ -42,6 +42,7 @@ import hashlib
 import hmac
 import ipaddress
 import time
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
@@ -131,6 +132,14 @@ class ConsoleApp:
             return self._error(ForbiddenError("changes from a web page need the server's token (--token): "
                                               "the console changes nothing"))
         return await self.rest(req)
+
+    def begin(self, req: Request, respond: Callable[[Response], None]) -> Response | bool:
+        """The REST app's fast path (``RestApp.begin``) for what this handler would pass it unchanged."""
+        path = req.path
+        if path == PREFIX or path.startswith(PREFIX + "/") or (
+                self.token is None and "origin" in req.headers and _changes_state(req)):
+            return False
+        return self.rest.begin(req, respond)
 
     # -- who may see it ---------------------------------------------------------------------------
     def _guard(self, req: Request) -> None:

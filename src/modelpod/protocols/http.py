@@ -29,6 +29,7 @@ import math
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
 
@@ -51,6 +52,7 @@ _IDLE, _HEAD, _BODY = 0, 1, 2
 _SINGLE = frozenset({"host", "authorization", "content-length", "content-type", "content-encoding",
                      "inference-header-content-length", "origin", "expect"})
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})  # for probes, without a client certificate
+Begin = Callable[[Request, Callable[[Response], None]], "Response | bool"]
 _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
@@ -58,6 +60,9 @@ class HttpServer:
     def __init__(self, handler: Handler, *, max_body_bytes: int, keepalive_timeout_s: float = 75.0,
                  limits: HttpLimits | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.handler = handler
+        # The handler's fast path, when it has one: begin(request, respond) -> True (respond is called
+        # later), a Response (answered at once) or False (awaited in a task, as every request once was).
+        self.begin: Begin | None = getattr(handler, "begin", None)
         self.tls = tls  # HTTPS (protocols/tls.py); the handshake must end within the header timeout
         self.max_body_bytes = max_body_bytes
         self.keepalive_timeout_s = keepalive_timeout_s
@@ -170,6 +175,8 @@ class _Connection(asyncio.Protocol):
         self.pending: deque[Request] = deque()
         self.pending_bytes = 0
         self.busy = False
+        self.current = _NO_REQUEST  # the request being answered (one at a time, in order)
+        self.inside = False  # in the parser or the handler's begin: an answer now would come too early
         self.closed = False
         self.eof = False
         self.paused_reading = False
@@ -229,6 +236,7 @@ class _Connection(asyncio.Protocol):
         if self.discard:
             return
         phase, seq, before = self.phase, self.seq, self.head_bytes
+        self.inside = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -245,6 +253,8 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._refuse(400, f"malformed HTTP request: {exc}")
             return
+        finally:
+            self.inside = False
         if self.phase == _HEAD and phase == _HEAD and self.seq == seq:
             # All of this chunk is part of a head begun earlier; httptools holds an unfinished header
             # line inside, unseen, so count the chunk here.
@@ -353,7 +363,7 @@ class _Connection(asyncio.Protocol):
             return
         self.busy = True
         self.server.active += 1
-        self.loop.create_task(self._serve(request))
+        self._start(request)
 
     def _pause(self) -> None:
         if self.transport is not None:
@@ -367,36 +377,80 @@ class _Connection(asyncio.Protocol):
             if self.phase != _IDLE:  # the client waited on us: its request gets time again
                 self.read_deadline = max(self.read_deadline, self.loop.time() + self.limits.header_timeout_s)
 
+    def _start(self, request: Request) -> None:
+        """Answer ``request``: through the handler's begin when it takes it (no task), else in a task."""
+        self.current = request
+        begin = self.server.begin
+        if begin is not None and not request.reject:
+            inside, self.inside = self.inside, True
+            try:
+                taken = begin(request, self._answered)
+            except Exception:
+                log.exception("unhandled error in the HTTP handler")
+                taken = error_response(500, "internal server error")
+            finally:
+                self.inside = inside
+            if taken is True:
+                return
+            if taken is not False:
+                assert isinstance(taken, Response)
+                self.loop.call_soon(self._answered, taken, request)
+                return
+        self.loop.create_task(self._serve(request))
+
+    def _answered(self, response: Response, request: Request | None = None) -> None:
+        """The handler's answer to the current request (begin's ``respond``)."""
+        if request is None:
+            request = self.current
+            if self.inside:  # answered within begin or the parser: after them, in order
+                self.loop.call_soon(self._answered, response, request)
+                return
+        if request is not self.current:
+            log.error("an HTTP answer came for a request not being answered; dropped")
+            return
+        if self.writable is not None:  # the client is not reading: wait for it, in a task
+            self.loop.create_task(self._send_later(request, response))
+            return
+        self._sent(request, response)
+
+    async def _send_later(self, request: Request, response: Response) -> None:
+        if self.writable is not None:
+            await self.writable
+        self._sent(request, response)
+
     async def _serve(self, request: Request) -> None:
-        while True:
-            if request.reject:
-                headers = [("retry-after", "1")] if request.reject == 503 else None
-                response = error_response(request.reject, request.reason or HTTPStatus(request.reject).phrase,
-                                          headers=headers, close=True)
-            else:
-                try:
-                    response = await self.server.handler(request)
-                except Exception:
-                    log.exception("unhandled error in the HTTP handler")
-                    response = error_response(500, "internal server error")
-            if self.writable is not None:
-                await self.writable
-            keep = self._write(request, response)
-            self.server.request_done()
-            if request.reject:
-                self._linger(LINGER_S)
-                break
-            if not keep:
-                self.close()
-                break
-            if not self.pending:
-                break
+        if request.reject:
+            headers = [("retry-after", "1")] if request.reject == 503 else None
+            response = error_response(request.reject, request.reason or HTTPStatus(request.reject).phrase,
+                                      headers=headers, close=True)
+        else:
+            try:
+                response = await self.server.handler(request)
+            except Exception:
+                log.exception("unhandled error in the HTTP handler")
+                response = error_response(500, "internal server error")
+        if self.writable is not None:
+            await self.writable
+        self._sent(request, response)
+
+    def _sent(self, request: Request, response: Response) -> None:
+        """Write one answer; then start the next pipelined request, or wait for the next one."""
+        self.current = _NO_REQUEST
+        keep = self._write(request, response)
+        self.server.request_done()
+        if request.reject:
+            self._linger(LINGER_S)
+        elif not keep:
+            self.close()
+        elif self.pending:
             request = self.pending.popleft()
             self.pending_bytes -= len(request.body)
             self.server.active += 1
             if (self.paused_reading and not self.discard and len(self.pending) <= MAX_PIPELINED // 2
                     and self.pending_bytes <= self.limits.max_pipelined_bytes // 2):
                 self._resume()
+            self._start(request)
+            return
         self.busy = False
         if self.closed or self.discard:
             return

@@ -31,6 +31,7 @@ import logging
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote
@@ -39,6 +40,7 @@ import orjson
 
 from modelpod.errors import (
     ForbiddenError,
+    InferenceError,
     InvalidRequestError,
     ModelNotReadyError,
     ModelpodError,
@@ -55,7 +57,7 @@ from modelpod.protocols.auth import EVERY_MODEL, INFER, MANAGE, READ, Auth
 from modelpod.protocols.codec import decode_plain, decode_request, encode_response
 from modelpod.protocols.http import Request, Response, error_response
 from modelpod.serving.engine import InferenceEngine
-from modelpod.serving.messages import InferRequest
+from modelpod.serving.messages import InferRequest, InferResult
 from modelpod.serving.metrics import CONTENT_TYPE
 from modelpod.serving.registry import ModelEntry
 from modelpod.settings import Settings
@@ -152,6 +154,7 @@ class RestApp:
         self.max_depth = settings.max_json_depth
         self.max_body = settings.max_body_bytes
         self._decoder = ThreadPoolExecutor(2, thread_name_prefix="modelpod-decode")
+        self._tasks: set[asyncio.Task[None]] = set()  # begin's calls to a model not ready yet
 
     async def __call__(self, req: Request) -> Response:
         tracing = self.engine.observe.tracing
@@ -162,10 +165,61 @@ class RestApp:
     async def _answer(self, req: Request) -> Response:
         try:
             response = await self._route(req)
-        except ModelpodError as exc:
-            response = self._error(exc, req)
         except Exception as exc:
-            response = self._internal(req, exc)
+            response = self._failure(req, exc)
+        return self._finished(req, response)
+
+    def begin(self, req: Request, respond: Callable[[Response], None]) -> Response | bool:
+        """An inference call answered without a task or coroutine (the HTTP server's fast path): True
+        when ``respond(response)`` will be called once, later, on the loop; a Response when the answer
+        is known at once (an error); False for any other request, which ``await self(req)`` answers."""
+        if (req.method != "POST" or not req.path.startswith("/v2/models/") or len(req.body) > OFF_LOOP_BYTES
+                or "content-encoding" in req.headers or self.engine.observe.tracing is not None):
+            return False
+        try:
+            name, version, action = _model_path(req.path[len("/v2/models/"):])
+            if action != "infer":
+                return False
+            self._authorize(req, INFER, name)
+            resolved = self.engine.resolve(name, version)  # 404 before any decoding
+            request = self._decode(req, self.engine.input_check(resolved))
+            if request.id is not None and "x-request-id" not in req.headers:
+                req.headers["x-request-id"] = request.id  # so the response and the log line carry it
+
+            def done(result: InferResult | None, error: BaseException | None) -> None:
+                try:
+                    response = self._inferred(result, request) if result is not None else self._failure(
+                        req, error or InferenceError("no result"))
+                except Exception as exc:
+                    response = self._failure(req, exc)
+                respond(self._finished(req, response))
+
+            if self.engine.submit(name, version, request, done, protocol="rest", started=req.received,
+                                  headers=req.headers, resolved=resolved):
+                return True
+        except Exception as exc:
+            return self._finished(req, self._failure(req, exc))
+        # The model is not ready (loaded on demand, unloading): the engine's awaited path says what to do.
+        task = asyncio.get_running_loop().create_task(self._infer_decoded(req, name, version, request, respond))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _infer_decoded(self, req: Request, name: str, version: str | None, request: InferRequest,
+                             respond: Callable[[Response], None]) -> None:
+        try:
+            result = await self.engine.infer(name, version, request, protocol="rest", started=req.received,
+                                             headers=req.headers)
+            response = self._inferred(result, request)
+        except Exception as exc:
+            response = self._failure(req, exc)
+        respond(self._finished(req, response))
+
+    def _failure(self, req: Request, exc: BaseException) -> Response:
+        return self._error(exc, req) if isinstance(exc, ModelpodError) else self._internal(req, exc)
+
+    def _finished(self, req: Request, response: Response) -> Response:
+        """The answer as sent: with the request's id echoed, logged at debug level."""
         rid = _safe_id(req.headers.get("x-request-id"))
         if rid is not None:
             response = Response(response.status, response.body, response.content_type,
@@ -277,6 +331,11 @@ class RestApp:
             req.headers["x-request-id"] = request.id  # so the response and the log line carry it
         result = await self.engine.infer(name, version, request, protocol="rest", started=req.received,
                                          headers=req.headers, resolved=entry)
+        return self._inferred(result, request)
+
+    @staticmethod
+    def _inferred(result: InferResult, request: InferRequest) -> Response:
+        """The answer to an inference request: JSON, or a JSON header and binary tails."""
         out, tails = encode_response(result.model_name, result.model_version, result.outputs, request)
         if result.id is not None:  # a routed answer always has one (made here if need be), for feedback
             out["id"] = result.id

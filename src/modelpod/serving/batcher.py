@@ -27,7 +27,7 @@ from modelpod.errors import InferenceTimeoutError, ModelNotReadyError, Overloade
 from modelpod.model import Batch
 from modelpod.serving.config import BatchPolicy
 from modelpod.serving.metrics import ModelMetrics
-from modelpod.serving.worker import BatchWorker, merge_key, rows_of
+from modelpod.serving.worker import BatchWorker, merge_key, rows_of, settle
 
 log = logging.getLogger("modelpod.serving")
 
@@ -35,15 +35,19 @@ _QUEUED, _RUNNING, _DONE = 0, 1, 2
 _UNSET: Any = object()  # merge key not computed yet: only needed once a neighbour queues
 
 
-class _Pending:
-    __slots__ = ("arrived", "deadline", "future", "inputs", "key", "rows", "state", "trace")
+# Called once per request with (outputs, None) or (None, error), on the loop.
+Answer = Callable[[Batch | None, BaseException | None], None]
 
-    def __init__(self, inputs: Batch, rows: int, key: Any, future: asyncio.Future[Batch], arrived: float,
+
+class _Pending:
+    __slots__ = ("arrived", "deadline", "done", "inputs", "key", "rows", "state", "trace")
+
+    def __init__(self, inputs: Batch, rows: int, key: Any, done: Answer, arrived: float,
                  deadline: float) -> None:
         self.inputs = inputs
         self.rows = rows
         self.key = key
-        self.future = future
+        self.done = done
         self.arrived = arrived
         self.deadline = deadline
         self.state = _QUEUED
@@ -93,19 +97,39 @@ class Batcher:
     async def submit(self, inputs: Batch, trace: Any = None) -> Batch:
         """Queue one request; its outputs once its batch has run. Raises at once when full.
         ``trace``: (the request's span, its arrival in ns) to hang queue and batch spans on."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Batch] = loop.create_future()
+        item = self._queued(inputs, partial(settle, fut), trace)
+        try:
+            return await fut
+        finally:
+            if item.state != _DONE:  # the caller was cancelled
+                if item.state == _QUEUED:
+                    self._unqueue(item)
+                self._finish(item)
+
+    def enqueue(self, inputs: Batch, done: Answer, trace: Any = None) -> None:
+        """``submit`` without a coroutine: ``done(outputs, None)`` or ``done(None, error)`` is called
+        once, on the loop, when the batch has run (or the request timed out, or the model went).
+        Raises at once when full, and then never calls ``done``."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._queued(inputs, done, trace)
+
+    def _queued(self, inputs: Batch, done: Answer, trace: Any) -> _Pending:
         if self._closed:
             raise ModelNotReadyError(f"model {self.worker.label} is not loaded")
         if len(self._queue) >= self.policy.max_queue:
             raise OverloadedError(
                 f"model {self.worker.label} is overloaded: {len(self._queue)} requests queued", retry_after_s=1)
         loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        assert loop is not None
         rows = rows_of(inputs)
         key = _UNSET if rows is not None and self.batchable else None
         now = loop.time()
-        item = _Pending(inputs, rows if rows is not None else 1, key, loop.create_future(), now,
-                        now + self.policy.timeout_s)
+        item = _Pending(inputs, rows if rows is not None else 1, key, done, now, now + self.policy.timeout_s)
         if trace is not None:
             item.trace = trace
         self._deadlines.append(item)
@@ -124,13 +148,7 @@ class Batcher:
                 self._dispatch(force=True)
         else:
             self._dispatch()
-        try:
-            return await item.future
-        finally:
-            if item.state != _DONE:  # the caller was cancelled
-                if item.state == _QUEUED:
-                    self._unqueue(item)
-                self._finish(item)
+        return item
 
     def _finish(self, item: _Pending, result: Batch | None = None, error: BaseException | None = None) -> None:
         """Answer one request (once) and take it off the in-flight counts."""
@@ -142,11 +160,13 @@ class Batcher:
             deadlines.popleft()
         self.inflight -= 1
         self._inflight_rows -= item.rows
-        if not item.future.done():
+        try:
             if error is not None:
-                item.future.set_exception(error)
+                item.done(None, error)
             else:
-                item.future.set_result(result if result is not None else {})
+                item.done(result if result is not None else {}, None)
+        except Exception:  # the caller's bug: the other requests of the batch are still answered
+            log.exception("a request's answer callback failed", extra={"fields": {"model": self.worker.label}})
         if self.inflight == 0 and self._idle:
             for fut in self._idle:
                 if not fut.done():

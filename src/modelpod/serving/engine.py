@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from modelpod import __version__, table
 from modelpod.errors import (
@@ -24,14 +24,15 @@ from modelpod.errors import (
     UsageError,
 )
 from modelpod.inputs import InputCheck
-from modelpod.model import Model, with_parameters
+from modelpod.model import Batch, Model, with_parameters
 from modelpod.observe.context import SPAN
 from modelpod.observe.hub import Observer
+from modelpod.serving.batcher import Batcher
 from modelpod.serving.config import BatchPolicy, ServeConfig
 from modelpod.serving.messages import InferRequest, InferResult
 from modelpod.serving.metrics import ServingMetrics, outcome_of
 from modelpod.serving.registry import ModelEntry, ModelRegistry, ModelState
-from modelpod.serving.traffic import TrafficSplit
+from modelpod.serving.traffic import TrafficSplit, Variant
 from modelpod.settings import Settings
 from modelpod.store import Ref, directory_hint, is_path
 
@@ -39,6 +40,7 @@ log = logging.getLogger("modelpod.serving")
 
 EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "parameters")
 _TRITON_TYPES = {"BYTES": "TYPE_STRING"}
+_READY = ModelState.READY  # an Enum class attribute costs a __getattr__ hook call on 3.11: read it once
 
 
 def _header_id(headers: Mapping[str, str] | None) -> str | None:
@@ -203,55 +205,119 @@ class InferenceEngine:
         t0 = started if started is not None else time.perf_counter()
         entry: ModelEntry | None = None
         variant = None
-        observe = self.observe
         try:
-            if self.draining:
-                raise ModelNotReadyError("the server is shutting down")
-            variant = self.traffic.pick(name, version, headers) if self.traffic.routes else None
-            entry = variant.entry if variant is not None else (
-                resolved if resolved is not None else self.traffic.resolve(name, version))
-            if entry.state is not ModelState.READY:
+            entry, variant = self._choose(name, version, headers, resolved)
+            if entry.state is not _READY:
                 if entry.state is ModelState.UNLOADING:
                     raise ModelNotReadyError(f"model {entry.label} is being unloaded")
                 await self.registry.ensure_ready(entry)
-            model, batcher = entry.model, entry.batcher
-            if model is None or batcher is None:
-                raise ModelNotReadyError(f"model {entry.label} is not ready")
-            inputs = request.inputs
-            checked = request.checked
-            # A table's records input (decoded as one BYTES input) becomes its columns in arrays().
-            if checked is None or entry.signature.is_table or (
-                    checked is not entry.signature and checked != entry.signature):
-                inputs = self.input_check(entry).arrays(inputs)
-            if request.outputs:
-                self._check_outputs(entry, request.outputs)
-            entry.last_used = t0
-            model_inputs = inputs
-            if model.takes_parameters:
-                inputs = with_parameters(inputs, request.parameters, model.row_parameters)
+            batcher, inputs, model_inputs = self._prepare(entry, request, t0)
             # The request's server span, if it has one and it records (observe.span(), inlined: per request).
-            span = SPAN.get() if observe.tracing is not None else None
+            span = SPAN.get() if self.observe.tracing is not None else None
             if span is not None and span.is_recording():
                 span.set_attributes({"modelpod.model": entry.name, "modelpod.version": entry.version_text,
                                      "modelpod.variant": entry.label})
                 outputs = await batcher.submit(inputs, (span, time.time_ns()))
             else:
                 outputs = await batcher.submit(inputs)
-        except ModelpodError as exc:
-            observe.failed(name, entry, exc)
-            if variant is not None:
-                self.traffic.failed(variant, protocol, outcome_of(exc), time.perf_counter() - t0)
-            elif entry is not None:
-                entry.metrics.observe_request(protocol, outcome_of(exc), time.perf_counter() - t0)
-            raise
         except Exception as exc:
-            observe.failed(name, entry, exc)
-            if variant is not None:
-                self.traffic.failed(variant, protocol, "error", time.perf_counter() - t0)
-            elif entry is not None:
-                entry.metrics.observe_request(protocol, "error", time.perf_counter() - t0)
-            raise InferenceError(f"inference failed in model {name!r}",
-                                 detail=f"{type(exc).__name__}: {exc}") from exc
+            self._raise_failed(name, entry, variant, protocol, t0, exc)
+        return self._answered(entry, variant, protocol, t0, request, headers, model_inputs, outputs)
+
+    def submit(self, name: str, version: str | None, request: InferRequest,
+               done: Callable[[InferResult | None, BaseException | None], None], *, protocol: str = "rest",
+               started: float | None = None, headers: Mapping[str, str] | None = None,
+               resolved: ModelEntry | None = None) -> bool:
+        """``infer`` without a coroutine, for a model that is ready when no span records: True when the
+        request is queued, and ``done(result, None)`` or ``done(None, error)`` is then called once, on
+        the loop, after this returns; an error found before it is queued is raised (and counted).
+        False, with nothing done or counted, when the request must go through ``infer``."""
+        if self.observe.tracing is not None:
+            return False
+        t0 = started if started is not None else time.perf_counter()
+        try:
+            chosen, variant = self._choose(name, version, headers, resolved)
+        except Exception as exc:
+            self._raise_failed(name, None, None, protocol, t0, exc)
+        if chosen.state is not _READY:
+            return False  # infer loads it, or says why not
+        try:
+            batcher, inputs, model_inputs = self._prepare(chosen, request, t0)
+
+            def finished(outputs: Batch | None, error: BaseException | None) -> None:
+                if error is None and outputs is not None:
+                    try:
+                        result = self._answered(chosen, variant, protocol, t0, request, headers, model_inputs, outputs)
+                    except Exception as exc:  # (counting or encoding failed) answered as an error, never lost
+                        error = exc
+                    else:
+                        done(result, None)
+                        return
+                fault = self._failed(name, chosen, variant, protocol, t0, error or InferenceError("no outputs"))
+                if fault is not error:
+                    fault.__cause__ = error
+                done(None, fault)
+
+            batcher.enqueue(inputs, finished)
+        except Exception as exc:
+            self._raise_failed(name, chosen, variant, protocol, t0, exc)
+        return True
+
+    def _choose(self, name: str, version: str | None, headers: Mapping[str, str] | None,
+                resolved: ModelEntry | None) -> tuple[ModelEntry, Variant | None]:
+        """The entry a request goes to, and the route's variant when a route chose it."""
+        if self.draining:
+            raise ModelNotReadyError("the server is shutting down")
+        variant = self.traffic.pick(name, version, headers) if self.traffic.routes else None
+        if variant is not None:
+            return variant.entry, variant
+        return (resolved if resolved is not None else self.traffic.resolve(name, version)), None
+
+    def _prepare(self, entry: ModelEntry, request: InferRequest, t0: float) -> tuple[Batcher, Batch, Batch]:
+        """The ready entry's batcher, the model's inputs (with parameters) and the inputs as checked."""
+        model, batcher = entry.model, entry.batcher
+        if model is None or batcher is None:
+            raise ModelNotReadyError(f"model {entry.label} is not ready")
+        inputs = request.inputs
+        checked = request.checked
+        # A table's records input (decoded as one BYTES input) becomes its columns in arrays().
+        if checked is None or entry.signature.is_table or (
+                checked is not entry.signature and checked != entry.signature):
+            inputs = self.input_check(entry).arrays(inputs)
+        if request.outputs:
+            self._check_outputs(entry, request.outputs)
+        entry.last_used = t0
+        model_inputs = inputs
+        if model.takes_parameters:
+            inputs = with_parameters(inputs, request.parameters, model.row_parameters)
+        return batcher, inputs, model_inputs
+
+    def _failed(self, name: str, entry: ModelEntry | None, variant: Variant | None, protocol: str, t0: float,
+                exc: BaseException) -> ModelpodError:
+        """Count a failed request; the error to answer (anything but a ModelpodError becomes an InferenceError)."""
+        self.observe.failed(name, entry, exc)
+        known = isinstance(exc, ModelpodError)
+        outcome = outcome_of(exc) if known else "error"
+        if variant is not None:
+            self.traffic.failed(variant, protocol, outcome, time.perf_counter() - t0)
+        elif entry is not None:
+            entry.metrics.observe_request(protocol, outcome, time.perf_counter() - t0)
+        if isinstance(exc, ModelpodError):
+            return exc
+        return InferenceError(f"inference failed in model {name!r}", detail=f"{type(exc).__name__}: {exc}")
+
+    def _raise_failed(self, name: str, entry: ModelEntry | None, variant: Variant | None, protocol: str,
+                      t0: float, exc: Exception) -> NoReturn:
+        """Count a failed request and raise what to answer (``exc`` itself when a ModelpodError)."""
+        fault = self._failed(name, entry, variant, protocol, t0, exc)
+        if fault is exc:
+            raise exc
+        raise fault from exc
+
+    def _answered(self, entry: ModelEntry, variant: Variant | None, protocol: str, t0: float, request: InferRequest,
+                  headers: Mapping[str, str] | None, model_inputs: Batch, outputs: Batch) -> InferResult:
+        """Count an answered request (and, for a route, keep it for feedback and send its shadows)."""
+        observe = self.observe
         if variant is not None:
             rid = request.id
             if rid is None and headers is not None and "x-request-id" in headers:

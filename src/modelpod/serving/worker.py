@@ -23,6 +23,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -58,20 +59,21 @@ class BatchWorker(Protocol):
     def close(self) -> None: ...
 
 
+def settle(fut: asyncio.Future[Batch], out: Batch | None, err: BaseException | None) -> None:
+    """A ``Done`` callback's answer put into ``fut`` (unless its awaiting caller was cancelled)."""
+    if fut.done():
+        return
+    if err is not None:
+        fut.set_exception(err)
+    else:
+        fut.set_result(out if out is not None else {})
+
+
 async def awaited(submit: Callable[[Batch, Done, asyncio.AbstractEventLoop], None], batch: Batch) -> Batch:
     """A worker's ``submit`` as a coroutine: the outputs, or the error raised."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[Batch] = loop.create_future()
-
-    def done(out: Batch | None, err: BaseException | None) -> None:
-        if fut.done():  # the awaiting caller was cancelled
-            return
-        if err is not None:
-            fut.set_exception(err)
-        else:
-            fut.set_result(out if out is not None else {})
-
-    submit(batch, done, loop)
+    submit(batch, partial(settle, fut), loop)
     return await fut
 
 
