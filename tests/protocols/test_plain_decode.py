@@ -114,11 +114,13 @@ def _same(plain: Any, general: Any) -> None:
         general.id, dict(general.parameters), general.outputs, general.binary_output, general.checked)
 
 
-def _compare(obj: Any, check: InputCheck) -> bool:
-    """Both decoders on one body (as orjson would parse it); whether the plain one answered."""
-    plain = decode_plain(obj, check)
+def _compare(obj: Any, check: InputCheck, tail: bytes | None = None) -> bool:
+    """Both decoders on one body (as orjson would parse it) and its binary tail, if any; whether the
+    plain one answered."""
+    view = memoryview(tail) if tail is not None else None
+    plain = decode_plain(obj, check, view)
     try:
-        general = decode_request(copy.deepcopy(obj), None, check)
+        general = decode_request(copy.deepcopy(obj), view, check)
     except InvalidRequestError:
         assert plain is None, f"the plain decoder took a body the general one refuses: {obj}"
         return False
@@ -180,3 +182,65 @@ def test_a_plain_body_through_the_rest_handler_is_the_general_answer() -> None:
                for b in (plain, general)]
     _same(decoded[0], decoded[1])
     assert decoded[0].inputs["x"].tolist() == np.asarray([data], np.float32).tolist()
+
+
+# -- the binary tensor extension: a JSON header, then the tensors' bytes ---------------------------
+def _binary(rng: random.Random, body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """The same body with every input's data moved to the binary tail (in the header's order)."""
+    body = copy.deepcopy(body)
+    tail = b""
+    for t in body["inputs"]:
+        raw = np.asarray(t.pop("data"), dtype=DATATYPES[t["datatype"]].newbyteorder("<")).tobytes()
+        t["parameters"] = {"binary_data_size": len(raw)}
+        tail += raw
+    if rng.random() < 0.5:
+        body["outputs"] = [{"name": "out", "parameters": {"binary_data": rng.random() < 0.5}}]
+    return body, tail
+
+
+def _mutate_binary(rng: random.Random, body: dict[str, Any], tail: bytes) -> tuple[dict[str, Any], bytes]:
+    body = copy.deepcopy(body)
+    t = rng.choice(body["inputs"])
+    kind = rng.randrange(10)
+    if kind == 0:
+        tail += b"\0"
+    elif kind == 1:
+        tail = tail[:-1]
+    elif kind == 2:
+        t["parameters"]["binary_data_size"] += rng.choice([-1, 1, 8])
+    elif kind == 3:
+        t["parameters"]["binary_data_size"] = rng.choice([True, "8", -1, 1.0])
+    elif kind == 4:
+        t["parameters"]["extra"] = 1
+    elif kind == 5:
+        t["data"] = [0]
+    elif kind == 6:
+        body["outputs"] = [{"name": "out", "parameters": {"binary_data": rng.choice(["true", 1, None])}}]
+    elif kind == 7:
+        body["outputs"] = [{"name": "out", "parameters": {}}, {"name": "out"}]
+    elif kind == 8:
+        body["inputs"].reverse()  # the tail's order no longer follows the header's
+    else:
+        t["datatype"] = rng.choice(NUMERIC)
+    return body, tail
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_plain_decoder_answers_binary_bodies_as_the_general_one(seed: int) -> None:
+    rng = random.Random(1000 + seed)
+    taken = declined = 0
+    for _ in range(60):
+        sig = _signature(rng)
+        for nonfinite in ("pass", "reject"):
+            check = InputCheck(sig, "m", nonfinite)
+            body, tail = _binary(rng, _body(rng, sig))
+            has_nan = not all(np.isfinite(a).all() for a in decode_request(copy.deepcopy(body), tail).inputs.values()
+                              if a.dtype.kind == "f")
+            took = _compare(body, check, tail)
+            if nonfinite == "pass" or not has_nan:
+                assert took, f"a plain binary body was not taken: {body}"
+            taken += took
+            for _ in range(4):
+                mutated, cut = _mutate_binary(rng, body, tail)
+                declined += not _compare(mutated, check, cut)
+    assert taken > 100 and declined > 100

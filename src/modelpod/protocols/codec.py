@@ -8,6 +8,7 @@ in binary form are a 4-byte little-endian length before each element.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,28 +72,39 @@ def decode_request(obj: Any, binary: memoryview | bytes | None = None, check: In
     return InferRequest(inputs, rid, params, outputs, binary_output, check.signature if check.typed else None)
 
 
-def decode_plain(obj: Any, check: InputCheck) -> InferRequest | None:
+def decode_plain(obj: Any, check: InputCheck, tail: memoryview | None = None) -> InferRequest | None:
     """The plain request in one pass, or None: then ``decode_request`` decides, and names any fault.
 
-    Plain: ``{"inputs": [...]}`` (and perhaps a string ``id``), each of the signature's inputs once
-    as exactly ``name``, ``datatype`` (the signature's own), ``shape`` (its rank and fixed sizes,
-    no zero) and a flat ``data`` list of that many numbers that fit the datatype, no NaN/Infinity
-    where the model refuses them. What comes back is what ``decode_request`` makes of the same
-    body (tests/protocols/test_plain_decode.py compares the two on random bodies); it skips the
-    general path's per-field bookkeeping, which costs more than the tensors of a small request.
+    Plain: ``{"inputs": [...]}`` (and perhaps a string ``id`` and an ``outputs`` list of names, each
+    perhaps with a boolean ``binary_data``), each of the signature's inputs once as exactly
+    ``name``, ``datatype`` (the signature's own), ``shape`` (its rank and fixed sizes, no zero) and
+    either a flat ``data`` list of that many numbers that fit the datatype or, with a binary
+    ``tail``, ``parameters: {"binary_data_size": N}`` claiming the next N bytes of it (all of it
+    claimed, in order); no NaN/Infinity where the model refuses them. What comes back is what
+    ``decode_request`` makes of the same body (tests/protocols/test_plain_decode.py compares the
+    two on random bodies); it skips the general path's per-field bookkeeping, which costs more
+    than the tensors of a small request.
     """
     plan = check.plain
     if plan is None or type(obj) is not dict:
         return None
-    rid = None
+    rid = outputs = None
     if len(obj) != 1:
         rid = obj.get("id")
-        if len(obj) != 2 or type(rid) is not str:
+        if rid is not None and type(rid) is not str:
+            return None
+        raw_outputs = obj.get("outputs")
+        if raw_outputs is not None:
+            outputs = _plain_outputs(raw_outputs)
+            if outputs is None:
+                return None
+        if len(obj) != 1 + (rid is not None) + (raw_outputs is not None):
             return None
     raw = obj.get("inputs")
     if type(raw) is not list or len(raw) != len(plan):
         return None
     inputs: Batch = {}
+    offset = 0
     for t in raw:
         if type(t) is not dict or len(t) != 4:
             return None
@@ -102,26 +114,64 @@ def decode_plain(obj: Any, check: InputCheck) -> InferRequest | None:
         p = plan.get(name)
         if p is None or name in inputs or t.get("datatype") != p[0]:
             return None
-        shape, data = t.get("shape"), t.get("data")
-        if type(shape) is not list or len(shape) != p[1] or type(data) is not list:
+        shape = t.get("shape")
+        if type(shape) is not list or len(shape) != p[1]:
             return None
         n = 1
         for d in shape:
             if type(d) is not int or d < 1:
                 return None
             n *= d
-        if n != len(data) or n > STEP:  # every dimension is at most n, so none is out of bounds
-            return None
         for i, d in p[2]:
             if shape[i] != d:
                 return None
-        arr = flat_numbers(p[0], data)
-        if arr is None:
-            return None
+        if tail is None:
+            data = t.get("data")
+            if type(data) is not list or n != len(data) or n > STEP:  # no dimension is then out of bounds
+                return None
+            arr = flat_numbers(p[0], data)
+            if arr is None:
+                return None
+        else:
+            params = t.get("parameters")
+            if type(params) is not dict or len(params) != 1:
+                return None
+            size = params.get("binary_data_size")
+            dtype = DATATYPES[p[0]].newbyteorder("<")
+            if type(size) is not int or size != n * dtype.itemsize or offset + size > len(tail):
+                return None
+            arr = np.frombuffer(tail, dtype=dtype, count=n, offset=offset)
+            offset += size
         if check.nonfinite == "reject" and arr.dtype.kind == "f" and not np.isfinite(arr).all():
             return None
         inputs[name] = arr.reshape(shape)
-    return InferRequest(inputs, rid, {}, None, False, check.signature)
+    if tail is not None and offset != len(tail):
+        return None
+    return InferRequest(inputs, rid, {}, outputs, False, check.signature)
+
+
+def _plain_outputs(raw: Any) -> dict[str, bool] | None:
+    """``outputs`` as names (each perhaps with a boolean ``binary_data``), or None for anything else."""
+    if type(raw) is not list:
+        return None
+    outputs: dict[str, bool] = {}
+    for o in raw:
+        if type(o) is not dict:
+            return None
+        name = o.get("name")
+        if type(name) is not str:
+            return None
+        if len(o) == 1:
+            outputs[name] = False
+            continue
+        params = o.get("parameters")
+        if len(o) != 2 or type(params) is not dict or len(params) != 1:
+            return None
+        wanted = params.get("binary_data")
+        if type(wanted) is not bool:
+            return None
+        outputs[name] = wanted
+    return outputs
 
 
 _Head = tuple[Mapping[str, Any], str, str, tuple[int, ...], "int | None", int]
@@ -261,14 +311,20 @@ def tensor_to_json(name: str, arr: np.ndarray[Any, Any]) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": list(arr.shape), "data": data}
 
 
-def tensor_to_bytes(arr: np.ndarray[Any, Any]) -> bytes:
-    if datatype_of(arr) == "BYTES":
+# Byte orders that are little-endian already: "<", "|" (one byte), "=" on a little-endian machine.
+_LITTLE = frozenset("<|=") if sys.byteorder == "little" else frozenset("<|")
+
+
+def tensor_to_bytes(arr: np.ndarray[Any, Any], datatype: str | None = None) -> bytes:
+    if (datatype or datatype_of(arr)) == "BYTES":
         parts = []
         for v in arr.reshape(-1).tolist():
             b = v if isinstance(v, bytes) else str(v).encode()
             parts.append(struct.pack("<I", len(b)))
             parts.append(b)
         return b"".join(parts)
+    if arr.dtype.byteorder in _LITTLE:  # no conversion: tobytes() writes C order
+        return arr.tobytes()
     return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
 
 
@@ -298,8 +354,9 @@ def encode_response(
             continue
         arr = np.asarray(arr)
         if (wanted or {}).get(name, default_binary):
-            raw = tensor_to_bytes(arr)
-            body_outputs.append({"name": name, "datatype": datatype_of(arr), "shape": list(arr.shape),
+            datatype = datatype_of(arr)
+            raw = tensor_to_bytes(arr, datatype)
+            body_outputs.append({"name": name, "datatype": datatype, "shape": list(arr.shape),
                                  "parameters": {"binary_data_size": len(raw)}})
             tails.append(raw)
         else:

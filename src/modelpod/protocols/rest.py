@@ -360,7 +360,7 @@ class RestApp:
             body = body[:n]
         if len(body) <= OFF_LOOP_BYTES:
             obj = self._json(body)
-            plain = decode_plain(obj, check) if tail is None else None
+            plain = decode_plain(obj, check, tail)
             return plain if plain is not None else decode_request(obj, tail, check)
         # Only here (on the decoding thread): parsed in steps, object count and depth capped first.
         n_in, n_out = len(check.signature.inputs), len(check.signature.outputs)
