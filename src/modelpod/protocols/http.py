@@ -438,10 +438,11 @@ class _Connection(asyncio.Protocol):
         self.current = _NO_REQUEST
         keep = self._write(request, response)
         self.server.request_done()
-        if request.reject:
+        if request.reject or not keep:
+            # A staged close (RFC 9112, 9.6): half-close, then read and drop what the client still
+            # sends; closing with its input unread would reset the connection, and a reset can
+            # reach the client before the answer it was sent with.
             self._linger(LINGER_S)
-        elif not keep:
-            self.close()
         elif self.pending:
             request = self.pending.popleft()
             self.pending_bytes -= len(request.body)

@@ -248,23 +248,22 @@ class Batcher:
         loop = self._loop
         assert loop is not None
         self._running += 1
-        if len(items) == 1:
-            batch = items[0].inputs
-            total = items[0].rows
-        else:
-            batch = {n: np.concatenate([i.inputs[n] for i in items]) for n in items[0].inputs}
-            total = sum(i.rows for i in items)
-        if self.metrics is not None:
-            self.metrics.observe_batch(total, len(items))
-        if self.on_batch is not None:
-            self.on_batch(batch)
-        done = partial(self._ran, items, total)
-        if self.tracing is not None:
-            traced = [i.trace for i in items if i.trace is not None]
-            spans = self.tracing.batch(traced, total, self.worker.label) if traced else None
-            if spans is not None:
-                done = partial(self._ran_traced, spans, items, total)
+        total = items[0].rows if len(items) == 1 else sum(i.rows for i in items)
+        # Nothing raised from here on may leave the batch's requests unanswered: all of it is
+        # inside the try (its callers have queued them already).
         try:
+            batch = items[0].inputs if len(items) == 1 else {
+                n: np.concatenate([i.inputs[n] for i in items]) for n in items[0].inputs}
+            if self.metrics is not None:
+                self.metrics.observe_batch(total, len(items))
+            if self.on_batch is not None:
+                self.on_batch(batch)
+            done = partial(self._ran, items, total)
+            if self.tracing is not None:
+                traced = [i.trace for i in items if i.trace is not None]
+                spans = self.tracing.batch(traced, total, self.worker.label) if traced else None
+                if spans is not None:
+                    done = partial(self._ran_traced, spans, items, total)
             self.worker.submit(batch, done, loop)
         except Exception as exc:
             self._ran(items, total, None, exc)
