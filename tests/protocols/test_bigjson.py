@@ -64,7 +64,7 @@ def test_nan_and_infinity_in_pieces() -> None:
 
 
 def test_the_bracket_count_agrees_with_a_plain_count_on_short_and_long_bodies() -> None:
-    from modelpod.protocols.rest import _more_brackets
+    from modelpod.protocols.bigjson import more_brackets
 
     rng = random.Random(7)
     for size in (0, 1, 50, 300, 2048, 2049, 9000):
@@ -72,4 +72,4 @@ def test_the_bracket_count_agrees_with_a_plain_count_on_short_and_long_bodies() 
             data = bytes(rng.choice(b'[]{}"a1,: ') for _ in range(size))
             n = data.count(b"[") + data.count(b"{")
             for limit in (0, n - 1, n, n + 1, 64):
-                assert _more_brackets(data, limit) == (n > limit), (size, limit)
+                assert more_brackets(data, limit) == (n > limit), (size, limit)

@@ -12,6 +12,9 @@ cannot answer even a health check, wherever the parse runs. So big bodies are pa
 
 A piece that does not parse on its own means the body is not valid JSON (every cut is at a comma
 between two elements of the same array, outside any string), so nothing is ever guessed.
+
+A small body (``loads_small``, on the event loop) is one parse, with the same NaN/Infinity
+leniency and its nesting checked against the same depth cap.
 """
 
 from __future__ import annotations
@@ -61,6 +64,51 @@ def loads(data: bytes, max_objects: int, max_depth: int) -> Any:
             raise InvalidRequestError("cannot find the tensor data in the request body (unusual keys?)")
         target["data"] = _parse_array(data, start, end, commas)
     return obj
+
+
+def loads_small(data: bytes, max_depth: int) -> Any:
+    """A body small enough for one parse: NaN/Infinity taken as Triton takes them; nesting deeper
+    than ``max_depth`` refused (walked only when the body has enough brackets to be that deep)."""
+    if not data:
+        raise InvalidRequestError("the request body is empty")
+    obj = _parse(data)
+    if more_brackets(data, max_depth):
+        check_depth(obj, max_depth)
+    return obj
+
+
+def check_depth(obj: Any, limit: int) -> None:
+    """Raise InvalidRequestError when JSON containers nest deeper than ``limit``."""
+    if not isinstance(obj, (list, dict)):
+        return
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise InvalidRequestError(f"JSON nests deeper than {limit} levels")
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (list, dict)):
+                stack.append((child, depth + 1))
+
+
+def more_brackets(data: bytes, limit: int) -> bool:
+    """Whether ``data`` holds more than ``limit`` opening brackets (``[`` and ``{`` together).
+
+    find() jumps between brackets with memchr, and tensor bodies have few brackets in kilobytes
+    of numbers, so this reads far less than count() would; it stops at ``limit + 1``.
+    """
+    if len(data) <= 2048:  # short: one pass deleting the brackets costs less than the calls below
+        return len(data) - len(data.translate(None, b"[{")) > limit
+    n = 0
+    for bracket in (b"[", b"{"):
+        i = data.find(bracket)
+        while i != -1:
+            n += 1
+            if n > limit:
+                return True
+            i = data.find(bracket, i + 1)
+    return False
 
 
 def _parse(piece: bytes) -> Any:

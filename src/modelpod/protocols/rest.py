@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 import time
 import uuid
@@ -89,50 +88,6 @@ def is_loopback_name(host: str) -> bool:
         host = host.partition(":")[0]
     # *.localhost is loopback by RFC 6761, and browsers resolve it so without asking DNS.
     return host.endswith(".localhost") or is_loopback(host)
-
-
-def check_depth(obj: Any, limit: int) -> None:
-    """Raise InvalidRequestError when JSON containers nest deeper than ``limit``."""
-    if not isinstance(obj, (list, dict)):
-        return
-    stack: list[tuple[Any, int]] = [(obj, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            raise InvalidRequestError(f"JSON nests deeper than {limit} levels")
-        children = node.values() if isinstance(node, dict) else node
-        for child in children:
-            if isinstance(child, (list, dict)):
-                stack.append((child, depth + 1))
-
-
-def _more_brackets(data: bytes, limit: int) -> bool:
-    """Whether ``data`` holds more than ``limit`` opening brackets (``[`` and ``{`` together).
-
-    find() jumps between brackets with memchr, and tensor bodies have few brackets in kilobytes
-    of numbers, so this reads far less than count() would; it stops at ``limit + 1``.
-    """
-    if len(data) <= 2048:  # short: one pass deleting the brackets costs less than the calls below
-        return len(data) - len(data.translate(None, b"[{")) > limit
-    n = 0
-    for bracket in (b"[", b"{"):
-        i = data.find(bracket)
-        while i != -1:
-            n += 1
-            if n > limit:
-                return True
-            i = data.find(bracket, i + 1)
-    return False
-
-
-def _lenient_json(data: bytes, error: Exception) -> Any:
-    """Parse JSON holding NaN/Infinity, as Triton does (perf_analyzer's random data has them)."""
-    if b"NaN" not in data and b"Infinity" not in data:
-        raise InvalidRequestError(f"the request body is not valid JSON: {error}")
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
-        raise InvalidRequestError(f"the request body is not valid JSON: {error}") from None
 
 
 def _safe_id(value: str | None) -> str | None:
@@ -398,16 +353,7 @@ class RestApp:
                 raise InvalidRequestError("the deflate body is corrupt: data after the end of the stream")
 
     def _json(self, data: bytes) -> Any:
-        if not data:
-            raise InvalidRequestError("the request body is empty")
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            obj = _lenient_json(data, exc)
-        # Only bodies with enough brackets to be too deep get walked.
-        if _more_brackets(data, self.max_depth):
-            check_depth(obj, self.max_depth)
-        return obj
+        return bigjson.loads_small(data, self.max_depth)
 
     # -- repository -------------------------------------------------------------------------------
     async def _repository(self, req: Request, rest: str) -> Response:
