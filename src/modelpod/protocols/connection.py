@@ -309,6 +309,7 @@ class Connection(asyncio.Protocol):
         self._sent(request, response)
 
     async def _send_later(self, request: Request, response: Response) -> None:
+        """Write the answer once the client reads again (at once if it never stopped)."""
         if self.writable is not None:
             await self.writable
         self._sent(request, response)
@@ -324,9 +325,7 @@ class Connection(asyncio.Protocol):
             except Exception:
                 log.exception("unhandled error in the HTTP handler")
                 response = error_response(500, "internal server error")
-        if self.writable is not None:
-            await self.writable
-        self._sent(request, response)
+        await self._send_later(request, response)
 
     def _sent(self, request: Request, response: Response) -> None:
         """Write one answer; then start the next pipelined request, or wait for the next one."""

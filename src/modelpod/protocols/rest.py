@@ -90,6 +90,13 @@ def is_loopback_name(host: str) -> bool:
     return host.endswith(".localhost") or is_loopback(host)
 
 
+def _keep_id(req: Request, request: InferRequest) -> None:
+    """The body's ``id`` becomes the request's id (unless a header gave one), so the response and
+    the log line carry it."""
+    if request.id is not None and "x-request-id" not in req.headers:
+        req.headers["x-request-id"] = request.id
+
+
 def _safe_id(value: str | None) -> str | None:
     """A request id fit to echo in a header (printable ASCII, at most 256 characters)."""
     if value and len(value) <= 256 and value.isascii() and value.isprintable():
@@ -138,8 +145,7 @@ class RestApp:
             self._authorize(req, INFER, name)
             resolved = self.engine.resolve(name, version)  # 404 before any decoding
             request = self._decode(req, self.engine.input_check(resolved))
-            if request.id is not None and "x-request-id" not in req.headers:
-                req.headers["x-request-id"] = request.id  # so the response and the log line carry it
+            _keep_id(req, request)
 
             def done(result: InferResult | None, error: BaseException | None) -> None:
                 try:
@@ -282,8 +288,7 @@ class RestApp:
             entry = None  # it may have been unloaded or replaced meanwhile: the engine looks again
         else:
             request = self._decode(req, check)
-        if request.id is not None and "x-request-id" not in req.headers:
-            req.headers["x-request-id"] = request.id  # so the response and the log line carry it
+        _keep_id(req, request)
         result = await self.engine.infer(name, version, request, protocol="rest", started=req.received,
                                          headers=req.headers, resolved=entry)
         return self._inferred(result, request)

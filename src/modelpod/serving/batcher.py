@@ -27,7 +27,7 @@ from modelpod.errors import InferenceTimeoutError, ModelNotReadyError, Overloade
 from modelpod.model import Batch
 from modelpod.serving.config import BatchPolicy
 from modelpod.serving.metrics import ModelMetrics
-from modelpod.serving.worker import BatchWorker, merge_key, rows_of, settle
+from modelpod.serving.worker import BatchWorker, Done, merge_key, rows_of, settle
 
 log = logging.getLogger("modelpod.serving")
 
@@ -35,14 +35,10 @@ _QUEUED, _RUNNING, _DONE = 0, 1, 2
 _UNSET: Any = object()  # merge key not computed yet: only needed once a neighbour queues
 
 
-# Called once per request with (outputs, None) or (None, error), on the loop.
-Answer = Callable[[Batch | None, BaseException | None], None]
-
-
 class _Pending:
     __slots__ = ("arrived", "deadline", "done", "inputs", "key", "rows", "state", "trace")
 
-    def __init__(self, inputs: Batch, rows: int, key: Any, done: Answer, arrived: float,
+    def __init__(self, inputs: Batch, rows: int, key: Any, done: Done, arrived: float,
                  deadline: float) -> None:
         self.inputs = inputs
         self.rows = rows
@@ -110,7 +106,7 @@ class Batcher:
                     self._unqueue(item)
                 self._finish(item)
 
-    def enqueue(self, inputs: Batch, done: Answer, trace: Any = None) -> None:
+    def enqueue(self, inputs: Batch, done: Done, trace: Any = None) -> None:
         """``submit`` without a coroutine: ``done(outputs, None)`` or ``done(None, error)`` is called
         once, on the loop, when the batch has run (or the request timed out, or the model went).
         Raises at once when full, and then never calls ``done``."""
@@ -118,7 +114,7 @@ class Batcher:
             self._loop = asyncio.get_running_loop()
         self._queued(inputs, done, trace)
 
-    def _queued(self, inputs: Batch, done: Answer, trace: Any) -> _Pending:
+    def _queued(self, inputs: Batch, done: Done, trace: Any) -> _Pending:
         if self._closed:
             raise ModelNotReadyError(f"model {self.worker.label} is not loaded")
         if len(self._queue) >= self.policy.max_queue:

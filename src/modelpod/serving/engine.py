@@ -296,15 +296,16 @@ class InferenceEngine:
                 exc: BaseException) -> ModelpodError:
         """Count a failed request; the error to answer (anything but a ModelpodError becomes an InferenceError)."""
         self.observe.failed(name, entry, exc)
-        known = isinstance(exc, ModelpodError)
-        outcome = outcome_of(exc) if known else "error"
+        if isinstance(exc, ModelpodError):
+            fault, outcome = exc, outcome_of(exc)
+        else:
+            fault = InferenceError(f"inference failed in model {name!r}", detail=f"{type(exc).__name__}: {exc}")
+            outcome = "error"
         if variant is not None:
             self.traffic.failed(variant, protocol, outcome, time.perf_counter() - t0)
         elif entry is not None:
             entry.metrics.observe_request(protocol, outcome, time.perf_counter() - t0)
-        if isinstance(exc, ModelpodError):
-            return exc
-        return InferenceError(f"inference failed in model {name!r}", detail=f"{type(exc).__name__}: {exc}")
+        return fault
 
     def _raise_failed(self, name: str, entry: ModelEntry | None, variant: Variant | None, protocol: str,
                       t0: float, exc: Exception) -> NoReturn:
